@@ -6,7 +6,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here"
 
-version=$(awk '/^require k8s.io\/kubernetes /{print $3}' go.mod)
+version=$(GOFLAGS=-mod=mod go list -m -f '{{.Version}}' k8s.io/kubernetes)
 key=$(sha256sum go.mod go.sum cmd/etcd/main.go | sha256sum | cut -c1-12)
 cache=${LORA_CACHE_DIR:-$HOME/.cache/lora-operator}
 bin="$cache/controlplane/$version-$key"
