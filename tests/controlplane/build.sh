@@ -6,7 +6,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here"
 
-version=$(GOFLAGS=-mod=mod go list -m -f '{{.Version}}' k8s.io/kubernetes)
+version=$(awk '$1=="k8s.io/kubernetes" && $2 ~ /^v/ {print $2; exit}' go.mod)  # require line, block or not
 key=$(sha256sum go.mod go.sum cmd/etcd/main.go | sha256sum | cut -c1-12)
 cache=${LORA_CACHE_DIR:-$HOME/.cache/lora-operator}
 bin="$cache/controlplane/$version-$key"
