@@ -1,0 +1,247 @@
+"""Checkpoints for exact resume, stored as safetensors + JSON only (nothing is ever unpickled).
+
+    checkpoints/pytorch_lora_weights_step_<N>.safetensors   LoRA weights (loads in diffusers/peft)
+    checkpoints/state_step_<N>/optimizer.safetensors        optimizer tensors
+    checkpoints/state_step_<N>/rng.safetensors              RNG states (torch, CUDA, the loop's generator)
+    checkpoints/state_step_<N>/state.json                   step, data position, scheduler, tensor-free state
+    checkpoints/state_step_<N>/manifest.json                written last: the checkpoint is complete
+
+Nested state (optimizer and scheduler state dicts, RNG tuples) is split into a JSON tree that refers to
+tensors by name, so arbitrary state round-trips exactly.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import ConfigError, OutputError
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+STATE_DIR = re.compile(r"^state_step_(\d+)$")
+FORMAT_VERSION = 1
+
+
+def weights_name(step: int) -> str:
+    return f"pytorch_lora_weights_step_{step}.safetensors"
+
+
+def state_dir_name(step: int) -> str:
+    return f"state_step_{step}"
+
+
+# -- nested state <-> (JSON tree, named tensors)
+def flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str = "t") -> Any:
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": path}
+    if isinstance(obj, np.ndarray):
+        tensors[path] = torch.from_numpy(np.ascontiguousarray(obj).copy())
+        return {"__ndarray__": path}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: flatten(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+        return {"__items__": [[flatten(k, tensors, f"{path}.k{i}"), flatten(v, tensors, f"{path}.{i}")]
+                              for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [flatten(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [flatten(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {path}")
+
+
+def unflatten(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(tree, list):
+        return [unflatten(v, tensors) for v in tree]
+    if not isinstance(tree, dict):
+        return tree
+    if "__tensor__" in tree:
+        return tensors[tree["__tensor__"]]
+    if "__ndarray__" in tree:
+        return tensors[tree["__ndarray__"]].numpy()
+    if "__tuple__" in tree:
+        return tuple(unflatten(v, tensors) for v in tree["__tuple__"])
+    if "__items__" in tree:
+        return {unflatten(k, tensors): unflatten(v, tensors) for k, v in tree["__items__"]}
+    return {k: unflatten(v, tensors) for k, v in tree.items()}
+
+
+# -- atomic files
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write(path: Path, write) -> None:
+    """Calls write(tmp_path), then renames: readers see the whole file or none. Disk full -> OutputError."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputError(f"disk full while writing {path}: free some space under {path.parent}") from None
+        raise OutputError(f"cannot write {path}: {err.strerror or err}") from None
+
+
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def save_json(path: Path, data: Any) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, sort_keys=True)))
+
+
+# -- checkpoints
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    state_dir: Path
+    weights: Path
+
+
+@dataclass
+class CheckpointState:
+    """What a resume restores besides the LoRA weights."""
+
+    trainer: dict[str, Any]  # step, epoch, step_in_epoch, losses, ...
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]
+    scaler: dict[str, Any] | None = None
+
+
+def save_checkpoint(
+    root: Path, step: int, weights: dict[str, torch.Tensor], weights_metadata: dict[str, str], state: CheckpointState
+) -> Checkpoint:
+    folder = root / CHECKPOINTS
+    ckpt = Checkpoint(step, folder / state_dir_name(step), folder / weights_name(step))
+    if ckpt.state_dir.exists():  # an incomplete leftover of a crashed save of this same step
+        shutil.rmtree(ckpt.state_dir)
+    save_safetensors(ckpt.weights, weights, weights_metadata)
+    optimizer_tensors: dict[str, torch.Tensor] = {}
+    rng_tensors: dict[str, torch.Tensor] = {}
+    tree = {
+        "format_version": FORMAT_VERSION,
+        "trainer": state.trainer,
+        "optimizer": flatten(state.optimizer, optimizer_tensors, "optimizer"),
+        "scheduler": flatten(state.scheduler, optimizer_tensors, "scheduler"),
+        "scaler": flatten(state.scaler, optimizer_tensors, "scaler"),
+        "rng": flatten(state.rng, rng_tensors, "rng"),
+    }
+    save_safetensors(ckpt.state_dir / "optimizer.safetensors", optimizer_tensors)
+    save_safetensors(ckpt.state_dir / "rng.safetensors", rng_tensors)
+    save_json(ckpt.state_dir / "state.json", tree)
+    files = [ckpt.weights, *(ckpt.state_dir / n for n in ("optimizer.safetensors", "rng.safetensors", "state.json"))]
+    manifest = {
+        "step": step,
+        "files": {os.path.relpath(f, folder): {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in files},
+    }
+    save_json(ckpt.state_dir / MANIFEST, manifest)  # last: now the checkpoint is complete
+    return ckpt
+
+
+def read_manifest(state_dir: Path) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads((state_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and "files" in manifest else None
+
+
+def is_complete(state_dir: Path, verify: bool = False) -> bool:
+    manifest = read_manifest(state_dir)
+    if manifest is None:
+        return False
+    for rel, info in manifest["files"].items():
+        path = state_dir.parent / rel
+        if not path.is_file() or path.stat().st_size != info["size"]:
+            return False
+        if verify and sha256_file(path) != info["sha256"]:
+            return False
+    return True
+
+
+def list_checkpoints(root: Path) -> list[Checkpoint]:
+    """Complete checkpoints under root/checkpoints, oldest first."""
+    folder = root / CHECKPOINTS
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in folder.iterdir():
+        match = STATE_DIR.match(child.name)
+        if match and child.is_dir() and is_complete(child):
+            step = int(match.group(1))
+            found.append(Checkpoint(step, child, folder / weights_name(step)))
+    return sorted(found, key=lambda c: c.step)
+
+
+def find_resume_checkpoint(root: Path, resume: str) -> Checkpoint | None:
+    """'latest' -> the newest complete checkpoint (None if there is none); otherwise the given folder."""
+    if resume == "latest":
+        found = list_checkpoints(root)
+        return found[-1] if found else None
+    state_dir = Path(resume)
+    match = STATE_DIR.match(state_dir.name)
+    if not match or not state_dir.is_dir():
+        raise ConfigError(f"resume: {resume} is not a checkpoints/state_step_<N> folder")
+    if not is_complete(state_dir, verify=True):
+        raise ConfigError(f"resume: {resume} is incomplete or corrupt (its manifest does not match its files)")
+    step = int(match.group(1))
+    return Checkpoint(step, state_dir, state_dir.parent / weights_name(step))
+
+
+def load_checkpoint(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], CheckpointState]:
+    if not is_complete(ckpt.state_dir, verify=True):
+        raise ConfigError(f"checkpoint {ckpt.state_dir} is corrupt: a file does not match its manifest")
+    tree = json.loads((ckpt.state_dir / "state.json").read_text())
+    if tree.get("format_version") != FORMAT_VERSION:
+        raise ConfigError(f"checkpoint {ckpt.state_dir} has format {tree.get('format_version')}, expected {FORMAT_VERSION}")
+    tensors = {**load_file(ckpt.state_dir / "optimizer.safetensors"), **load_file(ckpt.state_dir / "rng.safetensors")}
+    state = CheckpointState(
+        trainer=tree["trainer"],
+        optimizer=unflatten(tree["optimizer"], tensors),
+        scheduler=unflatten(tree["scheduler"], tensors),
+        rng=unflatten(tree["rng"], tensors),
+        scaler=unflatten(tree["scaler"], tensors),
+    )
+    return load_file(ckpt.weights), state
+
+
+def prune_checkpoints(root: Path, keep: int | None) -> list[int]:
+    """Deletes all but the newest `keep` complete checkpoints, and incomplete ones older than those kept."""
+    complete = list_checkpoints(root)
+    doomed = complete[:-keep] if keep else []
+    newest = complete[-1].step if complete else -1
+    folder = root / CHECKPOINTS
+    for child in folder.iterdir() if folder.is_dir() else []:
+        match = STATE_DIR.match(child.name)
+        if match and int(match.group(1)) < newest and not is_complete(child):
+            step = int(match.group(1))
+            doomed.append(Checkpoint(step, child, folder / weights_name(step)))
+    for ckpt in doomed:
+        (ckpt.state_dir / MANIFEST).unlink(missing_ok=True)  # incomplete first, so a crash leaves no half
+        shutil.rmtree(ckpt.state_dir, ignore_errors=True)
+        ckpt.weights.unlink(missing_ok=True)
+    return sorted(c.step for c in doomed)

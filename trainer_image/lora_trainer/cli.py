@@ -1,0 +1,100 @@
+"""lora-train: train a LoRA from a flat YAML config or a LoRATrainingJob manifest.
+
+    lora-train --config cfg.yaml [--set key=value ...]
+    lora-train --config job.yaml          # a LoRATrainingJob manifest, run locally
+    lora-train --config cfg.yaml --print-config
+
+Exit codes: docs/exit-codes.md (0 ok, 2 config, 3 dataset, 4 model, 5 diverged, ... 143 SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .errors import ExitCode, TrainError
+
+log = logging.getLogger("lora_trainer")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="lora-train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", "-c", required=True, help="flat YAML config or LoRATrainingJob manifest")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable); values are YAML")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
+    return parser.parse_args(argv)
+
+
+def setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s lora-train %(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("lora_trainer")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    root.propagate = False
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """Library progress bars (weight loading) and advice meant for notebooks would drown the run's log."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in ("transformers", "diffusers", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def install_sigterm(stop: threading.Event) -> None:
+    def handler(signum, frame):
+        log.warning("SIGTERM: writing a checkpoint at the end of this step, then exiting")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def list_outputs(folder: Path) -> str:
+    lines = [f"{folder}/"]
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        lines.append(f"  {path.relative_to(folder)}  ({path.stat().st_size:,} bytes)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.quiet)
+    try:
+        from .config import config_to_yaml, load_config
+
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(config_to_yaml(cfg), end="")
+            return ExitCode.OK
+        return train(cfg)
+    except TrainError as err:
+        log.error("%s (exit %d, %s)", err, err.exit_code, err.reason)
+        return err.exit_code
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return ExitCode.INTERRUPTED
+
+
+def train(cfg) -> int:
+    from .recipe import TrainingRecipe
+
+    stop = threading.Event()
+    install_sigterm(stop)
+    summary = TrainingRecipe(cfg, stop=stop).run()
+    log.info("done: step %d, loss %.4f; outputs:", summary.step, summary.loss if summary.loss is not None else 0.0)
+    print(list_outputs(Path(cfg.output_dir)))
+    return ExitCode.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Loading the trainer config from a flat YAML file or a LoRATrainingJob manifest, plus --set overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from ..errors import ConfigError
+from .manifest import config_from_manifest, config_from_spec, is_manifest
+from .schema import TrainConfig, alias_table, config_fields
+from .validate import DEFAULT_TARGET_MODULES, build_config, canonical_keys
+
+__all__ = [
+    "TrainConfig",
+    "DEFAULT_TARGET_MODULES",
+    "alias_table",
+    "build_config",
+    "canonical_keys",
+    "config_fields",
+    "config_from_manifest",
+    "config_from_spec",
+    "config_to_yaml",
+    "is_manifest",
+    "load_config",
+    "parse_overrides",
+    "read_yaml",
+]
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read: {err}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if doc is None:
+        raise ConfigError(f"config file {path} is empty")
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config file {path} must be a mapping of keys to values, got {type(doc).__name__}")
+    return doc
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """`key=value` pairs; values are read as YAML, so numbers, booleans and lists work."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> TrainConfig:
+    """Reads a flat config or a LoRATrainingJob manifest, applies --set overrides, validates."""
+    doc = read_yaml(path)
+    raw = config_from_manifest(doc, source=str(path)) if is_manifest(doc) else doc
+    base, problems = canonical_keys(raw)
+    if problems:  # report unknown keys of the file before overrides can hide them
+        raise ConfigError(f"{path} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
+    extra, problems = canonical_keys(parse_overrides(overrides))
+    if problems:
+        raise ConfigError("--set is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
+    return build_config({**base, **extra}, source=str(path))
+
+
+def config_to_yaml(cfg: TrainConfig) -> str:
+    """The resolved config as written to config_backup.yaml; it loads back into an equal TrainConfig."""
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True)

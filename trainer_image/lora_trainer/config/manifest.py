@@ -1,0 +1,114 @@
+"""LoRATrainingJob spec <-> flat trainer config: one table, so a manifest runs locally and on the cluster.
+
+The operator builds the trainer's ConfigMap with `config_from_spec`; `lora-train --config job.yaml`
+uses the same function, so both read a manifest the same way. Pure functions, PyYAML-free.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError
+
+API_VERSION = "lora-operator.io/v1alpha1"
+KIND = "LoRATrainingJob"
+
+# (path in spec, trainer config key). Every trainer-relevant spec field is listed here.
+SPEC_TO_CONFIG: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("task",), "task_type"),
+    (("baseModel",), "base_model"),
+    (("baseModelConfig",), "base_model_config"),
+    (("description",), "description"),
+    (("dataset", "uri"), "train_data_dir"),
+    (("dataset", "metadataPath"), "metadata_path"),
+    (("dataset", "captionExtension"), "caption_extension"),
+    (("dataset", "format"), "dataset_format"),
+    (("dataset", "resolution"), "resolution"),
+    (("dataset", "centerCrop"), "center_crop"),
+    (("dataset", "randomFlip"), "random_flip"),
+    (("dataset", "maxSeqLength"), "max_seq_length"),
+    (("training", "rank"), "lora_rank"),
+    (("training", "alpha"), "network_alpha"),
+    (("training", "dropout"), "lora_dropout"),
+    (("training", "targetModules"), "target_modules"),
+    (("training", "trainTextEncoder"), "train_text_encoder"),
+    (("training", "textEncoderLearningRate"), "text_encoder_lr"),
+    (("training", "batchSize"), "batch_size"),
+    (("training", "gradientAccumulationSteps"), "gradient_accumulation_steps"),
+    (("training", "epochs"), "epochs"),
+    (("training", "steps"), "max_train_steps"),
+    (("training", "learningRate"), "learning_rate"),
+    (("training", "lrScheduler"), "lr_scheduler"),
+    (("training", "warmupSteps"), "lr_warmup_steps"),
+    (("training", "weightDecay"), "adam_weight_decay"),
+    (("training", "maxGradNorm"), "max_grad_norm"),
+    (("training", "precision"), "mixed_precision"),
+    (("training", "gradientCheckpointing"), "gradient_checkpointing"),
+    (("training", "seed"), "seed"),
+    (("training", "snrGamma"), "snr_gamma"),
+    (("training", "noiseOffset"), "noise_offset"),
+    (("training", "predictionType"), "prediction_type"),
+    (("output", "uri"), "output_dir"),
+    (("output", "name"), "output_name"),
+    (("output", "saveSteps"), "save_steps"),
+    (("output", "keepCheckpoints"), "keep_checkpoints"),
+    (("output", "formats"), "save_formats"),
+    (("output", "overwrite"), "overwrite"),
+)
+
+
+def is_manifest(doc: Any) -> bool:
+    return isinstance(doc, dict) and doc.get("kind") == KIND
+
+
+def config_from_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The flat trainer config (canonical keys) that a LoRATrainingJob spec describes."""
+    config: dict[str, Any] = {}
+    for path, key in SPEC_TO_CONFIG:
+        value = _lookup(spec, path)
+        if value is not None:
+            config[key] = value
+    return config
+
+
+def config_from_manifest(doc: dict[str, Any], source: str = "manifest") -> dict[str, Any]:
+    if doc.get("apiVersion") != API_VERSION:
+        raise ConfigError(f"{source}: apiVersion must be {API_VERSION}, got {doc.get('apiVersion')!r}")
+    spec = doc.get("spec")
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{source}: a {KIND} needs a 'spec' mapping")
+    unknown = _unmapped_leaves(spec)
+    if unknown:
+        known = ", ".join(".".join(p) for p, _ in SPEC_TO_CONFIG[:6])
+        raise ConfigError(f"{source}: unknown spec field(s) {', '.join(unknown)} (known fields include {known}, ...)")
+    return config_from_spec(spec)
+
+
+# Spec sections that configure the cluster, not the trainer; lora-train ignores them when run locally.
+CLUSTER_ONLY_FIELDS = frozenset(
+    {"resources", "image", "s3", "backoffLimit", "activeDeadlineSeconds", "suspend",
+     "ttlSecondsAfterFinished", "cleanupPolicy"}
+)
+
+
+def _unmapped_leaves(spec: dict[str, Any]) -> list[str]:
+    mapped = {path for path, _ in SPEC_TO_CONFIG}
+    sections = {path[0] for path in mapped if len(path) > 1}
+    unknown = []
+    for key, value in spec.items():
+        if key in CLUSTER_ONLY_FIELDS or (key,) in mapped:
+            continue
+        if key in sections and isinstance(value, dict):
+            unknown += [f"spec.{key}.{sub}" for sub in value if (key, sub) not in mapped]
+        else:
+            unknown.append(f"spec.{key}")
+    return unknown
+
+
+def _lookup(spec: dict[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = spec
+    for part in path:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node

@@ -1,0 +1,210 @@
+"""The trainer config: one flat set of keys, compatible with lora-scripts configs.
+
+Every key is a field of `TrainConfig` declared with `option(...)`: its default, a one-line doc, its
+aliases (the names other trainers use) and its constraints. Validation (validate.py) and the generated
+reference (docs/config.md) read these declarations, so a key is described in exactly one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+TASKS = ("text-to-image", "text-generation")
+LR_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
+MIXED_PRECISION = ("no", "fp16", "bf16")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+DATASET_FORMATS = ("auto", "text", "prompt_completion", "chat")
+DEVICES = ("auto", "cpu", "cuda")
+SAVE_FORMATS = ("diffusers", "kohya")
+REQUIRED = dataclasses.MISSING
+
+
+def option(
+    default: Any = None,
+    doc: str = "",
+    *,
+    aliases: tuple[str, ...] = (),
+    choices: tuple[str, ...] | None = None,
+    min: float | None = None,  # noqa: A002 - reads naturally at the call sites
+    max: float | None = None,  # noqa: A002
+    min_exclusive: bool = False,
+    group: str = "general",
+) -> Any:
+    """Declares one config key with its documentation and constraints."""
+    metadata = {
+        "doc": doc,
+        "aliases": aliases,
+        "choices": choices,
+        "min": min,
+        "max": max,
+        "min_exclusive": min_exclusive,
+        "group": group,
+    }
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    if default is REQUIRED:
+        return field(metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class TrainConfig:
+    # -- what to train
+    base_model: str = option(
+        REQUIRED,
+        "Base model: a local diffusers/transformers folder, a single-file .safetensors checkpoint "
+        "(with base_model_config), a hub id, an s3:// URI, or a built-in preset such as preset:tiny-sd.",
+        aliases=("model_name_or_path", "pretrained_model_name_or_path", "pretrained_model"),
+        group="model",
+    )
+    train_data_dir: str = option(
+        REQUIRED,
+        "Training data: an image folder (text-to-image) or a .jsonl file or folder of them "
+        "(text-generation); local path or s3:// URI.",
+        aliases=("data_dir", "dataset", "instance_data_dir", "dataset_path"),
+        group="data",
+    )
+    task_type: str = option("text-to-image", "What to train.", aliases=("task",), choices=TASKS, group="model")
+    base_model_config: str | None = option(
+        None,
+        "For a single-file checkpoint: a local diffusers folder (or hub id) holding the model configs.",
+        aliases=("original_config",),
+        group="model",
+    )
+    description: str = option("", "Purpose of this run, written into EXPERIMENT.md.", group="general")
+
+    # -- data
+    metadata_path: str | None = option(
+        None,
+        "Captions as a CSV with columns file_name,text (default: <train_data_dir>/metadata.csv, "
+        "else .txt files beside the images).",
+        group="data",
+    )
+    caption_column: str = option("text", "Caption column of metadata.csv.", group="data")
+    image_column: str = option("file_name", "Image file column of metadata.csv.", group="data")
+    caption_extension: str = option(".txt", "Extension of caption files beside the images.", group="data")
+    resolution: int = option(512, "Images are resized and cropped to this square size.", min=8, group="data")
+    center_crop: bool = option(False, "Center crop instead of random crop.", group="data")
+    random_flip: bool = option(False, "Randomly flip images horizontally.", group="data")
+    dataset_format: str = option(
+        "auto",
+        "text-generation JSONL format: text, prompt_completion, chat, or auto (from the first record).",
+        choices=DATASET_FORMATS,
+        group="data",
+    )
+    max_seq_length: int = option(
+        512, "Token sequences are truncated to this length (reported, never silent).", min=8, group="data"
+    )
+    num_workers: int = option(
+        0, "Data loader worker processes.", aliases=("dataloader_num_workers",), min=0, group="data"
+    )
+
+    # -- LoRA
+    lora_rank: int = option(16, "LoRA rank r.", aliases=("rank", "network_dim", "lora_r"), min=1, group="lora")
+    network_alpha: float | None = option(
+        None,
+        "LoRA alpha; the update is scaled by alpha/rank. Default: equal to lora_rank (scale 1).",
+        aliases=("lora_alpha", "alpha"),
+        min=0,
+        min_exclusive=True,
+        group="lora",
+    )
+    lora_dropout: float = option(0.0, "Dropout on the LoRA branch.", min=0, max=1, group="lora")
+    target_modules: list[str] | None = option(
+        None,
+        "Module names that get LoRA. Default: UNet attention projections to_q,to_k,to_v,to_out.0 "
+        "(text-to-image) or q_proj,v_proj (text-generation).",
+        group="lora",
+    )
+    train_text_encoder: bool = option(False, "Also train LoRA on the text encoder(s).", group="lora")
+    text_encoder_lr: float | None = option(
+        None, "Learning rate of the text-encoder LoRA (default: learning_rate).", min=0, group="lora"
+    )
+
+    # -- optimization
+    batch_size: int = option(1, "Samples per step.", aliases=("train_batch_size",), min=1, group="training")
+    gradient_accumulation_steps: int = option(
+        1, "Batches accumulated per optimizer step.", min=1, group="training"
+    )
+    epochs: int = option(
+        1, "Passes over the data (ignored when max_train_steps is set).",
+        aliases=("num_train_epochs", "max_train_epochs"), min=1, group="training",
+    )
+    max_train_steps: int | None = option(
+        None, "Optimizer steps to train; overrides epochs.", aliases=("max_steps",), min=1, group="training"
+    )
+    learning_rate: float = option(
+        1e-4, "Peak learning rate.", aliases=("lr", "unet_lr"), min=0, min_exclusive=True, group="training"
+    )
+    lr_scheduler: str = option(
+        "constant", "Learning-rate schedule.", aliases=("lr_scheduler_type",), choices=LR_SCHEDULERS, group="training"
+    )
+    lr_warmup_steps: int = option(0, "Linear warmup steps.", aliases=("warmup_steps",), min=0, group="training")
+    lr_num_cycles: int = option(1, "Cycles of cosine_with_restarts.", min=1, group="training")
+    adam_beta1: float = option(0.9, "AdamW beta1.", min=0, max=1, group="training")
+    adam_beta2: float = option(0.999, "AdamW beta2.", min=0, max=1, group="training")
+    adam_weight_decay: float = option(1e-2, "AdamW weight decay.", aliases=("weight_decay",), min=0, group="training")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon.", min=0, min_exclusive=True, group="training")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).", min=0, group="training")
+    mixed_precision: str = option(
+        "no", "Autocast precision: no, fp16 (CUDA only) or bf16.", aliases=("precision",),
+        choices=MIXED_PRECISION, group="training",
+    )
+    gradient_checkpointing: bool = option(False, "Trade compute for memory.", group="training")
+    seed: int = option(42, "Seed of every random choice; same seed, same run.", min=0, group="training")
+    device: str = option("auto", "auto (CUDA if present), cpu or cuda.", choices=DEVICES, group="training")
+    snr_gamma: float | None = option(
+        None, "Min-SNR loss weighting gamma (5.0 is common); off when unset.", min=0, min_exclusive=True,
+        group="training",
+    )
+    noise_offset: float = option(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).", min=0, group="training")
+    prediction_type: str | None = option(
+        None, "Override the scheduler's prediction type.", choices=PREDICTION_TYPES, group="training"
+    )
+
+    # -- outputs
+    output_dir: str = option("./output", "Where outputs go (local or s3://).", group="output")
+    output_name: str | None = option(
+        None, "Base name of the kohya-format file (default: the output_dir folder name).", group="output"
+    )
+    save_formats: list[str] = option(
+        ["diffusers", "kohya"], "Final weight formats for text-to-image.", choices=SAVE_FORMATS, group="output"
+    )
+    logging_dir: str | None = option(None, "TensorBoard folder (default: <output_dir>/logs).", group="output")
+    save_steps: int = option(
+        500, "Checkpoint every N optimizer steps (0: only the final one).",
+        aliases=("checkpointing_steps", "save_every_n_steps"), min=0, group="output",
+    )
+    keep_checkpoints: int | None = option(
+        None, "Keep only the newest N step checkpoints (default: all).",
+        aliases=("save_total_limit", "checkpoints_total_limit", "save_last_n_steps"), min=1, group="output",
+    )
+    logging_steps: int = option(10, "Print a progress line every N steps when not on a terminal.", min=1, group="output")
+    resume: str | None = option(
+        None, "latest (newest complete checkpoint in output_dir) or a checkpoint folder.",
+        aliases=("resume_from_checkpoint",), group="output",
+    )
+    overwrite: bool = option(False, "Allow replacing a finished or started run in output_dir.", group="output")
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(TrainConfig))
+
+
+def alias_table() -> dict[str, str]:
+    """alias -> canonical key, canonical keys included."""
+    table: dict[str, str] = {}
+    for f in config_fields():
+        table[f.name] = f.name
+        for alias in f.metadata["aliases"]:
+            table[alias] = f.name
+    return table

@@ -1,0 +1,175 @@
+"""Turns raw YAML mappings into a validated, fully resolved TrainConfig, all problems reported at once."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from pathlib import PurePosixPath
+from typing import Any
+
+from ..errors import ConfigError
+from .schema import TrainConfig, alias_table, config_fields
+
+DEFAULT_TARGET_MODULES = {
+    "text-to-image": ["to_q", "to_k", "to_v", "to_out.0"],
+    "text-generation": ["q_proj", "v_proj"],
+}
+
+
+def canonical_keys(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Maps aliases onto canonical keys; unknown keys are problems that name the closest known key."""
+    table = alias_table()
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, value in raw.items():
+        name = table.get(str(key))
+        if name is None:
+            problems.append(f"unknown key '{key}'{_did_you_mean(str(key), table)}")
+        elif name in out:
+            problems.append(f"'{key}' sets '{name}' a second time (keys and their aliases are the same setting)")
+        else:
+            out[name] = value
+    return out, problems
+
+
+def _did_you_mean(key: str, table: dict[str, str]) -> str:
+    close = difflib.get_close_matches(key, list(table), n=1, cutoff=0.6)
+    if not close:
+        return ""
+    canonical = table[close[0]]
+    hint = close[0] if close[0] == canonical else f"{close[0]} (= {canonical})"
+    return f"; did you mean '{hint}'?"
+
+
+def build_config(raw: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Validates a flat mapping (aliases allowed) into a resolved TrainConfig, or raises ConfigError."""
+    values, problems = canonical_keys(raw)
+    hints = typing.get_type_hints(TrainConfig)
+    kwargs: dict[str, Any] = {}
+    for f in config_fields():
+        if f.name not in values:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                problems.append(f"'{f.name}' is required: {f.metadata['doc']}")
+            continue
+        try:
+            kwargs[f.name] = _check_value(f, hints[f.name], values[f.name])
+        except ValueError as err:
+            problems.append(f"'{f.name}': {err}")
+    if not problems:
+        cfg = TrainConfig(**kwargs)
+        problems = cross_field_problems(cfg)
+    if problems:
+        raise ConfigError(f"{source} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
+    return resolve_defaults(cfg)
+
+
+def _check_value(f: dataclasses.Field, hint: Any, value: Any) -> Any:
+    value = _coerce(hint, value)
+    meta = f.metadata
+    for item in value if isinstance(value, list) else [value]:
+        if item is None:
+            continue
+        if meta["choices"] and item not in meta["choices"]:
+            raise ValueError(f"'{item}' is not one of {', '.join(meta['choices'])}")
+        _check_range(item, meta)
+    return value
+
+
+def _check_range(value: Any, meta: dict) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    lo, hi = meta["min"], meta["max"]
+    if lo is not None and (value < lo or (meta["min_exclusive"] and value == lo)):
+        raise ValueError(f"must be {'>' if meta['min_exclusive'] else '>='} {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ValueError(f"must be <= {hi}, got {value}")
+
+
+def _coerce(hint: Any, value: Any) -> Any:
+    """Checks a YAML value against a field's type, converting only the unambiguous cases."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value)
+    if typing.get_origin(hint) is list:
+        if isinstance(value, str):  # "to_q,to_k" as lora-scripts writes lists
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"expected a list of strings, got {value!r}")
+        if not value:
+            raise ValueError("must not be empty")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"expected a whole number, got {value!r}")
+    if hint is float:
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"expected a number, got {value!r}") from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise ValueError(f"expected a finite number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"expected text, got {value!r}")
+    raise TypeError(f"unsupported config type {hint}")
+
+
+def cross_field_problems(cfg: TrainConfig) -> list[str]:
+    problems = []
+    if cfg.base_model.strip() == "":
+        problems.append("'base_model' is empty")
+    if cfg.train_data_dir.strip() == "":
+        problems.append("'train_data_dir' is empty")
+    if cfg.resume is not None and cfg.resume.strip() == "":
+        problems.append("'resume' is empty: use 'latest' or a checkpoint folder")
+    if cfg.caption_extension and not cfg.caption_extension.startswith("."):
+        problems.append(f"'caption_extension' must start with a dot, like .txt (got {cfg.caption_extension!r})")
+    if cfg.output_name is not None and (not cfg.output_name or "/" in cfg.output_name):
+        problems.append(f"'output_name' must be a plain file name without '/', got {cfg.output_name!r}")
+    if cfg.task_type == "text-generation" and cfg.train_text_encoder:
+        problems.append("'train_text_encoder' applies to text-to-image only")
+    if cfg.max_train_steps is not None and cfg.lr_warmup_steps > cfg.max_train_steps:
+        problems.append(
+            f"'lr_warmup_steps' ({cfg.lr_warmup_steps}) exceeds 'max_train_steps' ({cfg.max_train_steps})"
+        )
+    for key in ("output_dir", "train_data_dir", "base_model", "logging_dir", "metadata_path"):
+        value = getattr(cfg, key)
+        if isinstance(value, str) and value.startswith("s3://") and not _valid_s3_uri(value):
+            problems.append(f"'{key}': {value!r} is not a valid s3://bucket/prefix URI")
+    return problems
+
+
+def _valid_s3_uri(uri: str) -> bool:
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    parts = PurePosixPath(key).parts
+    return 3 <= len(bucket) <= 63 and bucket.replace("-", "").replace(".", "").isalnum() and ".." not in parts
+
+
+def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
+    """Fills the defaults that depend on other keys, so config_backup.yaml shows what was really used."""
+    output_dir = cfg.output_dir.rstrip("/") or cfg.output_dir
+    return dataclasses.replace(
+        cfg,
+        output_dir=output_dir,
+        network_alpha=cfg.network_alpha if cfg.network_alpha is not None else float(cfg.lora_rank),
+        target_modules=cfg.target_modules or list(DEFAULT_TARGET_MODULES[cfg.task_type]),
+        logging_dir=cfg.logging_dir or f"{output_dir}/logs",
+        output_name=cfg.output_name or (PurePosixPath(output_dir).name or "lora"),
+        text_encoder_lr=cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate,
+    )

@@ -1,0 +1,1 @@
+"""Datasets: image folders with captions, JSONL text, and the resumable sampler."""

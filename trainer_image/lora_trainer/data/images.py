@@ -1,0 +1,190 @@
+"""Image folders with captions: metadata.csv (file_name,text) or .txt files beside the images.
+
+`scan_image_folder` validates everything up front (missing files, unreadable images, missing captions)
+and lists every problem at once, so a bad dataset fails before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import DatasetError
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+MAX_LISTED = 10
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    path: Path
+    caption: str
+
+
+@dataclass(frozen=True)
+class ImageFolderScan:
+    records: list[ImageRecord]
+    caption_source: str  # "metadata.csv", ".txt files"
+    sizes: list[tuple[int, int]]  # (width, height) per record
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def read_metadata_csv(path: Path, image_column: str, caption_column: str) -> dict[str, str]:
+    """file_name -> caption. Raises DatasetError naming the file, line and column on any problem."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = reader.fieldnames or []
+            missing = [c for c in (image_column, caption_column) if c not in columns]
+            if missing:
+                raise DatasetError(
+                    f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'no header'} "
+                    f"(expected a header line like: {image_column},{caption_column})"
+                )
+            captions: dict[str, str] = {}
+            for line, row in enumerate(reader, start=2):
+                name = (row.get(image_column) or "").strip()
+                if not name:
+                    raise DatasetError(f"{path}:{line}: empty {image_column}")
+                captions[name] = (row.get(caption_column) or "").strip()
+            return captions
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DatasetError(f"{path} cannot be read: {err}") from None
+
+
+def check_image(path: Path) -> tuple[int, int] | str:
+    """(width, height), or why the image cannot be used."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:  # verify() leaves the file unusable; size needs a fresh open
+            image.load()
+            return image.size
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
+        return f"{type(err).__name__}: {err}"
+
+
+def scan_image_folder(
+    folder: str | Path,
+    metadata_path: str | None = None,
+    caption_extension: str = ".txt",
+    image_column: str = "file_name",
+    caption_column: str = "text",
+    allow_missing_captions: bool = False,
+) -> ImageFolderScan:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"train_data_dir {folder} is not a folder" if folder.exists()
+                           else f"train_data_dir {folder} does not exist")
+    csv_path = Path(metadata_path) if metadata_path else folder / "metadata.csv"
+    if metadata_path and not csv_path.is_file():
+        raise DatasetError(f"metadata_path {csv_path} does not exist")
+    if csv_path.is_file():
+        captions = read_metadata_csv(csv_path, image_column, caption_column)
+        candidates = [folder / name for name in captions]
+        escaping = [n for n in captions if not _inside(folder / n, folder)]
+        if escaping:
+            raise DatasetError(f"{csv_path}: file_name outside train_data_dir: {_short_list(escaping)}")
+        missing = [n for n, p in zip(captions, candidates) if not p.is_file()]
+        if missing:
+            raise DatasetError(f"{csv_path} lists {len(missing)} image(s) that do not exist: {_short_list(missing)}")
+        records = [ImageRecord(p, captions[n]) for n, p in zip(captions, candidates)]
+        source = csv_path.name
+    else:
+        records = [ImageRecord(p, _read_caption_file(p.with_suffix(caption_extension))) for p in list_images(folder)]
+        source = f"{caption_extension} files"
+    if not records:
+        raise DatasetError(f"train_data_dir {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    uncaptioned = [r.path.name for r in records if not r.caption]
+    if uncaptioned and not allow_missing_captions:
+        raise DatasetError(
+            f"{len(uncaptioned)} of {len(records)} image(s) have no caption in {source}: "
+            f"{_short_list(uncaptioned)} (add captions, or set auto_label: true to caption them)"
+        )
+    checks = [check_image(r.path) for r in records]
+    bad = [f"{r.path.name} ({c})" for r, c in zip(records, checks) if isinstance(c, str)]
+    if bad:
+        raise DatasetError(f"{len(bad)} image(s) cannot be read: {_short_list(bad)}")
+    return ImageFolderScan(records, source, [c for c in checks if not isinstance(c, str)])
+
+
+def _read_caption_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return ""
+    except (OSError, UnicodeDecodeError) as err:
+        raise DatasetError(f"caption file {path} cannot be read: {err}") from None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def _short_list(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:MAX_LISTED])
+    return shown + (f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
+
+
+def load_image(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def resize_and_crop(
+    image: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: random.Random
+) -> Image.Image:
+    """Shorter side to `resolution`, then a square crop (random unless center_crop), then maybe a flip."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    w, h = image.size
+    if center_crop:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    else:
+        left, top = rng.randint(0, w - resolution), rng.randint(0, h - resolution)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    return image.transpose(Image.FLIP_LEFT_RIGHT) if flip and rng.random() < 0.5 else image
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, C) in [-1, 1]
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (C, H, W)
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Items are looked up by (index, item_seed) pairs from EpochBatches, so augmentation is reproducible."""
+
+    def __init__(self, records: list[ImageRecord], resolution: int, center_crop: bool, random_flip: bool, tokenize):
+        self.records, self.resolution = records, resolution
+        self.center_crop, self.random_flip, self.tokenize = center_crop, random_flip, tokenize
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, seed = key
+        record = self.records[index]
+        try:
+            image = load_image(record.path)
+        except OSError as err:
+            raise DatasetError(f"image {record.path} cannot be read any more: {err}") from None
+        image = resize_and_crop(image, self.resolution, self.center_crop, self.random_flip, random.Random(seed))
+        return {"pixel_values": to_tensor(image), "input_ids": self.tokenize(record.caption)}
+
+
+def collate_images(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {
+        "pixel_values": torch.stack([i["pixel_values"] for i in items]),  # (B, 3, H, W)
+        "input_ids": torch.stack([i["input_ids"] for i in items]),  # (B, L)
+    }

@@ -1,0 +1,76 @@
+"""The output folder layout (DESIGN.md) and the rules that keep earlier runs safe."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .checkpoint import CHECKPOINTS, list_checkpoints
+from .config import TrainConfig, config_to_yaml
+from .errors import ConfigError
+
+FINAL_WEIGHTS = "pytorch_lora_weights.safetensors"
+FINAL_CHECKPOINT = "pytorch_lora_weights_final.safetensors"
+CONFIG_BACKUP = "config_backup.yaml"
+EXPERIMENT_RECORD = "EXPERIMENT.md"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+
+
+def kohya_name(cfg: TrainConfig) -> str:
+    return f"{cfg.output_name}.kohya.safetensors"
+
+
+def run_files(cfg: TrainConfig) -> list[str]:
+    """Everything a run writes at the top of output_dir (for overwrite)."""
+    return [FINAL_WEIGHTS, CONFIG_BACKUP, EXPERIMENT_RECORD, PEFT_WEIGHTS, PEFT_CONFIG, kohya_name(cfg),
+            "loss_curve.png"]
+
+
+def is_finished(output_dir: Path) -> bool:
+    return (output_dir / FINAL_WEIGHTS).is_file()
+
+
+def prepare_output_dir(cfg: TrainConfig) -> Path:
+    """Refuses to mix runs: a finished run, or checkpoints without `resume`, stop here unless overwrite."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} exists and is not a folder")
+    if cfg.overwrite:
+        clear_run(cfg, out)
+    elif is_finished(out):
+        raise ConfigError(
+            f"output_dir {out} holds a finished run ({FINAL_WEIGHTS}); choose another output_dir, "
+            "or set overwrite: true to replace it"
+        )
+    elif cfg.resume is None and (out / CHECKPOINTS).is_dir() and any((out / CHECKPOINTS).iterdir()):
+        steps = [c.step for c in list_checkpoints(out)]
+        raise ConfigError(
+            f"output_dir {out} holds checkpoints of an earlier run (steps {steps or 'incomplete'}); "
+            "set resume: latest to continue it, or overwrite: true to start over"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CHECKPOINTS).mkdir(exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"output_dir {out} cannot be created: {err.strerror or err}") from None
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"output_dir {out} is not writable")
+    return out
+
+
+def clear_run(cfg: TrainConfig, out: Path) -> None:
+    """Removes what an earlier run wrote (and only that): user files in output_dir stay."""
+    for name in run_files(cfg):
+        (out / name).unlink(missing_ok=True)
+    for folder in (out / CHECKPOINTS, Path(cfg.logging_dir), out / "samples"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_config_backup(cfg: TrainConfig, out: Path) -> Path:
+    from .checkpoint import atomic_write
+
+    path = out / CONFIG_BACKUP
+    atomic_write(path, lambda tmp: tmp.write_text(config_to_yaml(cfg)))
+    return path

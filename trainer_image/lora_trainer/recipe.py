@@ -1,0 +1,355 @@
+"""The training recipe: setup, train loop, save_checkpoint, finish, cleanup.
+
+The loop reads like the algorithm: for each optimizer step, accumulate gradients over a group of
+micro-batches, clip, step, schedule. Everything else (progress, TensorBoard, metrics, uploads) happens
+in observers; task specifics (SD or LLM) live behind the Task interface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import random
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .checkpoint import (
+    CHECKPOINTS,
+    CheckpointState,
+    find_resume_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    save_safetensors,
+    sha256_file,
+)
+from .config import TrainConfig
+from .data.sampler import EpochBatches, EpochPlan
+from .errors import ConfigError, DivergedError, Interrupted, TrainError
+from .observers import EtaEstimator, Observer, ProgressReporter, RunInfo, StepStats, Stopwatch, TensorBoardLogger
+from .optim import build_optimizer, build_scheduler
+from .outputs import FINAL_CHECKPOINT, FINAL_WEIGHTS, PEFT_WEIGHTS, prepare_output_dir, write_config_backup
+from .tasks import build_task
+
+log = logging.getLogger("lora_trainer")
+
+
+@dataclass
+class Artifact:
+    path: str
+    format: str
+    sha256: str
+    step: int
+
+
+@dataclass
+class RunSummary:
+    """How a run ended; the termination message, EXPERIMENT.md and the operator's status read it."""
+
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    best_loss: float | None = None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    artifacts: list[Artifact] = field(default_factory=list)
+    checkpoints: list[int] = field(default_factory=list)
+    resumed_from: int | None = None
+    samples: int = 0
+    tokens: int = 0
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    data_summary: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+    error_reason: str | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def capture_rng(generator: torch.Generator) -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "generator": generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def pick_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    """The device, and the dtype of the frozen base weights (LoRA weights always train in fp32)."""
+    cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
+        raise ConfigError("device: cuda was asked for, but no CUDA GPU is visible")
+    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and cuda) else "cpu")
+    if cfg.mixed_precision == "fp16" and device.type != "cuda":
+        raise ConfigError("mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    if device.type == "cuda" and cfg.mixed_precision != "no":
+        return device, torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16
+    return device, torch.float32
+
+
+def default_observers(cfg: TrainConfig) -> list[Observer]:
+    return [ProgressReporter(cfg.logging_steps), TensorBoardLogger(cfg.logging_dir)]
+
+
+class TrainingRecipe:
+    def __init__(self, cfg: TrainConfig, observers: list[Observer] | None = None,
+                 stop: threading.Event | None = None, profile: bool = False):
+        self.cfg = cfg
+        self.observers = default_observers(cfg) if observers is None else observers
+        self.stop = stop or threading.Event()  # set by the SIGTERM handler
+        self.profile = profile
+        self.summary = RunSummary()
+        self.step = self.epoch = self.step_in_epoch = 0
+        self._started_observers = False
+
+    def run(self) -> RunSummary:
+        try:
+            self.setup()
+            self.train()
+            self.finish()
+        except TrainError as err:
+            self.summary.error, self.summary.error_reason = str(err), err.reason
+            if isinstance(err, Interrupted):
+                self.summary.error = None
+            raise
+        except BaseException as err:
+            self.summary.error, self.summary.error_reason = f"{type(err).__name__}: {err}", "Crashed"
+            raise
+        finally:
+            self.cleanup()
+        return self.summary
+
+    # -- setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.out = prepare_output_dir(cfg)
+        write_config_backup(cfg, self.out)
+        self.device, weight_dtype = pick_device(cfg)
+        seed_everything(cfg.seed)
+        self.task = build_task(cfg)
+        report = self.task.prepare_data()  # the dataset is validated before any model loads
+        self.summary.data_summary, self.summary.warnings = report.summary, list(report.warnings)
+        self.task.load(self.device, weight_dtype)
+        self.dataset = self.task.dataset()
+        self.plan = EpochPlan(len(self.dataset), cfg.batch_size, cfg.gradient_accumulation_steps)
+        self.total_steps = self.plan.total_steps(cfg.epochs, cfg.max_train_steps)
+        self.epochs = self.plan.epochs_needed(self.total_steps)
+        groups = self.task.param_groups()
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = build_optimizer(groups, cfg, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
+        self.rng = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        self.stopwatch = Stopwatch(torch.cuda.synchronize if self.profile and self.device.type == "cuda" else None)
+        self.eta = EtaEstimator()
+        if cfg.resume:
+            self.resume(cfg.resume)
+        self.summary.total_steps = self.total_steps
+        self.task.train_mode()
+        info = RunInfo(self.total_steps, self.step, self.epochs, str(self.device),
+                       sum(p.numel() for p in self.params), report.summary, report.warnings)
+        self._notify("on_start", info)
+        self._started_observers = True
+
+    def resume(self, resume: str) -> None:
+        ckpt = find_resume_checkpoint(self.out, resume)
+        if ckpt is None:
+            log.info("resume: latest found no complete checkpoint in %s; starting from step 0", self.out)
+            return
+        weights, state = load_checkpoint(ckpt)
+        self.check_same_run(state.trainer)
+        self.task.load_lora_state_dict({k: v.to(self.device) for k, v in weights.items()})
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        if self.scaler is not None and state.scaler:
+            self.scaler.load_state_dict(state.scaler)
+        restore_rng(state.rng, self.rng)
+        t = state.trainer
+        self.step, self.epoch, self.step_in_epoch = t["step"], t["epoch"], t["step_in_epoch"]
+        s = self.summary
+        s.losses = [tuple(x) for x in t["losses"]]
+        s.samples, s.tokens, s.resumed_from = t["samples"], t["tokens"], self.step
+        s.best_loss = min((loss for _, loss in s.losses), default=None)
+        log.info("resumed from %s at step %d", ckpt.state_dir, self.step)
+
+    def check_same_run(self, trainer: dict[str, Any]) -> None:
+        """A checkpoint continues one run: the data plan and seed must be the ones it was made with."""
+        now = {"items": self.plan.num_items, "batch_size": self.plan.batch_size,
+               "gradient_accumulation_steps": self.plan.accumulation, "seed": self.cfg.seed}
+        then = trainer.get("plan", now)
+        diff = [f"{k} {then[k]} -> {now[k]}" for k in now if then.get(k) != now[k]]
+        if diff:
+            raise ConfigError(f"cannot resume: the checkpoint was made with a different data plan ({'; '.join(diff)})")
+
+    # -- the loop
+    def train(self) -> None:
+        for epoch in range(self.epoch, self.epochs):
+            self.epoch = epoch
+            groups = self.plan.step_groups()[self.step_in_epoch :]
+            batches = iter(self.loader(epoch, start_batch=self.step_in_epoch * self.plan.accumulation))
+            for group in groups:
+                if self.step >= self.total_steps:
+                    return
+                stats = self.train_step(batches, group)
+                self.step_in_epoch += 1
+                self.after_step(stats)
+            self.step_in_epoch = 0
+
+    def loader(self, epoch: int, start_batch: int) -> torch.utils.data.DataLoader:
+        workers = self.cfg.num_workers
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=EpochBatches(self.plan, self.cfg.seed, epoch, start_batch),
+            collate_fn=self.task.collate, num_workers=workers, pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if workers else None, persistent_workers=False,
+        )
+
+    def train_step(self, batches, group: int) -> StepStats:
+        started = time.perf_counter()
+        loss_sum, samples, tokens = 0.0, 0, 0
+        for _ in range(group):
+            with self.stopwatch.measure("data"):
+                batch = next(batches)
+            with self.stopwatch.measure("forward_backward"):
+                loss = self.task.loss(batch, self.rng)
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise DivergedError(
+                        f"loss became {value} at step {self.step + 1} (epoch {self.epoch + 1}); the run stopped. "
+                        f"Lower learning_rate (now {self.cfg.learning_rate:g}), keep max_grad_norm > 0, "
+                        "or train with mixed_precision bf16 or no"
+                    )
+                scaled = loss / group
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += value / group
+            n, t = self.task.batch_counts(batch)
+            samples, tokens = samples + n, tokens + t
+        with self.stopwatch.measure("optimizer"):
+            grad_norm = self.optimizer_step()
+        self.step += 1
+        seconds = time.perf_counter() - started
+        return StepStats(
+            step=self.step, total_steps=self.total_steps, epoch=self.epoch + 1, epochs=self.epochs, loss=loss_sum,
+            learning_rate=self.scheduler.get_last_lr()[0], grad_norm=grad_norm, samples=samples, tokens=tokens,
+            step_seconds=seconds, eta_seconds=self.eta.update(seconds, self.total_steps - self.step),
+        )
+
+    def optimizer_step(self) -> float:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.max_grad_norm or float("inf")  # inf: measure the norm, clip nothing
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def after_step(self, stats: StepStats) -> None:
+        s = self.summary
+        s.step, s.loss, s.samples, s.tokens = stats.step, stats.loss, s.samples + stats.samples, s.tokens + stats.tokens
+        s.losses.append((stats.step, stats.loss))
+        s.best_loss = stats.loss if s.best_loss is None else min(s.best_loss, stats.loss)
+        self._notify("on_step", stats)
+        save_steps = self.cfg.save_steps
+        if self.stop.is_set():
+            self.save_checkpoint()
+            raise Interrupted(f"stopped by SIGTERM at step {self.step}; checkpoint written")
+        if save_steps and self.step % save_steps == 0 and self.step < self.total_steps:
+            self.save_checkpoint()
+
+    # -- checkpoints and outputs
+    def save_checkpoint(self) -> None:
+        if self.step in self.summary.checkpoints:
+            return
+        with self.stopwatch.measure("checkpoint"):
+            state = CheckpointState(
+                trainer={"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                         "losses": self.summary.losses, "samples": self.summary.samples,
+                         "tokens": self.summary.tokens, "total_steps": self.total_steps,
+                         "plan": {"items": self.plan.num_items, "batch_size": self.plan.batch_size,
+                                  "gradient_accumulation_steps": self.plan.accumulation, "seed": self.cfg.seed}},
+                optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                rng=capture_rng(self.rng), scaler=self.scaler.state_dict() if self.scaler else None,
+            )
+            ckpt = save_checkpoint(self.out, self.step, self.task.lora_state_dict(), self.weights_metadata(), state)
+            prune_checkpoints(self.out, self.cfg.keep_checkpoints)
+        self.summary.checkpoints.append(self.step)
+        self._notify("on_checkpoint", self.step, [ckpt.weights, ckpt.state_dir])
+
+    def weights_metadata(self) -> dict[str, str]:
+        cfg = self.cfg
+        meta = {
+            "format": "pt", "rank": str(cfg.lora_rank), "alpha": f"{cfg.network_alpha:g}",
+            "base_model": cfg.base_model, "task_type": cfg.task_type, "target_modules": ",".join(cfg.target_modules),
+            "train_text_encoder": str(cfg.train_text_encoder).lower(), "step": str(self.step),
+            "lora_operator_version": __version__,
+        }
+        return {**meta, **self.task.weights_metadata()}
+
+    def finish(self) -> None:
+        """Final weights; the main file is written last, so its presence means a finished run."""
+        weights, meta = self.task.lora_state_dict(), self.weights_metadata()
+        ckpt_final = self.out / CHECKPOINTS / FINAL_CHECKPOINT
+        with self.stopwatch.measure("checkpoint"):
+            save_safetensors(ckpt_final, weights, meta)
+            extra = [(p, "config") for p in self.task.write_sidecars(self.out)]
+            if self.cfg.task_type == "text-generation":
+                extra.append((link_or_copy(ckpt_final, self.out / PEFT_WEIGHTS), "peft"))
+            save_safetensors(self.out / FINAL_WEIGHTS, weights, meta)
+        fmt = "diffusers" if self.cfg.task_type == "text-to-image" else "peft"
+        for path, kind in [(self.out / FINAL_WEIGHTS, fmt), (ckpt_final, fmt), *extra]:
+            self.summary.artifacts.append(Artifact(str(path), kind, sha256_file(path), self.step))
+
+    def cleanup(self) -> None:
+        self.summary.ended = time.time()
+        self.summary.timings = dict(getattr(self, "stopwatch", Stopwatch()).totals)
+        if self._started_observers:
+            self._notify("on_end", self.summary)
+
+    def _notify(self, event: str, *args) -> None:
+        for observer in self.observers:
+            getattr(observer, event)(*args)
+
+
+def link_or_copy(src: Path, dst: Path) -> Path:
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+    return dst
+
+
+def summary_as_dict(summary: RunSummary) -> dict[str, Any]:
+    return dataclasses.asdict(summary)

@@ -1,0 +1,118 @@
+"""Causal-LM LoRA with transformers + peft; the output folder also loads with PeftModel.from_pretrained."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import TrainConfig
+from ..data.text import IGNORE_INDEX, TokenDataset, collate_tokens, tokenize_dataset
+from ..errors import ModelError
+from .base import DataReport, autocast, check_targets_exist, load_or_explain, lora_param_groups, resolve_local_model
+
+
+def load_tokenizer(cfg: TrainConfig):
+    from transformers import AutoTokenizer
+
+    source = resolve_local_model(cfg)
+    tokenizer = load_or_explain("the tokenizer", cfg.base_model, lambda: AutoTokenizer.from_pretrained(source))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.is_fast:
+        raise ModelError(f"base_model {cfg.base_model}: a fast tokenizer is needed (offsets mark the trained tokens)")
+    return tokenizer
+
+
+class TextGenerationTask:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.model = None
+
+    # -- data
+    def prepare_data(self) -> DataReport:
+        cfg = self.cfg
+        self.tokenizer = load_tokenizer(cfg)
+        self.data = tokenize_dataset(cfg.train_data_dir, self.tokenizer, cfg.dataset_format, cfg.max_seq_length)
+        lengths = self.data.lengths
+        summary = {
+            "records": self.data.records,
+            "format": self.data.format,
+            "examples": len(self.data.examples),
+            "tokens_min": min(lengths),
+            "tokens_median": int(statistics.median(lengths)),
+            "tokens_max": max(lengths),
+            "max_seq_length": cfg.max_seq_length,
+            "truncated": self.data.truncated,
+        }
+        report = self.data.truncation_report(cfg.max_seq_length)
+        return DataReport(summary=summary, warnings=[report] if report else [])
+
+    def dataset(self) -> torch.utils.data.Dataset:
+        return TokenDataset(self.data.examples)
+
+    def collate(self, items):
+        return collate_tokens(self.tokenizer.pad_token_id)(items)
+
+    # -- model
+    def load(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        cfg = self.cfg
+        source = resolve_local_model(cfg)
+        model = load_or_explain(
+            "the causal LM", cfg.base_model,
+            lambda: AutoModelForCausalLM.from_pretrained(source, dtype=weight_dtype, attn_implementation="sdpa"),
+        )
+        check_targets_exist(model, cfg.target_modules, "model")
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_rank, lora_alpha=cfg.network_alpha,
+                          lora_dropout=cfg.lora_dropout, target_modules=list(cfg.target_modules))
+        model = get_peft_model(model, lora)
+        model.peft_config["default"].base_model_name_or_path = cfg.base_model
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        self.model, self.device = model.to(device), device
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return lora_param_groups([(self.model, self.cfg.learning_rate)])
+
+    def train_mode(self) -> None:
+        self.model.train()
+
+    # -- one micro-batch
+    def loss(self, batch: dict[str, torch.Tensor], rng: torch.Generator) -> torch.Tensor:
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with autocast(self.device, self.cfg.mixed_precision):
+            return self.model(**batch, use_cache=False).loss
+
+    def batch_counts(self, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+        return batch["input_ids"].shape[0], int((batch["labels"] != IGNORE_INDEX).sum())
+
+    # -- weights
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.model, save_embedding_layers=False)
+        return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+
+    def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.model, state)
+        if getattr(result, "unexpected_keys", []):
+            raise ModelError(f"checkpoint does not match the model's LoRA: {result.unexpected_keys[:3]}")
+
+    def weights_metadata(self) -> dict[str, str]:
+        return {}
+
+    def write_sidecars(self, folder: Path) -> list[Path]:
+        """adapter_config.json, so PeftModel.from_pretrained(model, folder) loads the final weights."""
+        self.model.peft_config["default"].save_pretrained(folder)
+        return [folder / "adapter_config.json"]
