@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .errors import ConfigError, OutputError
 
@@ -106,7 +106,10 @@ def atomic_write(path: Path, write) -> None:
 
 
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    """LoRA-sized files: serialized in memory and written by Python, so a full disk raises OSError
+    (safetensors' own writer reports it as a SafetensorError string)."""
+    data = save(tensors, metadata=metadata)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def save_json(path: Path, data: Any) -> None:

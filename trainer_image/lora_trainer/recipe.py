@@ -229,6 +229,9 @@ class TrainingRecipe:
             self.dataset, batch_sampler=EpochBatches(self.plan, self.cfg.seed, epoch, start_batch),
             collate_fn=self.task.collate, num_workers=workers, pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if workers else None, persistent_workers=False,
+            # its own generator: a loader drawing its base seed from the global RNG (used by dropout)
+            # would shift that stream whenever a resumed run starts an epoch part-way
+            generator=torch.Generator().manual_seed(self.cfg.seed + epoch),
         )
 
     def train_step(self, batches, group: int) -> StepStats:

@@ -67,13 +67,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> TrainConfig:
     """Reads a flat config or a LoRATrainingJob manifest, applies --set overrides, validates."""
     doc = read_yaml(path)
     raw = config_from_manifest(doc, source=str(path)) if is_manifest(doc) else doc
-    base, problems = canonical_keys(raw)
-    if problems:  # report unknown keys of the file before overrides can hide them
-        raise ConfigError(f"{path} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
-    extra, problems = canonical_keys(parse_overrides(overrides))
-    if problems:
-        raise ConfigError("--set is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
-    return build_config({**base, **extra}, source=str(path))
+    return build_config(raw, source=str(path), overrides=parse_overrides(overrides))
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:

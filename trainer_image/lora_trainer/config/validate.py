@@ -44,9 +44,15 @@ def _did_you_mean(key: str, table: dict[str, str]) -> str:
     return f"; did you mean '{hint}'?"
 
 
-def build_config(raw: dict[str, Any], source: str = "config") -> TrainConfig:
-    """Validates a flat mapping (aliases allowed) into a resolved TrainConfig, or raises ConfigError."""
+def build_config(raw: dict[str, Any], source: str = "config", overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Validates a flat mapping (aliases allowed), then `overrides` on top, into a resolved TrainConfig.
+
+    Raises ConfigError listing every problem at once: unknown keys, types, ranges, choices, combinations.
+    """
     values, problems = canonical_keys(raw)
+    extra, extra_problems = canonical_keys(overrides or {})
+    values.update(extra)
+    problems += [f"--set {p}" for p in extra_problems]
     hints = typing.get_type_hints(TrainConfig)
     kwargs: dict[str, Any] = {}
     for f in config_fields():

@@ -220,24 +220,30 @@ class TextToImageTask:
 
     # -- weights
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """Keys as diffusers' own training scripts write them: unet.*.lora.down/up.weight for the UNet,
+        text_encoder.*.lora_linear_layer.down/up.weight for CLIP."""
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         out = {}
         for prefix, module in self._prefixed_modules():
-            state = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+            state = convert_state_dict_to_diffusers(get_peft_model_state_dict(module, save_embedding_layers=False))
             out.update({f"{prefix}.{k}": v.detach().float().cpu().contiguous() for k, v in state.items()})
         return out
 
     def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        from diffusers.utils import convert_unet_state_dict_to_peft
+        from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
         from peft.utils import set_peft_model_state_dict
 
+        to_peft = {self.unet_prefix: convert_unet_state_dict_to_peft,
+                   self.text_encoder_prefix: convert_state_dict_to_peft}
         for prefix, module in self._prefixed_modules():
             part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
-            result = set_peft_model_state_dict(module, convert_unet_state_dict_to_peft(part))
+            if not part:
+                raise ModelError(f"checkpoint has no {prefix} LoRA weights")
+            result = set_peft_model_state_dict(module, to_peft[prefix](part))
             unexpected = getattr(result, "unexpected_keys", [])
-            if not part or unexpected:
+            if unexpected:
                 raise ModelError(f"checkpoint does not match the {prefix} LoRA (unexpected: {unexpected[:3]})")
 
     def _prefixed_modules(self) -> list[tuple[str, torch.nn.Module]]:

@@ -1,0 +1,74 @@
+"""Exact resume: stopped at a step and resumed, a run ends bit for bit where an uninterrupted one does."""
+
+from __future__ import annotations
+
+import pytest
+from safetensors.torch import load_file
+
+from lora_trainer.errors import ConfigError, Interrupted
+
+from .conftest import LLM_BASE, SD_BASE, run
+
+
+def final_weights(folder):
+    return load_file(folder / "pytorch_lora_weights.safetensors")
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].equal(b[key]), f"{key} differs"
+
+
+@pytest.mark.parametrize(
+    "base, overrides",
+    [
+        (SD_BASE, dict(random_flip=True, lr_scheduler="cosine", lr_warmup_steps=2, lora_dropout=0.1)),
+        (SD_BASE, dict(gradient_accumulation_steps=2, num_workers=2, snr_gamma=5.0)),
+        (LLM_BASE, dict(lr_scheduler="linear", lora_dropout=0.1)),
+    ],
+    ids=["sd-flip-cosine-dropout", "sd-accumulation-workers", "llm"],
+)
+def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path, base, overrides):
+    settings = dict(max_train_steps=6, save_steps=2, **overrides)
+    straight = run(base, tmp_path / "straight", **settings)
+    with pytest.raises(Interrupted):
+        run(base, tmp_path / "resumed", stop_at=3, **settings)  # SIGTERM during step 3 -> checkpoint at 3
+    assert (tmp_path / "resumed/checkpoints/state_step_3/manifest.json").is_file()
+    assert not (tmp_path / "resumed/pytorch_lora_weights.safetensors").exists()
+    resumed = run(base, tmp_path / "resumed", resume="latest", **settings)
+    assert resumed.summary.resumed_from == 3
+    assert resumed.summary.losses == straight.summary.losses
+    assert_same_weights(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "straight"))
+
+
+def test_resume_from_an_explicit_checkpoint_folder(tmp_path):
+    settings = dict(max_train_steps=4, save_steps=2)
+    straight = run(SD_BASE, tmp_path / "a", **settings)
+    with pytest.raises(Interrupted):
+        run(SD_BASE, tmp_path / "b", stop_at=3, **settings)
+    resumed = run(SD_BASE, tmp_path / "b", resume=str(tmp_path / "b/checkpoints/state_step_2"), **settings)
+    assert resumed.summary.resumed_from == 2
+    assert_same_weights(final_weights(tmp_path / "b"), final_weights(tmp_path / "a"))
+    assert resumed.summary.losses == straight.summary.losses
+
+
+def test_resume_with_a_different_data_plan_is_refused(tmp_path):
+    with pytest.raises(Interrupted):
+        run(SD_BASE, tmp_path, stop_at=2, max_train_steps=4)
+    with pytest.raises(ConfigError, match="batch_size 2 -> 4"):
+        run(SD_BASE, tmp_path, resume="latest", max_train_steps=4, batch_size=4)
+
+
+def test_earlier_runs_are_never_mixed_or_overwritten_by_accident(tmp_path):
+    with pytest.raises(Interrupted):
+        run(SD_BASE, tmp_path, stop_at=2, max_train_steps=4)
+    with pytest.raises(ConfigError, match="holds checkpoints of an earlier run .* set resume: latest"):
+        run(SD_BASE, tmp_path, max_train_steps=4)
+    run(SD_BASE, tmp_path, resume="latest", max_train_steps=4)
+    with pytest.raises(ConfigError, match="holds a finished run"):
+        run(SD_BASE, tmp_path, max_train_steps=4)
+    (tmp_path / "notes.txt").write_text("mine")
+    run(SD_BASE, tmp_path, max_train_steps=2, overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "checkpoints/state_step_2").exists()  # save_steps=2 == last step: only final

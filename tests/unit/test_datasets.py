@@ -1,0 +1,162 @@
+"""Dataset validation and tokenization: every bad dataset names its problem; masks are exact."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from lora_trainer.data.images import resize_and_crop, scan_image_folder, to_tensor
+from lora_trainer.data.text import IGNORE_INDEX, collate_tokens, read_jsonl, tokenize_dataset
+from lora_trainer.errors import DatasetError
+from lora_trainer.presets import preset_path
+
+
+def make_images(folder: Path, names=("a.png", "b.jpg"), size=(40, 24)) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", size, (i * 60, 100, 200)).save(folder / name)
+
+
+def write_csv(folder: Path, rows: list[str], header="file_name,text") -> None:
+    (folder / "metadata.csv").write_text("\n".join([header, *rows]) + "\n")
+
+
+def test_metadata_csv_captions(tmp_path):
+    make_images(tmp_path)
+    write_csv(tmp_path, ["a.png,a red thing", 'b.jpg,"a blue, big thing"'])
+    scan = scan_image_folder(tmp_path)
+    assert [(r.path.name, r.caption) for r in scan.records] == [("a.png", "a red thing"), ("b.jpg", "a blue, big thing")]
+    assert scan.caption_source == "metadata.csv" and scan.sizes == [(40, 24), (40, 24)]
+
+
+def test_txt_captions_beside_images(tmp_path):
+    make_images(tmp_path)
+    (tmp_path / "a.txt").write_text("alpha\n")
+    (tmp_path / "b.txt").write_text("beta")
+    scan = scan_image_folder(tmp_path)
+    assert [r.caption for r in scan.records] == ["alpha", "beta"] and scan.caption_source == ".txt files"
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda d: None, "does not exist"),
+        (lambda d: d.mkdir(), "holds no images"),
+        (lambda d: (make_images(d), (d / "a.txt").write_text("x")), r"1 of 2 image\(s\) have no caption in .txt files: b.jpg"),
+        (lambda d: (make_images(d), write_csv(d, ["a.png,x", "c.png,y"])), r"lists 1 image\(s\) that do not exist: c.png"),
+        (lambda d: (make_images(d), write_csv(d, ["a.png,x"], header="image,caption")), "missing column"),
+        (lambda d: (make_images(d), write_csv(d, ["../secret.png,x"])), "outside train_data_dir"),
+        (lambda d: (make_images(d), write_csv(d, ["a.png,x", "b.jpg,"])), "have no caption in metadata.csv: b.jpg"),
+        (lambda d: (make_images(d), write_csv(d, ["a.png,x", "b.jpg,y"]), (d / "b.jpg").write_bytes(b"not a jpeg")),
+         r"1 image\(s\) cannot be read: b.jpg"),
+    ],
+    ids=["missing-dir", "empty", "txt-missing", "csv-missing-file", "csv-columns", "escape", "csv-empty-caption",
+         "corrupt-image"],
+)
+def test_bad_image_folders(tmp_path, setup, message):
+    folder = tmp_path / "data"
+    setup(folder)
+    with pytest.raises(DatasetError, match=message):
+        scan_image_folder(folder)
+
+
+def test_truncated_image_file_is_reported(tmp_path):
+    make_images(tmp_path, names=("a.png",), size=(64, 64))
+    data = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "a.png").write_bytes(data[: len(data) // 2])
+    write_csv(tmp_path, ["a.png,x"])
+    with pytest.raises(DatasetError, match="cannot be read: a.png"):
+        scan_image_folder(tmp_path)
+
+
+def test_resize_and_crop_are_seeded():
+    image = Image.effect_noise((80, 50), 40).convert("RGB")
+    a = resize_and_crop(image, 32, center_crop=False, flip=True, rng=random.Random(3))
+    b = resize_and_crop(image, 32, center_crop=False, flip=True, rng=random.Random(3))
+    assert a.size == (32, 32) and a.tobytes() == b.tobytes()
+    t = to_tensor(a)
+    assert t.shape == (3, 32, 32) and -1.0 <= t.min() and t.max() <= 1.0
+
+
+@pytest.fixture(scope="module")
+def llm_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(preset_path("preset:tiny-llm"))
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def decoded_labels(tokenizer, example) -> str:
+    return tokenizer.decode([t for t in example.labels if t != IGNORE_INDEX])
+
+
+def test_prompt_completion_trains_on_the_completion_only(tmp_path, llm_tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q: 2+2?\nA:", "completion": " 4"}])
+    data = tokenize_dataset(path, llm_tokenizer, "auto", 64)
+    assert data.format == "prompt_completion: 1"
+    assert decoded_labels(llm_tokenizer, data.examples[0]) == " 4</s>"
+
+
+def test_chat_trains_on_assistant_turns_only(tmp_path, llm_tokenizer):
+    record = {"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"},
+        {"role": "assistant", "content": "ciao"},
+    ]}
+    data = tokenize_dataset(write_jsonl(tmp_path / "c.jsonl", [record]), llm_tokenizer, "chat", 256)
+    assert decoded_labels(llm_tokenizer, data.examples[0]) == "hello<|im_end|>\nciao<|im_end|>\n"
+
+
+def test_plain_text_trains_on_everything(tmp_path, llm_tokenizer):
+    data = tokenize_dataset(write_jsonl(tmp_path / "t.jsonl", [{"text": "abc"}]), llm_tokenizer, "text", 64)
+    assert decoded_labels(llm_tokenizer, data.examples[0]) == "abc</s>"
+
+
+def test_truncation_is_counted_and_reported(tmp_path, llm_tokenizer):
+    records = [{"text": "x" * 100}, {"text": "short"}, {"prompt": "p" * 50, "completion": "c"}]
+    data = tokenize_dataset(write_jsonl(tmp_path / "t.jsonl", records), llm_tokenizer, "auto", 20)
+    assert (data.truncated, data.dropped, data.longest, len(data.examples)) == (2, 1, 101, 2)
+    report = data.truncation_report(20)
+    assert "2 of 3 record(s) were longer than max_seq_length=20 tokens" in report
+    assert "longest: 101 tokens" in report and "1 of them kept no trainable token" in report
+
+
+@pytest.mark.parametrize(
+    "lines, fmt, message",
+    [
+        (['{"text": "a"}', "{not json"], "auto", r"t.jsonl:2: not valid JSON"),
+        (['{"question": "a"}'], "auto", "cannot tell the record format from keys"),
+        (['{"text": "a"}'], "prompt_completion", "missing key"),
+        (['{"prompt": "a", "completion": 3}'], "auto", "'completion' must be a non-empty string"),
+        (['{"messages": [{"role": "user", "content": "hi"}]}'], "auto", "has no assistant message"),
+        (["[1, 2]"], "auto", "each line must be a JSON object"),
+        ([""], "auto", "holds no records"),
+    ],
+)
+def test_bad_jsonl(tmp_path, llm_tokenizer, lines, fmt, message):
+    path = write_jsonl(tmp_path / "t.jsonl", lines)
+    with pytest.raises(DatasetError, match=message):
+        tokenize_dataset(path, llm_tokenizer, fmt, 64)
+
+
+def test_jsonl_folder_without_files(tmp_path):
+    with pytest.raises(DatasetError, match="holds no .jsonl files"):
+        read_jsonl(tmp_path)
+
+
+def test_collate_pads_and_masks():
+    from lora_trainer.data.text import Example
+
+    batch = collate_tokens(pad_id=0)([Example([5, 6, 7], [-100, 6, 7]), Example([8], [8])])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert torch.equal(batch["attention_mask"], torch.tensor([[1, 1, 1], [1, 0, 0]]))

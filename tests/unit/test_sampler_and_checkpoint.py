@@ -1,0 +1,131 @@
+"""Resumable data order, and checkpoints stored without pickle."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from lora_trainer.checkpoint import (
+    CheckpointState,
+    find_resume_checkpoint,
+    flatten,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    unflatten,
+)
+from lora_trainer.data.sampler import EpochBatches, EpochPlan, epoch_order
+from lora_trainer.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    "items, batch, accum, batches, steps, groups",
+    [
+        (8, 4, 1, 2, 2, [1, 1]),
+        (9, 4, 1, 3, 3, [1, 1, 1]),
+        (9, 2, 2, 5, 3, [2, 2, 1]),
+        (1, 8, 4, 1, 1, [1]),
+    ],
+)
+def test_epoch_plan(items, batch, accum, batches, steps, groups):
+    plan = EpochPlan(items, batch, accum)
+    assert (plan.batches_per_epoch, plan.steps_per_epoch, plan.step_groups()) == (batches, steps, groups)
+    assert plan.total_steps(epochs=3, max_train_steps=None) == 3 * steps
+    assert plan.epochs_needed(3 * steps + 1) == 4
+
+
+def test_order_depends_on_seed_and_epoch_only():
+    assert epoch_order(50, seed=1, epoch=0) == epoch_order(50, seed=1, epoch=0)
+    assert epoch_order(50, seed=1, epoch=0) != epoch_order(50, seed=1, epoch=1)
+    assert epoch_order(50, seed=1, epoch=0) != epoch_order(50, seed=2, epoch=0)
+    assert sorted(epoch_order(50, seed=1, epoch=3)) == list(range(50))
+
+
+def test_resumed_epoch_yields_exactly_the_remaining_batches_and_item_seeds():
+    plan = EpochPlan(num_items=11, batch_size=3, accumulation=1)
+    full = list(EpochBatches(plan, seed=7, epoch=2))
+    assert [len(b) for b in full] == [3, 3, 3, 2]
+    assert list(EpochBatches(plan, seed=7, epoch=2, start_batch=2)) == full[2:]
+    assert len(EpochBatches(plan, seed=7, epoch=2, start_batch=2)) == 2
+
+
+def test_nested_state_round_trips_through_json_and_tensors():
+    state = {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2, 3)}},
+        "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "params": [0], "name": None}],
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "__weird": 1,
+    }
+    tensors: dict[str, torch.Tensor] = {}
+    tree = json.loads(json.dumps(flatten(state, tensors)))
+    back = unflatten(tree, tensors)
+    assert list(back["state"]) == [0] and torch.equal(back["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
+    assert back["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert back["python"] == state["python"]
+    assert np.array_equal(back["numpy"][1], state["numpy"][1]) and back["numpy"][0] == "MT19937"
+    random.setstate(back["python"])  # accepted as a real RNG state
+    assert back["__weird"] == 1
+
+
+def test_flatten_refuses_objects_it_cannot_store_without_pickle():
+    with pytest.raises(TypeError, match="cannot checkpoint a object"):
+        flatten({"x": object()}, {})
+
+
+def _state(step: int) -> CheckpointState:
+    return CheckpointState(
+        trainer={"step": step, "losses": [[1, 0.5]]}, optimizer={"state": {0: {"m": torch.ones(2) * step}}},
+        scheduler={"last_epoch": step}, rng={"torch": torch.get_rng_state()},
+    )
+
+
+def test_checkpoint_round_trip_and_latest(tmp_path):
+    weights = {"unet.a.lora.down.weight": torch.randn(4, 8)}
+    for step in (10, 20):
+        save_checkpoint(tmp_path, step, weights, {"rank": "4"}, _state(step))
+    latest = find_resume_checkpoint(tmp_path, "latest")
+    assert latest.step == 20
+    loaded, state = load_checkpoint(latest)
+    assert torch.equal(loaded["unet.a.lora.down.weight"], weights["unet.a.lora.down.weight"])
+    assert torch.equal(state.optimizer["state"][0]["m"], torch.ones(2) * 20)
+    assert state.scheduler == {"last_epoch": 20} and state.trainer["step"] == 20
+
+
+def test_a_checkpoint_without_manifest_is_never_picked(tmp_path):
+    save_checkpoint(tmp_path, 10, {"w": torch.ones(1)}, {}, _state(10))
+    save_checkpoint(tmp_path, 20, {"w": torch.ones(1)}, {}, _state(20))
+    (tmp_path / "checkpoints/state_step_20/manifest.json").unlink()  # as if the save was cut off
+    assert [c.step for c in list_checkpoints(tmp_path)] == [10]
+    assert find_resume_checkpoint(tmp_path, "latest").step == 10
+
+
+def test_a_corrupted_checkpoint_file_is_detected(tmp_path):
+    ckpt = save_checkpoint(tmp_path, 5, {"w": torch.ones(3)}, {}, _state(5))
+    data = bytearray((ckpt.state_dir / "optimizer.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (ckpt.state_dir / "optimizer.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="corrupt"):
+        find_resume_checkpoint(tmp_path, str(ckpt.state_dir))
+    with pytest.raises(ConfigError, match="corrupt"):
+        load_checkpoint(ckpt)
+
+
+def test_resume_path_must_be_a_checkpoint_folder(tmp_path):
+    with pytest.raises(ConfigError, match="is not a checkpoints/state_step_<N> folder"):
+        find_resume_checkpoint(tmp_path, str(tmp_path / "nope"))
+
+
+def test_keep_last_n_prunes_oldest_and_stale_incomplete(tmp_path):
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, step, {"w": torch.ones(1)}, {}, _state(step))
+    (tmp_path / "checkpoints/state_step_2/manifest.json").unlink()
+    assert prune_checkpoints(tmp_path, keep=2) == [1, 2]
+    files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert files == ["pytorch_lora_weights_step_3.safetensors", "pytorch_lora_weights_step_4.safetensors",
+                     "state_step_3", "state_step_4"]
