@@ -55,6 +55,8 @@ class RunInfo:
 
 
 class Observer(Protocol):
+    """on_end is always called, with summary.error set on failure, even if setup failed before on_start."""
+
     def on_start(self, info: RunInfo) -> None: ...
 
     def on_step(self, stats: StepStats) -> None: ...

@@ -128,7 +128,6 @@ class TrainingRecipe:
         self.profile = profile
         self.summary = RunSummary()
         self.step = self.epoch = self.step_in_epoch = 0
-        self._started_observers = False
 
     def run(self) -> RunSummary:
         try:
@@ -177,7 +176,6 @@ class TrainingRecipe:
         info = RunInfo(self.total_steps, self.step, self.epochs, str(self.device),
                        sum(p.numel() for p in self.params), report.summary, report.warnings)
         self._notify("on_start", info)
-        self._started_observers = True
 
     def resume(self, resume: str) -> None:
         ckpt = find_resume_checkpoint(self.out, resume)
@@ -335,10 +333,10 @@ class TrainingRecipe:
             self.summary.artifacts.append(Artifact(str(path), kind, sha256_file(path), self.step))
 
     def cleanup(self) -> None:
+        """Observers hear how the run ended, also when it failed before on_start (e.g. a bad dataset)."""
         self.summary.ended = time.time()
         self.summary.timings = dict(getattr(self, "stopwatch", Stopwatch()).totals)
-        if self._started_observers:
-            self._notify("on_end", self.summary)
+        self._notify("on_end", self.summary)
 
     def _notify(self, event: str, *args) -> None:
         for observer in self.observers:
