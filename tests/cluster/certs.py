@@ -98,4 +98,6 @@ def make_pki(directory):
 
 def make_serving_cert(directory, name, ca, sans):
     """A serving certificate signed by the cluster CA (the node agent's log endpoint uses one)."""
-    return make_leaf(Path(directory), name, ca, subject(name), "serverAuth", sans)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    return make_leaf(directory, name, ca, subject(name), "serverAuth", sans)

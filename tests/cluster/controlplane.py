@@ -106,8 +106,8 @@ def controller_manager_argv(bin_dir, pki, kubeconfig, port, cert_dir):
         f"--cluster-signing-cert-file={pki.ca.cert}",
         f"--cluster-signing-key-file={pki.ca.key}",
         # A node whose agent stops heartbeating (NodeAgent.crash) turns NotReady in seconds.
-        "--node-monitor-period=2s",
-        "--node-monitor-grace-period=20s",
+        "--node-monitor-period=1s",
+        "--node-monitor-grace-period=10s",
         "--kube-api-qps=100",
         "--kube-api-burst=200",
         "--concurrent-gc-syncs=5",

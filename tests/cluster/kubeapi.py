@@ -125,3 +125,31 @@ class KubeClient:
                 yield event["type"], event["object"]
         finally:
             conn.close()
+
+    def wait_for(self, path, predicate, timeout=30, what=None, interval=0.2):
+        """GET `path` until predicate(obj) is truthy; returns the object (TimeoutError otherwise)."""
+        from tests.cluster.procs import wait_until
+        found = {}
+
+        def check():
+            found["obj"] = self.get(path)
+            return predicate(found["obj"])
+
+        try:
+            wait_until(check, timeout, what or f"{path} to match", interval)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}; last object: {found.get('obj')}") from None
+        return found["obj"]
+
+    def wait_gone(self, path, timeout=30):
+        """Wait until GET `path` answers 404."""
+        from tests.cluster.procs import wait_until
+
+        def gone():
+            try:
+                self.get(path)
+            except ApiError as e:
+                return e.status == 404
+            return False
+
+        wait_until(gone, timeout, f"{path} to be deleted")
