@@ -189,3 +189,12 @@ def test_every_spec_mapping_targets_a_real_config_key():
 def test_every_key_is_documented():
     for f in dataclasses.fields(TrainConfig):
         assert f.metadata["doc"], f"config key {f.name} has no doc"
+
+
+def test_docs_config_reference_is_up_to_date():
+    from pathlib import Path
+
+    from lora_trainer.config.reference import render
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "config.md"
+    assert doc.read_text() == render(), "regenerate: python -m lora_trainer.config.reference > docs/config.md"

@@ -97,7 +97,7 @@ class TrainConfig:
     random_flip: bool = option(False, "Randomly flip images horizontally.", group="data")
     dataset_format: str = option(
         "auto",
-        "text-generation JSONL format: text, prompt_completion, chat, or auto (from the first record).",
+        "text-generation JSONL format: text, prompt_completion, chat, or auto (read from each record's keys).",
         choices=DATASET_FORMATS,
         group="data",
     )
