@@ -142,7 +142,7 @@ def unschedulable_reasons(pod, node, used):
     `used`: the summed requests of the non-terminal pods already bound to the node.
     """
     spec = pod["spec"]
-    if node.get("spec", {}).get("unschedulable") and not untolerated_taints(
+    if node.get("spec", {}).get("unschedulable") and untolerated_taints(
             spec.get("tolerations"), [{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]):
         return ["node(s) were unschedulable"]
     taints = untolerated_taints(spec.get("tolerations"), node.get("spec", {}).get("taints"))

@@ -5,11 +5,9 @@ Each test asserts behaviour the operator and trainer tests rely on, against the 
 
 import json
 import re
-import signal
 import subprocess
 import threading
 import time
-import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
