@@ -14,6 +14,7 @@ node NotReady, then back). Everything runs in two daemon threads (a pod watch an
 every API call has a timeout and the watch reconnects on its own.
 """
 
+import atexit
 import http.server
 import logging
 import os
@@ -195,7 +196,8 @@ class NodeAgent:
         self._next_ip = 10
         self._node_cache = (0.0, None)
         self._created_paths = []  # mount points made on the host, removed on stop
-        self.cgroups = runtime.MemoryCgroups.detect(f"lora-node-agent-{os.getpid()}")
+        self.cgroups = runtime.MemoryCgroups(None)  # made in start()
+        self._stopped = False
         self.unshare = shutil.which("unshare")
         self.venv_bin = str(Path(sys.executable).parent)
         self.log_server = None
@@ -216,6 +218,9 @@ class NodeAgent:
     def start(self, timeout=60):
         if self.unshare is None:
             raise RuntimeError("the node agent needs util-linux `unshare` (and root) for pod mounts")
+        runtime.reap_stale(self.pods_dir.parent)
+        self.cgroups = runtime.MemoryCgroups.detect(f"lora-node-agent-{os.getpid()}")
+        atexit.register(self.stop)
         try:
             self.log_server = LogServer(self).start()
             self._register_node()
@@ -233,25 +238,32 @@ class NodeAgent:
         return self
 
     def stop(self):
+        """Kill every pod process and remove what the agent made; idempotent (also run at exit)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        atexit.unregister(self.stop)
         self._stopping.set()
         self.informer.changed.set()
-        for thread in (self._thread, self._heartbeat_thread):
-            if thread:
-                thread.join(timeout=30)
-        self.informer.stop()
-        with self._lock:
-            for uid in list(self.runs):
-                self._forget(uid)
-        shutil.rmtree(self.pods_dir, ignore_errors=True)
-        if self.log_server:
-            self.log_server.stop()
-        self.cgroups.close()
-        for path in reversed(self._created_paths):
-            try:
-                path.rmdir() if path.is_dir() else path.unlink()
-            except OSError:
-                pass
-        self._created_paths.clear()
+        try:
+            for thread in (self._thread, self._heartbeat_thread):
+                if thread:
+                    thread.join(timeout=30)
+            self.informer.stop()
+        finally:  # even when Ctrl-C lands in a join: no processes, mounts points or dirs left
+            with self._lock:
+                for uid in list(self.runs):
+                    self._forget(uid)
+            shutil.rmtree(self.pods_dir, ignore_errors=True)
+            if self.log_server:
+                self.log_server.stop()
+            self.cgroups.close()
+            for path in reversed(self._created_paths):
+                try:
+                    path.rmdir() if path.is_dir() else path.unlink()
+                except OSError:
+                    pass
+            self._created_paths.clear()
 
     def _loop(self):
         while not self._stopping.is_set():

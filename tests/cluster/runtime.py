@@ -13,6 +13,7 @@ can mount different things at the same path and nothing leaks to the host's moun
 
 import base64
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -183,6 +184,35 @@ def container_mounts(container, volume_paths, termination_file, created, protect
         ensure_mountpoint(host_location(target, mounts), os.path.isdir(source), created)
         mounts.append((source, target, read_only))
     return mounts
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_stale(pods_parent):
+    """Remove pod directories and memory cgroups left by agents that were SIGKILLed.
+
+    Both are named lora-node-agent-<pid>[-...]; those whose pid is gone are removed.
+    """
+    roots = [Path(pods_parent)] + [r.parent for r in MemoryCgroups._candidates("x")]
+    for root in roots:
+        for path in root.glob("lora-node-agent-*"):
+            match = re.match(r"lora-node-agent-(\d+)", path.name)
+            if not match or pid_alive(int(match.group(1))):
+                continue
+            if str(path).startswith("/sys/fs/cgroup/"):
+                for child in [c for c in path.iterdir() if c.is_dir()]:
+                    MemoryCgroups.remove(child)
+                MemoryCgroups.remove(path)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -260,6 +260,18 @@ def test_restart_policy_on_failure_restarts_until_success(kube_cluster, node_age
     assert not Path("/tmp/marker").exists()  # the emptyDir at /tmp was the pod's own
 
 
+def test_restart_policy_always_restarts_with_back_off(kube_cluster, node_agent, namespace):
+    api = kube_cluster.api
+    create_pod(api, namespace, python_pod("looper", "print('tick')", restart_policy="Always"))
+    pod = api.wait_for(pod_path(namespace, "looper"),
+                       lambda p: (p["status"].get("containerStatuses") or [{}])[0].get("restartCount", 0) >= 2,
+                       timeout=30)
+    status = pod["status"]["containerStatuses"][0]
+    assert pod["status"]["phase"] == "Running"
+    assert status["lastState"]["terminated"]["exitCode"] == 0
+    assert kube_cluster.kubectl("logs", "-n", namespace, "looper", "--previous").stdout == "tick\n"
+
+
 def test_mount_over_the_python_environment_is_a_create_container_error(kube_cluster, node_agent, namespace):
     import sys
     manifest = python_pod("shadow", "print(1)", volumeMounts=[{"name": "v", "mountPath": sys.prefix}],

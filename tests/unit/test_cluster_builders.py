@@ -193,3 +193,20 @@ def test_oom_kill_is_read_from_the_cgroup(tmp_path):
     (tmp_path / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 0\n")
     assert not runtime.MemoryCgroups.oom_killed(tmp_path)
     assert not runtime.MemoryCgroups.oom_killed(None)
+
+
+def test_reap_stale_removes_only_dirs_of_dead_agents(tmp_path):
+    import os
+    dead = subprocess_pid_that_exited()
+    (tmp_path / f"lora-node-agent-{dead}-abc123" / "pod").mkdir(parents=True)
+    (tmp_path / f"lora-node-agent-{os.getpid()}-def456").mkdir()
+    (tmp_path / "unrelated").mkdir()
+    runtime.reap_stale(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"lora-node-agent-{os.getpid()}-def456", "unrelated"]
+
+
+def subprocess_pid_that_exited():
+    import subprocess
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
