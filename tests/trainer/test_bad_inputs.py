@@ -87,7 +87,7 @@ def test_a_bad_dataset_fails_before_any_model_loads(tmp_path, capsys):
     [
         ("./models/nope", "base_model ./models/nope does not exist"),
         ("preset:tiny-nope", "unknown preset 'preset:tiny-nope'; available: preset:tiny-sd"),
-        ("some-org/some-model", "from base_model some-org/some-model: We couldn't connect"),  # no hub here
+        ("some-org/some-model", "cannot load model_index.json from base_model some-org/some-model"),  # no hub
     ],
 )
 def test_unknown_base_model(tmp_path, capsys, base_model, message):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_trainer.data.images import resize_and_crop, scan_image_folder, to_tensor
+from lora_trainer.data.images import assign_bucket, bucket_sizes, resize_and_crop, scan_image_folder, to_tensor
 from lora_trainer.data.text import IGNORE_INDEX, collate_tokens, read_jsonl, tokenize_dataset
 from lora_trainer.errors import DatasetError
 from lora_trainer.presets import preset_path
@@ -76,11 +76,30 @@ def test_truncated_image_file_is_reported(tmp_path):
 
 def test_resize_and_crop_are_seeded():
     image = Image.effect_noise((80, 50), 40).convert("RGB")
-    a = resize_and_crop(image, 32, center_crop=False, flip=True, rng=random.Random(3))
-    b = resize_and_crop(image, 32, center_crop=False, flip=True, rng=random.Random(3))
-    assert a.size == (32, 32) and a.tobytes() == b.tobytes()
+    a, crop_a = resize_and_crop(image, (32, 32), center_crop=False, flip=True, rng=random.Random(3))
+    b, crop_b = resize_and_crop(image, (32, 32), center_crop=False, flip=True, rng=random.Random(3))
+    assert a.size == (32, 32) and a.tobytes() == b.tobytes() and crop_a == crop_b
+    assert crop_a.original_size == (50, 80)
     t = to_tensor(a)
     assert t.shape == (3, 32, 32) and -1.0 <= t.min() and t.max() <= 1.0
+
+
+@pytest.mark.parametrize(
+    "size, target, top_left",
+    [((80, 40), (32, 32), (0, 16)), ((40, 80), (32, 32), (16, 0)), ((64, 32), (48, 24), (0, 0))]  # scale, then center,
+)
+def test_center_crop_corner_and_rectangular_targets(size, target, top_left):
+    image, crop = resize_and_crop(Image.new("RGB", size), target, center_crop=True, flip=False, rng=random.Random(0))
+    assert image.size == target and crop.top_left == top_left and crop.original_size == size[::-1]
+
+
+def test_buckets_follow_kohya_rules_and_fit_the_shape():
+    buckets = bucket_sizes(512, 256, 1024, 64)
+    assert (512, 512) in buckets and all(w % 64 == 0 and h % 64 == 0 for w, h in buckets)
+    assert all(w * h <= 512 * 512 and 256 <= min(w, h) and max(w, h) <= 1024 for w, h in buckets)
+    assert assign_bucket((1000, 1000), buckets) == (512, 512)
+    assert assign_bucket((1920, 1080), buckets) == (640, 384)  # 1.78 -> 1.67, the closest shape
+    assert assign_bucket((1080, 1920), buckets) == (384, 640)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from lora_trainer.checkpoint import (
     save_checkpoint,
     unflatten,
 )
-from lora_trainer.data.sampler import EpochBatches, EpochPlan, epoch_order
+from lora_trainer.data.sampler import EpochBatches, EpochPlan, group_by
 from lora_trainer.errors import ConfigError
 
 
@@ -33,25 +33,41 @@ from lora_trainer.errors import ConfigError
     ],
 )
 def test_epoch_plan(items, batch, accum, batches, steps, groups):
-    plan = EpochPlan(items, batch, accum)
+    plan = EpochPlan.single(items, batch, accum)
     assert (plan.batches_per_epoch, plan.steps_per_epoch, plan.step_groups()) == (batches, steps, groups)
     assert plan.total_steps(epochs=3, max_train_steps=None) == 3 * steps
     assert plan.epochs_needed(3 * steps + 1) == 4
 
 
 def test_order_depends_on_seed_and_epoch_only():
-    assert epoch_order(50, seed=1, epoch=0) == epoch_order(50, seed=1, epoch=0)
-    assert epoch_order(50, seed=1, epoch=0) != epoch_order(50, seed=1, epoch=1)
-    assert epoch_order(50, seed=1, epoch=0) != epoch_order(50, seed=2, epoch=0)
-    assert sorted(epoch_order(50, seed=1, epoch=3)) == list(range(50))
+    plan = EpochPlan.single(50, 50, 1)
+    assert plan.batches(seed=1, epoch=0) == plan.batches(seed=1, epoch=0)
+    assert plan.batches(seed=1, epoch=0) != plan.batches(seed=1, epoch=1)
+    assert plan.batches(seed=1, epoch=0) != plan.batches(seed=2, epoch=0)
+    assert sorted(plan.batches(seed=1, epoch=3)[0]) == list(range(50))
 
 
 def test_resumed_epoch_yields_exactly_the_remaining_batches_and_item_seeds():
-    plan = EpochPlan(num_items=11, batch_size=3, accumulation=1)
+    plan = EpochPlan.single(num_items=11, batch_size=3, accumulation=1)
     full = list(EpochBatches(plan, seed=7, epoch=2))
     assert [len(b) for b in full] == [3, 3, 3, 2]
     assert list(EpochBatches(plan, seed=7, epoch=2, start_batch=2)) == full[2:]
     assert len(EpochBatches(plan, seed=7, epoch=2, start_batch=2)) == 2
+
+
+def test_buckets_never_mix_and_cover_every_item_once():
+    keys = ["wide", "tall", "wide", "square", "tall", "wide", "wide", "tall"]
+    groups = group_by(keys)
+    assert groups == ((0, 2, 5, 6), (1, 4, 7), (3,))
+    plan = EpochPlan(groups, batch_size=2, accumulation=1)
+    assert plan.batches_per_epoch == 2 + 2 + 1 and plan.num_items == 8
+    for epoch in range(3):
+        batches = plan.batches(seed=5, epoch=epoch)
+        assert sorted(i for b in batches for i in b) == list(range(8))
+        assert all(len({keys[i] for i in b}) == 1 for b in batches)
+    assert plan.batches(5, 0) != plan.batches(5, 1)  # batch order shuffles across buckets too
+    resumed = list(EpochBatches(plan, seed=5, epoch=1, start_batch=3))
+    assert resumed == list(EpochBatches(plan, seed=5, epoch=1))[3:]
 
 
 def test_nested_state_round_trips_through_json_and_tensors():

@@ -158,7 +158,7 @@ class TrainingRecipe:
         self.summary.data_summary, self.summary.warnings = report.summary, list(report.warnings)
         self.task.load(self.device, weight_dtype)
         self.dataset = self.task.dataset()
-        self.plan = EpochPlan(len(self.dataset), cfg.batch_size, cfg.gradient_accumulation_steps)
+        self.plan = EpochPlan(self.task.item_groups(), cfg.batch_size, cfg.gradient_accumulation_steps)
         self.total_steps = self.plan.total_steps(cfg.epochs, cfg.max_train_steps)
         self.epochs = self.plan.epochs_needed(self.total_steps)
         groups = self.task.param_groups()
@@ -200,12 +200,16 @@ class TrainingRecipe:
 
     def check_same_run(self, trainer: dict[str, Any]) -> None:
         """A checkpoint continues one run: the data plan and seed must be the ones it was made with."""
-        now = {"items": self.plan.num_items, "batch_size": self.plan.batch_size,
-               "gradient_accumulation_steps": self.plan.accumulation, "seed": self.cfg.seed}
+        now = self.plan_fingerprint()
         then = trainer.get("plan", now)
         diff = [f"{k} {then[k]} -> {now[k]}" for k in now if then.get(k) != now[k]]
         if diff:
             raise ConfigError(f"cannot resume: the checkpoint was made with a different data plan ({'; '.join(diff)})")
+
+    def plan_fingerprint(self) -> dict[str, int]:
+        return {"items": self.plan.num_items, "batches_per_epoch": self.plan.batches_per_epoch,
+                "batch_size": self.plan.batch_size, "gradient_accumulation_steps": self.plan.accumulation,
+                "seed": self.cfg.seed}
 
     # -- the loop
     def train(self) -> None:
@@ -298,8 +302,7 @@ class TrainingRecipe:
                 trainer={"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                          "losses": self.summary.losses, "samples": self.summary.samples,
                          "tokens": self.summary.tokens, "total_steps": self.total_steps,
-                         "plan": {"items": self.plan.num_items, "batch_size": self.plan.batch_size,
-                                  "gradient_accumulation_steps": self.plan.accumulation, "seed": self.cfg.seed}},
+                         "plan": self.plan_fingerprint()},
                 optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
                 rng=capture_rng(self.rng), scaler=self.scaler.state_dict() if self.scaler else None,
             )

@@ -27,6 +27,10 @@ SPEC_TO_CONFIG: tuple[tuple[tuple[str, ...], str], ...] = (
     (("dataset", "centerCrop"), "center_crop"),
     (("dataset", "randomFlip"), "random_flip"),
     (("dataset", "maxSeqLength"), "max_seq_length"),
+    (("dataset", "bucketing", "enabled"), "enable_bucket"),
+    (("dataset", "bucketing", "minResolution"), "min_bucket_reso"),
+    (("dataset", "bucketing", "maxResolution"), "max_bucket_reso"),
+    (("dataset", "bucketing", "step"), "bucket_reso_steps"),
     (("training", "rank"), "lora_rank"),
     (("training", "alpha"), "network_alpha"),
     (("training", "dropout"), "lora_dropout"),
@@ -91,17 +95,19 @@ CLUSTER_ONLY_FIELDS = frozenset(
 )
 
 
-def _unmapped_leaves(spec: dict[str, Any]) -> list[str]:
+def _unmapped_leaves(spec: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[str]:
+    """Spec fields that map to nothing, at any depth (a typo must not be silently ignored)."""
     mapped = {path for path, _ in SPEC_TO_CONFIG}
-    sections = {path[0] for path in mapped if len(path) > 1}
+    sections = {path[:i] for path in mapped for i in range(1, len(path))}
     unknown = []
     for key, value in spec.items():
-        if key in CLUSTER_ONLY_FIELDS or (key,) in mapped:
+        path = (*prefix, key)
+        if (not prefix and key in CLUSTER_ONLY_FIELDS) or path in mapped:
             continue
-        if key in sections and isinstance(value, dict):
-            unknown += [f"spec.{key}.{sub}" for sub in value if (key, sub) not in mapped]
+        if path in sections and isinstance(value, dict):
+            unknown += _unmapped_leaves(value, path)
         else:
-            unknown.append(f"spec.{key}")
+            unknown.append("spec." + ".".join(path))
     return unknown
 
 

@@ -95,6 +95,13 @@ class TrainConfig:
     resolution: int = option(512, "Images are resized and cropped to this square size.", min=8, group="data")
     center_crop: bool = option(False, "Center crop instead of random crop.", group="data")
     random_flip: bool = option(False, "Randomly flip images horizontally.", group="data")
+    enable_bucket: bool = option(
+        False, "Aspect-ratio bucketing: each image trains at the bucket closest to its shape (no subject "
+        "cropped away), batches never mix buckets.", group="data",
+    )
+    min_bucket_reso: int = option(256, "Smallest bucket side.", min=8, group="data")
+    max_bucket_reso: int = option(1024, "Largest bucket side.", min=8, group="data")
+    bucket_reso_steps: int = option(64, "Bucket sides are multiples of this.", min=1, group="data")
     dataset_format: str = option(
         "auto",
         "text-generation JSONL format: text, prompt_completion, chat, or auto (read from each record's keys).",
@@ -190,10 +197,50 @@ class TrainConfig:
     )
     logging_steps: int = option(10, "Print a progress line every N steps when not on a terminal.", min=1, group="output")
     resume: str | None = option(
-        None, "latest (newest complete checkpoint in output_dir) or a checkpoint folder.",
+        None, "latest (newest complete checkpoint in output_dir) or a checkpoint folder. Default: latest when "
+        "output_dir is s3:// or LORA_JOB_NAME is set (in a pod), else none.",
         aliases=("resume_from_checkpoint",), group="output",
     )
     overwrite: bool = option(False, "Allow replacing a finished or started run in output_dir.", group="output")
+
+    # -- storage, metrics and the cluster (docs/trainer-operator.md)
+    s3_endpoint_url: str | None = option(
+        None, "S3-compatible endpoint such as http://minio:9000 (default: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, "
+        "else AWS). Credentials and region always come from the standard AWS environment.",
+        aliases=("s3_endpoint",), group="cluster",
+    )
+    cache_dir: str | None = option(
+        None, "Local folder for s3:// downloads and the working copy of an s3:// output_dir "
+        "(default: $LORA_CACHE_DIR, else ~/.cache/lora-trainer).", group="cluster",
+    )
+    s3_max_concurrency: int = option(16, "Parallel S3 requests of downloads and uploads.", min=1, max=256, group="cluster")
+    s3_retry_seconds: float = option(
+        300.0, "How long transient S3 errors (5xx, throttling, connection failures) are retried before the run "
+        "stops with exit 8 (retried by the operator).", min=0, group="cluster",
+    )
+    s3_upload_queue: int = option(
+        4, "Checkpoints that may wait for upload before training pauses for S3.", min=1, group="cluster"
+    )
+    s3_sync_seconds: float = option(
+        60.0, "Upload changed logs and records (TensorBoard, EXPERIMENT.md) at least this often.", min=1,
+        group="cluster",
+    )
+    sigterm_grace_seconds: float = option(
+        25.0, "After SIGTERM, how long the checkpoint upload may take before the trainer exits (keep it below "
+        "the pod's terminationGracePeriodSeconds).", min=0, group="cluster",
+    )
+    metrics_port: int = option(9400, "Port of the Prometheus /metrics endpoint (0: off).", min=0, max=65535,
+                               group="cluster")
+    metrics_bind: str | None = option(
+        None, "Address of the metrics endpoint (default: $POD_IP, else 127.0.0.1).", group="cluster"
+    )
+    pushgateway_url: str | None = option(
+        None, "Prometheus Pushgateway that receives the metrics every logging_steps and at exit.", group="cluster"
+    )
+    termination_message_path: str = option(
+        "/dev/termination-log", "File for the one-line JSON exit summary (the default is written only where it "
+        "exists: in a pod). $LORA_TERMINATION_MESSAGE_PATH overrides the default.", group="cluster",
+    )
 
 
 def config_fields() -> list[dataclasses.Field]:

@@ -154,6 +154,11 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
         problems.append(
             f"'lr_warmup_steps' ({cfg.lr_warmup_steps}) exceeds 'max_train_steps' ({cfg.max_train_steps})"
         )
+    if cfg.enable_bucket and not cfg.min_bucket_reso <= cfg.resolution <= cfg.max_bucket_reso:
+        problems.append(
+            f"'resolution' ({cfg.resolution}) must lie between 'min_bucket_reso' ({cfg.min_bucket_reso}) and "
+            f"'max_bucket_reso' ({cfg.max_bucket_reso}) when enable_bucket is on"
+        )
     for key in ("output_dir", "train_data_dir", "base_model", "logging_dir", "metadata_path"):
         value = getattr(cfg, key)
         if isinstance(value, str) and value.startswith("s3://") and not _valid_s3_uri(value):

@@ -7,6 +7,7 @@ and lists every problem at once, so a bad dataset fails before any model is load
 from __future__ import annotations
 
 import csv
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,20 +142,49 @@ def load_image(path: Path) -> Image.Image:
         return ImageOps.exif_transpose(image).convert("RGB")
 
 
+def bucket_sizes(resolution: int, min_reso: int, max_reso: int, step: int) -> list[tuple[int, int]]:
+    """(width, height) buckets as kohya builds them: multiples of `step` within [min, max] whose area
+    is at most resolution**2, the largest height for each width; square first."""
+    area = resolution * resolution
+    sizes = {(resolution // step * step,) * 2}
+    for width in range(min_reso, max_reso + 1, step):
+        height = min(max_reso, (area // width) // step * step)
+        if height >= min_reso:
+            sizes.add((width, height))
+    return sorted(sizes, key=lambda wh: (wh[0] / wh[1], wh[0]))
+
+
+def assign_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to the image's (in log space), larger area on ties."""
+    ratio = math.log(size[0] / size[1])
+    return min(buckets, key=lambda b: (round(abs(math.log(b[0] / b[1]) - ratio), 6), -b[0] * b[1]))
+
+
+@dataclass(frozen=True)
+class Crop:
+    """What SDXL's micro-conditioning needs to know about how an image was prepared."""
+
+    original_size: tuple[int, int]  # (height, width) before resizing
+    top_left: tuple[int, int]  # (top, left) of the crop in the resized image
+
+
 def resize_and_crop(
-    image: Image.Image, resolution: int, center_crop: bool, flip: bool, rng: random.Random
-) -> Image.Image:
-    """Shorter side to `resolution`, then a square crop (random unless center_crop), then maybe a flip."""
+    image: Image.Image, size: tuple[int, int], center_crop: bool, flip: bool, rng: random.Random
+) -> tuple[Image.Image, Crop]:
+    """Resize to cover `size` (width, height), crop to it (random unless center_crop), maybe flip."""
     w, h = image.size
-    scale = resolution / min(w, h)
-    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
-    w, h = image.size
+    target_w, target_h = size
+    scale = max(target_w / w, target_h / h)
+    resized = image.resize((max(target_w, round(w * scale)), max(target_h, round(h * scale))), Image.BICUBIC)
+    rw, rh = resized.size
     if center_crop:
-        left, top = (w - resolution) // 2, (h - resolution) // 2
+        left, top = (rw - target_w) // 2, (rh - target_h) // 2
     else:
-        left, top = rng.randint(0, w - resolution), rng.randint(0, h - resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
-    return image.transpose(Image.FLIP_LEFT_RIGHT) if flip and rng.random() < 0.5 else image
+        left, top = rng.randint(0, rw - target_w), rng.randint(0, rh - target_h)
+    out = resized.crop((left, top, left + target_w, top + target_h))
+    if flip and rng.random() < 0.5:
+        out, left = out.transpose(Image.FLIP_LEFT_RIGHT), rw - left - target_w  # SDXL's convention
+    return out, Crop((h, w), (top, left))
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -163,10 +193,15 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
-    """Items are looked up by (index, item_seed) pairs from EpochBatches, so augmentation is reproducible."""
+    """Items are looked up by (index, item_seed) pairs from EpochBatches, so augmentation is reproducible.
 
-    def __init__(self, records: list[ImageRecord], resolution: int, center_crop: bool, random_flip: bool, tokenize):
-        self.records, self.resolution = records, resolution
+    `sizes[i]` is the (width, height) record i is cropped to (its bucket, or the square resolution);
+    `tokenize(caption)` returns the token-id tensors the model family needs.
+    """
+
+    def __init__(self, records: list[ImageRecord], sizes: list[tuple[int, int]], center_crop: bool,
+                 random_flip: bool, tokenize):
+        self.records, self.sizes = records, sizes
         self.center_crop, self.random_flip, self.tokenize = center_crop, random_flip, tokenize
 
     def __len__(self) -> int:
@@ -179,12 +214,16 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             image = load_image(record.path)
         except OSError as err:
             raise DatasetError(f"image {record.path} cannot be read any more: {err}") from None
-        image = resize_and_crop(image, self.resolution, self.center_crop, self.random_flip, random.Random(seed))
-        return {"pixel_values": to_tensor(image), "input_ids": self.tokenize(record.caption)}
+        image, crop = resize_and_crop(image, self.sizes[index], self.center_crop, self.random_flip,
+                                      random.Random(seed))
+        return {
+            "pixel_values": to_tensor(image),  # (3, H, W)
+            "original_size": torch.tensor(crop.original_size),
+            "crop_top_left": torch.tensor(crop.top_left),
+            **self.tokenize(record.caption),
+        }
 
 
 def collate_images(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {
-        "pixel_values": torch.stack([i["pixel_values"] for i in items]),  # (B, 3, H, W)
-        "input_ids": torch.stack([i["input_ids"] for i in items]),  # (B, L)
-    }
+    """Stacks every field: pixel_values (B, 3, H, W), input_ids (B, L), original_size (B, 2), ..."""
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}

@@ -1,30 +1,39 @@
-"""Deterministic, resumable data order.
+"""Deterministic, resumable data order, in groups (aspect-ratio buckets) or as one group.
 
-The order of epoch e is a permutation drawn from (seed, e) alone, and every item carries its own seed for
-random crops and flips, so a run resumed at any optimizer step sees exactly the batches, and the
-augmentations, that an uninterrupted run would have seen, whatever the number of loader workers.
+The batches of epoch e are drawn from (seed, e) alone: each group's members are shuffled and cut into
+batches (so a batch never mixes groups), then the batch order is shuffled. Every item also carries its
+own seed for random crops and flips. A run resumed at any optimizer step therefore sees exactly the
+batches and augmentations an uninterrupted run would have seen, whatever the number of loader workers.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """How a dataset of `num_items` is cut into batches and optimizer steps."""
+    """How a dataset, in groups of item indices, is cut into batches and optimizer steps."""
 
-    num_items: int
+    groups: tuple[tuple[int, ...], ...]
     batch_size: int
     accumulation: int
 
+    @classmethod
+    def single(cls, num_items: int, batch_size: int, accumulation: int) -> "EpochPlan":
+        return cls((tuple(range(num_items)),), batch_size, accumulation)
+
+    @property
+    def num_items(self) -> int:
+        return sum(len(g) for g in self.groups)
+
     @property
     def batches_per_epoch(self) -> int:
-        return math.ceil(self.num_items / self.batch_size)
+        return sum(math.ceil(len(g) / self.batch_size) for g in self.groups)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -42,10 +51,15 @@ class EpochPlan:
         full, rest = divmod(self.batches_per_epoch, self.accumulation)
         return [self.accumulation] * full + ([rest] if rest else [])
 
-
-def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_items, generator=generator).tolist()
+    def batches(self, seed: int, epoch: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        out: list[list[int]] = []
+        for group in self.groups:
+            order = [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
+            out += [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if len(self.groups) == 1:
+            return out
+        return [out[i] for i in torch.randperm(len(out), generator=generator).tolist()]
 
 
 def item_seed(seed: int, epoch: int, position: int) -> int:
@@ -59,11 +73,19 @@ class EpochBatches(torch.utils.data.Sampler):
         self.plan, self.seed, self.epoch, self.start_batch = plan, seed, epoch, start_batch
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        order = epoch_order(self.plan.num_items, self.seed, self.epoch)
-        bs = self.plan.batch_size
-        for b in range(self.start_batch, self.plan.batches_per_epoch):
-            positions = range(b * bs, min((b + 1) * bs, len(order)))
-            yield [(order[p], item_seed(self.seed, self.epoch, p)) for p in positions]
+        batches = self.plan.batches(self.seed, self.epoch)
+        position = sum(len(b) for b in batches[: self.start_batch])
+        for batch in batches[self.start_batch :]:
+            yield [(index, item_seed(self.seed, self.epoch, position + i)) for i, index in enumerate(batch)]
+            position += len(batch)
 
     def __len__(self) -> int:
         return self.plan.batches_per_epoch - self.start_batch
+
+
+def group_by(keys: Sequence) -> tuple[tuple[int, ...], ...]:
+    """Item indices grouped by equal key, groups in order of first appearance."""
+    groups: dict = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(key, []).append(index)
+    return tuple(tuple(g) for g in groups.values())

@@ -40,6 +40,9 @@ class Task(Protocol):
 
     def collate(self, items: list[Any]) -> dict[str, torch.Tensor]: ...
 
+    def item_groups(self) -> tuple[tuple[int, ...], ...]:
+        """Dataset indices in groups that batches never mix (aspect-ratio buckets); one group if none."""
+
     def param_groups(self) -> list[dict[str, Any]]: ...
 
     def train_mode(self) -> None: ...

@@ -53,6 +53,9 @@ class TextGenerationTask:
     def dataset(self) -> torch.utils.data.Dataset:
         return TokenDataset(self.data.examples)
 
+    def item_groups(self) -> tuple[tuple[int, ...], ...]:
+        return (tuple(range(len(self.data.examples))),)
+
     def collate(self, items):
         return collate_tokens(self.tokenizer.pad_token_id)(items)
 

@@ -1,4 +1,10 @@
-"""Stable Diffusion 1.x/2.x LoRA: the diffusers text-to-image recipe, with LoRA on the UNet (and CLIP)."""
+"""Stable Diffusion LoRA (1.x/2.x and SDXL): the diffusers text-to-image recipes, with LoRA on the UNet
+and optionally on the text encoder(s).
+
+The two families differ only in how a caption becomes conditioning: SD uses one CLIP encoder's last
+hidden state; SDXL concatenates the penultimate hidden states of two encoders and adds the second's
+pooled embedding and "time ids" (original size, crop corner, target size) as micro-conditioning.
+"""
 
 from __future__ import annotations
 
@@ -11,69 +17,106 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TrainConfig
-from ..data.images import ImageCaptionDataset, collate_images, scan_image_folder
-from ..errors import ConfigError, ModelError
-from .base import (
-    DataReport,
-    autocast,
-    check_targets_exist,
-    load_or_explain,
-    lora_param_groups,
-    resolve_local_model,
+from ..data.images import (
+    ImageCaptionDataset,
+    assign_bucket,
+    bucket_sizes,
+    collate_images,
+    scan_image_folder,
 )
+from ..data.sampler import group_by
+from ..errors import ConfigError, ModelError
+from .base import DataReport, autocast, check_targets_exist, load_or_explain, lora_param_groups, resolve_local_model
 
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+UNET_PREFIX = "unet"
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between SD 1.x/2.x and SDXL pipelines on disk and in the forward pass."""
+
+    name: str
+    pipeline_class: str
+    text_encoder_classes: tuple[str, ...]
+    text_encoder_prefixes: tuple[str, ...]  # also their subfolders, and the LoRA key prefixes
+    tokenizer_subfolders: tuple[str, ...]
+
+
+SD = Family("sd", "StableDiffusionPipeline", ("CLIPTextModel",), ("text_encoder",), ("tokenizer",))
+SDXL = Family("sdxl", "StableDiffusionXLPipeline", ("CLIPTextModel", "CLIPTextModelWithProjection"),
+              ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"))
 
 
 @dataclass
 class SDComponents:
-    tokenizer: Any
-    text_encoder: torch.nn.Module
+    tokenizers: list[Any]
+    text_encoders: list[torch.nn.Module]
     vae: torch.nn.Module
     unet: torch.nn.Module
     noise_scheduler: Any
 
 
-def load_tokenizer(cfg: TrainConfig):
-    from transformers import CLIPTokenizer
-
-    source = resolve_local_model(cfg)
-    if Path(source).is_file():  # a single-file checkpoint keeps its tokenizer in the config folder
-        source = cfg.base_model_config or source
-    return load_or_explain("the tokenizer", cfg.base_model,
-                           lambda: CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"))
-
-
-def load_sd_components(cfg: TrainConfig) -> SDComponents:
-    """From a diffusers folder or hub id, or a single-file checkpoint with base_model_config."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
+def config_source(cfg: TrainConfig) -> str:
+    """Where the pipeline's configs live: the model folder, or base_model_config for a single file."""
     source = resolve_local_model(cfg)
     if Path(source).is_file():
         if not source.endswith(".safetensors"):
             raise ModelError(f"base_model {source}: single-file checkpoints must be .safetensors (never unpickled)")
         if not cfg.base_model_config:
             raise ConfigError("a single-file base_model needs base_model_config: a diffusers folder with its configs")
+        return cfg.base_model_config
+    return source
+
+
+def detect_family(cfg: TrainConfig) -> Family:
+    from diffusers import DiffusionPipeline
+
+    source = config_source(cfg)
+    index = load_or_explain("model_index.json", cfg.base_model, lambda: DiffusionPipeline.load_config(source))
+    name = index.get("_class_name", "")
+    if "XL" in name:
+        return SDXL
+    if name.startswith("StableDiffusion"):
+        return SD
+    raise ModelError(f"base_model {cfg.base_model} is a {name or 'unknown pipeline'}; text-to-image trains "
+                     "Stable Diffusion 1.x/2.x and SDXL pipelines")
+
+
+def load_tokenizers(cfg: TrainConfig, family: Family) -> list[Any]:
+    from transformers import CLIPTokenizer
+
+    source = config_source(cfg)
+    return [load_or_explain(sub, cfg.base_model, lambda sub=sub: CLIPTokenizer.from_pretrained(source, subfolder=sub))
+            for sub in family.tokenizer_subfolders]
+
+
+def load_components(cfg: TrainConfig, family: Family, tokenizers: list[Any]) -> SDComponents:
+    import diffusers
+    import transformers
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    source = resolve_local_model(cfg)
+    if Path(source).is_file():
+        pipeline_class = getattr(diffusers, family.pipeline_class)
         pipe = load_or_explain(
             "the single-file pipeline", source,
-            lambda: StableDiffusionPipeline.from_single_file(
-                source, config=cfg.base_model_config, safety_checker=None, local_files_only=True),
+            lambda: pipeline_class.from_single_file(source, config=cfg.base_model_config, local_files_only=True),
         )
-        return SDComponents(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet,
-                            DDPMScheduler.from_config(pipe.scheduler.config))
-    parts = {
-        "tokenizer": (CLIPTokenizer, "tokenizer"),
-        "text_encoder": (CLIPTextModel, "text_encoder"),
-        "vae": (AutoencoderKL, "vae"),
-        "unet": (UNet2DConditionModel, "unet"),
-        "noise_scheduler": (DDPMScheduler, "scheduler"),
-    }
-    loaded = {
-        name: load_or_explain(sub, cfg.base_model, lambda cls=cls, sub=sub: cls.from_pretrained(source, subfolder=sub))
-        for name, (cls, sub) in parts.items()
-    }
-    return SDComponents(**loaded)
+        encoders = [getattr(pipe, prefix) for prefix in family.text_encoder_prefixes]
+        return SDComponents(tokenizers, encoders, pipe.vae, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config))
+
+    def part(cls, sub):
+        return load_or_explain(sub, cfg.base_model, lambda: cls.from_pretrained(source, subfolder=sub))
+
+    encoders = [part(getattr(transformers, cls), sub)
+                for cls, sub in zip(family.text_encoder_classes, family.text_encoder_prefixes)]
+    return SDComponents(tokenizers, encoders, part(AutoencoderKL, "vae"), part(UNet2DConditionModel, "unet"),
+                        part(DDPMScheduler, "scheduler"))
+
+
+def vae_scale_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def diffusion_loss(
@@ -99,9 +142,6 @@ def diffusers_lora_metadata(prefix: str, rank: int, alpha: float, targets: list[
 
 
 class TextToImageTask:
-    unet_prefix = "unet"
-    text_encoder_prefix = "text_encoder"
-
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.parts: SDComponents | None = None
@@ -112,7 +152,10 @@ class TextToImageTask:
         scan = scan_image_folder(
             cfg.train_data_dir, cfg.metadata_path, cfg.caption_extension, cfg.image_column, cfg.caption_column
         )
-        self._records = scan.records
+        self.records = scan.records
+        self.family = detect_family(cfg)
+        self.tokenizers = load_tokenizers(cfg, self.family)
+        self.sizes = self.target_sizes(scan.sizes)
         widths, heights = zip(*scan.sizes)
         summary = {
             "images": len(scan.records),
@@ -120,57 +163,86 @@ class TextToImageTask:
             "min_size": f"{min(widths)}x{min(heights)}",
             "max_size": f"{max(widths)}x{max(heights)}",
             "resolution": cfg.resolution,
+            "model_family": self.family.name,
         }
-        self.tokenizer = load_tokenizer(cfg)
-        limit = self.tokenizer.model_max_length
-        long_captions = sum(1 for r in scan.records if len(self.tokenizer(r.caption).input_ids) > limit)
+        if cfg.enable_bucket:
+            counts = {f"{w}x{h}": self.sizes.count((w, h)) for w, h in sorted(set(self.sizes))}
+            summary["buckets"] = ", ".join(f"{k}: {n}" for k, n in counts.items())
+        return DataReport(summary=summary, warnings=self.data_warnings(scan.sizes))
+
+    def target_sizes(self, sizes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        cfg = self.cfg
+        if not cfg.enable_bucket:
+            return [(cfg.resolution, cfg.resolution)] * len(sizes)
+        buckets = bucket_sizes(cfg.resolution, cfg.min_bucket_reso, cfg.max_bucket_reso, cfg.bucket_reso_steps)
+        return [assign_bucket(size, buckets) for size in sizes]
+
+    def data_warnings(self, sizes: list[tuple[int, int]]) -> list[str]:
         warnings = []
+        limit = self.tokenizers[0].model_max_length
+        long_captions = sum(1 for r in self.records if len(self.tokenizers[0](r.caption).input_ids) > limit)
         if long_captions:
             warnings.append(f"{long_captions} caption(s) exceed the text encoder's {limit} tokens and are truncated")
-        small = sum(1 for w, h in scan.sizes if min(w, h) < cfg.resolution)
+        small = sum(1 for (w, h), (tw, th) in zip(sizes, self.sizes) if w < tw or h < th)
         if small:
-            warnings.append(f"{small} image(s) are smaller than resolution={cfg.resolution} and will be upscaled")
-        return DataReport(summary=summary, warnings=warnings)
+            warnings.append(f"{small} image(s) are smaller than their training size and will be upscaled")
+        return warnings
 
     def dataset(self) -> torch.utils.data.Dataset:
-        cfg = self.cfg
-        return ImageCaptionDataset(self._records, cfg.resolution, cfg.center_crop, cfg.random_flip, self.tokenize)
+        return ImageCaptionDataset(self.records, self.sizes, self.cfg.center_crop, self.cfg.random_flip,
+                                   self.tokenize)
+
+    def item_groups(self) -> tuple[tuple[int, ...], ...]:
+        return group_by(self.sizes)
 
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         return collate_images(items)
 
-    def tokenize(self, caption: str) -> torch.Tensor:
-        tokenizer = self.tokenizer
-        ids = tokenizer(caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                        return_tensors="pt").input_ids
-        return ids[0]  # (L,)
+    def tokenize(self, caption: str) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, tokenizer in enumerate(self.tokenizers):
+            ids = tokenizer(caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                            return_tensors="pt").input_ids
+            out["input_ids" if i == 0 else f"input_ids_{i + 1}"] = ids[0]  # (L,)
+        return out
 
     # -- model
     def load(self, device: torch.device, weight_dtype: torch.dtype) -> None:
         cfg = self.cfg
-        parts = load_sd_components(cfg)
-        for module in (parts.vae, parts.text_encoder, parts.unet):
+        parts = load_components(cfg, self.family, self.tokenizers)
+        self.check_sizes(parts.vae)
+        for module in (parts.vae, parts.unet, *parts.text_encoders):
             module.requires_grad_(False)
         check_targets_exist(parts.unet, cfg.target_modules, "UNet")
         parts.unet.add_adapter(self._lora_config(cfg.target_modules))
         if cfg.train_text_encoder:
-            parts.text_encoder.add_adapter(self._lora_config(TEXT_ENCODER_TARGETS))
-        for module in (parts.vae, parts.text_encoder, parts.unet):
+            for encoder in parts.text_encoders:
+                encoder.add_adapter(self._lora_config(TEXT_ENCODER_TARGETS))
+        for module in (parts.vae, parts.unet, *parts.text_encoders):
             module.to(device)
             if weight_dtype != torch.float32:  # frozen weights in half precision on GPU
                 module.to(dtype=weight_dtype)
-        for module in self._lora_modules(parts):  # LoRA weights train in fp32 whatever the base dtype
+        for _, module in self._prefixed_modules(parts):  # LoRA weights train in fp32 whatever the base dtype
             for p in module.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
         if cfg.gradient_checkpointing:
             parts.unet.enable_gradient_checkpointing()
             if cfg.train_text_encoder:
-                parts.text_encoder.gradient_checkpointing_enable()
+                for encoder in parts.text_encoders:
+                    encoder.gradient_checkpointing_enable()
         self.parts, self.device = parts, device
         self.prediction_type = cfg.prediction_type or parts.noise_scheduler.config.prediction_type
         if cfg.prediction_type:
             parts.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
+
+    def check_sizes(self, vae) -> None:
+        factor = vae_scale_factor(vae)
+        bad = sorted({f"{w}x{h}" for w, h in self.sizes if w % factor or h % factor})
+        if bad:
+            key = "bucket_reso_steps" if self.cfg.enable_bucket else "resolution"
+            raise ConfigError(f"training sizes {', '.join(bad)} are not multiples of {factor}, the VAE's downscale "
+                              f"factor: change {key}")
 
     def _lora_config(self, targets: list[str]):
         from peft import LoraConfig
@@ -178,21 +250,41 @@ class TextToImageTask:
         return LoraConfig(r=self.cfg.lora_rank, lora_alpha=self.cfg.network_alpha, lora_dropout=self.cfg.lora_dropout,
                           init_lora_weights="gaussian", target_modules=list(targets))
 
-    def _lora_modules(self, parts: SDComponents) -> list[torch.nn.Module]:
-        return [parts.unet, parts.text_encoder] if self.cfg.train_text_encoder else [parts.unet]
+    def _prefixed_modules(self, parts: SDComponents | None = None) -> list[tuple[str, torch.nn.Module]]:
+        parts = parts or self.parts
+        out = [(UNET_PREFIX, parts.unet)]
+        if self.cfg.train_text_encoder:
+            out += list(zip(self.family.text_encoder_prefixes, parts.text_encoders))
+        return out
 
     def param_groups(self) -> list[dict[str, Any]]:
         pairs = [(self.parts.unet, self.cfg.learning_rate)]
         if self.cfg.train_text_encoder:
-            pairs.append((self.parts.text_encoder, self.cfg.text_encoder_lr))
+            pairs += [(encoder, self.cfg.text_encoder_lr) for encoder in self.parts.text_encoders]
         return lora_param_groups(pairs)
 
     def train_mode(self) -> None:
         self.parts.unet.train()
-        self.parts.text_encoder.train(self.cfg.train_text_encoder)
+        for encoder in self.parts.text_encoders:
+            encoder.train(self.cfg.train_text_encoder)
         self.parts.vae.eval()
 
     # -- one micro-batch
+    def encode_prompt(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(B, L, D) hidden states for cross-attention, and SDXL's added conditioning."""
+        encoders, device = self.parts.text_encoders, self.device
+        if self.family is SD:
+            return encoders[0](batch["input_ids"].to(device), return_dict=False)[0], {}
+        hidden, pooled = [], None
+        for i, encoder in enumerate(encoders):
+            ids = batch["input_ids" if i == 0 else f"input_ids_{i + 1}"].to(device)
+            out = encoder(ids, output_hidden_states=True, return_dict=False)
+            pooled = out[0]  # the last encoder's projected pooled output: (B, D2)
+            hidden.append(out[-1][-2])  # penultimate layer: (B, L, Di)
+        target = torch.tensor(batch["pixel_values"].shape[-2:], device=device).expand(len(pooled), 2)
+        time_ids = torch.cat([batch["original_size"].to(device), batch["crop_top_left"].to(device), target], dim=1)
+        return torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)}  # (B, 6)
+
     def loss(self, batch: dict[str, torch.Tensor], rng: torch.Generator) -> torch.Tensor:
         parts, cfg, device = self.parts, self.cfg, self.device
         pixels = batch["pixel_values"].to(device, dtype=parts.vae.dtype)  # (B, 3, H, W)
@@ -211,8 +303,9 @@ class TextToImageTask:
             target = noise
         with autocast(device, cfg.mixed_precision):
             with torch.set_grad_enabled(cfg.train_text_encoder):
-                text = parts.text_encoder(batch["input_ids"].to(device), return_dict=False)[0]  # (B, L, D)
-            pred = parts.unet(noisy.to(parts.unet.dtype), timesteps, text, return_dict=False)[0]
+                text, added = self.encode_prompt(batch)
+            pred = parts.unet(noisy.to(parts.unet.dtype), timesteps, text,
+                              added_cond_kwargs=added or None, return_dict=False)[0]
         return diffusion_loss(pred, target, timesteps, parts.noise_scheduler, self.prediction_type, cfg.snr_gamma)
 
     def batch_counts(self, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
@@ -221,7 +314,7 @@ class TextToImageTask:
     # -- weights
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """Keys as diffusers' own training scripts write them: unet.*.lora.down/up.weight for the UNet,
-        text_encoder.*.lora_linear_layer.down/up.weight for CLIP."""
+        text_encoder[_2].*.lora_linear_layer.down/up.weight for CLIP."""
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
@@ -235,30 +328,22 @@ class TextToImageTask:
         from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
         from peft.utils import set_peft_model_state_dict
 
-        to_peft = {self.unet_prefix: convert_unet_state_dict_to_peft,
-                   self.text_encoder_prefix: convert_state_dict_to_peft}
         for prefix, module in self._prefixed_modules():
             part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
             if not part:
                 raise ModelError(f"checkpoint has no {prefix} LoRA weights")
-            result = set_peft_model_state_dict(module, to_peft[prefix](part))
+            to_peft = convert_unet_state_dict_to_peft if prefix == UNET_PREFIX else convert_state_dict_to_peft
+            result = set_peft_model_state_dict(module, to_peft(part))
             unexpected = getattr(result, "unexpected_keys", [])
             if unexpected:
                 raise ModelError(f"checkpoint does not match the {prefix} LoRA (unexpected: {unexpected[:3]})")
 
-    def _prefixed_modules(self) -> list[tuple[str, torch.nn.Module]]:
-        out = [(self.unet_prefix, self.parts.unet)]
-        if self.cfg.train_text_encoder:
-            out.append((self.text_encoder_prefix, self.parts.text_encoder))
-        return out
-
     def weights_metadata(self) -> dict[str, str]:
         cfg = self.cfg
-        adapter = diffusers_lora_metadata(self.unet_prefix, cfg.lora_rank, cfg.network_alpha, cfg.target_modules)
-        if cfg.train_text_encoder:
-            adapter.update(diffusers_lora_metadata(
-                self.text_encoder_prefix, cfg.lora_rank, cfg.network_alpha, TEXT_ENCODER_TARGETS))
-        return {"lora_adapter_metadata": json.dumps(adapter, sort_keys=True)}
+        adapter = diffusers_lora_metadata(UNET_PREFIX, cfg.lora_rank, cfg.network_alpha, cfg.target_modules)
+        for prefix, _ in self._prefixed_modules()[1:]:
+            adapter.update(diffusers_lora_metadata(prefix, cfg.lora_rank, cfg.network_alpha, TEXT_ENCODER_TARGETS))
+        return {"lora_adapter_metadata": json.dumps(adapter, sort_keys=True), "model_family": self.family.name}
 
     def write_sidecars(self, folder: Path) -> list[Path]:
         return []
