@@ -1,0 +1,85 @@
+"""The only module that registers kopf handlers. Each one is a few lines delegating to reconcile.py.
+
+Handlers are registered by `register(registry, settings)` when the operator starts (the timer's
+interval is a setting), never at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from . import reconcile as rec
+from .login import login
+from .names import ANNOTATION_PREFIX, FINALIZER, GROUP, JOB_LABEL, MANAGED_BY, MANAGED_BY_LABEL, PLURAL, VERSION
+from .settings import Settings
+from .status import is_terminal
+
+LTJ = dict(group=GROUP, version=VERSION, plural=PLURAL)
+
+
+def configure_kopf(settings: kopf.OperatorSettings) -> None:
+    """kopf's own settings, all in one place (called from the startup handler)."""
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
+    settings.posting.level = logging.WARNING  # kopf's own log lines; our transitions post their events
+    settings.scanning.disabled = True  # no CRD/namespace watching: fewer permissions, static resources
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 30
+    settings.networking.request_timeout = 60
+    settings.execution.max_workers = 4
+
+
+def wants_cleanup(spec: Any, **_: Any) -> bool:
+    return (spec or {}).get("cleanupPolicy") == "DeleteOutputs"
+
+
+def not_terminal(status: Any, **_: Any) -> bool:
+    return not is_terminal(dict(status or {}))
+
+
+def register(registry: kopf.OperatorRegistry, settings: Settings) -> kopf.OperatorRegistry:
+    @kopf.on.startup(registry=registry)
+    def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure_kopf(settings)
+
+    @kopf.on.login(registry=registry)
+    def credentials(**_: Any) -> kopf.ConnectionInfo | None:
+        return login()
+
+    @kopf.on.cleanup(registry=registry)
+    async def shutdown(memo: kopf.Memo, **_: Any) -> None:
+        await memo.ctx.close()
+
+    @kopf.on.create(**LTJ, registry=registry)
+    @kopf.on.resume(**LTJ, registry=registry)
+    @kopf.on.update(**LTJ, field="spec", registry=registry)
+    async def changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+        await rec.reconcile(memo.ctx, namespace, name)
+
+    @kopf.timer(**LTJ, interval=settings.poll_interval, when=not_terminal, registry=registry)
+    async def refresh(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+        await rec.reconcile(memo.ctx, namespace, name)
+
+    @kopf.on.event("batch", "v1", "jobs", labels={MANAGED_BY_LABEL: MANAGED_BY, JOB_LABEL: kopf.PRESENT},
+                   registry=registry)
+    async def child_job(namespace: str, labels: Any, memo: kopf.Memo, **_: Any) -> None:
+        await rec.reconcile(memo.ctx, namespace, labels[JOB_LABEL])
+
+    @kopf.on.event(**LTJ, registry=registry)
+    def track(event: Any, uid: str, name: str, namespace: str, status: Any, memo: kopf.Memo, **_: Any) -> None:
+        if event.get("type") == "DELETED":
+            memo.ctx.forget(namespace, name, uid)
+        else:
+            memo.ctx.metrics.observe_phase(uid, (status or {}).get("phase"))
+
+    @kopf.on.delete(**LTJ, when=wants_cleanup, timeout=900, registry=registry)
+    async def delete_outputs(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        await rec.delete_outputs(memo.ctx, dict(body))
+
+    return registry

@@ -1,0 +1,73 @@
+"""API identifiers, labels and the deterministic names of a LoRATrainingJob's children."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+GROUP = "lora-operator.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "LoRATrainingJob"
+PLURAL = "loratrainingjobs"
+
+# Labels on every child (and on the trainer pods through the Job's pod template).
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "lora-operator"
+NAME_LABEL = "app.kubernetes.io/name"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+JOB_LABEL = f"{GROUP}/job-name"  # the owning LoRATrainingJob's name
+CONTAINER = "trainer"  # the trainer container's name (the podFailurePolicy rule names it)
+FINALIZER = f"{GROUP}/cleanup"  # only on jobs whose cleanupPolicy deletes outputs
+ANNOTATION_PREFIX = GROUP  # kopf keeps its handler progress in annotations under this prefix
+
+# A Job's name becomes the `batch.kubernetes.io/job-name` label of its pods, so it must be a valid
+# label value (<= 63 characters); the Job controller also appends 6 characters for pod names.
+MAX_CHILD_NAME = 63
+
+
+def ltj_path(namespace: str, name: str | None = None, status: bool = False) -> str:
+    path = f"/apis/{API_VERSION}/namespaces/{namespace}/{PLURAL}"
+    if name:
+        path += f"/{name}"
+        if status:
+            path += "/status"
+    return path
+
+
+def child_name(owner: str, suffix: str, limit: int = MAX_CHILD_NAME) -> str:
+    """`<owner>-<suffix>`, or a truncated owner plus a short hash when that would be too long.
+
+    Deterministic: the same owner always gets the same names, so a restarted operator finds the
+    children it created before (and never makes a second Job).
+    """
+    name = f"{owner}-{suffix}"
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(owner.encode()).hexdigest()[:8]
+    head = owner[: limit - len(suffix) - len(digest) - 2].rstrip("-.")
+    return f"{head}-{digest}-{suffix}"
+
+
+@dataclass(frozen=True)
+class Children:
+    """The names of a job's children; recorded in status.children before they are created."""
+
+    config_map: str
+    job: str
+    cleanup_job: str
+
+    @classmethod
+    def of(cls, owner: str) -> "Children":
+        return cls(child_name(owner, "config"), child_name(owner, "train"), child_name(owner, "cleanup"))
+
+    def as_status(self) -> dict[str, str]:
+        return {"configMap": self.config_map, "job": self.job}
+
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def is_dns_label(text: str) -> bool:
+    return len(text) <= 63 and bool(_DNS_LABEL.match(text))

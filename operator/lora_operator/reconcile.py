@@ -1,0 +1,260 @@
+"""Reconciling one LoRATrainingJob: children exist, the Job's suspend matches, status is current.
+
+`reconcile()` is the single entry point the kopf handlers call (on create/resume/update, on a timer,
+and when a child Job changes). It reads everything fresh, builds children with the pure builders,
+computes the status with the pure state machine and patches it only when something changed.
+Calls for one job are serialized by a per-job lock, so a timer and a child event never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import kopf
+
+from . import builders
+from .kube import ApiClient, ApiError, core_path, group_path
+from .names import COMPONENT_LABEL, JOB_LABEL, Children, ltj_path
+from .observability import OperatorMetrics
+from .progress import ProgressSample, scrape, with_rate
+from .settings import Settings
+from .status import (
+    Observed,
+    Phase,
+    Transition,
+    compute_status,
+    is_terminal,
+    parse_time,
+    pod_finished,
+    pod_order,
+    status_patch,
+    trainer_status,
+    transitions,
+)
+
+log = logging.getLogger("lora_operator")
+
+
+def post_kopf_event(body: dict[str, Any], event: Transition) -> None:
+    kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+
+@dataclass
+class Context:
+    """What handlers share; created once the operator runs (never at import)."""
+
+    settings: Settings
+    api: ApiClient
+    metrics: OperatorMetrics
+    post_event: Callable[[dict[str, Any], Transition], None] = post_kopf_event
+    now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
+    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    samples: dict[str, tuple[str, ProgressSample, float]] = field(default_factory=dict)
+    scraper: Any = None  # aiohttp.ClientSession for trainer metrics (no credentials)
+
+    def lock(self, namespace: str, name: str) -> asyncio.Lock:
+        return self.locks.setdefault(f"{namespace}/{name}", asyncio.Lock())
+
+    def forget(self, namespace: str, name: str, uid: str | None) -> None:
+        self.locks.pop(f"{namespace}/{name}", None)
+        if uid:
+            self.samples.pop(uid, None)
+            self.metrics.forget(uid)
+
+    async def close(self) -> None:
+        if self.scraper is not None:
+            await self.scraper.close()
+
+
+class ChildConflict(Exception):
+    """A child's name is taken by an object another controller owns."""
+
+
+async def reconcile(ctx: Context, namespace: str, name: str) -> None:
+    started = time.perf_counter()
+    try:
+        async with ctx.lock(namespace, name):
+            await _reconcile(ctx, namespace, name)
+    except Exception:
+        ctx.metrics.reconcile_errors.inc()
+        raise
+    finally:
+        ctx.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+
+
+async def _reconcile(ctx: Context, namespace: str, name: str) -> None:
+    api, settings = ctx.api, ctx.settings
+    try:
+        job = await api.get(ltj_path(namespace, name))
+    except ApiError as err:
+        if err.status == 404:
+            return
+        raise
+    meta = job["metadata"]
+    status = job.get("status") or {}
+    generation = int(meta.get("generation") or 0)
+    ctx.metrics.observe_phase(meta["uid"], status.get("phase"))
+    if meta.get("deletionTimestamp"):
+        return
+    if is_terminal(status):  # a finished job is never brought back, even when its children are gone
+        if status.get("observedGeneration") != generation:
+            await _patch_status(ctx, job, {"observedGeneration": generation})
+        return
+    children = Children.of(name)
+    if status.get("children") != children.as_status():  # names go into status before the objects exist
+        status = await _patch_status(ctx, job, {"children": children.as_status(),
+                                                "phase": status.get("phase") or Phase.PENDING.value,
+                                                "observedGeneration": generation}) or status
+        job["status"] = status
+    spec = job.get("spec") or {}
+    problem = builders.config_problem(spec, settings)
+    if problem:
+        await _publish(ctx, job, Observed(generation, spec, status, config_error=problem))
+        return
+    try:
+        await _ensure_config_map(ctx, job, allow_overwrite=not status.get("progress"))
+        training = await _ensure(ctx, builders.build_training_job(job, settings),
+                                 group_path("batch/v1", "jobs", namespace), meta["uid"])
+    except ChildConflict as err:
+        await _publish(ctx, job, Observed(generation, spec, status), conflict=str(err))
+        return
+    if bool((training.get("spec") or {}).get("suspend")) != bool(spec.get("suspend")):
+        training = await api.patch(group_path("batch/v1", "jobs", namespace, training["metadata"]["name"]),
+                                   {"spec": {"suspend": bool(spec.get("suspend"))}})
+    selector = f"batch.kubernetes.io/controller-uid={training['metadata']['uid']}"
+    pods = (await api.get(core_path("pods", namespace), labelSelector=selector)).get("items") or []
+    sample = await _scrape(ctx, meta["uid"], pods)
+    await _publish(ctx, job, Observed(generation, spec, status, training, pods, sample))
+
+
+async def _publish(ctx: Context, job: dict[str, Any], obs: Observed, conflict: str | None = None) -> None:
+    old = job.get("status") or {}
+    new = compute_status(obs, ctx.now())
+    if conflict:
+        new.update(phase=Phase.PENDING.value, reason="ChildConflict", message=conflict)
+        for condition in new["conditions"]:
+            condition.update(reason="ChildConflict", message=conflict)
+    if new == old:
+        return
+    await _patch_status(ctx, job, status_patch(old, new))
+    for event in transitions(old, new):
+        ctx.post_event(job, event)
+    uid = job["metadata"]["uid"]
+    ctx.metrics.observe_phase(uid, new.get("phase"))
+    if is_terminal(new):
+        created = parse_time(job["metadata"].get("creationTimestamp"))
+        done = parse_time(new.get("completionTime"))
+        if created and done:
+            ctx.metrics.job_duration.labels(new["phase"]).observe(max((done - created).total_seconds(), 0))
+        ctx.samples.pop(uid, None)
+    log.info("%s/%s: %s (%s) attempts=%s step=%s", job["metadata"]["namespace"], job["metadata"]["name"],
+             new.get("phase"), new.get("reason"), new.get("attempts"), (new.get("progress") or {}).get("step"))
+
+
+async def _patch_status(ctx: Context, job: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any] | None:
+    meta = job["metadata"]
+    try:
+        answer = await ctx.api.patch(ltj_path(meta["namespace"], meta["name"], status=True), {"status": patch})
+    except ApiError as err:
+        if err.status == 404:
+            return None
+        raise
+    return answer.get("status") or {}
+
+
+async def _ensure_config_map(ctx: Context, job: dict[str, Any], allow_overwrite: bool) -> dict[str, Any]:
+    body = builders.build_config_map(job, ctx.settings, allow_overwrite=allow_overwrite)
+    meta = job["metadata"]
+    current = await _ensure(ctx, body, core_path("configmaps", meta["namespace"]), meta["uid"])
+    if current.get("data") != body["data"]:  # e.g. `overwrite` ends once the first trainer reported
+        current = await ctx.api.patch(core_path("configmaps", meta["namespace"], body["metadata"]["name"]),
+                                      {"data": body["data"]})
+    return current
+
+
+async def _ensure(ctx: Context, body: dict[str, Any], collection: str, owner_uid: str) -> dict[str, Any]:
+    """Create a child; if its name exists, adopt it when no one controls it, else refuse."""
+    name = body["metadata"]["name"]
+    try:
+        created = await ctx.api.create(collection, body)
+        log.info("created %s %s/%s", body["kind"], body["metadata"].get("namespace"), name)
+        return created
+    except ApiError as err:
+        if err.status != 409:
+            raise
+    existing = await ctx.api.get(f"{collection}/{name}")
+    refs = existing["metadata"].get("ownerReferences") or []
+    controller = next((r for r in refs if r.get("controller")), None)
+    if controller is None:
+        ours = body["metadata"]["ownerReferences"]
+        return await ctx.api.patch(f"{collection}/{name}", {"metadata": {
+            "ownerReferences": refs + ours, "resourceVersion": existing["metadata"]["resourceVersion"]}})
+    if controller.get("uid") != owner_uid:
+        raise ChildConflict(f"{body['kind']} {name} already exists and belongs to {controller.get('kind')} "
+                            f"{controller.get('name')} (uid {controller.get('uid')}); waiting for it to go away")
+    return existing
+
+
+async def _scrape(ctx: Context, uid: str, pods: list[dict[str, Any]]) -> ProgressSample | None:
+    """Progress from the newest pod whose trainer runs, read at $POD_IP:<metrics port>/metrics."""
+    live = [p for p in sorted(pods, key=pod_order) if not pod_finished(p)
+            and "running" in (trainer_status(p).get("state") or {}) and (p.get("status") or {}).get("podIP")]
+    if not live or ctx.scraper is None:
+        return None
+    pod = live[-1]
+    url = f"http://{pod['status']['podIP']}:{ctx.settings.trainer_metrics_port}/metrics"
+    sample = await scrape(ctx.scraper, url, ctx.settings.scrape_timeout)
+    if sample is None:
+        return None
+    now = time.monotonic()
+    previous = ctx.samples.get(uid)
+    if previous and previous[0] == pod["metadata"]["name"]:
+        sample = with_rate(sample, previous[1], now - previous[2])
+    ctx.samples[uid] = (pod["metadata"]["name"], sample, now)
+    return sample
+
+
+async def delete_outputs(ctx: Context, job: dict[str, Any]) -> None:
+    """cleanupPolicy DeleteOutputs, run while the job is being deleted (it holds a finalizer):
+    stop the trainer, then run a cleanup Job with the job's S3 credentials; done when it succeeds."""
+    api, meta = ctx.api, job["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    children = Children.of(name)
+    jobs = group_path("batch/v1", "jobs", namespace)
+    try:
+        await api.delete(f"{jobs}/{children.job}", propagation="Foreground")
+    except ApiError as err:
+        if err.status != 404:
+            raise
+    trainers = await api.get(core_path("pods", namespace),
+                             labelSelector=f"{JOB_LABEL}={name},{COMPONENT_LABEL}=trainer")
+    if trainers.get("items"):
+        raise kopf.TemporaryError("waiting for the trainer to stop before deleting its outputs", delay=2)
+    try:
+        cleanup = await api.get(f"{jobs}/{children.cleanup_job}")
+    except ApiError as err:
+        if err.status != 404:
+            raise
+        await api.create(jobs, builders.build_cleanup_job(job, ctx.settings))
+        ctx.post_event(job, Transition("Normal", "DeletingOutputs",
+                                       f"deleting {job['spec']['output']['uri']} (cleanupPolicy DeleteOutputs)"))
+        raise kopf.TemporaryError("deleting the outputs", delay=2) from None
+    owner = (cleanup["metadata"].get("annotations") or {}).get("lora-operator.io/owner-uid")
+    if owner != meta["uid"]:  # left over from an earlier job of the same name
+        await api.delete(f"{jobs}/{children.cleanup_job}", propagation="Background")
+        raise kopf.TemporaryError("removing an old cleanup Job", delay=2)
+    conditions = {c["type"]: c for c in (cleanup.get("status") or {}).get("conditions") or []
+                  if c.get("status") == "True"}
+    if "Complete" in conditions:
+        log.info("%s/%s: outputs deleted", namespace, name)
+        return
+    if "Failed" in conditions:
+        message = conditions["Failed"].get("message") or conditions["Failed"].get("reason")
+        ctx.post_event(job, Transition("Warning", "DeleteOutputsFailed", f"the cleanup Job failed: {message}"))
+        raise kopf.PermanentError(f"deleting the outputs failed: {message}")
+    raise kopf.TemporaryError("deleting the outputs", delay=2)
