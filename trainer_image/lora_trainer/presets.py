@@ -42,7 +42,7 @@ def preset_path(name: str) -> Path:
 
 
 def preset_builders() -> dict[str, Callable[[Path], None]]:
-    return {"tiny-sd": build_tiny_sd, "tiny-llm": build_tiny_llm}
+    return {"tiny-sd": build_tiny_sd, "tiny-sdxl": build_tiny_sdxl, "tiny-llm": build_tiny_llm}
 
 
 def _build_atomically(build: Callable[[Path], None], target: Path) -> None:
@@ -140,6 +140,36 @@ def build_tiny_sd(folder: Path) -> None:
         vae=tiny_vae(), text_encoder=CLIPTextModel(tiny_clip_text_config(vocab_size)),
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"), unet=unet,
         scheduler=sd15_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def build_tiny_sdxl(folder: Path) -> None:
+    """SDXL architecture: two CLIP encoders (the second with projection) feeding a 64-wide cross-attention,
+    and "text_time" added conditioning: pooled text (32) + six size/crop ids embedded at 8 = 80 inputs."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(0)
+    vocab_size = write_tiny_clip_tokenizer(folder / "tokenizer")
+    write_tiny_clip_tokenizer(folder / "tokenizer_2", pad_token="!")  # as SDXL's second tokenizer pads
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80, cross_attention_dim=64,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading",
+        steps_offset=1, prediction_type="epsilon",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(), text_encoder=CLIPTextModel(tiny_clip_text_config(vocab_size)),
+        text_encoder_2=CLIPTextModelWithProjection(tiny_clip_text_config(vocab_size, projection_dim=32)),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"), unet=unet, scheduler=scheduler,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
 
