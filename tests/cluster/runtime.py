@@ -196,12 +196,15 @@ def pid_alive(pid):
     return True
 
 
-def reap_stale(pods_parent):
+def reap_stale(pods_parent, cgroup_parents=None):
     """Remove pod directories and memory cgroups left by agents that were SIGKILLed.
 
     Both are named lora-node-agent-<pid>[-...]; those whose pid is gone are removed.
+    `cgroup_parents` defaults to this process's memory cgroup.
     """
-    roots = [Path(pods_parent)] + [r.parent for r in MemoryCgroups._candidates("x")]
+    if cgroup_parents is None:
+        cgroup_parents = [r.parent for r in MemoryCgroups._candidates("x")]
+    roots = [Path(pods_parent), *cgroup_parents]
     for root in roots:
         for path in root.glob("lora-node-agent-*"):
             match = re.match(r"lora-node-agent-(\d+)", path.name)

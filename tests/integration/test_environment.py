@@ -99,14 +99,14 @@ def test_apiserver_reports_the_pinned_kubernetes_release(kube_cluster):
     assert f"Server Version: {pinned}" in kube_cluster.kubectl("version").stdout
 
 
-def test_servers_listen_on_loopback_only(kube_cluster, node_agent, s3_server, prometheus):
+def test_servers_listen_on_loopback_only(kube_cluster, node_agent, s3_server, pushgateway, prometheus):
+    services = [*kube_cluster.services, s3_server.service, prometheus.service, pushgateway.service]
+    pids = {str(s.proc.pid) for s in services}
     out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
-    ours = re.compile(r'"(etcd|kube-apiserver|kube-controller|weed|prometheus|pushgateway)"')
-    listeners = [line.split()[3] for line in out.splitlines() if ours.search(line)]
-    assert len(listeners) >= 12, out
-    assert all(addr.startswith("127.0.0.1:") for addr in listeners), listeners
-    agent_port = f"127.0.0.1:{node_agent.log_server.port}"
-    assert agent_port in out
+    ours = [line.split()[3] for line in out.splitlines() if set(re.findall(r"pid=(\d+)", line)) & pids]
+    assert len(ours) >= 12, out  # etcd 2, apiserver, controller-manager, weed 8, prometheus, pushgateway
+    assert all(address.startswith("127.0.0.1:") for address in ours), ours
+    assert f"127.0.0.1:{node_agent.log_server.port} " in out
 
 
 def test_crd_schema_rejects_a_bad_object_with_the_apiservers_message(kube_cluster, widget_crd, namespace):
@@ -270,6 +270,29 @@ def test_restart_policy_always_restarts_with_back_off(kube_cluster, node_agent, 
     assert pod["status"]["phase"] == "Running"
     assert status["lastState"]["terminated"]["exitCode"] == 0
     assert kube_cluster.kubectl("logs", "-n", namespace, "looper", "--previous").stdout == "tick\n"
+
+
+def test_init_container_runs_first_and_shares_an_empty_dir(kube_cluster, node_agent, namespace):
+    api = kube_cluster.api
+    manifest = python_pod("initialized", "print(open('/shared/ready').read())",
+                          volumeMounts=[{"name": "shared", "mountPath": "/shared"}],
+                          pod_spec={"volumes": [{"name": "shared", "emptyDir": {}}]})
+    manifest["spec"]["initContainers"] = [{
+        "name": "prepare", "image": "python:3.12", "volumeMounts": [{"name": "shared", "mountPath": "/shared"}],
+        "command": ["python", "-c", "open('/shared/ready', 'w').write('prepared by init')"]}]
+    create_pod(api, namespace, manifest)
+    pod = api.wait_for(pod_path(namespace, "initialized"), phase_is("Succeeded", "Failed"), timeout=60)
+    assert pod["status"]["phase"] == "Succeeded"
+    assert pod["status"]["initContainerStatuses"][0]["state"]["terminated"]["reason"] == "Completed"
+    assert node_agent.container_log(namespace, "initialized") == "prepared by init\n"
+
+
+def test_active_deadline_fails_the_pod(kube_cluster, node_agent, namespace):
+    api = kube_cluster.api
+    create_pod(api, namespace, pod_manifest("slow", ["sleep", "60"], pod_spec={"activeDeadlineSeconds": 2}))
+    pod = api.wait_for(pod_path(namespace, "slow"), phase_is("Failed"), timeout=30)
+    assert pod["status"]["reason"] == "DeadlineExceeded"
+    assert container_state(pod)["terminated"]["exitCode"] == 143  # SIGTERM
 
 
 def test_mount_over_the_python_environment_is_a_create_container_error(kube_cluster, node_agent, namespace):

@@ -201,7 +201,7 @@ def test_reap_stale_removes_only_dirs_of_dead_agents(tmp_path):
     (tmp_path / f"lora-node-agent-{dead}-abc123" / "pod").mkdir(parents=True)
     (tmp_path / f"lora-node-agent-{os.getpid()}-def456").mkdir()
     (tmp_path / "unrelated").mkdir()
-    runtime.reap_stale(tmp_path)
+    runtime.reap_stale(tmp_path, cgroup_parents=[])
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"lora-node-agent-{os.getpid()}-def456", "unrelated"]
 
 
