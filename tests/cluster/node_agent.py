@@ -15,23 +15,21 @@ every API call has a timeout and the watch reconnects on its own.
 """
 
 import atexit
-import http.server
 import logging
 import os
 import shutil
 import signal
-import ssl
 import sys
 import threading
 import time
 import traceback
-import urllib.parse
 import uuid
 from pathlib import Path
 
 from tests.cluster import podspec, runtime
+from tests.cluster.kubelet_logs import LogServer
 from tests.cluster.kubeapi import ApiError, resource_path
-from tests.cluster.procs import free_port, wait_until
+from tests.cluster.procs import wait_until
 
 IMAGE_PULL_ERROR_ANNOTATION = "node-agent.lora-operator.io/image-pull-error"
 TERMINAL = ("Succeeded", "Failed")
@@ -656,7 +654,8 @@ class NodeAgent:
             return False
         for c in run.running_containers():
             c.kill()
-            c.finish(c.poll() or 137, cgroups=self.cgroups)
+            code = c.poll()
+            c.finish(137 if code is None else code, cgroups=self.cgroups)
         for c in run.containers:  # never started, or waiting to restart: what a kubelet reports
             if not c.done:
                 c.finish(137, "ContainerStatusUnknown", "The container could not be located when the pod was terminated")
@@ -725,11 +724,11 @@ class NodeAgent:
         completed = phase in TERMINAL
         ready_reason = "PodCompleted" if completed else ("ContainersNotReady" if unready else None)
         ready_message = None if completed or not unready else f"containers with unready status: [{' '.join(unready)}]"
+        incomplete = [s["name"] for s in init_statuses if s["state"].get("terminated", {}).get("exitCode") != 0]
         conditions = [
             self._condition(run, "PodReadyToStartContainers", run.volumes is not None),
             self._condition(run, "Initialized", init_done, None if init_done else "ContainersNotInitialized",
-                            None if init_done else "containers with incomplete status: "
-                            f"[{' '.join(s['name'] for s in init_statuses if s['state'].get('terminated', {}).get('exitCode') != 0)}]"),
+                            None if init_done else f"containers with incomplete status: [{' '.join(incomplete)}]"),
             self._condition(run, "Ready", not unready and not completed, ready_reason, ready_message),
             self._condition(run, "ContainersReady", not unready and not completed, ready_reason, ready_message),
         ]
@@ -748,6 +747,8 @@ class NodeAgent:
 
     def _report(self, pod, run, **kwargs):
         status = self.pod_status(pod, run, **kwargs)
+        if status["phase"] in TERMINAL and not run.running_containers():
+            run.finished = True  # a terminal phase is final: nothing restarts any more
         if status == run.reported:
             return
         ns, name = pod_key(pod)
@@ -810,14 +811,18 @@ class NodeAgent:
     def _run_for(self, namespace, name):
         return next((r for r in self.runs.values() if (r.namespace, r.name) == (namespace, name)), None)
 
-    def container_log(self, namespace, name, container=None, previous=False):
-        """The stdout+stderr of a container (the first one unless named); '' when none."""
+    def find_container(self, namespace, name, container=None):
+        """The runtime.ContainerRun of a pod on this node (its first container unless named), or None."""
         with self._lock:
             run = self._run_for(namespace, name)
             if run is None:
-                return ""
-            c = run.find(container) if container else run.containers[0]
-            path = c.log_path(c.runs - 1 if previous else None) if c else None
+                return None
+            return run.find(container) if container else run.containers[0]
+
+    def container_log(self, namespace, name, container=None, previous=False):
+        """The stdout+stderr of a container (the first one unless named); '' when none."""
+        c = self.find_container(namespace, name, container)
+        path = c.log_path(c.runs - 1 if previous else None) if c else None
         try:
             return path.read_text(errors="replace") if path else ""
         except OSError:
@@ -895,94 +900,3 @@ class NodeAgent:
         self.log.info("node recovered")
         if wait:
             wait_until(self._node_ready_untainted, timeout, f"node {self.name} Ready and untainted")
-
-
-class LogServer:
-    """The kubelet's read-only log endpoint (/containerLogs/...) over TLS for the API server."""
-
-    def __init__(self, agent):
-        self.agent = agent
-        self.port = free_port()
-        self.httpd = None
-
-    def start(self):
-        from tests.cluster import certs
-        pair = certs.make_serving_cert(self.agent.workdir / "kubelet-pki", f"node-agent-{self.agent.name}",
-                                       self.agent.pki.ca, ("IP:127.0.0.1", "DNS:localhost"))
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(str(pair.cert), str(pair.key))
-        context.load_verify_locations(str(self.agent.pki.ca.cert))
-        context.verify_mode = ssl.CERT_REQUIRED
-        agent = self.agent
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, fmt, *args):
-                agent.log.info("log server: " + fmt, *args)
-
-            def do_GET(self):
-                serve_logs(agent, self)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
-        threading.Thread(target=self.httpd.serve_forever, name="node-agent-logs", daemon=True).start()
-        return self
-
-    def stop(self):
-        if self.httpd:
-            self.httpd.shutdown()
-            self.httpd.server_close()
-
-
-def serve_logs(agent, handler):
-    url = urllib.parse.urlsplit(handler.path)
-    query = dict(urllib.parse.parse_qsl(url.query))
-    parts = url.path.strip("/").split("/")
-    if url.path == "/healthz":
-        return _reply(handler, 200, b"ok")
-    if len(parts) != 4 or parts[0] != "containerLogs":
-        return _reply(handler, 404, b"not found")
-    _, namespace, name, container = parts
-    with agent._lock:
-        run = agent._run_for(namespace, name)
-        c = run.find(container) if run else None
-        if c is None or not c.runs:
-            return _reply(handler, 404, f"container {container} of {namespace}/{name} not found".encode())
-        previous = query.get("previous") == "true"
-        path = c.log_path(c.runs - 1 if previous else None)
-    data = path.read_bytes() if path.exists() else b""
-    if query.get("tailLines"):
-        lines = data.splitlines(keepends=True)
-        data = b"".join(lines[-int(query["tailLines"]):]) if int(query["tailLines"]) else b""
-    handler.send_response(200)
-    handler.send_header("Content-Type", "text/plain")
-    handler.end_headers()
-    handler.wfile.write(data)
-    if query.get("follow") == "true" and not previous:
-        _follow(agent, c, path, len(path.read_bytes()) if path.exists() else 0, handler)
-
-
-def _follow(agent, container, path, offset, handler, limit=3600):
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            chunk = f.read()
-        if chunk:
-            offset += len(chunk)
-            try:
-                handler.wfile.write(chunk)
-                handler.wfile.flush()
-            except OSError:
-                return
-        elif not container.running:
-            return
-        time.sleep(0.2)
-
-
-def _reply(handler, code, body):
-    handler.send_response(code)
-    handler.send_header("Content-Type", "text/plain")
-    handler.send_header("Content-Length", str(len(body)))
-    handler.end_headers()
-    handler.wfile.write(body)
