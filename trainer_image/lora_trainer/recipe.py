@@ -36,6 +36,7 @@ from .checkpoint import (
 from .config import TrainConfig
 from .data.sampler import EpochBatches, EpochPlan
 from .errors import ConfigError, DivergedError, Interrupted, TrainError
+from .formats import write_extra_formats
 from .observers import EtaEstimator, Observer, ProgressReporter, RunInfo, StepStats, Stopwatch, TensorBoardLogger
 from .optim import build_optimizer, build_scheduler
 from .outputs import FINAL_CHECKPOINT, FINAL_WEIGHTS, PEFT_WEIGHTS, prepare_output_dir, write_config_backup
@@ -330,6 +331,7 @@ class TrainingRecipe:
             extra = [(p, "config") for p in self.task.write_sidecars(self.out)]
             if self.cfg.task_type == "text-generation":
                 extra.append((link_or_copy(ckpt_final, self.out / PEFT_WEIGHTS), "peft"))
+            extra += write_extra_formats(self.cfg, weights, meta, self.out)
             save_safetensors(self.out / FINAL_WEIGHTS, weights, meta)
         fmt = "diffusers" if self.cfg.task_type == "text-to-image" else "peft"
         for path, kind in [(self.out / FINAL_WEIGHTS, fmt), (ckpt_final, fmt), *extra]:

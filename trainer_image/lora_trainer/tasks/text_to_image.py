@@ -318,9 +318,12 @@ class TextToImageTask:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
+        from ..formats.lora import uniform_diffusers_keys
+
         out = {}
         for prefix, module in self._prefixed_modules():
             state = convert_state_dict_to_diffusers(get_peft_model_state_dict(module, save_embedding_layers=False))
+            state = uniform_diffusers_keys(state, prefix)  # conv/ff keys too, else diffusers drops some
             out.update({f"{prefix}.{k}": v.detach().float().cpu().contiguous() for k, v in state.items()})
         return out
 
