@@ -6,6 +6,7 @@ interval is a setting), never at import time.
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any
 
@@ -18,6 +19,8 @@ from .settings import Settings
 from .status import is_terminal
 
 LTJ = dict(group=GROUP, version=VERSION, plural=PLURAL)
+CHILD_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY},{JOB_LABEL}"
+CHILD_LABELS = {MANAGED_BY_LABEL: MANAGED_BY, JOB_LABEL: kopf.PRESENT}
 
 
 def configure_kopf(settings: kopf.OperatorSettings) -> None:
@@ -28,6 +31,9 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
         prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
     settings.posting.level = logging.WARNING  # kopf's own log lines; our transitions post their events
     settings.scanning.disabled = True  # no CRD/namespace watching: fewer permissions, static resources
+    # Children are watched with a server-side label selector: the operator never lists foreign pods.
+    settings.watching.label_selectors["batch", "jobs"] = CHILD_SELECTOR
+    settings.watching.label_selectors["pods"] = CHILD_SELECTOR
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
@@ -66,10 +72,13 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> kopf.Operat
     async def refresh(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
         await rec.reconcile(memo.ctx, namespace, name)
 
-    @kopf.on.event("batch", "v1", "jobs", labels={MANAGED_BY_LABEL: MANAGED_BY, JOB_LABEL: kopf.PRESENT},
-                   registry=registry)
+    @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS, registry=registry)
     async def child_job(namespace: str, labels: Any, memo: kopf.Memo, **_: Any) -> None:
         await rec.reconcile(memo.ctx, namespace, labels[JOB_LABEL])
+
+    @kopf.on.event("", "v1", "pods", labels=CHILD_LABELS, registry=registry)
+    async def trainer_pod(namespace: str, labels: Any, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        await rec.reconcile(memo.ctx, namespace, labels[JOB_LABEL], seen_pod=copy.deepcopy(dict(body)))
 
     @kopf.on.event(**LTJ, registry=registry)
     def track(event: Any, uid: str, name: str, namespace: str, status: Any, memo: kopf.Memo, **_: Any) -> None:

@@ -75,11 +75,13 @@ class ChildConflict(Exception):
     """A child's name is taken by an object another controller owns."""
 
 
-async def reconcile(ctx: Context, namespace: str, name: str) -> None:
+async def reconcile(ctx: Context, namespace: str, name: str, seen_pod: dict[str, Any] | None = None) -> None:
+    """`seen_pod`: a trainer pod from a watch event, kept even when it is already deleted (a suspended
+    or evicted pod's final state carries the trainer's exit summary and last checkpoint)."""
     started = time.perf_counter()
     try:
         async with ctx.lock(namespace, name):
-            await _reconcile(ctx, namespace, name)
+            await _reconcile(ctx, namespace, name, seen_pod)
     except Exception:
         ctx.metrics.reconcile_errors.inc()
         raise
@@ -87,7 +89,7 @@ async def reconcile(ctx: Context, namespace: str, name: str) -> None:
         ctx.metrics.reconcile_seconds.observe(time.perf_counter() - started)
 
 
-async def _reconcile(ctx: Context, namespace: str, name: str) -> None:
+async def _reconcile(ctx: Context, namespace: str, name: str, seen_pod: dict[str, Any] | None) -> None:
     api, settings = ctx.api, ctx.settings
     try:
         job = await api.get(ltj_path(namespace, name))
@@ -128,8 +130,16 @@ async def _reconcile(ctx: Context, namespace: str, name: str) -> None:
                                    {"spec": {"suspend": bool(spec.get("suspend"))}})
     selector = f"batch.kubernetes.io/controller-uid={training['metadata']['uid']}"
     pods = (await api.get(core_path("pods", namespace), labelSelector=selector)).get("items") or []
+    if seen_pod is not None and _belongs(seen_pod, training) and not any(
+            p["metadata"]["uid"] == seen_pod["metadata"]["uid"] for p in pods):
+        pods.append(seen_pod)
     sample = await _scrape(ctx, meta["uid"], pods)
     await _publish(ctx, job, Observed(generation, spec, status, training, pods, sample))
+
+
+def _belongs(pod: dict[str, Any], training: dict[str, Any]) -> bool:
+    labels = pod.get("metadata", {}).get("labels") or {}
+    return labels.get("batch.kubernetes.io/controller-uid") == training["metadata"]["uid"]
 
 
 async def _publish(ctx: Context, job: dict[str, Any], obs: Observed, conflict: str | None = None) -> None:

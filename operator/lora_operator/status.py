@@ -343,8 +343,12 @@ def compute_status(obs: Observed, now: datetime) -> dict[str, Any]:
     summaries = [s for s in (_summary(p) for p in sorted(obs.pods, key=pod_order)) if s]
     for summary in summaries:
         _apply_checkpoint(new, summary.get("lastCheckpoint"), stamp)
+    if summaries:
+        _apply_exit_progress(new, summaries[-1], stamp)
     if obs.sample is not None:
         _apply_sample(new, obs.sample, stamp)
+    if verdict.phase is not Phase.RUNNING and "eta" in (new.get("progress") or {}):
+        new["progress"] = {k: v for k, v in new["progress"].items() if k != "eta"}  # no ETA while stopped
     if verdict.phase is Phase.SUCCEEDED:
         done = next((s for s in reversed(summaries) if s.get("status") == "succeeded"), None)
         if done:
@@ -408,7 +412,24 @@ def _apply_checkpoint(new: dict[str, Any], ckpt: Any, stamp: str) -> None:
                              "time": ckpt.get("time") or stamp}
 
 
+def _apply_exit_progress(new: dict[str, Any], summary: dict[str, Any], stamp: str) -> None:
+    """A trainer that stopped (SIGTERM checkpoint, crash) says where it got to; scrapes may lag behind."""
+    step = summary.get("step")
+    progress = dict(new.get("progress") or {})
+    if not isinstance(step, int) or step <= (progress.get("step") or 0):
+        return
+    progress["step"] = step
+    if isinstance(summary.get("totalSteps"), int):
+        progress["totalSteps"] = summary["totalSteps"]
+    if isinstance(summary.get("loss"), (int, float)):
+        progress["loss"] = summary["loss"]
+    progress["updatedAt"] = stamp
+    new["progress"] = progress
+
+
 def _apply_sample(new: dict[str, Any], sample: ProgressSample, stamp: str) -> None:
+    if not sample.total_steps:  # the trainer serves metrics before its setup knows the run's length
+        return
     progress = sample.as_status()
     old = dict(new.get("progress") or {})
     old.pop("updatedAt", None)
@@ -455,11 +476,17 @@ def status_changed(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
 
 
 def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
-    """A JSON merge patch from old to new (keys that disappeared become null)."""
+    """A JSON merge patch (RFC 7386) from old to new: changed keys, nested mappings diffed the same way,
+    keys that disappeared set to null (lists are replaced whole, as merge patch does)."""
     old = old or {}
     patch: dict[str, Any] = {}
     for key, value in new.items():
-        if old.get(key) != value:
+        before = old.get(key)
+        if before == value:
+            continue
+        if isinstance(value, dict) and isinstance(before, dict):
+            patch[key] = status_patch(before, value)
+        else:
             patch[key] = value
     for key in old:
         if key not in new:

@@ -1,0 +1,116 @@
+"""Reading progress from the trainer's Prometheus text, and the operator's settings from the environment."""
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from lora_operator.progress import ProgressSample, format_duration, parse_metrics, with_rate
+from lora_operator.settings import DEFAULT_TRAINER_IMAGE, Settings, SettingsError
+
+
+def exposition(step=12, total=40, loss=0.4321, lr=5e-4, samples=48, step_times=(0.5,) * 12):
+    registry = CollectorRegistry()
+    labels = {"job_name": "cats", "namespace": "team-a"}
+    names = list(labels)
+    Gauge("lora_train_step", "s", names, registry=registry).labels(**labels).set(step)
+    Gauge("lora_train_total_steps", "t", names, registry=registry).labels(**labels).set(total)
+    Gauge("lora_train_loss", "l", names, registry=registry).labels(**labels).set(loss)
+    Gauge("lora_train_learning_rate", "lr", names, registry=registry).labels(**labels).set(lr)
+    Counter("lora_train_samples", "n", names, registry=registry).labels(**labels).inc(samples)
+    histogram = Histogram("lora_train_step_seconds", "h", names, registry=registry).labels(**labels)
+    for t in step_times:
+        histogram.observe(t)
+    return generate_latest(registry).decode()
+
+
+def test_parse_the_trainer_metrics():
+    sample = parse_metrics(exposition())
+    assert (sample.step, sample.total_steps, sample.loss, sample.learning_rate) == (12, 40, 0.4321, 5e-4)
+    assert sample.samples_total == 48 and sample.mean_step_seconds == pytest.approx(0.5)
+    assert sample.eta() == pytest.approx(14.0)
+    assert sample.sps() == pytest.approx(8.0)
+    assert sample.as_status() == {"step": 12, "totalSteps": 40, "loss": 0.4321, "learningRate": 0.0005,
+                                  "samplesPerSecond": 8.0, "eta": "14s"}
+
+
+def test_parse_the_real_trainer_exposition():
+    metrics = pytest.importorskip("lora_trainer.metrics")
+    from lora_trainer.observers import RunInfo, StepStats
+
+    m = metrics.TrainerMetrics("cats", "team-a")
+    m.on_start(RunInfo(total_steps=50, start_step=0, epochs=1, device="cpu", trainable_parameters=10))
+    m.on_step(StepStats(step=7, total_steps=50, epoch=1, epochs=1, loss=0.25, learning_rate=1e-3, grad_norm=0.1,
+                        samples=4, tokens=0, step_seconds=0.2))
+    sample = parse_metrics(m.render().decode())
+    assert (sample.step, sample.total_steps, sample.loss, sample.learning_rate) == (7, 50, 0.25, 1e-3)
+    assert sample.samples_total == 4 and sample.eta() == pytest.approx(43 * 0.2)
+
+
+@pytest.mark.parametrize("text", ["", "garbage {{{", "# HELP other_metric x\nother_metric 1\n"])
+def test_no_trainer_metrics_means_no_sample(text):
+    assert parse_metrics(text) is None
+
+
+def test_rate_between_two_scrapes():
+    first, second = ProgressSample(samples_total=10), ProgressSample(samples_total=30)
+    assert with_rate(second, first, 4.0).sps() == 5.0
+    assert with_rate(second, None, 4.0) is second
+    assert with_rate(first, second, 4.0) is first  # a restarted trainer's counter went down
+
+
+@pytest.mark.parametrize("seconds,text", [(0, "0s"), (59.4, "59s"), (61, "1m1s"), (3725, "1h2m"), (90061, "1d1h"),
+                                          (None, None), (-1, None), (float("inf"), None)])
+def test_durations(seconds, text):
+    assert format_duration(seconds) == text
+
+
+def test_settings_defaults():
+    s = Settings.from_env({})
+    assert s.trainer_image == DEFAULT_TRAINER_IMAGE and s.clusterwide and s.leader_election
+    assert s.lease_namespace == "default" and s.identity
+    assert s.poll_interval == 5.0 and s.trainer_metrics_port == 9400
+
+
+def test_settings_from_env():
+    s = Settings.from_env({
+        "LORA_OPERATOR_TRAINER_IMAGE": "example.com/lora-operator/trainer:2",
+        "LORA_OPERATOR_S3_ENDPOINT": "http://minio.storage:9000",
+        "LORA_OPERATOR_S3_CREDENTIALS_SECRET": "s3-creds",
+        "LORA_OPERATOR_WATCH_NAMESPACES": "team-a, team-b,team-a",
+        "LORA_OPERATOR_POLL_INTERVAL": "2.5",
+        "LORA_OPERATOR_LEADER_ELECTION": "false",
+        "POD_NAMESPACE": "lora-system",
+        "POD_NAME": "lora-operator-abc",
+    })
+    assert s.watch_namespaces == ("team-a", "team-b") and not s.clusterwide
+    assert s.poll_interval == 2.5 and s.leader_election is False
+    assert s.lease_namespace == "lora-system" and s.identity == "lora-operator-abc"
+    assert s.s3_endpoint == "http://minio.storage:9000" and s.s3_credentials_secret == "s3-creds"
+
+
+def test_bad_settings_are_all_named_at_once():
+    with pytest.raises(SettingsError) as err:
+        Settings.from_env({"LORA_OPERATOR_POLL_INTERVAL": "soon", "LORA_OPERATOR_HTTP_PORT": "99999",
+                           "LORA_OPERATOR_S3_ENDPOINT": "minio:9000", "LORA_OPERATOR_WATCH_NAMESPACES": "Team_A",
+                           "LORA_OPERATOR_LEADER_ELECTION": "maybe", "LORA_OPERATOR_TRAINER_RUN_AS_USER": "0",
+                           "LORA_OPERATOR_POLL_INTERVALL": "1"})
+    text = str(err.value)
+    for name in ("LORA_OPERATOR_POLL_INTERVAL:", "LORA_OPERATOR_HTTP_PORT", "LORA_OPERATOR_S3_ENDPOINT",
+                 "LORA_OPERATOR_WATCH_NAMESPACES", "LORA_OPERATOR_LEADER_ELECTION", "LORA_OPERATOR_TRAINER_RUN_AS_USER",
+                 "LORA_OPERATOR_POLL_INTERVALL: unknown setting"):
+        assert name in text
+    assert "'soon'" in text
+
+
+def test_settings_reference_documents_every_variable():
+    rows = Settings.reference()
+    assert len(rows) == len({r[0] for r in rows}) and all(r[0].startswith("LORA_OPERATOR_") and r[2] for r in rows)
+
+
+def test_operator_imports_neither_torch_nor_the_kubernetes_client():
+    import subprocess
+    import sys
+
+    code = ("import sys, lora_operator.main, lora_operator.handlers, lora_operator.reconcile; "
+            "print(sorted(m for m in ('torch', 'kubernetes', 'diffusers', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
