@@ -182,6 +182,14 @@ class KubeCluster:
         wait_until(lambda: apiserver.check_running() or self.api.get_raw("/readyz") == "ok",
                    START_TIMEOUT, "kube-apiserver /readyz")
 
+    def restart_apiserver(self):
+        """Stop kube-apiserver and start it again on the same port (an API outage); waits for /readyz."""
+        apiserver = next(s for s in self.services if s.name == "kube-apiserver")
+        apiserver.stop(timeout=3)
+        apiserver.start()
+        wait_until(lambda: apiserver.check_running() or self.api.get_raw("/readyz") == "ok",
+                   START_TIMEOUT, "kube-apiserver /readyz after restart")
+
     def _start_controller_manager(self):
         port = free_port()
         path = self.workdir / "controller-manager.kubeconfig"
@@ -215,8 +223,9 @@ class KubeCluster:
         return {s.name: s.log_tail(lines) for s in self.services}
 
     def stop(self):
+        # kube-apiserver stops listening at once but lingers ~10 s on SIGTERM; 3 s is plenty here
         for service in reversed(self.services):
-            service.stop()
+            service.stop(timeout=3)
         self.services = []
 
     def remove(self):

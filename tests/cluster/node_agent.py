@@ -282,16 +282,23 @@ class NodeAgent:
         if not self.crashed:
             self._sync_pods(pods)
 
-    def _heartbeat_loop(self, period=1.0):
-        """Renew the node Lease (the heartbeat kube-controller-manager watches) unless crashed."""
+    def _heartbeat_loop(self, period=1.0, status_every=5):
+        """Renew the node Lease every `period` s (the heartbeat kube-controller-manager watches) and,
+        like a kubelet, post Ready again when the node controller marked the node Unknown meanwhile
+        (after an API server outage, say). Nothing while crashed."""
+        beats = 0
         while not self._stopping.wait(period):
             if self.crashed:
                 continue
+            beats += 1
             try:
                 self.api.patch(resource_path("coordination.k8s.io/v1", "leases", "kube-node-lease", self.name),
                                {"spec": {"renewTime": micro_time(), "holderIdentity": self.name}})
+                if beats % status_every == 0 and self.node_ready() != "True" and not self.crashed:
+                    self.log.info("node was marked %s; posting Ready", self.node_ready())
+                    self._post_node_status(ready=True)
             except Exception as e:  # noqa: BLE001 - a missed beat is retried next period
-                self.log.warning("lease renewal failed: %r", e)
+                self.log.warning("heartbeat failed: %r", e)
 
     # -----------------------------------------------------------------------------------------
     # node registration and heartbeat

@@ -438,6 +438,15 @@ def test_node_crash_kills_processes_and_marks_the_node_not_ready(kube_cluster, n
         t["key"].startswith("node.kubernetes.io/") for t in n["spec"].get("taints") or []), timeout=30)
 
 
+def test_node_agent_reconnects_after_an_apiserver_restart(kube_cluster, node_agent, namespace):
+    api = kube_cluster.api
+    kube_cluster.restart_apiserver()
+    create_pod(api, namespace, python_pod("after-restart", "print('still here')"))
+    pod = api.wait_for(pod_path(namespace, "after-restart"), phase_is("Succeeded", "Failed"), timeout=60)
+    assert pod["status"]["phase"] == "Succeeded"
+    wait_until(lambda: node_agent.node_ready() == "True", 30, "the node Ready again")
+
+
 # ------------------------------------------------------------------------------------------------
 # S3
 
