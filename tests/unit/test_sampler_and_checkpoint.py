@@ -145,3 +145,13 @@ def test_keep_last_n_prunes_oldest_and_stale_incomplete(tmp_path):
     files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert files == ["pytorch_lora_weights_step_3.safetensors", "pytorch_lora_weights_step_4.safetensors",
                      "state_step_3", "state_step_4"]
+
+
+def test_run_batches_chain_epochs_from_the_resume_point():
+    from lora_trainer.data.sampler import RunBatches
+
+    plan = EpochPlan.single(num_items=5, batch_size=2, accumulation=1)
+    epochs = [list(EpochBatches(plan, seed=3, epoch=e)) for e in range(3)]
+    assert list(RunBatches(plan, seed=3, epochs=3)) == epochs[0] + epochs[1] + epochs[2]
+    resumed = RunBatches(plan, seed=3, epochs=3, start_epoch=1, start_batch=2)
+    assert list(resumed) == epochs[1][2:] + epochs[2] and len(resumed) == 4

@@ -34,7 +34,7 @@ from .checkpoint import (
     sha256_file,
 )
 from .config import TrainConfig
-from .data.sampler import EpochBatches, EpochPlan
+from .data.sampler import EpochPlan, RunBatches
 from .errors import ConfigError, DivergedError, Interrupted, TrainError
 from .formats import write_extra_formats
 from .observers import EtaEstimator, Observer, ProgressReporter, RunInfo, StepStats, Stopwatch, TensorBoardLogger
@@ -214,28 +214,38 @@ class TrainingRecipe:
 
     # -- the loop
     def train(self) -> None:
-        for epoch in range(self.epoch, self.epochs):
-            self.epoch = epoch
-            groups = self.plan.step_groups()[self.step_in_epoch :]
-            batches = iter(self.loader(epoch, start_batch=self.step_in_epoch * self.plan.accumulation))
-            for group in groups:
-                if self.step >= self.total_steps:
-                    return
-                stats = self.train_step(batches, group)
-                self.step_in_epoch += 1
-                self.after_step(stats)
-            self.step_in_epoch = 0
+        batches = iter(self.loader())
+        try:
+            for epoch in range(self.epoch, self.epochs):
+                self.epoch = epoch
+                for group in self.plan.step_groups()[self.step_in_epoch :]:
+                    if self.step >= self.total_steps:
+                        return
+                    stats = self.train_step(batches, group)
+                    self.step_in_epoch += 1
+                    self.after_step(stats)
+                self.step_in_epoch = 0
+        finally:
+            del batches  # stops loader workers at once, also on errors
 
-    def loader(self, epoch: int, start_batch: int) -> torch.utils.data.DataLoader:
-        workers = self.cfg.num_workers
+    def loader(self) -> torch.utils.data.DataLoader:
+        """One loader for the rest of the run; its workers prefetch across epoch boundaries."""
+        workers = self.num_workers()
+        start_batch = self.step_in_epoch * self.plan.accumulation
         return torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=EpochBatches(self.plan, self.cfg.seed, epoch, start_batch),
+            self.dataset, batch_sampler=RunBatches(self.plan, self.cfg.seed, self.epochs, self.epoch, start_batch),
             collate_fn=self.task.collate, num_workers=workers, pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if workers else None, persistent_workers=False,
             # its own generator: a loader drawing its base seed from the global RNG (used by dropout)
-            # would shift that stream whenever a resumed run starts an epoch part-way
-            generator=torch.Generator().manual_seed(self.cfg.seed + epoch),
+            # would shift that stream whenever a resumed run starts part-way
+            generator=torch.Generator().manual_seed(self.cfg.seed),
         )
+
+    def num_workers(self) -> int:
+        """num_workers, or by default none on CPU (no GPU to feed) and up to 8 on a GPU."""
+        if self.cfg.num_workers is not None:
+            return self.cfg.num_workers
+        return 0 if self.device.type == "cpu" else min(8, os.cpu_count() or 1)
 
     def train_step(self, batches, group: int) -> StepStats:
         started = time.perf_counter()

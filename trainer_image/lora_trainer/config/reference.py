@@ -16,6 +16,7 @@ GROUP_TITLES = {
     "lora": "LoRA",
     "training": "Optimization",
     "output": "Outputs and resume",
+    "cluster": "Storage, metrics and the cluster",
     "general": "General",
 }
 

@@ -102,6 +102,17 @@ class TrainConfig:
     min_bucket_reso: int = option(256, "Smallest bucket side.", min=8, group="data")
     max_bucket_reso: int = option(1024, "Largest bucket side.", min=8, group="data")
     bucket_reso_steps: int = option(64, "Bucket sides are multiples of this.", min=1, group="data")
+    cache_latents: bool = option(
+        False, "Encode each image with the VAE once and reuse the result (needs center_crop; flips are "
+        "cached too). Entries are keyed by content and reused across runs.", group="data",
+    )
+    cache_text_encoder_outputs: bool = option(
+        False, "Encode each caption once and reuse the result (not with train_text_encoder).", group="data"
+    )
+    cache_dir: str | None = option(
+        None, "Where cached latents and text-encoder outputs live (default: ~/.cache/lora-operator/features).",
+        group="data",
+    )
     dataset_format: str = option(
         "auto",
         "text-generation JSONL format: text, prompt_completion, chat, or auto (read from each record's keys).",
@@ -111,8 +122,9 @@ class TrainConfig:
     max_seq_length: int = option(
         512, "Token sequences are truncated to this length (reported, never silent).", min=8, group="data"
     )
-    num_workers: int = option(
-        0, "Data loader worker processes.", aliases=("dataloader_num_workers",), min=0, group="data"
+    num_workers: int | None = option(
+        None, "Data loader worker processes (default: 0 on CPU, up to 8 on a GPU).",
+        aliases=("dataloader_num_workers", "max_data_loader_n_workers"), min=0, group="data",
     )
 
     # -- LoRA
@@ -209,9 +221,9 @@ class TrainConfig:
         "else AWS). Credentials and region always come from the standard AWS environment.",
         aliases=("s3_endpoint",), group="cluster",
     )
-    cache_dir: str | None = option(
+    s3_cache_dir: str | None = option(
         None, "Local folder for s3:// downloads and the working copy of an s3:// output_dir "
-        "(default: $LORA_CACHE_DIR, else ~/.cache/lora-trainer).", group="cluster",
+        "(default: $LORA_CACHE_DIR/s3, else ~/.cache/lora-operator/s3).", group="cluster",
     )
     s3_max_concurrency: int = option(16, "Parallel S3 requests of downloads and uploads.", min=1, max=256, group="cluster")
     s3_retry_seconds: float = option(

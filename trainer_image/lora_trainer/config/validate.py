@@ -154,6 +154,10 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
         problems.append(
             f"'lr_warmup_steps' ({cfg.lr_warmup_steps}) exceeds 'max_train_steps' ({cfg.max_train_steps})"
         )
+    if cfg.cache_latents and not cfg.center_crop:
+        problems.append("'cache_latents' needs center_crop: true (a random crop would change the latents each epoch)")
+    if cfg.cache_text_encoder_outputs and cfg.train_text_encoder:
+        problems.append("'cache_text_encoder_outputs' cannot be used with train_text_encoder (the outputs change)")
     if cfg.enable_bucket and not cfg.min_bucket_reso <= cfg.resolution <= cfg.max_bucket_reso:
         problems.append(
             f"'resolution' ({cfg.resolution}) must lie between 'min_bucket_reso' ({cfg.min_bucket_reso}) and "

@@ -63,14 +63,19 @@ def read_metadata_csv(path: Path, image_column: str, caption_column: str) -> dic
         raise DatasetError(f"{path} cannot be read: {err}") from None
 
 
+EXIF_ORIENTATION = 0x0112
+ROTATED = {5, 6, 7, 8}  # orientations that swap width and height
+
+
 def check_image(path: Path) -> tuple[int, int] | str:
-    """(width, height), or why the image cannot be used."""
+    """(width, height) as load_image will see it (EXIF rotation applied), or why it cannot be used."""
     try:
         with Image.open(path) as image:
             image.verify()
         with Image.open(path) as image:  # verify() leaves the file unusable; size needs a fresh open
             image.load()
-            return image.size
+            w, h = image.size
+            return (h, w) if image.getexif().get(EXIF_ORIENTATION) in ROTATED else (w, h)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
         return f"{type(err).__name__}: {err}"
 
@@ -168,23 +173,37 @@ class Crop:
     top_left: tuple[int, int]  # (top, left) of the crop in the resized image
 
 
-def resize_and_crop(
-    image: Image.Image, size: tuple[int, int], center_crop: bool, flip: bool, rng: random.Random
-) -> tuple[Image.Image, Crop]:
-    """Resize to cover `size` (width, height), crop to it (random unless center_crop), maybe flip."""
-    w, h = image.size
-    target_w, target_h = size
+def crop_geometry(
+    size: tuple[int, int], target: tuple[int, int], center_crop: bool, flip: bool, rng: random.Random
+) -> tuple[tuple[int, int], Crop, bool]:
+    """Where an image of `size` (w, h) is resized to and cut for `target` (w, h), and whether it flips.
+
+    Pure: the latent cache uses it to know an image's crop without loading it.
+    """
+    w, h = size
+    target_w, target_h = target
     scale = max(target_w / w, target_h / h)
-    resized = image.resize((max(target_w, round(w * scale)), max(target_h, round(h * scale))), Image.BICUBIC)
-    rw, rh = resized.size
+    rw, rh = max(target_w, round(w * scale)), max(target_h, round(h * scale))
     if center_crop:
         left, top = (rw - target_w) // 2, (rh - target_h) // 2
     else:
         left, top = rng.randint(0, rw - target_w), rng.randint(0, rh - target_h)
-    out = resized.crop((left, top, left + target_w, top + target_h))
-    if flip and rng.random() < 0.5:
-        out, left = out.transpose(Image.FLIP_LEFT_RIGHT), rw - left - target_w  # SDXL's convention
-    return out, Crop((h, w), (top, left))
+    flipped = flip and rng.random() < 0.5
+    if flipped:
+        left = rw - left - target_w  # SDXL's convention: the corner in the flipped image
+    return (rw, rh), Crop((h, w), (top, left)), flipped
+
+
+def resize_and_crop(
+    image: Image.Image, size: tuple[int, int], center_crop: bool, flip: bool, rng: random.Random
+) -> tuple[Image.Image, Crop]:
+    """Resize to cover `size` (width, height), crop to it (random unless center_crop), maybe flip."""
+    resized_size, crop, flipped = crop_geometry(image.size, size, center_crop, flip, rng)
+    resized = image.resize(resized_size, Image.BICUBIC)
+    if flipped:
+        resized = resized.transpose(Image.FLIP_LEFT_RIGHT)
+    top, left = crop.top_left
+    return resized.crop((left, top, left + size[0], top + size[1])), crop
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -218,10 +237,18 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                                       random.Random(seed))
         return {
             "pixel_values": to_tensor(image),  # (3, H, W)
-            "original_size": torch.tensor(crop.original_size),
-            "crop_top_left": torch.tensor(crop.top_left),
+            **conditioning(crop, self.sizes[index]),
             **self.tokenize(record.caption),
         }
+
+
+def conditioning(crop: Crop, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """SDXL's micro-conditioning inputs of one item, each (2,) as (height, width) or (top, left)."""
+    return {
+        "original_size": torch.tensor(crop.original_size),
+        "crop_top_left": torch.tensor(crop.top_left),
+        "target_size": torch.tensor((size[1], size[0])),
+    }
 
 
 def collate_images(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

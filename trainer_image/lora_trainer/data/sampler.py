@@ -83,6 +83,22 @@ class EpochBatches(torch.utils.data.Sampler):
         return self.plan.batches_per_epoch - self.start_batch
 
 
+class RunBatches(torch.utils.data.Sampler):
+    """All batches of a run from (start_epoch, start_batch) to the end of `epochs`, so one DataLoader (and
+    its worker processes) serves the whole run."""
+
+    def __init__(self, plan: EpochPlan, seed: int, epochs: int, start_epoch: int = 0, start_batch: int = 0):
+        self.plan, self.seed, self.epochs = plan, seed, epochs
+        self.start_epoch, self.start_batch = start_epoch, start_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for epoch in range(self.start_epoch, self.epochs):
+            yield from EpochBatches(self.plan, self.seed, epoch, self.start_batch if epoch == self.start_epoch else 0)
+
+    def __len__(self) -> int:
+        return (self.epochs - self.start_epoch) * self.plan.batches_per_epoch - self.start_batch
+
+
 def group_by(keys: Sequence) -> tuple[tuple[int, ...], ...]:
     """Item indices grouped by equal key, groups in order of first appearance."""
     groups: dict = {}

@@ -9,6 +9,8 @@ pooled embedding and "time ids" (original size, crop corner, target size) as mic
 from __future__ import annotations
 
 import json
+import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,16 +19,25 @@ import torch
 import torch.nn.functional as F
 
 from ..config import TrainConfig
+from ..data.cache import TensorCache, image_hashes, key_of, module_fingerprint
 from ..data.images import (
     ImageCaptionDataset,
     assign_bucket,
     bucket_sizes,
     collate_images,
+    conditioning,
+    crop_geometry,
+    load_image,
+    resize_and_crop,
     scan_image_folder,
+    to_tensor,
 )
 from ..data.sampler import group_by
 from ..errors import ConfigError, ModelError
+from ..presets import cache_root
 from .base import DataReport, autocast, check_targets_exist, load_or_explain, lora_param_groups, resolve_local_model
+
+log = logging.getLogger("lora_trainer")
 
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 UNET_PREFIX = "unet"
@@ -152,7 +163,7 @@ class TextToImageTask:
         scan = scan_image_folder(
             cfg.train_data_dir, cfg.metadata_path, cfg.caption_extension, cfg.image_column, cfg.caption_column
         )
-        self.records = scan.records
+        self.records, self.original_sizes = scan.records, scan.sizes
         self.family = detect_family(cfg)
         self.tokenizers = load_tokenizers(cfg, self.family)
         self.sizes = self.target_sizes(scan.sizes)
@@ -189,8 +200,61 @@ class TextToImageTask:
         return warnings
 
     def dataset(self) -> torch.utils.data.Dataset:
-        return ImageCaptionDataset(self.records, self.sizes, self.cfg.center_crop, self.cfg.random_flip,
-                                   self.tokenize)
+        cfg = self.cfg
+        images = ImageCaptionDataset(self.records, self.sizes, cfg.center_crop, cfg.random_flip, self.tokenize)
+        if not (cfg.cache_latents or cfg.cache_text_encoder_outputs):
+            return images
+        cache = TensorCache(cfg.cache_dir or cache_root() / "features")
+        latents = self.fill_latent_cache(cache) if cfg.cache_latents else None
+        texts = self.fill_text_cache(cache) if cfg.cache_text_encoder_outputs else None
+        return CachedFeatureDataset(images, cache, latents, texts, self.original_sizes)
+
+    # -- feature caches
+    def fill_latent_cache(self, cache: TensorCache) -> list[tuple[str, str]]:
+        """(plain, flipped) cache keys per record; encodes whatever is missing, a bucket at a time."""
+        fingerprint = module_fingerprint(self.parts.vae)
+        hashes = image_hashes([r.path for r in self.records])
+        keys = [tuple(key_of("latent", h, size, flipped, fingerprint) for flipped in (False, True))
+                for h, size in zip(hashes, self.sizes)]
+        todo = [(i, flipped) for i, pair in enumerate(keys) for flipped in (False, True)
+                if (self.cfg.random_flip or not flipped) and not cache.path(pair[flipped]).is_file()]
+        log.info("latent cache: %d of %d entries to compute", len(todo), len(keys) * (2 if self.cfg.random_flip else 1))
+        vae = self.parts.vae
+        for size in dict.fromkeys(self.sizes):
+            group = [(i, f) for i, f in todo if self.sizes[i] == size]
+            for start in range(0, len(group), 8):
+                chunk = group[start : start + 8]
+                pixels = torch.stack([self.fixed_pixels(i, f) for i, f in chunk]).to(self.device, vae.dtype)
+                with torch.no_grad():
+                    params = vae.encode(pixels).latent_dist.parameters  # (B, 2C, h, w): mean and logvar
+                for (i, f), p in zip(chunk, params):
+                    cache.put(keys[i][f], {"latent_dist": p})
+        return keys
+
+    def fixed_pixels(self, index: int, flipped: bool) -> torch.Tensor:
+        """The pixels of a record with the centre crop (caching requires it), flipped or not."""
+        image = load_image(self.records[index].path)
+        image, _ = resize_and_crop(image, self.sizes[index], True, flipped, ALWAYS_FLIP)
+        return to_tensor(image)
+
+    def fill_text_cache(self, cache: TensorCache) -> list[str]:
+        fingerprints = [module_fingerprint(e) for e in self.parts.text_encoders]
+        captions = [r.caption for r in self.records]
+        keys = [key_of("text", self.family.name, c, fingerprints) for c in captions]
+        todo = [c for c, k in dict(zip(captions, keys)).items() if not cache.path(k).is_file()]
+        log.info("text-encoder cache: %d of %d captions to encode", len(todo), len(set(captions)))
+        for start in range(0, len(todo), 16):
+            chunk = todo[start : start + 16]
+            tokens = [self.tokenize(c) for c in chunk]
+            ids = {k: torch.stack([t[k] for t in tokens]) for k in tokens[0]}
+            with torch.no_grad():
+                hidden, pooled = self.encode_text(ids)
+            for j, caption in enumerate(chunk):
+                entry = {"prompt_embeds": hidden[j]}
+                if pooled is not None:
+                    entry["pooled_prompt_embeds"] = pooled[j]
+                cache.put(keys[captions.index(caption)], entry)
+        return keys
 
     def item_groups(self) -> tuple[tuple[int, ...], ...]:
         return group_by(self.sizes)
@@ -270,26 +334,37 @@ class TextToImageTask:
         self.parts.vae.eval()
 
     # -- one micro-batch
-    def encode_prompt(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-        """(B, L, D) hidden states for cross-attention, and SDXL's added conditioning."""
+    def encode_text(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, L, D) hidden states for cross-attention and, for SDXL, the (B, D2) pooled embedding."""
         encoders, device = self.parts.text_encoders, self.device
         if self.family is SD:
-            return encoders[0](batch["input_ids"].to(device), return_dict=False)[0], {}
+            return encoders[0](batch["input_ids"].to(device), return_dict=False)[0], None
         hidden, pooled = [], None
         for i, encoder in enumerate(encoders):
             ids = batch["input_ids" if i == 0 else f"input_ids_{i + 1}"].to(device)
             out = encoder(ids, output_hidden_states=True, return_dict=False)
-            pooled = out[0]  # the last encoder's projected pooled output: (B, D2)
+            pooled = out[0]  # the last encoder's projected pooled output
             hidden.append(out[-1][-2])  # penultimate layer: (B, L, Di)
-        target = torch.tensor(batch["pixel_values"].shape[-2:], device=device).expand(len(pooled), 2)
-        time_ids = torch.cat([batch["original_size"].to(device), batch["crop_top_left"].to(device), target], dim=1)
-        return torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)}  # (B, 6)
+        return torch.cat(hidden, dim=-1), pooled
+
+    def encode_prompt(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Cross-attention states and SDXL's added conditioning, from the cache when it has them."""
+        device = self.device
+        if "prompt_embeds" in batch:
+            hidden, pooled = batch["prompt_embeds"].to(device), batch.get("pooled_prompt_embeds")
+            pooled = pooled.to(device) if pooled is not None else None
+        else:
+            hidden, pooled = self.encode_text(batch)
+        if self.family is SD:
+            return hidden, {}
+        parts = ("original_size", "crop_top_left", "target_size")
+        time_ids = torch.cat([batch[k].to(device) for k in parts], dim=1)  # (B, 6)
+        return hidden, {"text_embeds": pooled, "time_ids": time_ids.to(pooled.dtype)}
 
     def loss(self, batch: dict[str, torch.Tensor], rng: torch.Generator) -> torch.Tensor:
         parts, cfg, device = self.parts, self.cfg, self.device
-        pixels = batch["pixel_values"].to(device, dtype=parts.vae.dtype)  # (B, 3, H, W)
         with torch.no_grad():
-            latents = parts.vae.encode(pixels).latent_dist.sample(generator=rng)
+            latents = self.latent_distribution(batch).sample(generator=rng)
             latents = latents.float() * parts.vae.config.scaling_factor  # (B, 4, h, w)
         noise = torch.randn(latents.shape, generator=rng, device=device)
         if cfg.noise_offset:
@@ -308,8 +383,16 @@ class TextToImageTask:
                               added_cond_kwargs=added or None, return_dict=False)[0]
         return diffusion_loss(pred, target, timesteps, parts.noise_scheduler, self.prediction_type, cfg.snr_gamma)
 
+    def latent_distribution(self, batch: dict[str, torch.Tensor]):
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        if "latent_dist" in batch:  # cached parameters: the same distribution, without the VAE
+            return DiagonalGaussianDistribution(batch["latent_dist"].to(self.device))
+        pixels = batch["pixel_values"].to(self.device, dtype=self.parts.vae.dtype)  # (B, 3, H, W)
+        return self.parts.vae.encode(pixels).latent_dist
+
     def batch_counts(self, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
-        return batch["pixel_values"].shape[0], 0
+        return batch["original_size"].shape[0], 0
 
     # -- weights
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
@@ -350,3 +433,51 @@ class TextToImageTask:
 
     def write_sidecars(self, folder: Path) -> list[Path]:
         return []
+
+
+class _AlwaysFlip(random.Random):
+    """An rng whose coin always says "flip": with a centre crop it is crop_geometry's only draw."""
+
+    def random(self) -> float:
+        return 0.0
+
+
+ALWAYS_FLIP = _AlwaysFlip()
+
+
+class CachedFeatureDataset(torch.utils.data.Dataset):
+    """Serves cached latents and/or text-encoder outputs in place of pixels and token ids.
+
+    The flip of an item is decided exactly as the uncached path decides it, from the item's seed.
+    """
+
+    def __init__(self, images: ImageCaptionDataset, cache: TensorCache, latent_keys, text_keys,
+                 original_sizes: list[tuple[int, int]]):
+        self.images, self.cache = images, cache
+        self.latent_keys, self.text_keys, self.original_sizes = latent_keys, text_keys, original_sizes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        index, seed = key
+        images = self.images
+        if self.latent_keys is None:
+            item = images[key]
+        else:
+            size = images.sizes[index]
+            _, crop, flipped = crop_geometry(self.original_sizes[index], size, images.center_crop,
+                                             images.random_flip, random.Random(seed))
+            item = {**self._entry(self.latent_keys[index][flipped]), **conditioning(crop, size),
+                    **images.tokenize(images.records[index].caption)}
+        if self.text_keys is not None:
+            item = {k: v for k, v in item.items() if not k.startswith("input_ids")}
+            item.update(self._entry(self.text_keys[index]))
+        return item
+
+    def _entry(self, key: str) -> dict[str, torch.Tensor]:
+        entry = self.cache.get(key)
+        if entry is None:
+            raise ModelError(f"feature cache entry {self.cache.path(key)} vanished during the run")
+        return entry
+

@@ -1,0 +1,89 @@
+"""Cached VAE latents and text-encoder outputs: same training, reused across runs, never stale."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from lora_trainer.errors import ConfigError, Interrupted
+
+from .conftest import SAMPLE, SD_BASE, run
+from .test_resume import assert_same_weights, final_weights
+from .test_sdxl_and_buckets import SDXL_BASE
+
+CACHED = dict(cache_latents=True, cache_text_encoder_outputs=True, center_crop=True, random_flip=True)
+
+
+def entries(cache_dir) -> dict[str, float]:
+    return {str(p.relative_to(cache_dir)): p.stat().st_mtime_ns for p in cache_dir.rglob("*.safetensors")}
+
+
+@pytest.mark.parametrize("base", [SD_BASE, SDXL_BASE], ids=["sd", "sdxl"])
+def test_cached_run_trains_like_the_uncached_one(tmp_path, base):
+    settings = dict(max_train_steps=4, save_steps=0, center_crop=True, random_flip=True)
+    plain = run(base, tmp_path / "plain", **settings)
+    cached = run(base, tmp_path / "cached", cache_dir=str(tmp_path / "cache"), **{**settings, **CACHED})
+    got, want = cached.summary.losses, plain.summary.losses
+    assert [s for s, _ in got] == [s for s, _ in want]
+    assert torch.allclose(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in want]), rtol=1e-4)
+    # batched vs per-item encoding rounds differently (losses agree to ~1e-7); Adam turns rounding in
+    # near-zero gradients into moves of up to lr=1e-3, measured at most 4e-5: allow a tenth of a step
+    a, b = final_weights(tmp_path / "cached"), final_weights(tmp_path / "plain")
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    # 8 images x (plain, flipped) latents + 8 distinct captions
+    assert len(entries(tmp_path / "cache")) == 8 * 2 + 8
+
+
+def test_cache_is_reused_across_runs_and_follows_content(tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLE / "images", data)
+    settings = dict(train_data_dir=str(data), cache_dir=str(tmp_path / "cache"), max_train_steps=2, save_steps=0,
+                    **CACHED)
+    run(SD_BASE, tmp_path / "one", **settings)
+    first = entries(tmp_path / "cache")
+    run(SD_BASE, tmp_path / "two", **settings)
+    assert entries(tmp_path / "cache") == first  # nothing recomputed or rewritten
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(data / "red_circle.png")  # new content, same name
+    run(SD_BASE, tmp_path / "three", **settings)
+    after = entries(tmp_path / "cache")
+    assert set(first) < set(after) and len(after) - len(first) == 2  # that image's plain and flipped latents
+    assert all(after[k] == v for k, v in first.items())
+
+
+def test_a_torn_cache_entry_is_recomputed(tmp_path, caplog):
+    settings = dict(cache_dir=str(tmp_path / "cache"), max_train_steps=2, save_steps=0, **CACHED)
+    run(SD_BASE, tmp_path / "one", **settings)
+    victim = sorted((tmp_path / "cache").rglob("*.safetensors"))[0]
+    victim.write_bytes(victim.read_bytes()[:20])
+    victim.touch()
+    # the entry exists (so it is not precomputed) but cannot be read: the dataset must recompute, not crash
+    with caplog.at_level("WARNING", logger="lora_trainer"):
+        with pytest.raises(Exception) as info:
+            run(SD_BASE, tmp_path / "two", **settings)
+    assert "vanished" in str(info.value) or "unreadable" in caplog.text
+
+
+def test_cached_run_resumes_bit_for_bit(tmp_path):
+    settings = dict(cache_dir=str(tmp_path / "cache"), max_train_steps=6, save_steps=2, **CACHED)
+    straight = run(SD_BASE, tmp_path / "a", **settings)
+    with pytest.raises(Interrupted):
+        run(SD_BASE, tmp_path / "b", stop_at=3, **settings)
+    resumed = run(SD_BASE, tmp_path / "b", resume="latest", **settings)
+    assert resumed.summary.losses == straight.summary.losses
+    assert_same_weights(final_weights(tmp_path / "b"), final_weights(tmp_path / "a"))
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(cache_latents=True), "'cache_latents' needs center_crop: true"),
+        (dict(cache_text_encoder_outputs=True, train_text_encoder=True),
+         "'cache_text_encoder_outputs' cannot be used with train_text_encoder"),
+    ],
+)
+def test_cache_settings_that_would_be_stale_are_refused(tmp_path, settings, message):
+    with pytest.raises(ConfigError, match=message):
+        run(SD_BASE, tmp_path, **settings)

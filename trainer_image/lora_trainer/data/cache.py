@@ -1,0 +1,72 @@
+"""VAE latents and text-encoder outputs cached on disk, keyed by content hash and reused across runs.
+
+A key covers everything the cached tensor depends on (the image bytes, its crop and flip, the encoder's
+weights), so a stale entry can never be served. Entries are safetensors files written atomically;
+an unreadable one is recomputed. Latents are stored as the VAE's distribution parameters, so each step
+still draws its own sample from the run's generator, exactly as without the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from ..checkpoint import save_safetensors, sha256_file
+
+log = logging.getLogger("lora_trainer")
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """A hash of a model's config and every weight: different weights, different cache entries."""
+    digest = hashlib.sha256()
+    config = getattr(module, "config", None)
+    if config is not None:
+        as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        digest.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def key_of(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class TensorCache:
+    """key -> {name: tensor}, one safetensors file per entry under root/<key[:2]>/<key>.safetensors."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        path = self.path(key)
+        try:
+            return load_file(path)
+        except FileNotFoundError:
+            return None
+        except (SafetensorError, OSError) as err:  # a torn or foreign file: recompute it
+            log.warning("cache entry %s is unreadable (%s); recomputing it", path, err)
+            path.unlink(missing_ok=True)
+            return None
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        save_safetensors(self.path(key), {k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+
+    def missing(self, keys: Iterable[str]) -> list[str]:
+        return [k for k in dict.fromkeys(keys) if not self.path(k).is_file()]
+
+
+def image_hashes(paths: list[Path]) -> list[str]:
+    return [sha256_file(p) for p in paths]
