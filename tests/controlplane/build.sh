@@ -7,7 +7,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 cd "$here"
 
 version=$(awk '$1=="k8s.io/kubernetes" && $2 ~ /^v/ {print $2; exit}' go.mod)  # require line, block or not
-key=$(sha256sum go.mod go.sum cmd/etcd/main.go | sha256sum | cut -c1-12)
+key=$(sha256sum go.mod go.sum cmd/etcd/main.go build.sh | sha256sum | cut -c1-12)  # build.sh: its ldflags too
 cache=${LORA_CACHE_DIR:-$HOME/.cache/lora-operator}
 bin="$cache/controlplane/$version-$key"
 tools=(etcd kube-apiserver kube-controller-manager kubectl)
