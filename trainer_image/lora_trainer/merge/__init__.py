@@ -1,0 +1,1 @@
+"""lora-merge: LoRAs into base models (SD and LLMs), and LoRA format conversion."""
