@@ -13,6 +13,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 log = logging.getLogger("lora_trainer")
@@ -54,6 +55,15 @@ class RunInfo:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass
+class ValidationResult:
+    """Sample images for fixed prompts (text-to-image) or a held-out loss (text-generation)."""
+
+    step: int
+    images: list[tuple[str, Any]] = field(default_factory=list)  # (prompt, PIL image)
+    loss: float | None = None
+
+
 class Observer(Protocol):
     """on_end is always called, with summary.error set on failure, even if setup failed before on_start."""
 
@@ -62,6 +72,8 @@ class Observer(Protocol):
     def on_step(self, stats: StepStats) -> None: ...
 
     def on_checkpoint(self, step: int, paths: list[Any]) -> None: ...
+
+    def on_validation(self, result: ValidationResult) -> None: ...
 
     def on_end(self, summary: Any) -> None: ...
 
@@ -76,6 +88,9 @@ class BaseObserver:
         pass
 
     def on_checkpoint(self, step: int, paths: list[Any]) -> None:
+        pass
+
+    def on_validation(self, result: ValidationResult) -> None:
         pass
 
     def on_end(self, summary: Any) -> None:
@@ -135,7 +150,17 @@ class ProgressReporter(BaseObserver):
             log.info(format_step_line(stats))
 
     def on_checkpoint(self, step: int, paths: list[Any]) -> None:
-        message = f"checkpoint at step {step}: {paths[0]}"
+        self._write(f"checkpoint at step {step}: {paths[0]}")
+
+    def on_validation(self, result: ValidationResult) -> None:
+        parts = []
+        if result.loss is not None:
+            parts.append(f"validation loss={result.loss:.4f}")
+        if result.images:
+            parts.append(f"{len(result.images)} sample image(s)")
+        self._write(f"step {result.step}: " + ", ".join(parts))
+
+    def _write(self, message: str) -> None:
         if self.bar is not None:
             self.bar.write(message)
         else:
@@ -144,6 +169,22 @@ class ProgressReporter(BaseObserver):
     def on_end(self, summary: Any) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class SampleWriter(BaseObserver):
+    """Validation images as output_dir/samples/step_<N>_<i>.png, and their prompts in prompts.txt."""
+
+    def __init__(self, output_dir: str):
+        self.folder = Path(output_dir) / "samples"
+
+    def on_validation(self, result: ValidationResult) -> None:
+        from .checkpoint import atomic_write
+
+        for i, (prompt, image) in enumerate(result.images):
+            atomic_write(self.folder / f"step_{result.step}_{i}.png", lambda tmp: image.save(tmp, format="PNG"))
+        if result.images:
+            prompts = "".join(f"{i}: {p}\n" for i, (p, _) in enumerate(result.images))
+            atomic_write(self.folder / "prompts.txt", lambda tmp: tmp.write_text(prompts))
 
 
 class TensorBoardLogger(BaseObserver):
@@ -165,6 +206,15 @@ class TensorBoardLogger(BaseObserver):
         self.writer.add_scalar("perf/samples_per_second", s.samples_per_second, s.step)
         if s.tokens:
             self.writer.add_scalar("perf/tokens_per_second", s.tokens_per_second, s.step)
+
+    def on_validation(self, result: ValidationResult) -> None:
+        import numpy as np
+
+        if result.loss is not None:
+            self.writer.add_scalar("loss/validation", result.loss, result.step)
+        for i, (prompt, image) in enumerate(result.images):
+            self.writer.add_image(f"validation/{i}", np.asarray(image), result.step, dataformats="HWC")
+            self.writer.add_text(f"validation/{i}/prompt", prompt, result.step)
 
     def on_end(self, summary: Any) -> None:
         if self.writer is not None:

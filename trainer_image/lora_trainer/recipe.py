@@ -36,8 +36,18 @@ from .checkpoint import (
 from .config import TrainConfig
 from .data.sampler import EpochPlan, RunBatches
 from .errors import ConfigError, DivergedError, Interrupted, TrainError
+from .experiment import ExperimentRecord
 from .formats import write_extra_formats
-from .observers import EtaEstimator, Observer, ProgressReporter, RunInfo, StepStats, Stopwatch, TensorBoardLogger
+from .observers import (
+    EtaEstimator,
+    Observer,
+    ProgressReporter,
+    RunInfo,
+    SampleWriter,
+    StepStats,
+    Stopwatch,
+    TensorBoardLogger,
+)
 from .optim import build_optimizer, build_scheduler
 from .outputs import FINAL_CHECKPOINT, FINAL_WEIGHTS, PEFT_WEIGHTS, prepare_output_dir, write_config_backup
 from .tasks import build_task
@@ -117,7 +127,10 @@ def pick_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
 
 
 def default_observers(cfg: TrainConfig) -> list[Observer]:
-    return [ProgressReporter(cfg.logging_steps), TensorBoardLogger(cfg.logging_dir)]
+    observers = [ProgressReporter(cfg.logging_steps), TensorBoardLogger(cfg.logging_dir), ExperimentRecord(cfg)]
+    if cfg.validation_prompts:
+        observers.append(SampleWriter(cfg.output_dir))
+    return observers
 
 
 class TrainingRecipe:
@@ -134,6 +147,7 @@ class TrainingRecipe:
         try:
             self.setup()
             self.train()
+            self.validate()
             self.finish()
         except TrainError as err:
             self.summary.error, self.summary.error_reason = str(err), err.reason
@@ -297,12 +311,24 @@ class TrainingRecipe:
         s.losses.append((stats.step, stats.loss))
         s.best_loss = stats.loss if s.best_loss is None else min(s.best_loss, stats.loss)
         self._notify("on_step", stats)
+        every = self.cfg.validation_steps
+        if every and self.step % every == 0 and self.step < self.total_steps:
+            self.validate()
         save_steps = self.cfg.save_steps
         if self.stop.is_set():
             self.save_checkpoint()
             raise Interrupted(f"stopped by SIGTERM at step {self.step}; checkpoint written")
         if save_steps and self.step % save_steps == 0 and self.step < self.total_steps:
             self.save_checkpoint()
+
+    def validate(self) -> None:
+        """Samples or held-out loss. Its own RNG fork: validation never shifts the training stream."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self.stopwatch.measure("validation"):
+            result = self.task.validate(self.step)
+        self.task.train_mode()
+        if result is not None:
+            self._notify("on_validation", result)
 
     # -- checkpoints and outputs
     def save_checkpoint(self) -> None:

@@ -15,6 +15,7 @@ GROUP_TITLES = {
     "data": "Data",
     "lora": "LoRA",
     "training": "Optimization",
+    "validation": "Validation",
     "output": "Outputs and resume",
     "cluster": "Storage, metrics and the cluster",
     "general": "General",

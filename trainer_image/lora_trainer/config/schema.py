@@ -38,6 +38,7 @@ def option(
     max: float | None = None,  # noqa: A002
     min_exclusive: bool = False,
     group: str = "general",
+    comma_list: bool = True,
 ) -> Any:
     """Declares one config key with its documentation and constraints."""
     metadata = {
@@ -48,6 +49,7 @@ def option(
         "max": max,
         "min_exclusive": min_exclusive,
         "group": group,
+        "comma_list": comma_list,  # lists may be written "a,b" (lora-scripts style); not for prompts
     }
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
@@ -188,6 +190,30 @@ class TrainConfig:
     noise_offset: float = option(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).", min=0, group="training")
     prediction_type: str | None = option(
         None, "Override the scheduler's prediction type.", choices=PREDICTION_TYPES, group="training"
+    )
+
+    # -- validation
+    validation_prompts: list[str] | None = option(
+        None, "text-to-image: prompts sampled with a fixed seed every validation_steps and at the end.",
+        aliases=("validation_prompt", "sample_prompts"), comma_list=False, group="validation",
+    )
+    validation_steps: int = option(
+        0, "Validate every N optimizer steps and after the last one (0: only after the last one, if configured).",
+        aliases=("sample_every_n_steps",), min=0, group="validation",
+    )
+    validation_seed: int = option(0, "Seed of the validation samples (same seed, comparable images).", min=0,
+                                  group="validation")
+    validation_inference_steps: int = option(
+        20, "Denoising steps per validation image.", aliases=("sample_steps",), min=1, group="validation"
+    )
+    validation_guidance_scale: float = option(7.5, "Classifier-free guidance of validation images.", min=0,
+                                              group="validation")
+    validation_data: str | None = option(
+        None, "text-generation: held-out JSONL whose loss is measured every validation_steps.", group="validation"
+    )
+    validation_split: float = option(
+        0.0, "text-generation: fraction of the records held out (seeded) for validation loss instead.",
+        min=0, max=0.5, group="validation",
     )
 
     # -- outputs

@@ -73,8 +73,8 @@ def build_config(raw: dict[str, Any], source: str = "config", overrides: dict[st
 
 
 def _check_value(f: dataclasses.Field, hint: Any, value: Any) -> Any:
-    value = _coerce(hint, value)
     meta = f.metadata
+    value = _coerce(hint, value, meta["comma_list"])
     for item in value if isinstance(value, list) else [value]:
         if item is None:
             continue
@@ -94,17 +94,17 @@ def _check_range(value: Any, meta: dict) -> None:
         raise ValueError(f"must be <= {hi}, got {value}")
 
 
-def _coerce(hint: Any, value: Any) -> Any:
+def _coerce(hint: Any, value: Any, comma_list: bool = True) -> Any:
     """Checks a YAML value against a field's type, converting only the unambiguous cases."""
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value)
+        return _coerce(inner, value, comma_list)
     if typing.get_origin(hint) is list:
-        if isinstance(value, str):  # "to_q,to_k" as lora-scripts writes lists
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, str):  # "to_q,to_k" as lora-scripts writes lists; a lone prompt stays whole
+            value = [v.strip() for v in value.split(",") if v.strip()] if comma_list else [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ValueError(f"expected a list of strings, got {value!r}")
         if not value:
@@ -154,6 +154,10 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
         problems.append(
             f"'lr_warmup_steps' ({cfg.lr_warmup_steps}) exceeds 'max_train_steps' ({cfg.max_train_steps})"
         )
+    if cfg.validation_prompts and cfg.task_type != "text-to-image":
+        problems.append("'validation_prompts' applies to text-to-image; text-generation uses validation_data")
+    if cfg.validation_data and cfg.validation_split:
+        problems.append("set 'validation_data' or 'validation_split', not both")
     if cfg.cache_latents and not cfg.center_crop:
         problems.append("'cache_latents' needs center_crop: true (a random crop would change the latents each epoch)")
     if cfg.cache_text_encoder_outputs and cfg.train_text_encoder:

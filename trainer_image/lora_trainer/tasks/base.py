@@ -57,6 +57,9 @@ class Task(Protocol):
 
     def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
+    def validate(self, step: int):
+        """A ValidationResult (sample images or held-out loss), or None when none is configured."""
+
     def weights_metadata(self) -> dict[str, str]: ...
 
     def write_sidecars(self, folder: Path) -> list[Path]:

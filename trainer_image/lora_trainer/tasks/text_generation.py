@@ -10,7 +10,8 @@ import torch
 
 from ..config import TrainConfig
 from ..data.text import IGNORE_INDEX, TokenDataset, collate_tokens, tokenize_dataset
-from ..errors import ModelError
+from ..errors import DatasetError, ModelError
+from ..observers import ValidationResult
 from .base import DataReport, autocast, check_targets_exist, load_or_explain, lora_param_groups, resolve_local_model
 
 
@@ -30,6 +31,7 @@ class TextGenerationTask:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.model = None
+        self.validation_examples: list = []
 
     # -- data
     def prepare_data(self) -> DataReport:
@@ -47,8 +49,30 @@ class TextGenerationTask:
             "max_seq_length": cfg.max_seq_length,
             "truncated": self.data.truncated,
         }
-        report = self.data.truncation_report(cfg.max_seq_length)
-        return DataReport(summary=summary, warnings=[report] if report else [])
+        warnings = [r for r in [self.data.truncation_report(cfg.max_seq_length)] if r]
+        warnings += self.hold_out_validation(summary)
+        return DataReport(summary=summary, warnings=warnings)
+
+    def hold_out_validation(self, summary: dict) -> list[str]:
+        """validation_data tokenized like the training data, or a seeded validation_split of it."""
+        cfg = self.cfg
+        if cfg.validation_data:
+            held = tokenize_dataset(cfg.validation_data, self.tokenizer, cfg.dataset_format, cfg.max_seq_length)
+            self.validation_examples = held.examples
+            summary["validation_examples"] = len(held.examples)
+            report = held.truncation_report(cfg.max_seq_length)
+            return [f"validation data: {report}"] if report else []
+        if cfg.validation_split:
+            examples = self.data.examples
+            count = max(1, round(len(examples) * cfg.validation_split))
+            if count >= len(examples):
+                raise DatasetError(f"validation_split={cfg.validation_split} leaves no training example "
+                                   f"out of {len(examples)}")
+            order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+            self.validation_examples = [examples[i] for i in order[:count]]
+            self.data.examples = [examples[i] for i in sorted(order[count:])]
+            summary.update(examples=len(self.data.examples), validation_examples=count)
+        return []
 
     def dataset(self) -> torch.utils.data.Dataset:
         return TokenDataset(self.data.examples)
@@ -97,6 +121,22 @@ class TextGenerationTask:
 
     def batch_counts(self, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
         return batch["input_ids"].shape[0], int((batch["labels"] != IGNORE_INDEX).sum())
+
+    # -- validation
+    def validate(self, step: int) -> ValidationResult | None:
+        """Mean loss per trained token over the held-out examples."""
+        if not self.validation_examples:
+            return None
+        self.model.eval()
+        collate, size = collate_tokens(self.tokenizer.pad_token_id), self.cfg.batch_size
+        total, tokens = 0.0, 0
+        for start in range(0, len(self.validation_examples), size):
+            batch = collate(self.validation_examples[start : start + size])
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # the model shifts labels by one
+            with torch.no_grad():
+                total += float(self.loss(batch, None)) * n
+            tokens += n
+        return ValidationResult(step, loss=total / max(tokens, 1))
 
     # -- weights
     def lora_state_dict(self) -> dict[str, torch.Tensor]:

@@ -34,6 +34,7 @@ from ..data.images import (
 )
 from ..data.sampler import group_by
 from ..errors import ConfigError, ModelError
+from ..observers import ValidationResult
 from ..presets import cache_root
 from .base import DataReport, autocast, check_targets_exist, load_or_explain, lora_param_groups, resolve_local_model
 
@@ -156,6 +157,7 @@ class TextToImageTask:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.parts: SDComponents | None = None
+        self._pipeline = None
 
     # -- data
     def prepare_data(self) -> DataReport:
@@ -393,6 +395,45 @@ class TextToImageTask:
 
     def batch_counts(self, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
         return batch["original_size"].shape[0], 0
+
+    # -- validation
+    def validate(self, step: int) -> ValidationResult | None:
+        cfg = self.cfg
+        if not cfg.validation_prompts:
+            return None
+        pipe = self.inference_pipeline()
+        self.parts.unet.eval()
+        for encoder in self.parts.text_encoders:
+            encoder.eval()
+        images = []
+        for i, prompt in enumerate(cfg.validation_prompts):
+            generator = torch.Generator(self.device).manual_seed(cfg.validation_seed + i)
+            with torch.no_grad(), autocast(self.device, cfg.mixed_precision):
+                image = pipe(prompt, num_inference_steps=cfg.validation_inference_steps,
+                             guidance_scale=cfg.validation_guidance_scale, height=cfg.resolution,
+                             width=cfg.resolution, generator=generator).images[0]
+            images.append((prompt, image))
+        return ValidationResult(step, images=images)
+
+    def inference_pipeline(self):
+        """The family's pipeline around the models being trained, with the base model's own scheduler."""
+        if self._pipeline is None:
+            import diffusers
+
+            source = config_source(self.cfg)
+            index = diffusers.DiffusionPipeline.load_config(source)
+            scheduler = getattr(diffusers, index["scheduler"][1]).from_pretrained(source, subfolder="scheduler")
+            if self.cfg.prediction_type:
+                scheduler.register_to_config(prediction_type=self.cfg.prediction_type)
+            family, parts = self.family, self.parts
+            kwargs = {"vae": parts.vae, "unet": parts.unet, "scheduler": scheduler,
+                      **dict(zip(family.text_encoder_prefixes, parts.text_encoders)),
+                      **dict(zip(family.tokenizer_subfolders, self.tokenizers))}
+            if family is SD:
+                kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            self._pipeline = getattr(diffusers, family.pipeline_class)(**kwargs)
+            self._pipeline.set_progress_bar_config(disable=True)
+        return self._pipeline
 
     # -- weights
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
