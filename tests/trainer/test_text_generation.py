@@ -15,7 +15,7 @@ def test_output_folder_and_peft_keys(tmp_path):
     run(LLM_BASE, tmp_path, max_train_steps=2, save_steps=0)
     assert files_under(tmp_path) == {
         "pytorch_lora_weights.safetensors", "adapter_model.safetensors", "adapter_config.json",
-        "config_backup.yaml", "checkpoints/pytorch_lora_weights_final.safetensors",
+        "config_backup.yaml", "checkpoints/pytorch_lora_weights_final.safetensors", "EXPERIMENT.md", "loss_curve.png",
     }
     with safe_open(tmp_path / "pytorch_lora_weights.safetensors", "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
