@@ -237,14 +237,16 @@ def reference_llm(cfg, device, dtype):
 
 
 # -- driver
-def measure(kind: str, arch: str, task: str, steps: int, warmup: int, device: str) -> dict:
+def measure(kind: str, arch: str, task: str, steps: int, warmup: int, device: str, **overrides) -> dict:
+    """Runs one measurement in a fresh process; adds its wall time (setup included) as `wall_s`."""
     with tempfile.TemporaryDirectory() as out:
-        raw = config_for(arch, task, steps, device, out)
+        raw = {**config_for(arch, task, steps, device, out), **overrides}
         cmd = [sys.executable, __file__, "--worker", kind, "--raw", json.dumps(raw), "--warmup", str(warmup)]
+        started = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(f"{kind} {arch} {task} failed:\n{proc.stderr[-3000:]}")
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        return {**json.loads(proc.stdout.strip().splitlines()[-1]), "wall_s": time.perf_counter() - started}
 
 
 def table(rows: list[dict]) -> str:

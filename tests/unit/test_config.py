@@ -198,3 +198,18 @@ def test_docs_config_reference_is_up_to_date():
 
     doc = Path(__file__).resolve().parents[2] / "docs" / "config.md"
     assert doc.read_text() == render(), "regenerate: python -m lora_trainer.config.reference > docs/config.md"
+
+
+def test_benchmark_presets_have_the_real_sizes():
+    """Built on the meta device: shapes only, no memory, so this runs anywhere."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_trainer.presets import llama_1b_config, sd15_unet_config
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**sd15_unet_config())
+        llama = LlamaForCausalLM(LlamaConfig(**llama_1b_config(32000)))
+    assert round(sum(p.numel() for p in unet.parameters()) / 1e6) == 860  # SD 1.5's UNet
+    assert round(sum(p.numel() for p in llama.parameters()) / 1e8) == 11  # 1.1B

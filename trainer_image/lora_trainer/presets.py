@@ -42,7 +42,14 @@ def preset_path(name: str) -> Path:
 
 
 def preset_builders() -> dict[str, Callable[[Path], None]]:
-    return {"tiny-sd": build_tiny_sd, "tiny-sdxl": build_tiny_sdxl, "tiny-llm": build_tiny_llm}
+    return {
+        "tiny-sd": build_tiny_sd,
+        "tiny-sdxl": build_tiny_sdxl,
+        "tiny-llm": build_tiny_llm,
+        # real architectures with random weights, for benchmarks on a GPU (several GB on disk)
+        "bench-sd15": build_bench_sd15,
+        "bench-llama-1b": build_bench_llama_1b,
+    }
 
 
 def _build_atomically(build: Callable[[Path], None], target: Path) -> None:
@@ -206,4 +213,61 @@ def build_tiny_llm(folder: Path) -> None:
         bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
         tie_word_embeddings=False,
     )
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+
+
+def sd15_unet_config() -> dict:
+    """Stable Diffusion 1.5's UNet (860M parameters)."""
+    return dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768, attention_head_dim=8,
+    )
+
+
+def sd15_vae_config() -> dict:
+    return dict(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=512,
+    )
+
+
+def llama_1b_config(vocab_size: int) -> dict:
+    """TinyLlama-1.1B's shape: 22 layers of 2048 with grouped-query attention."""
+    return dict(
+        vocab_size=vocab_size, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+        num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False,
+    )
+
+
+def build_bench_sd15(folder: Path) -> None:
+    """SD 1.5 architecture at full size with random weights (the CLIP ViT-L/14 text encoder too)."""
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    write_tiny_clip_tokenizer(folder / "tokenizer")
+    text_config = tiny_clip_text_config(49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                        num_attention_heads=12)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(**sd15_vae_config()), text_encoder=CLIPTextModel(text_config),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"), unet=UNet2DConditionModel(**sd15_unet_config()),
+        scheduler=sd15_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def build_bench_llama_1b(folder: Path) -> None:
+    """A 1.1B Llama with random weights; the tiny byte-level tokenizer's ids fit its 32000-token vocabulary."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    build_tiny_llm(folder)  # tokenizer (and a tiny model, replaced below)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(**llama_1b_config(32000), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
