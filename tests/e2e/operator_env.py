@@ -40,8 +40,10 @@ def wait_until(predicate, timeout, what, interval=0.5):
 
 def install_crd(cluster):
     cluster.kubectl("apply", "-f", CRD)
-    cluster.kubectl("wait", "--for=condition=Established", "crd/loratrainingjobs.lora-operator.io",
-                    "--timeout=60s")
+    jsonpath = '{.status.conditions[?(@.type=="Established")].status}'
+    wait_until(lambda: cluster.kubectl("get", "crd", "loratrainingjobs.lora-operator.io", "-o",
+                                       f"jsonpath={jsonpath}", check=False).stdout == "True",
+               60, "the LoRATrainingJob CRD to be established")
 
 
 def install_rbac(cluster, namespace=OPERATOR_NAMESPACE):

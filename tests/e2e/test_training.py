@@ -1,0 +1,89 @@
+"""A tiny text-to-image and a tiny text-generation job, from `kubectl apply` to a trained LoRA in S3."""
+
+import hashlib
+
+import pytest
+
+from tests.e2e import operator_env as env
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def check_success(jobs, name, steps, save_steps, formats):
+    status = jobs.status(name)
+    assert status["phase"] == "Succeeded" and status["reason"] == "TrainingSucceeded"
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Succeeded"]["status"] == "True" and conditions["Failed"]["status"] == "False"
+    assert status["attempts"] == 1 and status["observedGeneration"] == 1
+    assert status["progress"]["step"] == steps and status["progress"]["totalSteps"] == steps
+    assert status["startTime"] <= status["completionTime"]
+    # artifacts: the final weights, each with the sha256 of the object really in S3
+    by_uri = {a["uri"]: a for a in status["artifacts"]}
+    out = f"s3://{jobs.bucket}/out/{name}"
+    assert f"{out}/pytorch_lora_weights.safetensors" in by_uri
+    assert {a["format"] for a in status["artifacts"]} >= formats
+    for artifact in status["artifacts"]:
+        assert artifact["step"] == steps
+        assert hashlib.sha256(jobs.s3_bytes(artifact["uri"])).hexdigest() == artifact["sha256"]
+    # the output layout of DESIGN.md
+    keys = {k.removeprefix(f"out/{name}/") for k in jobs.s3_keys(f"out/{name}/")}
+    for required in ("pytorch_lora_weights.safetensors", "config_backup.yaml",
+                     "checkpoints/pytorch_lora_weights_final.safetensors",
+                     f"checkpoints/pytorch_lora_weights_step_{save_steps}.safetensors",
+                     f"checkpoints/state_step_{save_steps}/manifest.json"):
+        assert required in keys, f"{required} missing from {sorted(keys)}"
+    assert any(k.startswith("logs/") and "tfevents" in k for k in keys)
+    # last checkpoint and events
+    assert status["lastCheckpoint"]["uri"].startswith(f"{out}/checkpoints/state_step_")
+    reasons = [e["reason"] for e in jobs.events(name)]
+    for reason in ("AttemptStarted", "Training", "TrainingSucceeded"):
+        assert reason in reasons
+    assert "EXPERIMENT.md" in keys, "the run's record (DESIGN.md output layout) did not reach S3"
+    return status
+
+
+def watch_progress(jobs, name, timeout=400):
+    """status.progress values seen while the job runs, until it is terminal."""
+    seen = []
+
+    def done():
+        status = jobs.status(name)
+        progress = status.get("progress")
+        if status.get("phase") == "Running" and progress and (not seen or seen[-1] != progress):
+            seen.append(progress)
+        return status.get("phase") in ("Succeeded", "Failed")
+
+    env.wait_until(done, timeout, f"{name} to finish", interval=0.5)
+    return seen
+
+
+def test_text_to_image_job_succeeds(jobs, prometheus):
+    steps, save = 12, 4
+    jobs.apply(env.sd_manifest("sd-tiny", jobs.bucket, steps=steps, save_steps=save,
+                               output={"formats": ["diffusers", "kohya"]}))
+    pod = env.wait_until(lambda: jobs.running_pod("sd-tiny"), 240, "a running trainer pod")
+    prometheus.set_targets([f"{pod['status']['podIP']}:9400"], labels={"namespace": jobs.namespace})
+    seen = watch_progress(jobs, "sd-tiny")
+    # progress was read from the metrics endpoint while the trainer ran: several distinct steps below the end
+    running_steps = {p["step"] for p in seen if p["step"] < steps}
+    assert len(running_steps) >= 2, seen
+    assert all({"step", "totalSteps", "loss", "learningRate", "updatedAt"} <= set(p) for p in seen if p["step"])
+    assert jobs.wait_condition("sd-tiny", "Succeeded", 60).returncode == 0
+    check_success(jobs, "sd-tiny", steps, save, {"diffusers", "kohya"})
+    # Prometheus scraped the same endpoint the operator reads (what Grafana shows)
+    loss = prometheus.query(f'max_over_time(lora_train_loss{{job_name="sd-tiny",namespace="{jobs.namespace}"}}[10m])')
+    assert loss and float(loss[0]["value"][1]) > 0
+
+
+def test_text_generation_job_succeeds_and_kubectl_wait_returns(jobs):
+    steps, save = 8, 4
+    jobs.apply(env.llm_manifest("llm-tiny", jobs.bucket, steps=steps, save_steps=save))
+    waited = jobs.wait_condition("llm-tiny", "Succeeded", 400)
+    assert waited.returncode == 0, waited.stderr
+    assert "condition met" in waited.stdout
+    status = check_success(jobs, "llm-tiny", steps, save, set())
+    assert status["progress"]["loss"] > 0
+    table = jobs.kubectl("get", "ltj", "llm-tiny").stdout
+    header, row = table.splitlines()[:2]
+    assert header.split() == ["NAME", "PHASE", "STEP", "LOSS", "ETA", "AGE"]
+    assert row.split()[:3] == ["llm-tiny", "Succeeded", str(steps)]
