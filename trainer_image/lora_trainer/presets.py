@@ -42,10 +42,13 @@ def preset_path(name: str) -> Path:
 
 
 def preset_builders() -> dict[str, Callable[[Path], None]]:
+    from .labeling.presets import build_tiny_blip  # the captioner of lora-label and auto_label tests
+
     return {
         "tiny-sd": build_tiny_sd,
         "tiny-sdxl": build_tiny_sdxl,
         "tiny-llm": build_tiny_llm,
+        "tiny-blip": build_tiny_blip,
         # real architectures with random weights, for benchmarks on a GPU (several GB on disk)
         "bench-sd15": build_bench_sd15,
         "bench-llama-1b": build_bench_llama_1b,

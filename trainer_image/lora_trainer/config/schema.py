@@ -128,6 +128,20 @@ class TrainConfig:
         None, "Data loader worker processes (default: 0 on CPU, up to 8 on a GPU).",
         aliases=("dataloader_num_workers", "max_data_loader_n_workers"), min=0, group="data",
     )
+    auto_label: bool = option(
+        False, "Caption the images that have no caption with label_model before training, into metadata.csv "
+        "in train_data_dir (or in output_dir when that folder is read-only).", group="data",
+    )
+    label_model: str = option(
+        "Salesforce/blip-image-captioning-base",
+        "Captioning model of auto_label and lora-label: a hub id, local folder or preset:tiny-blip.", group="data",
+    )
+    caption_prefix: str = option(
+        "", "Put before each new auto_label caption with ', ' (a trigger word: 'sks' -> 'sks, a photo of ...').",
+        aliases=("trigger_word",), group="data",
+    )
+    caption_suffix: str = option("", "Put after each new auto_label caption with ', '.", group="data")
+    label_batch_size: int = option(8, "Images per captioning batch.", min=1, group="data")
 
     # -- LoRA
     lora_rank: int = option(16, "LoRA rank r.", aliases=("rank", "network_dim", "lora_r"), min=1, group="lora")

@@ -29,11 +29,11 @@ from ..data.images import (
     crop_geometry,
     load_image,
     resize_and_crop,
-    scan_image_folder,
     to_tensor,
 )
 from ..data.sampler import group_by
 from ..errors import ConfigError, ModelError
+from ..labeling.auto import scan_captioned_folder
 from ..observers import ValidationResult
 from ..presets import cache_root
 from .base import DataReport, autocast, check_targets_exist, load_or_explain, lora_param_groups, resolve_local_model
@@ -162,9 +162,7 @@ class TextToImageTask:
     # -- data
     def prepare_data(self) -> DataReport:
         cfg = self.cfg
-        scan = scan_image_folder(
-            cfg.train_data_dir, cfg.metadata_path, cfg.caption_extension, cfg.image_column, cfg.caption_column
-        )
+        scan = scan_captioned_folder(cfg)  # with auto_label, captions what has none first
         self.records, self.original_sizes = scan.records, scan.sizes
         self.family = detect_family(cfg)
         self.tokenizers = load_tokenizers(cfg, self.family)

@@ -1,0 +1,1 @@
+"""Captioning images into metadata.csv: the lora-label command and the auto_label step of a run."""
