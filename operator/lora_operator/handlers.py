@@ -1,7 +1,7 @@
 """The only module that registers kopf handlers. Each one is a few lines delegating to reconcile.py.
 
-Handlers are registered by `register(registry, settings)` when the operator starts (the timer's
-interval is a setting), never at import time.
+Handlers are registered by `register(registry)` when the operator starts, never at import
+time. Running jobs are refreshed (metrics scrape) by one poller task that the startup handler starts.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import kopf
 from . import reconcile as rec
 from .login import login
 from .names import ANNOTATION_PREFIX, FINALIZER, GROUP, JOB_LABEL, MANAGED_BY, MANAGED_BY_LABEL, PLURAL, VERSION
-from .settings import Settings
-from .status import is_terminal
 
 LTJ = dict(group=GROUP, version=VERSION, plural=PLURAL)
 CHILD_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY},{JOB_LABEL}"
@@ -45,14 +43,11 @@ def wants_cleanup(spec: Any, **_: Any) -> bool:
     return (spec or {}).get("cleanupPolicy") == "DeleteOutputs"
 
 
-def not_terminal(status: Any, **_: Any) -> bool:
-    return not is_terminal(dict(status or {}))
-
-
-def register(registry: kopf.OperatorRegistry, settings: Settings) -> kopf.OperatorRegistry:
+def register(registry: kopf.OperatorRegistry) -> kopf.OperatorRegistry:
     @kopf.on.startup(registry=registry)
-    def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         configure_kopf(settings)
+        memo.ctx.start_polling()
 
     @kopf.on.login(registry=registry)
     def credentials(**_: Any) -> kopf.ConnectionInfo | None:
@@ -68,10 +63,6 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> kopf.Operat
     async def changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
         await rec.reconcile(memo.ctx, namespace, name)
 
-    @kopf.timer(**LTJ, interval=settings.poll_interval, when=not_terminal, registry=registry)
-    async def refresh(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-        await rec.reconcile(memo.ctx, namespace, name)
-
     @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS, registry=registry)
     async def child_job(namespace: str, labels: Any, memo: kopf.Memo, **_: Any) -> None:
         await rec.reconcile(memo.ctx, namespace, labels[JOB_LABEL])
@@ -81,11 +72,12 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> kopf.Operat
         await rec.reconcile(memo.ctx, namespace, labels[JOB_LABEL], seen_pod=copy.deepcopy(dict(body)))
 
     @kopf.on.event(**LTJ, registry=registry)
-    def track(event: Any, uid: str, name: str, namespace: str, status: Any, memo: kopf.Memo, **_: Any) -> None:
+    def track(event: Any, uid: str, name: str, namespace: str, status: Any, meta: Any, memo: kopf.Memo,
+              **_: Any) -> None:
         if event.get("type") == "DELETED":
             memo.ctx.forget(namespace, name, uid)
         else:
-            memo.ctx.metrics.observe_phase(uid, (status or {}).get("phase"))
+            memo.ctx.track(namespace, name, uid, dict(status or {}), bool(meta.get("deletionTimestamp")))
 
     @kopf.on.delete(**LTJ, when=wants_cleanup, timeout=900, registry=registry)
     async def delete_outputs(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

@@ -79,7 +79,7 @@ async def run(settings) -> int:
 
         tasks.append(asyncio.create_task(relay()))
         ctx.scraper = aiohttp.ClientSession()
-        registry = handlers.register(kopf.OperatorRegistry(), settings)
+        registry = handlers.register(kopf.OperatorRegistry())
         log.info("lora-operator %s starting (%s)", __version__,
                  "all namespaces" if settings.clusterwide else ", ".join(settings.watch_namespaces))
         await kopf.operator(registry=registry, memo=kopf.Memo(ctx=ctx), standalone=True,

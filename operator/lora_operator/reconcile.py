@@ -56,19 +56,61 @@ class Context:
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     samples: dict[str, tuple[str, ProgressSample, float]] = field(default_factory=dict)
     scraper: Any = None  # aiohttp.ClientSession for trainer metrics (no credentials)
+    active: set[tuple[str, str]] = field(default_factory=set)  # non-terminal jobs, refreshed by the poller
+    polling: dict[tuple[str, str], asyncio.Task] = field(default_factory=dict)
+    poller: asyncio.Task | None = None
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         return self.locks.setdefault(f"{namespace}/{name}", asyncio.Lock())
 
+    def track(self, namespace: str, name: str, uid: str, status: dict[str, Any], deleting: bool) -> None:
+        """Called on every watch event of a job: which jobs the poller refreshes."""
+        self.metrics.observe_phase(uid, status.get("phase"))
+        if deleting or is_terminal(status):
+            self.active.discard((namespace, name))
+        else:
+            self.active.add((namespace, name))
+
     def forget(self, namespace: str, name: str, uid: str | None) -> None:
+        self.active.discard((namespace, name))
         self.locks.pop(f"{namespace}/{name}", None)
         if uid:
             self.samples.pop(uid, None)
             self.metrics.forget(uid)
 
     async def close(self) -> None:
+        if self.poller is not None:
+            self.poller.cancel()
+            await asyncio.gather(self.poller, *self.polling.values(), return_exceptions=True)
+            self.poller = None
         if self.scraper is not None:
             await self.scraper.close()
+
+    def start_polling(self) -> None:
+        """Refresh every non-terminal job each poll_interval (progress comes from a scrape, not an event).
+
+        One task for all jobs rather than a kopf timer per job: kopf puts a finalizer on every object
+        with a timer, so deleting a job would hang whenever the operator is down."""
+        if self.poller is None:
+            self.poller = asyncio.create_task(self._poll_forever())
+
+    async def _poll_forever(self) -> None:
+        slots = asyncio.Semaphore(16)
+
+        async def refresh(key: tuple[str, str]) -> None:
+            async with slots:
+                try:
+                    await reconcile(self, *key)
+                except Exception as err:  # noqa: BLE001 - counted in reconcile; the next round retries
+                    log.warning("%s/%s: refresh failed: %s", key[0], key[1], err)
+                finally:
+                    self.polling.pop(key, None)
+
+        while True:
+            await asyncio.sleep(self.settings.poll_interval)
+            for key in sorted(self.active):
+                if key not in self.polling and not self.lock(*key).locked():
+                    self.polling[key] = asyncio.create_task(refresh(key))
 
 
 class ChildConflict(Exception):
@@ -157,6 +199,7 @@ async def _publish(ctx: Context, job: dict[str, Any], obs: Observed, conflict: s
     uid = job["metadata"]["uid"]
     ctx.metrics.observe_phase(uid, new.get("phase"))
     if is_terminal(new):
+        ctx.active.discard((job["metadata"]["namespace"], job["metadata"]["name"]))
         created = parse_time(job["metadata"].get("creationTimestamp"))
         done = parse_time(new.get("completionTime"))
         if created and done:

@@ -129,7 +129,7 @@ class OperatorProcess:
             try:
                 with urllib.request.urlopen(self.url + "/readyz", timeout=2) as r:
                     return r.status == 200 and self.metric("lora_operator_leader") == 1
-            except OSError:
+            except OSError:  # not listening yet
                 return False
         wait_until(ready, timeout, "lora-operator to become ready and lead")
 
