@@ -265,3 +265,34 @@ def test_loading_without_alpha_means_alpha_equals_rank():
     from lora_trainer.formats.kohya import from_kohya
 
     assert from_kohya(tensors)[("unet", "conv_in")].alpha == 2.0  # the rank
+
+
+def test_sdxl_kohya_file_uses_ldm_names_and_loads_like_the_diffusers_file(tmp_path):
+    """kohya's SDXL LoRAs name the UNet in LDM spelling (input_blocks_...) and the encoders te1/te2;
+    diffusers' SDXL loader maps them back with the UNet config."""
+    from diffusers import StableDiffusionXLPipeline
+
+    run({**SD_BASE, "base_model": "preset:tiny-sdxl"}, tmp_path, train_text_encoder=True, network_alpha=2,
+        target_modules=WIDE_TARGETS, learning_rate=5e-2, max_train_steps=2, save_steps=0, output_name="xl")
+    with safe_open(str(tmp_path / "xl.kohya.safetensors"), "pt") as handle:
+        names, meta = {k.split(".")[0] for k in handle.keys()}, handle.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert {n.split("_")[1] for n in names} == {"unet", "te1", "te2"}
+    assert any(n.startswith("lora_unet_input_blocks_") for n in names)
+    assert not any("down_blocks" in n for n in names)
+
+    def pipe(weight_name):
+        p = StableDiffusionXLPipeline.from_pretrained(preset_path("preset:tiny-sdxl"))
+        p.load_lora_weights(tmp_path, weight_name=weight_name)
+        return p
+
+    a, b = pipe("pytorch_lora_weights.safetensors"), pipe("xl.kohya.safetensors")
+    sample, t, states = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 64)
+    added = {"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]])}
+    ids = a.tokenizer_2("a red circle", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(a.unet(sample, t, states, added_cond_kwargs=added).sample,
+                              b.unet(sample, t, states, added_cond_kwargs=added).sample, atol=1e-5)
+        assert torch.equal(a.text_encoder(ids)[0], b.text_encoder(ids)[0])
+        assert torch.equal(a.text_encoder_2(ids, output_hidden_states=True).hidden_states[-2],
+                           b.text_encoder_2(ids, output_hidden_states=True).hidden_states[-2])
