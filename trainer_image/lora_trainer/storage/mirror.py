@@ -1,0 +1,167 @@
+"""The observer that mirrors a local output folder to its s3:// prefix while the run goes on.
+
+    on_start       config_backup.yaml as the user wrote it (s3:// URIs, not cache paths), then the tree
+    on_checkpoint  the checkpoint's files, its manifest.json last, keep-last-N on S3, then the tree
+    on_step        every `sync_seconds`: the tree (TensorBoard event files, EXPERIMENT.md, ...)
+    on_end         the tree, and last of all the final weights file, the marker of a finished run;
+                   after SIGTERM, only as long as the grace period allows; after a failure in setup,
+                   the tree too (config_backup.yaml, EXPERIMENT.md say what went wrong)
+
+"The tree" is every file except step checkpoints (which go as whole checkpoints) and hidden files
+(temporary files, the staging folder); a file is uploaded again only when its size or mtime changed.
+All uploads run in the Uploader's thread; the training thread only hard-links a checkpoint's files
+aside (so local pruning cannot pull them away mid-upload) and queues the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+from ..checkpoint import CHECKPOINTS, MANIFEST, atomic_write
+from ..observers import BaseObserver, RunInfo, StepStats
+from ..outputs import CONFIG_BACKUP, FINAL_WEIGHTS
+from .remote_checkpoints import prune_remote
+from .store import Store
+from .upload import Uploader
+from .uri import S3Uri
+
+log = logging.getLogger("lora_trainer")
+STAGING = ".lora-upload"
+STEP_FILE = re.compile(rf"^{CHECKPOINTS}/(state_step_\d+/.*|pytorch_lora_weights_step_\d+\.safetensors)$")
+
+
+def tree_files(root: Path) -> list[str]:
+    """Relative paths of the files the tree sync owns: not step checkpoints, not hidden, not the final marker."""
+    found = []
+    for path in root.rglob("*"):
+        rel = path.relative_to(root).as_posix()
+        if any(part.startswith(".") for part in rel.split("/")) or STEP_FILE.match(rel) or rel == FINAL_WEIGHTS:
+            continue
+        if path.is_file():
+            found.append(rel)
+    return sorted(found)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+class S3Mirror(BaseObserver):
+    def __init__(self, local: Path, remote: S3Uri, store: Store, uploader: Uploader, *, keep: int | None = None,
+                 config_yaml: str | None = None, sync_seconds: float = 60.0,
+                 grace_deadline: Callable[[], float | None] = lambda: None, clock: Callable[[], float] = time.monotonic):
+        self.local, self.remote, self.store, self.uploader = Path(local), remote, store, uploader
+        self.keep, self.config_yaml, self.sync_seconds = keep, config_yaml, sync_seconds
+        self.grace_deadline, self.clock = grace_deadline, clock
+        self.started = False
+        self.synced: dict[str, tuple[int, int]] = {}  # rel -> (size, mtime_ns) last uploaded
+        self.uploaded_checkpoints: list[int] = []
+        self.last_sync = clock()
+        self.sync_queued = False
+        self.problem: str | None = None  # why the mirror is incomplete, for the termination message
+
+    # -- observer
+    def on_start(self, info: RunInfo) -> None:
+        self.write_config_backup()
+        self.started = True
+        self.sync_soon()
+
+    def write_config_backup(self) -> None:
+        """The recipe wrote the config it ran (cache paths); S3 gets the one the user wrote (s3:// URIs)."""
+        if self.config_yaml is not None and (self.local / CONFIG_BACKUP).is_file():
+            atomic_write(self.local / CONFIG_BACKUP, lambda tmp: tmp.write_text(self.config_yaml))
+
+    def on_step(self, stats: StepStats) -> None:
+        self.uploader.check()
+        if self.clock() - self.last_sync >= self.sync_seconds:
+            self.sync_soon()
+
+    def on_checkpoint(self, step: int, paths: list[Any]) -> None:
+        staged = self.stage(step, [Path(p) for p in paths])
+        self.uploader.submit(partial(self.upload_checkpoint, step, staged))
+        self.sync_soon()
+
+    def on_end(self, summary: Any) -> None:
+        if summary.error_reason in ("StorageInvalid", "StorageUnavailable"):
+            return  # storage itself failed: more uploads would fail the same way
+        if not self.started:  # failed during setup: the record of why (EXPERIMENT.md) still goes up
+            self.write_config_backup()
+        finished = summary.error_reason is None and (self.local / FINAL_WEIGHTS).is_file()
+        interrupted = summary.error_reason == "Interrupted"
+        deadline = self.grace_deadline() if interrupted else None
+        if self.uploader.failure is None:
+            self.uploader.submit(partial(self.sync_tree, final=finished))
+        timeout = None if deadline is None else max(0.0, deadline - self.clock())
+        if not self.uploader.drain(timeout):
+            self.problem = f"uploads to {self.remote} were still running when the SIGTERM grace period ended"
+            log.warning("%s; the newest checkpoint on S3 is step %s", self.problem,
+                        self.uploaded_checkpoints[-1] if self.uploaded_checkpoints else "none")
+            return
+        if self.uploader.failure is not None:
+            self.problem = f"uploads to {self.remote} failed: {self.uploader.failure}"
+            if finished:
+                self.uploader.check()  # a finished run whose outputs did not all reach S3 is not finished
+            return
+        if finished:
+            log.info("outputs uploaded to %s", self.remote)
+
+    # -- jobs (run in the uploader thread)
+    def stage(self, step: int, paths: list[Path]) -> Path:
+        """Hard-links the checkpoint's files under .lora-upload/step_<N>/ (same relative layout)."""
+        staged = self.local / STAGING / f"step_{step}"
+        shutil.rmtree(staged, ignore_errors=True)
+        for path in paths:
+            for file in ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())):
+                link_or_copy(file, staged / file.relative_to(self.local))
+        return staged
+
+    def upload_checkpoint(self, step: int, staged: Path) -> None:
+        files = sorted(p for p in staged.rglob("*") if p.is_file())
+        pairs = [(p, self.remote.child(p.relative_to(staged).as_posix())) for p in files]
+        self.store.put_files([(p, uri) for p, uri in pairs if p.name != MANIFEST])
+        self.store.put_files([(p, uri) for p, uri in pairs if p.name == MANIFEST])  # last: now it is complete
+        shutil.rmtree(staged, ignore_errors=True)
+        self.uploaded_checkpoints.append(step)
+        pruned = prune_remote(self.store, self.remote, self.keep)
+        log.info("checkpoint %d uploaded to %s%s", step, self.remote.child(CHECKPOINTS),
+                 f"; pruned {pruned}" if pruned else "")
+
+    def sync_soon(self) -> None:
+        """Queues a tree sync unless one is already waiting; never blocks training for it."""
+        if not self.sync_queued:
+            self.sync_queued = self.uploader.submit(self.sync_tree, wait=False)
+
+    def sync_tree(self, final: bool = False) -> None:
+        self.sync_queued, self.last_sync = False, self.clock()
+        changed = []
+        for rel in tree_files(self.local):
+            stat = (self.local / rel).stat()
+            if self.synced.get(rel) != (stat.st_size, stat.st_mtime_ns):
+                changed.append((rel, (stat.st_size, stat.st_mtime_ns)))
+        if final:
+            marker = self.local / FINAL_WEIGHTS
+            stat = marker.stat()
+            changed.append((FINAL_WEIGHTS, (stat.st_size, stat.st_mtime_ns)))  # last: the run is finished
+        for batch in ([c for c in changed if c[0] != FINAL_WEIGHTS], [c for c in changed if c[0] == FINAL_WEIGHTS]):
+            if batch:
+                self.store.put_files([(self.local / rel, self.remote.child(rel)) for rel, _ in batch])
+                self.synced.update(batch)
+
+    # -- for the termination message
+    def uri_for(self, path: str | Path) -> str | None:
+        try:
+            rel = Path(path).resolve().relative_to(self.local.resolve())
+        except ValueError:
+            return None
+        return str(self.remote.child(rel.as_posix()))

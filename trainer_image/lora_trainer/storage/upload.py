@@ -1,0 +1,85 @@
+"""The background Uploader: upload jobs run one after another in their own thread, fed by a bounded queue.
+
+Training hands a checkpoint over and goes on; only when `queue_size` jobs already wait (S3 slower than checkpointing, or
+down) does submit() block, which bounds the memory and disk that pending uploads hold. A job that fails
+after its retries is kept and raised in the training thread at the next check(), so a permanent storage
+error (credentials revoked) stops the run instead of being lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Callable
+
+log = logging.getLogger("lora_trainer")
+
+
+class Uploader:
+    """A background thread running upload jobs (callables) from a bounded queue, in order."""
+
+    def __init__(self, queue_size: int = 4):
+        self.queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=queue_size)
+        self.failure: BaseException | None = None
+        self.thread: threading.Thread | None = None
+        self.blocked_seconds = 0.0  # how long submit() held the training thread
+
+    def start(self) -> "Uploader":
+        self.thread = threading.Thread(target=self._run, name="s3-uploader", daemon=True)
+        self.thread.start()
+        return self
+
+    def submit(self, job: Callable[[], None], wait: bool = True) -> bool:
+        """Queues a job; blocks while the queue is full (or returns False if wait=False)."""
+        self.check()
+        started = time.perf_counter()
+        try:
+            self.queue.put(job, block=wait)
+        except queue.Full:
+            return False
+        finally:
+            self.blocked_seconds += time.perf_counter() - started
+        return True
+
+    def check(self) -> None:
+        """Raises the error a job ended with, in the calling (training) thread."""
+        if self.failure is not None:
+            raise self.failure
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Waits until every queued job ran; False if `timeout` seconds passed first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.queue.all_tasks_done:
+            while self.queue.unfinished_tasks:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self.queue.all_tasks_done.wait(remaining)
+        return True
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stops the thread after the queued jobs (waits at most `timeout` seconds for it)."""
+        if self.thread is None:
+            return
+        try:
+            self.queue.put(None, timeout=timeout)
+        except queue.Full:
+            pass
+        self.thread.join(timeout)
+        self.thread = None
+
+    def _run(self) -> None:
+        while True:
+            job = self.queue.get()
+            try:
+                if job is None:
+                    return
+                if self.failure is None:  # after a failure the rest is skipped: it would fail the same way
+                    job()
+            except BaseException as err:  # noqa: BLE001 - handed to the training thread by check()
+                log.error("upload failed: %s", err)
+                self.failure = err
+            finally:
+                self.queue.task_done()
