@@ -16,7 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .errors import ExitCode, TrainError
+from .errors import ExitCode, Interrupted, TrainError
 
 log = logging.getLogger("lora_trainer")
 
@@ -69,6 +69,10 @@ def list_outputs(folder: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.quiet)
+    from .storage.client import redact
+    from .termination import TerminationReport
+
+    report = TerminationReport()  # written on every exit: docs/trainer-operator.md
     try:
         from .config import config_to_yaml, load_config
 
@@ -76,24 +80,34 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(config_to_yaml(cfg), end="")
             return ExitCode.OK
-        return train(cfg)
+        report.configure(cfg)
+        return train(cfg, report)
     except TrainError as err:
-        log.error("%s (exit %d, %s)", err, err.exit_code, err.reason)
-        return err.exit_code
+        log.error("%s (exit %d, %s)", redact(str(err)), err.exit_code, err.reason)
+        return report.failed(err)
     except KeyboardInterrupt:
         log.error("interrupted")
-        return ExitCode.INTERRUPTED
+        return report.failed(Interrupted("interrupted"))
+    except BaseException as err:
+        report.failed(err)  # a crash: exit 1 with its traceback, and a termination message
+        raise
+    finally:
+        report.write()
 
 
-def train(cfg) -> int:
-    from .recipe import TrainingRecipe
+def train(cfg, report=None) -> int:
+    from .launch import StopSignal, launch
+    from .termination import TerminationReport
 
-    stop = threading.Event()
+    report = report or TerminationReport()
+    stop = StopSignal()
     install_sigterm(stop)
-    summary = TrainingRecipe(cfg, stop=stop).run()
+    summary = launch(cfg, stop, report)
     log.info("done: step %d, loss %.4f; outputs:", summary.step, summary.loss if summary.loss is not None else 0.0)
-    print(list_outputs(Path(cfg.output_dir)))
-    return ExitCode.OK
+    print(list_outputs(Path(report.outputs.local_output_dir)))
+    if report.outputs.local_output_dir != cfg.output_dir:
+        log.info("uploaded to %s", cfg.output_dir)
+    return report.succeeded()
 
 
 if __name__ == "__main__":
