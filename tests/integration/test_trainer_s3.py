@@ -1,0 +1,313 @@
+"""lora-train against the real SeaweedFS: datasets from S3, every output to S3, resume after SIGTERM from
+S3 on a fresh disk, a 60 s outage mid-run, hostile keys, bad credentials, restartable downloads."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import signal
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import yaml
+from boto3.s3.transfer import TransferConfig
+from botocore.exceptions import ClientError
+from safetensors.torch import load as load_safetensors
+
+from lora_trainer.cli import main
+from lora_trainer.errors import ExitCode
+from lora_trainer.storage.client import Retry
+from lora_trainer.storage.download import Downloader
+from lora_trainer.storage.store import Store
+from lora_trainer.storage.uri import S3Uri
+
+from tests.integration.trainer_world import (SAMPLE, TrainerProcess, files_under, get_bytes, list_keys, sd_config,
+                            termination_message, upload_folder, write_config)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The standard AWS environment pointing at SeaweedFS, for in-process runs; returned for subprocesses."""
+    env = s3_server.env()
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture
+def dataset(s3_server, s3_bucket):
+    upload_folder(s3_server.client(), s3_bucket, "datasets/shapes", SAMPLE / "images")
+    return f"s3://{s3_bucket}/datasets/shapes"
+
+
+def run_inprocess(tmp_path, config: dict) -> tuple[int, dict]:
+    code = main(["--config", str(write_config(tmp_path, config))])
+    return code, termination_message(config)
+
+
+def assert_same_weights(a: bytes, b: bytes) -> None:
+    x, y = load_safetensors(a), load_safetensors(b)
+    assert x.keys() == y.keys()
+    for key in x:
+        assert x[key].equal(y[key]), f"{key} differs"
+
+
+# -- a run in S3
+def test_a_run_reads_its_dataset_from_s3_and_writes_every_output_to_s3(tmp_path, s3_server, s3_bucket, s3_env,
+                                                                         dataset):
+    client = s3_server.client()
+    config = sd_config(tmp_path, s3_bucket, max_train_steps=6, save_steps=2, keep_checkpoints=1)
+    code, message = run_inprocess(tmp_path, config)
+    assert code == ExitCode.OK, message
+
+    remote = list_keys(client, s3_bucket, "runs/shapes")
+    local = files_under(tmp_path / "cache" / "runs" / s3_bucket / "runs" / "shapes")  # the working copy
+    events = {k for k in remote if k.startswith("logs/events.out.tfevents.")}
+    required = {
+        "config_backup.yaml", "pytorch_lora_weights.safetensors",
+        "checkpoints/pytorch_lora_weights_final.safetensors", "checkpoints/pytorch_lora_weights_step_4.safetensors",
+        "checkpoints/state_step_4/manifest.json", "checkpoints/state_step_4/optimizer.safetensors",
+        "checkpoints/state_step_4/rng.safetensors", "checkpoints/state_step_4/state.json",
+    }
+    assert len(events) == 1 and required <= remote
+    assert remote == local  # every output reached S3, and nothing else did: no step 2 (keep 1), no temp files
+    assert not {k for k in remote if "step_2" in k}
+
+    backup = yaml.safe_load(get_bytes(client, f"s3://{s3_bucket}/runs/shapes/config_backup.yaml"))
+    assert backup["train_data_dir"] == dataset and backup["output_dir"] == f"s3://{s3_bucket}/runs/shapes"
+    assert backup["resume"] == "latest"  # the default for an s3:// output
+
+    assert message["status"] == "succeeded" and message["step"] == 6 and message["exitCode"] == 0
+    assert message["lastCheckpoint"] == {"step": 4, "uri": f"s3://{s3_bucket}/runs/shapes/checkpoints/state_step_4"}
+    main_weights = message["artifacts"][0]
+    assert main_weights["uri"] == f"s3://{s3_bucket}/runs/shapes/pytorch_lora_weights.safetensors"
+    for artifact in message["artifacts"]:
+        assert hashlib.sha256(get_bytes(client, artifact["uri"])).hexdigest() == artifact["sha256"]
+
+    # the finished prefix is never overwritten by accident...
+    code, message = run_inprocess(tmp_path, config)
+    assert code == ExitCode.STORAGE_INVALID
+    assert message["reason"] == "StorageInvalid" and message["permanent"] is True
+    assert "holds a finished run" in message["error"] and "overwrite: true" in message["error"]
+    assert list_keys(client, s3_bucket, "runs/shapes") == remote
+    # ...only on purpose: the earlier run's files go, a user's file stays
+    client.put_object(Bucket=s3_bucket, Key="runs/shapes/NOTES.md", Body=b"mine")
+    code, _ = run_inprocess(tmp_path, {**config, "overwrite": True, "max_train_steps": 2, "save_steps": 0})
+    assert code == ExitCode.OK
+    after = list_keys(client, s3_bucket, "runs/shapes")
+    assert "NOTES.md" in after and not {k for k in after if k.startswith("checkpoints/state_step_")}
+
+
+def test_sigterm_uploads_a_checkpoint_and_a_new_pod_resumes_from_s3_bit_for_bit(tmp_path, s3_server, s3_bucket,
+                                                                              s3_env, dataset):
+    client = s3_server.client()
+    settings = dict(max_train_steps=10, save_steps=4, logging_steps=1, sigterm_grace_seconds=20)
+    straight = TrainerProcess(tmp_path, sd_config(tmp_path / "pod0", s3_bucket, output_dir=f"s3://{s3_bucket}/straight",
+                                                  **settings), s3_env, "straight")
+    first = sd_config(tmp_path / "pod1", s3_bucket, **settings)
+    stopped = TrainerProcess(tmp_path, first, s3_env, "first")
+    try:
+        stopped.wait_for_output("step 2/10")
+        stopped.proc.send_signal(signal.SIGTERM)
+        assert stopped.wait(120) == ExitCode.INTERRUPTED == 143, stopped.output()[-3000:]
+        assert straight.wait(300) == 0, straight.output()[-3000:]
+    finally:
+        stopped.kill(), straight.kill()
+    message = termination_message(first)
+    step = message["lastCheckpoint"]["step"]
+    assert message["status"] == "interrupted" and message["reason"] == "Interrupted" and not message["permanent"]
+    assert 3 <= step < 10 and "error" not in message
+    assert message["lastCheckpoint"]["uri"] == f"s3://{s3_bucket}/runs/shapes/checkpoints/state_step_{step}"
+    assert f"checkpoints/state_step_{step}/manifest.json" in list_keys(client, s3_bucket, "runs/shapes")
+    assert "pytorch_lora_weights.safetensors" not in list_keys(client, s3_bucket, "runs/shapes")
+
+    second = sd_config(tmp_path / "pod2", s3_bucket, **settings)  # a new pod: an empty disk, S3 only
+    resumed = TrainerProcess(tmp_path, second, s3_env, "second")
+    try:
+        assert resumed.wait(300) == 0, resumed.output()[-3000:]
+    finally:
+        resumed.kill()
+    assert f"at step {step}" in resumed.output() and "resumed from" in resumed.output()
+    assert termination_message(second)["status"] == "succeeded"
+    assert_same_weights(get_bytes(client, f"s3://{s3_bucket}/runs/shapes/pytorch_lora_weights.safetensors"),
+                        get_bytes(client, f"s3://{s3_bucket}/straight/pytorch_lora_weights.safetensors"))
+
+
+@pytest.mark.slow
+def test_an_s3_outage_of_60_seconds_mid_run_loses_no_checkpoint(tmp_path, s3_server, s3_bucket, s3_env, dataset):
+    client = s3_server.client()
+    config = sd_config(tmp_path, s3_bucket, max_train_steps=30, save_steps=3, s3_upload_queue=2, logging_steps=1)
+    run = TrainerProcess(tmp_path, config, s3_env, "outage")
+    try:
+        deadline = time.monotonic() + 300
+        while "checkpoints/state_step_3/manifest.json" not in list_keys(client, s3_bucket, "runs/shapes"):
+            assert run.proc.poll() is None and time.monotonic() < deadline, run.output()[-3000:]
+            time.sleep(0.2)
+        s3_server.stop()
+        down = time.monotonic()
+        time.sleep(60)
+        assert run.proc.poll() is None, "the run gave up during the outage:\n" + run.output()[-3000:]
+        s3_server.start()
+        up = time.monotonic()
+        assert run.wait(600) == 0, run.output()[-3000:]
+    finally:
+        run.kill()
+    assert up - down >= 60
+    assert "retrying in" in run.output()  # it noticed the outage
+    remote = list_keys(client, s3_bucket, "runs/shapes")
+    for step in range(3, 30, 3):
+        assert f"checkpoints/state_step_{step}/manifest.json" in remote, f"checkpoint {step} lost"
+        assert f"checkpoints/pytorch_lora_weights_step_{step}.safetensors" in remote
+    assert "pytorch_lora_weights.safetensors" in remote
+    assert termination_message(config)["status"] == "succeeded"
+
+
+# -- hostile keys
+class ListingRewriter(ThreadingHTTPServer):
+    """A pass-through proxy to SeaweedFS that turns `DOTDOT` into `..` in listings: what AWS S3 returns for a
+    key with a `..` segment, which SeaweedFS itself refuses to store. Requests are forwarded unchanged
+    (the Host header too, so signatures still verify)."""
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream.split("://", 1)[1]
+        super().__init__(("127.0.0.1", 0), _Forward)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Forward(BaseHTTPRequestHandler):
+    def _forward(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        upstream = http.client.HTTPConnection(self.server.upstream, timeout=30)
+        upstream.request(self.command, self.path, body=body, headers=dict(self.headers))
+        response = upstream.getresponse()
+        data = response.read().replace(b"DOTDOT", b"..")
+        self.send_response(response.status)
+        for name, value in response.getheaders():
+            if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("key", ["DOTDOT/DOTDOT/escaped.png", "%2e%2e/%2e%2e/escaped.png", "\uff0e\uff0e/escaped.png"],
+                         ids=["dot-dot", "percent-encoded", "fullwidth"])
+def test_a_dataset_key_that_would_escape_the_cache_is_refused(tmp_path, s3_server, s3_bucket, s3_env, dataset,
+                                                               monkeypatch, key):
+    client = s3_server.client()
+    with pytest.raises(ClientError):  # SeaweedFS refuses a literal `..` key; AWS S3 stores it
+        client.put_object(Bucket=s3_bucket, Key="datasets/shapes/../escaped.png", Body=b"x")
+    client.put_object(Bucket=s3_bucket, Key=f"datasets/shapes/{key}", Body=b"\x89PNG escaped")
+    proxy = ListingRewriter(s3_server.endpoint_url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    try:
+        config = sd_config(tmp_path / "pod", s3_bucket)
+        (tmp_path / "pod").mkdir()
+        code, message = run_inprocess(tmp_path, config)
+    finally:
+        proxy.shutdown()
+    assert code == ExitCode.DATASET_INVALID
+    assert message["reason"] == "DatasetInvalid" and message["permanent"] is True
+    assert "refusing object key" in message["error"] and "Nothing was downloaded" in message["error"]
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and "escaped" in p.name] == []
+    assert not (tmp_path / "pod" / "cache" / "s3").exists() or not any(
+        p.is_file() for p in (tmp_path / "pod" / "cache" / "s3").rglob("*"))  # not one object fetched
+    assert list_keys(client, s3_bucket, "runs/shapes") == set()  # and no output started
+
+
+# -- credentials
+@pytest.mark.parametrize("problem", ["wrong-secret", "missing-bucket"])
+def test_wrong_credentials_or_a_missing_bucket_fail_fast_and_permanently(tmp_path, s3_bucket, s3_env, dataset,
+                                                                         monkeypatch, caplog, problem):
+    secret = "not-the-secret-Zq93kdL"
+    if problem == "wrong-secret":
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+        config = sd_config(tmp_path, s3_bucket)
+    else:
+        config = sd_config(tmp_path, s3_bucket, output_dir="s3://no-such-bucket-here/runs/x")
+    started = time.monotonic()
+    code, message = run_inprocess(tmp_path, config)
+    assert time.monotonic() - started < 15  # no retrying a permanent error, no model loaded first
+    assert code == ExitCode.STORAGE_INVALID == 6
+    assert message["reason"] == "StorageInvalid" and message["permanent"] is True
+    expected = "wrong credentials or no permission" if problem == "wrong-secret" else "the bucket does not exist"
+    assert expected in message["error"]
+    assert secret not in str(message) and secret not in caplog.text
+    assert s3_env["AWS_SECRET_ACCESS_KEY"] not in str(message) + caplog.text
+
+
+# -- downloads
+def test_downloads_are_verified_incremental_and_survive_a_restart_half_way(tmp_path, s3_server, s3_bucket):
+    client = s3_server.client()
+    blobs = {f"data/part-{i:02d}.bin": os.urandom(1000 + 7919 * i) for i in range(24)}
+    for key, body in blobs.items():
+        client.put_object(Bucket=s3_bucket, Key=key, Body=body)
+    big = os.urandom(12 * 1024 * 1024 + 5)
+    (tmp_path / "big").write_bytes(big)
+    client.upload_file(str(tmp_path / "big"), s3_bucket, "data/big.safetensors",
+                       Config=TransferConfig(multipart_threshold=5 * 2**20, multipart_chunksize=5 * 2**20))
+    blobs["data/big.safetensors"] = big
+    assert client.head_object(Bucket=s3_bucket, Key="data/big.safetensors")["ETag"].endswith('-3"')
+    uri, cache = S3Uri.parse(f"s3://{s3_bucket}/data"), tmp_path / "cache"
+
+    fetched = []
+
+    class Killed(BaseException):
+        """The pod dies half-way (raised from inside the download loop, like a SIGKILL would stop it)."""
+
+    def die_after_eight(obj):
+        fetched.append(obj.key)
+        if len(fetched) == 8:
+            raise Killed
+
+    with pytest.raises(Killed):
+        Downloader(s3_server.client(), cache, Retry(seconds=30), concurrency=4).download(uri, on_file=die_after_eight)
+    (cache / "tmp" / "half-written").write_bytes(b"partial")  # what a killed transfer leaves behind
+
+    downloader = Downloader(s3_server.client(), cache, Retry(seconds=30), concurrency=8)
+    folder, stats = downloader.download(uri)
+    assert stats.skipped == len(fetched) and stats.files == len(blobs) - len(fetched)
+    assert {f"data/{p}" for p in files_under(folder)} == set(blobs)
+    for key, body in blobs.items():
+        assert (folder / key.split("/", 1)[1]).read_bytes() == body
+    assert list((cache / "tmp").iterdir()) == []
+
+    _, stats = downloader.download(uri)
+    assert (stats.files, stats.skipped) == (0, len(blobs))  # unchanged: nothing fetched
+    client.put_object(Bucket=s3_bucket, Key="data/part-00.bin", Body=b"changed")
+    client.delete_object(Bucket=s3_bucket, Key="data/part-01.bin")
+    (folder / "part-02.bin").write_bytes(b"tampered locally")
+    _, stats = downloader.download(uri)
+    assert (stats.files, stats.removed) == (2, 1)
+    assert (folder / "part-00.bin").read_bytes() == b"changed" and not (folder / "part-01.bin").exists()
+    assert (folder / "part-02.bin").read_bytes() == blobs["data/part-02.bin"]
+
+
+def test_large_files_upload_multipart_and_come_back_intact(tmp_path, s3_server, s3_bucket):
+    body = os.urandom(11 * 1024 * 1024)
+    (tmp_path / "w.safetensors").write_bytes(body)
+    store = Store(s3_server.client(), Retry(seconds=10), concurrency=4, multipart_threshold=5 * 2**20,
+                  part_size=5 * 2**20)
+    target = S3Uri.parse(f"s3://{s3_bucket}/out/w.safetensors")
+    store.put_files([(tmp_path / "w.safetensors", target)])
+    store.close()
+    head = s3_server.client().head_object(Bucket=s3_bucket, Key=target.key)
+    assert head["ETag"].strip('"').endswith("-3")  # three parts
+    path, _ = Downloader(s3_server.client(), tmp_path / "cache", Retry(seconds=10)).download(target)
+    assert path.read_bytes() == body

@@ -1,0 +1,101 @@
+"""Helpers for running lora-train against the real SeaweedFS, Prometheus and Pushgateway of the fixtures:
+in-process through cli.main (fast), or as a real process (signals, outages, metrics scraped from outside)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "trainer_image" / "lora_trainer" / "sample_data"
+
+
+def sd_config(tmp_path: Path, bucket: str | None, **overrides) -> dict:
+    """A tiny text-to-image run on the bundled images, reading and writing S3 when `bucket` is given."""
+    config = {
+        "base_model": "preset:tiny-sd", "resolution": 16, "lora_rank": 4, "batch_size": 2, "learning_rate": 1e-3,
+        "seed": 7, "max_train_steps": 6, "save_steps": 2, "metrics_port": 0,
+        "train_data_dir": f"s3://{bucket}/datasets/shapes" if bucket else str(SAMPLE / "images"),
+        "output_dir": f"s3://{bucket}/runs/shapes" if bucket else str(tmp_path / "out"),
+        "s3_cache_dir": str(tmp_path / "cache"),
+        "termination_message_path": str(tmp_path / "termination-log"),
+    }
+    return {**config, **overrides}
+
+
+def write_config(tmp_path: Path, config: dict, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def termination_message(config: dict) -> dict:
+    text = Path(config["termination_message_path"]).read_text()
+    assert text.endswith("\n") and text.count("\n") == 1, text
+    return json.loads(text)
+
+
+def upload_folder(client, bucket: str, prefix: str, folder: Path) -> list[str]:
+    keys = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        key = f"{prefix}/{path.relative_to(folder).as_posix()}"
+        client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+        keys.append(key)
+    return keys
+
+
+def list_keys(client, bucket: str, prefix: str) -> set[str]:
+    """Keys under prefix/, relative to it."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
+    return {o["Key"][len(prefix.rstrip("/")) + 1:] for page in pages for o in page.get("Contents", [])}
+
+
+def get_bytes(client, uri: str) -> bytes:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def files_under(folder: Path) -> set[str]:
+    """Relative paths of the non-hidden files under folder (what a run produced locally)."""
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+
+
+class TrainerProcess:
+    """`python -m lora_trainer.cli --config cfg.yaml` as a real process, its log in a file."""
+
+    def __init__(self, tmp_path: Path, config: dict, env: dict, name: str = "run"):
+        self.config_path = write_config(tmp_path, config, f"{name}.yaml")
+        self.log_path = tmp_path / f"{name}.log"
+        self.log = self.log_path.open("w")
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **env}
+        self.proc = subprocess.Popen([sys.executable, "-m", "lora_trainer.cli", "--config", str(self.config_path)],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=full_env, cwd=str(REPO))
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_for_output(self, text: str, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            assert self.proc.poll() is None, f"exited {self.proc.returncode} before {text!r}:\n{self.output()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {text!r} after {timeout}s:\n{self.output()[-3000:]}"
+            time.sleep(0.1)
+
+    def wait(self, timeout: float = 300) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.log.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
