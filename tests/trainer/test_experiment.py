@@ -168,3 +168,14 @@ def test_loss_not_falling(values, flat):
 
 def test_ema_is_debiased_like_tensorboard():
     assert ema([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
+
+
+def test_record_shows_validation_losses_and_samples(tmp_path):
+    run(LLM_BASE, tmp_path / "llm", max_train_steps=4, save_steps=0, validation_split=0.25, validation_steps=2)
+    text = (tmp_path / "llm" / "EXPERIMENT.md").read_text()
+    validation = scalars(tmp_path / "llm", "loss/validation")
+    assert [s for s, _ in validation] == [2, 4]
+    assert close(field(text, "Final validation loss"), validation[-1][1])
+    run(SD_BASE, tmp_path / "sd", max_train_steps=2, save_steps=0, validation_prompts=["a red circle"],
+        validation_steps=2, validation_inference_steps=2)
+    assert "Validation samples: 1 image(s) under `samples/`" in (tmp_path / "sd" / "EXPERIMENT.md").read_text()

@@ -266,7 +266,12 @@ def output_lines(summary: Any, out: Path) -> list[str]:
     if not summary.artifacts:
         lines = ["No final weights were written."]
     steps = ", ".join(str(s) for s in summary.checkpoints) or "none"
-    return lines + ["", f"Checkpoints written at steps: {steps} (under `checkpoints/`)."]
+    lines += ["", f"Checkpoints written at steps: {steps} (under `checkpoints/`)."]
+    samples = sorted((out / "samples").glob("*.png")) if (out / "samples").is_dir() else []
+    if samples:
+        lines += ["", f"Validation samples: {len(samples)} image(s) under `samples/`, e.g. "
+                      f"![{samples[-1].name}](samples/{samples[-1].name})"]
+    return lines
 
 
 def render(record: ExperimentRecord, summary: Any, has_curve: bool) -> str:
