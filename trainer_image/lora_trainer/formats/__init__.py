@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ import torch
 from ..errors import ModelError
 from .kohya import from_kohya, is_kohya, kohya_metadata, to_kohya
 from .lora import LoraSet, LoraWeight, from_diffusers, to_diffusers
+
+log = logging.getLogger("lora_trainer")
 
 FORMATS = ("diffusers", "kohya")
 PEFT_PREFIX = "base_model.model."
@@ -176,9 +179,13 @@ def write_extra_formats(cfg, weights: dict[str, torch.Tensor], meta: dict[str, s
         return written
     from ..outputs import kohya_name
 
-    lora = LoraFile(from_diffusers(weights, meta), dict(meta), "diffusers")
-    # kohya's SDXL LoRAs name UNet modules in LDM spelling (its SDXL UNet is the original one)
-    unet_config = load_unet_config(cfg) if meta.get("model_family") == "sdxl" else None
-    path = write_lora(out / kohya_name(cfg), lora, "kohya", unet_config, training=training_metadata(cfg))
+    try:
+        lora = LoraFile(from_diffusers(weights, meta), dict(meta), "diffusers")
+        # kohya's SDXL LoRAs name UNet modules in LDM spelling (its SDXL UNet is the original one)
+        unet_config = load_unet_config(cfg) if meta.get("model_family") == "sdxl" else None
+        path = write_lora(out / kohya_name(cfg), lora, "kohya", unet_config, training=training_metadata(cfg))
+    except ModelError as err:  # the run's own weights stay the result; a missing extra format must not undo it
+        log.error("%s was not written: %s", kohya_name(cfg), err)
+        return written
     written.append((path, "kohya"))
     return written
