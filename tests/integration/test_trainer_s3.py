@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import re
 import signal
 import threading
 import time
@@ -138,6 +139,37 @@ def test_sigterm_uploads_a_checkpoint_and_a_new_pod_resumes_from_s3_bit_for_bit(
                         get_bytes(client, f"s3://{s3_bucket}/straight/pytorch_lora_weights.safetensors"))
 
 
+def test_sigterm_during_an_s3_outage_exits_within_the_grace_period(tmp_path, s3_server, s3_bucket, s3_env,
+                                                                    dataset):
+    client = s3_server.client()
+    config = sd_config(tmp_path, s3_bucket, max_train_steps=60, save_steps=2, logging_steps=1,
+                       sigterm_grace_seconds=5)
+    run = TrainerProcess(tmp_path, config, s3_env, "grace")
+    try:
+        deadline = time.monotonic() + 300
+        while "checkpoints/state_step_2/manifest.json" not in list_keys(client, s3_bucket, "runs/shapes"):
+            assert run.proc.poll() is None and time.monotonic() < deadline, run.output()[-3000:]
+            time.sleep(0.2)
+        s3_server.stop()
+        run.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        code = run.wait(120)
+        elapsed = time.monotonic() - signalled
+    finally:
+        run.kill()
+        s3_server.start()
+    assert code == ExitCode.INTERRUPTED, run.output()[-3000:]
+    assert elapsed < 5 + 15, f"exit took {elapsed:.1f} s after SIGTERM with a 5 s grace period"
+    message = termination_message(config)
+    assert message["status"] == "interrupted" and "grace period" in message["error"]
+    stopped_at = int(re.search(r"stopped by SIGTERM at step (\d+)", run.output()).group(1))
+    remote = list_keys(client, s3_bucket, "runs/shapes")
+    last = message["lastCheckpoint"]["step"]
+    assert 2 <= last < stopped_at  # the newest checkpoint that reached S3, not the one that could not
+    assert f"checkpoints/state_step_{last}/manifest.json" in remote
+    assert f"checkpoints/state_step_{stopped_at}/manifest.json" not in remote
+
+
 @pytest.mark.slow
 def test_an_s3_outage_of_60_seconds_mid_run_loses_no_checkpoint(tmp_path, s3_server, s3_bucket, s3_env, dataset):
     client = s3_server.client()
@@ -207,18 +239,14 @@ class _Forward(BaseHTTPRequestHandler):
 
 @pytest.mark.parametrize("key", ["DOTDOT/DOTDOT/escaped.png", "%2e%2e/%2e%2e/escaped.png", "\uff0e\uff0e/escaped.png"],
                          ids=["dot-dot", "percent-encoded", "fullwidth"])
-def test_a_dataset_key_that_would_escape_the_cache_is_refused(tmp_path, s3_server, s3_bucket, s3_env, dataset,
-                                                               monkeypatch, key):
+def test_a_dataset_key_that_would_escape_the_cache_is_refused(tmp_path, s3_server, s3_bucket, s3_env, dataset, key):
     client = s3_server.client()
     with pytest.raises(ClientError):  # SeaweedFS refuses a literal `..` key; AWS S3 stores it
         client.put_object(Bucket=s3_bucket, Key="datasets/shapes/../escaped.png", Body=b"x")
     client.put_object(Bucket=s3_bucket, Key=f"datasets/shapes/{key}", Body=b"\x89PNG escaped")
     proxy = ListingRewriter(s3_server.endpoint_url)
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-    try:
-        config = sd_config(tmp_path / "pod", s3_bucket)
-        (tmp_path / "pod").mkdir()
+    try:  # the config key wins over AWS_ENDPOINT_URL_S3 (which points at SeaweedFS directly)
+        config = sd_config(tmp_path / "pod", s3_bucket, s3_endpoint_url=proxy.url)
         code, message = run_inprocess(tmp_path, config)
     finally:
         proxy.shutdown()

@@ -27,7 +27,7 @@ from ..errors import StorageError, StorageUnavailableError
 log = logging.getLogger("lora_trainer")
 T = TypeVar("T")
 
-THROTTLING = frozenset({
+TRANSIENT_CODES = frozenset({
     "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException", "SlowDown",
     "TooManyRequestsException", "RequestLimitExceeded", "RequestThrottled", "ProvisionedThroughputExceededException",
     "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable", "PriorRequestNotComplete",
@@ -85,7 +85,7 @@ def classify(err: BaseException) -> Kind | None:
         return Kind.PERMANENT
     if isinstance(err, bx.ClientError):
         code, status = error_code(err)
-        if code in THROTTLING or status in (408, 429) or (status or 0) >= 500:
+        if code in TRANSIENT_CODES or status in (408, 429) or (status or 0) >= 500:
             return Kind.TRANSIENT
         if code in ("NoSuchKey", "NotFound") or (status == 404 and code in ("404", "")):
             return Kind.NOT_FOUND

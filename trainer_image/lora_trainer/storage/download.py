@@ -6,14 +6,17 @@
 
 Every key of a listing is checked before anything is written, so a hostile key (`../x`) stops the
 download with nothing written. Objects download in parallel (`concurrency` requests at once); a
-multipart-uploaded object downloads part by part in parallel too. Each request hashes its bytes as they
-arrive, so an object is checked against its ETag (the MD5, or for a multipart upload the MD5 of the
-parts' MD5s) without reading it again. Where S3 sends a full-object checksum (CRC32, ...: what current
-SDKs store) botocore checks it while the body streams, and the MD5 is skipped; where the ETag is not an
-MD5 (SSE-KMS, some stores) a stored checksum is checked, else the size. An object is skipped when the index holds its ETag and size and the
-local file is the one that was written; so a restart half-way fetches only what is missing, and a
-partial transfer never reaches the dataset folder. Objects deleted from S3 since the last download
-are removed from the cache, so a deleted image is not trained on.
+multipart-uploaded object downloads part by part in parallel too.
+
+Verification costs no second read: where S3 sends a full-object checksum (CRC32, ...: what current SDKs
+store) botocore checks it while the body streams; otherwise each request hashes its bytes as they
+arrive and the object must match its ETag (the MD5, or for a multipart upload the MD5 of the parts'
+MD5s). Where the ETag is not an MD5 (SSE-KMS, some stores) a stored checksum is checked, else the size.
+
+An object is skipped when the index holds its ETag and size and the local file is the one that was
+written; so a restart half-way fetches only what is missing, and a partial transfer never reaches the
+dataset folder. Objects deleted from S3 since the last download are removed from the cache, so a
+deleted image is not trained on.
 """
 
 from __future__ import annotations
@@ -142,11 +145,11 @@ def plan_units(obj: RemoteObject, part_size: int | None) -> list[Unit]:
 def fetch_unit(client: Any, bucket: str, unit: Unit, path: Path) -> bytes | None:
     """GETs one unit into `path` at its offset; returns the MD5 digest of its bytes, or None when botocore
     checked the body against the object's full-object checksum (CRC32/CRC64/SHA) while it streamed."""
+    from botocore.httpchecksum import StreamingChecksumBody  # raises FlexibleChecksumError on a mismatch
+
     extra = {"PartNumber": unit.part} if unit.part else {}
-    response = client.get_object(Bucket=bucket, Key=unit.obj.key, **extra)
-    body, offset = response["Body"], unit.offset
-    checked = type(body).__name__ == "StreamingChecksumBody"  # raises FlexibleChecksumError on a mismatch
-    digest = None if checked else md5()
+    body = client.get_object(Bucket=bucket, Key=unit.obj.key, **extra)["Body"]
+    digest, offset = None if isinstance(body, StreamingChecksumBody) else md5(), unit.offset
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         for chunk in body.iter_chunks(1 << 20):

@@ -92,6 +92,11 @@ class S3Mirror(BaseObserver):
         self.uploader.submit(partial(self.upload_checkpoint, step, staged))
         self.sync_soon()
 
+    def sync_soon(self) -> None:
+        """Queues a tree sync unless one is already waiting; never blocks training for it."""
+        if not self.sync_queued:
+            self.sync_queued = self.uploader.submit(self.sync_tree, wait=False)
+
     def on_end(self, summary: Any) -> None:
         if summary.error_reason in ("StorageInvalid", "StorageUnavailable"):
             return  # storage itself failed: more uploads would fail the same way
@@ -116,9 +121,9 @@ class S3Mirror(BaseObserver):
         if finished:
             log.info("outputs uploaded to %s", self.remote)
 
-    # -- jobs (run in the uploader thread)
     def stage(self, step: int, paths: list[Path]) -> Path:
-        """Hard-links the checkpoint's files under .lora-upload/step_<N>/ (same relative layout)."""
+        """Hard-links the checkpoint's files under .lora-upload/step_<N>/ (same relative layout): cheap, and
+        pruning by the recipe cannot pull them away before they are uploaded."""
         staged = self.local / STAGING / f"step_{step}"
         shutil.rmtree(staged, ignore_errors=True)
         for path in paths:
@@ -126,6 +131,7 @@ class S3Mirror(BaseObserver):
                 link_or_copy(file, staged / file.relative_to(self.local))
         return staged
 
+    # -- jobs (run in the uploader thread)
     def upload_checkpoint(self, step: int, staged: Path) -> None:
         files = sorted(p for p in staged.rglob("*") if p.is_file())
         pairs = [(p, self.remote.child(p.relative_to(staged).as_posix())) for p in files]
@@ -137,10 +143,6 @@ class S3Mirror(BaseObserver):
         log.info("checkpoint %d uploaded to %s%s", step, self.remote.child(CHECKPOINTS),
                  f"; pruned {pruned}" if pruned else "")
 
-    def sync_soon(self) -> None:
-        """Queues a tree sync unless one is already waiting; never blocks training for it."""
-        if not self.sync_queued:
-            self.sync_queued = self.uploader.submit(self.sync_tree, wait=False)
 
     def sync_tree(self, final: bool = False) -> None:
         self.sync_queued, self.last_sync = False, self.clock()

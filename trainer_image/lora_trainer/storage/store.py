@@ -8,6 +8,7 @@ from typing import Any
 
 from s3transfer.manager import TransferConfig, TransferManager
 
+from ..errors import StorageUnavailableError
 from .client import Retry
 from .uri import S3Uri
 
@@ -25,9 +26,12 @@ class Store:
         self.config = TransferConfig(multipart_threshold=multipart_threshold, multipart_chunksize=part_size,
                                      max_request_concurrency=concurrency)
         self._manager: TransferManager | None = None
+        self._closed = False
 
     @property
     def manager(self) -> TransferManager:
+        if self._closed:  # an upload still retrying at exit must not start new transfer threads
+            raise StorageUnavailableError("the S3 store was closed (the trainer is exiting)")
         if self._manager is None:
             self._manager = TransferManager(self.client, self.config)
         return self._manager
@@ -98,6 +102,8 @@ class Store:
                             f"delete {len(batch)} object(s) in s3://{bucket}")
 
     def close(self) -> None:
+        """Cancels what is still queued (only a run cut short has any) and stops the transfer threads."""
+        self._closed = True
         if self._manager is not None:
-            self._manager.shutdown()
+            self._manager.shutdown(cancel=True, cancel_msg="the trainer is exiting")
             self._manager = None
