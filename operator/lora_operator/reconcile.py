@@ -19,7 +19,7 @@ import kopf
 
 from . import builders
 from .kube import ApiClient, ApiError, core_path, group_path
-from .names import COMPONENT_LABEL, JOB_LABEL, Children, ltj_path
+from .names import API_VERSION, COMPONENT_LABEL, JOB_LABEL, KIND, Children, ltj_path
 from .observability import OperatorMetrics
 from .progress import ProgressSample, scrape, with_rate
 from .settings import Settings
@@ -40,8 +40,20 @@ from .status import (
 log = logging.getLogger("lora_operator")
 
 
-def post_kopf_event(body: dict[str, Any], event: Transition) -> None:
-    kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+def build_event(job: dict[str, Any], event: Transition, now: datetime, instance: str) -> dict[str, Any]:
+    """A core/v1 Event about a LoRATrainingJob (what `kubectl describe ltj` and `kubectl get events` show)."""
+    meta = job["metadata"]
+    stamp = now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {"apiVersion": job.get("apiVersion") or API_VERSION, "kind": job.get("kind") or KIND,
+                           "name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]},
+        "type": event.type, "reason": event.reason, "message": event.message[:1024],
+        "count": 1, "firstTimestamp": stamp, "lastTimestamp": stamp,
+        "source": {"component": "lora-operator"},
+        "reportingComponent": "lora-operator", "reportingInstance": instance[:128],
+    }
 
 
 @dataclass
@@ -51,7 +63,6 @@ class Context:
     settings: Settings
     api: ApiClient
     metrics: OperatorMetrics
-    post_event: Callable[[dict[str, Any], Transition], None] = post_kopf_event
     now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     samples: dict[str, tuple[str, ProgressSample, float]] = field(default_factory=dict)
@@ -59,6 +70,15 @@ class Context:
     active: set[tuple[str, str]] = field(default_factory=set)  # non-terminal jobs, refreshed by the poller
     polling: dict[tuple[str, str], asyncio.Task] = field(default_factory=dict)
     poller: asyncio.Task | None = None
+
+    async def post_event(self, job: dict[str, Any], event: Transition) -> None:
+        """Record an Event; best effort (a lost Event must never fail a reconcile)."""
+        body = build_event(job, event, self.now(), self.settings.identity or "lora-operator")
+        try:
+            await self.api.create(core_path("events", job["metadata"]["namespace"]), body)
+        except (ApiError, OSError, asyncio.TimeoutError) as err:
+            log.warning("event %s for %s/%s not recorded: %s", event.reason, job["metadata"]["namespace"],
+                        job["metadata"]["name"], err)
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         return self.locks.setdefault(f"{namespace}/{name}", asyncio.Lock())
@@ -195,7 +215,7 @@ async def _publish(ctx: Context, job: dict[str, Any], obs: Observed, conflict: s
         return
     await _patch_status(ctx, job, status_patch(old, new))
     for event in transitions(old, new):
-        ctx.post_event(job, event)
+        await ctx.post_event(job, event)
     uid = job["metadata"]["uid"]
     ctx.metrics.observe_phase(uid, new.get("phase"))
     if is_terminal(new):
@@ -231,16 +251,22 @@ async def _ensure_config_map(ctx: Context, job: dict[str, Any], allow_overwrite:
 
 
 async def _ensure(ctx: Context, body: dict[str, Any], collection: str, owner_uid: str) -> dict[str, Any]:
-    """Create a child; if its name exists, adopt it when no one controls it, else refuse."""
+    """Read a child, creating it when missing; a name taken by an uncontrolled object is adopted, one
+    controlled by someone else is refused. (GET first: in the steady state the child exists.)"""
     name = body["metadata"]["name"]
     try:
-        created = await ctx.api.create(collection, body)
-        log.info("created %s %s/%s", body["kind"], body["metadata"].get("namespace"), name)
-        return created
+        existing = await ctx.api.get(f"{collection}/{name}")
     except ApiError as err:
-        if err.status != 409:
+        if err.status != 404:
             raise
-    existing = await ctx.api.get(f"{collection}/{name}")
+        try:
+            created = await ctx.api.create(collection, body)
+            log.info("created %s %s/%s", body["kind"], body["metadata"].get("namespace"), name)
+            return created
+        except ApiError as err2:
+            if err2.status != 409:
+                raise
+        existing = await ctx.api.get(f"{collection}/{name}")  # created meanwhile: adopt below
     refs = existing["metadata"].get("ownerReferences") or []
     controller = next((r for r in refs if r.get("controller")), None)
     if controller is None:
@@ -294,7 +320,7 @@ async def delete_outputs(ctx: Context, job: dict[str, Any]) -> None:
         if err.status != 404:
             raise
         await api.create(jobs, builders.build_cleanup_job(job, ctx.settings))
-        ctx.post_event(job, Transition("Normal", "DeletingOutputs",
+        await ctx.post_event(job, Transition("Normal", "DeletingOutputs",
                                        f"deleting {job['spec']['output']['uri']} (cleanupPolicy DeleteOutputs)"))
         raise kopf.TemporaryError("deleting the outputs", delay=2) from None
     owner = (cleanup["metadata"].get("annotations") or {}).get("lora-operator.io/owner-uid")
@@ -308,6 +334,6 @@ async def delete_outputs(ctx: Context, job: dict[str, Any]) -> None:
         return
     if "Failed" in conditions:
         message = conditions["Failed"].get("message") or conditions["Failed"].get("reason")
-        ctx.post_event(job, Transition("Warning", "DeleteOutputsFailed", f"the cleanup Job failed: {message}"))
+        await ctx.post_event(job, Transition("Warning", "DeleteOutputsFailed", f"the cleanup Job failed: {message}"))
         raise kopf.PermanentError(f"deleting the outputs failed: {message}")
     raise kopf.TemporaryError("deleting the outputs", delay=2)

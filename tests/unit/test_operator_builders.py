@@ -233,3 +233,18 @@ def test_cleanup_job_deletes_the_output_prefix_with_the_jobs_credentials():
     names = {e["name"] for e in container["env"]}
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3"} <= names
     compile(builders.CLEANUP_SCRIPT, "cleanup", "exec")
+
+
+def test_events_name_the_job_they_are_about():
+    from datetime import datetime, timezone
+
+    from lora_operator.reconcile import build_event
+    from lora_operator.status import Transition
+
+    event = build_event(ltj(), Transition("Warning", "OOMKilled", "pod x ran out of memory"),
+                        datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc), "operator-0")
+    assert event["involvedObject"] == {"apiVersion": "lora-operator.io/v1alpha1", "kind": "LoRATrainingJob",
+                                       "name": "cats", "namespace": "team-a", "uid": "uid-123"}
+    assert (event["type"], event["reason"], event["message"]) == ("Warning", "OOMKilled", "pod x ran out of memory")
+    assert event["metadata"] == {"generateName": "cats.", "namespace": "team-a"}
+    assert event["firstTimestamp"] == event["lastTimestamp"] == "2026-01-02T03:04:05Z"
