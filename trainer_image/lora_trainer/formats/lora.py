@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 
@@ -167,13 +166,6 @@ def adapter_configs(loras: LoraSet) -> dict:
     return out
 
 
-def components(loras: LoraSet) -> list[str]:
-    return sorted({c for c, _ in loras})
-
-
 def only(loras: LoraSet, component: str) -> dict[str, LoraWeight]:
     return {path: w for (c, path), w in loras.items() if c == component}
 
-
-def strip_prefix(paths: Iterable[str], prefix: str) -> list[str]:
-    return [p[len(prefix):] if p.startswith(prefix) else p for p in paths]
