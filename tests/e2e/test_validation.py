@@ -122,3 +122,9 @@ def test_started_job_is_immutable_but_suspend_is_not(jobs):
     assert jobs.apply(relabelled).returncode == 0
     assert jobs.kubectl("patch", "ltj", "frozen", "--type=merge", "-p", '{"spec":{"suspend":false}}').returncode == 0
     jobs.kubectl("delete", "ltj", "frozen", "--wait=false")
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (env.REPO / "examples").glob("loratrainingjob-*.yaml")))
+def test_examples_are_accepted(kube_cluster, lora_crd, namespace, example):
+    out = kube_cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", env.REPO / "examples" / example)
+    assert "created (server dry run)" in out.stdout
