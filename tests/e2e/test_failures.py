@@ -133,3 +133,22 @@ def test_image_that_cannot_be_pulled_is_reported(jobs):
     status = jobs.wait_phase("no-image", "Pending", 120, reason="ImagePullFailed")
     assert "registry.invalid/nothing:1" in status["message"] or "ImagePull" in status["message"]
     assert any(e["reason"] == "ImagePullFailed" for e in jobs.events("no-image"))
+
+
+def test_config_the_trainer_refuses_fails_before_any_pod(jobs):
+    # valid for the CRD, invalid for the trainer's cross-field check (resolution outside the bucket range)
+    jobs.apply(env.sd_manifest("mis-bucketed", jobs.bucket, dataset={
+        "uri": f"s3://{jobs.bucket}/data/images", "resolution": 32,
+        "bucketing": {"enabled": True, "minResolution": 64, "maxResolution": 128}}))
+    status = jobs.wait_phase("mis-bucketed", "Failed", 60, reason="ConfigInvalid")
+    assert "resolution" in status["message"] and "min_bucket_reso" in status["message"]
+    assert jobs.pods("mis-bucketed") == [] and jobs.get("mis-bucketed-train", kind="job") is None
+    assert jobs.wait_condition("mis-bucketed", "Failed", 10).returncode == 0
+
+
+def test_out_of_memory_is_reported_with_the_pods_own_reason(jobs):
+    jobs.apply(env.sd_manifest("tight", jobs.bucket, backoffLimit=0, resources={"gpus": 0, "memory": "150Mi"}))
+    assert jobs.wait_condition("tight", "Failed", 300).returncode == 0
+    status = jobs.status("tight")
+    assert (status["phase"], status["reason"]) == ("Failed", "BackoffLimitExceeded")
+    assert "OOMKilled" in status["message"] and "spec.resources.memory" in status["message"]
