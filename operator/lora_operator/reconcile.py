@@ -67,7 +67,8 @@ class Context:
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     samples: dict[str, tuple[str, ProgressSample, float]] = field(default_factory=dict)
     scraper: Any = None  # aiohttp.ClientSession for trainer metrics (no credentials)
-    active: set[tuple[str, str]] = field(default_factory=set)  # non-terminal jobs, refreshed by the poller
+    active: dict[tuple[str, str], str] = field(default_factory=dict)  # non-terminal jobs -> phase
+    last_poll: dict[tuple[str, str], float] = field(default_factory=dict)
     polling: dict[tuple[str, str], asyncio.Task] = field(default_factory=dict)
     poller: asyncio.Task | None = None
 
@@ -87,12 +88,13 @@ class Context:
         """Called on every watch event of a job: which jobs the poller refreshes."""
         self.metrics.observe_phase(uid, status.get("phase"))
         if deleting or is_terminal(status):
-            self.active.discard((namespace, name))
+            self.active.pop((namespace, name), None)
         else:
-            self.active.add((namespace, name))
+            self.active[(namespace, name)] = Phase.parse(status.get("phase")).value
 
     def forget(self, namespace: str, name: str, uid: str | None) -> None:
-        self.active.discard((namespace, name))
+        self.active.pop((namespace, name), None)
+        self.last_poll.pop((namespace, name), None)
         self.locks.pop(f"{namespace}/{name}", None)
         if uid:
             self.samples.pop(uid, None)
@@ -107,12 +109,22 @@ class Context:
             await self.scraper.close()
 
     def start_polling(self) -> None:
-        """Refresh every non-terminal job each poll_interval (progress comes from a scrape, not an event).
+        """Refresh running jobs each poll_interval (progress comes from a scrape, not from an event).
 
-        One task for all jobs rather than a kopf timer per job: kopf puts a finalizer on every object
-        with a timer, so deleting a job would hang whenever the operator is down."""
+        Other non-terminal jobs change through events (their pods' and Jobs'), so they are only
+        re-synced every resync_interval. One task for all jobs rather than a kopf timer per job: kopf
+        puts a finalizer on every object with a timer, so `kubectl delete` would hang while the
+        operator is down."""
         if self.poller is None:
             self.poller = asyncio.create_task(self._poll_forever())
+
+    @property
+    def resync_interval(self) -> float:
+        return max(30.0, 6 * self.settings.poll_interval)
+
+    def due(self, key: tuple[str, str], phase: str, now: float) -> bool:
+        every = self.settings.poll_interval if phase == Phase.RUNNING.value else self.resync_interval
+        return now - self.last_poll.get(key, 0.0) >= every * 0.95
 
     async def _poll_forever(self) -> None:
         slots = asyncio.Semaphore(16)
@@ -127,10 +139,13 @@ class Context:
                     self.polling.pop(key, None)
 
         while True:
-            await asyncio.sleep(self.settings.poll_interval)
-            for key in sorted(self.active):
-                if key not in self.polling and not self.lock(*key).locked():
-                    self.polling[key] = asyncio.create_task(refresh(key))
+            await asyncio.sleep(min(self.settings.poll_interval, 1.0))
+            now = time.monotonic()
+            for key, phase in sorted(self.active.items()):
+                if key in self.polling or self.lock(*key).locked() or not self.due(key, phase, now):
+                    continue
+                self.last_poll[key] = now
+                self.polling[key] = asyncio.create_task(refresh(key))
 
 
 class ChildConflict(Exception):
@@ -157,6 +172,7 @@ async def _reconcile(ctx: Context, namespace: str, name: str, seen_pod: dict[str
         job = await api.get(ltj_path(namespace, name))
     except ApiError as err:
         if err.status == 404:
+            ctx.active.pop((namespace, name), None)
             return
         raise
     meta = job["metadata"]
@@ -164,6 +180,7 @@ async def _reconcile(ctx: Context, namespace: str, name: str, seen_pod: dict[str
     generation = int(meta.get("generation") or 0)
     ctx.metrics.observe_phase(meta["uid"], status.get("phase"))
     if meta.get("deletionTimestamp"):
+        ctx.active.pop((namespace, name), None)
         return
     if is_terminal(status):  # a finished job is never brought back, even when its children are gone
         if status.get("observedGeneration") != generation:
@@ -218,8 +235,11 @@ async def _publish(ctx: Context, job: dict[str, Any], obs: Observed, conflict: s
         await ctx.post_event(job, event)
     uid = job["metadata"]["uid"]
     ctx.metrics.observe_phase(uid, new.get("phase"))
-    if is_terminal(new):
-        ctx.active.discard((job["metadata"]["namespace"], job["metadata"]["name"]))
+    key = (job["metadata"]["namespace"], job["metadata"]["name"])
+    if not is_terminal(new):
+        ctx.active[key] = new["phase"]  # the poller's cadence follows the phase
+    else:
+        ctx.active.pop(key, None)
         created = parse_time(job["metadata"].get("creationTimestamp"))
         done = parse_time(new.get("completionTime"))
         if created and done:

@@ -114,3 +114,20 @@ def test_operator_imports_neither_torch_nor_the_kubernetes_client():
             "print(sorted(m for m in ('torch', 'kubernetes', 'diffusers', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_poller_refreshes_running_jobs_often_and_the_others_rarely():
+    from lora_operator.observability import OperatorMetrics
+    from lora_operator.reconcile import Context
+
+    ctx = Context(Settings(poll_interval=5), api=None, metrics=OperatorMetrics())
+    key = ("ns", "job")
+    assert ctx.due(key, "Running", 1000.0) and ctx.due(key, "Pending", 1000.0)  # never polled yet
+    ctx.last_poll[key] = 1000.0
+    assert not ctx.due(key, "Running", 1004.0) and ctx.due(key, "Running", 1005.0)
+    assert not ctx.due(key, "Pending", 1020.0) and not ctx.due(key, "Suspended", 1020.0)
+    assert ctx.due(key, "Pending", 1030.0)
+    ctx.track("ns", "job", "uid-1", {"phase": "Running"}, deleting=False)
+    assert ctx.active[key] == "Running"
+    ctx.track("ns", "job", "uid-1", {"phase": "Succeeded"}, deleting=False)
+    assert key not in ctx.active
