@@ -168,3 +168,16 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(tmp_path):
     states = sorted((out / "checkpoints").glob("state_step_*/manifest.json"))
     assert len(states) == 1 and "stopped by SIGTERM at step" in err
     assert not (out / "pytorch_lora_weights.safetensors").exists()
+
+
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs root to mount in a private mount namespace")
+def test_read_only_output_is_an_output_error_not_a_crash(tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    cfg = {**SD_BASE, "output_dir": str(out), "max_train_steps": 2, "save_steps": 0}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    script = (f"mount --bind {out} {out} && mount -o remount,bind,ro {out} && "
+              f"{sys.executable} -m lora_trainer.cli --config {tmp_path / 'cfg.yaml'}")
+    proc = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode in (ExitCode.OUTPUT_FAILED, ExitCode.CONFIG_INVALID), proc.stderr[-2000:]
+    assert "read-only" in proc.stderr or "is not writable" in proc.stderr

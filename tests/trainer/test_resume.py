@@ -24,7 +24,7 @@ def assert_same_weights(a, b):
     "base, overrides",
     [
         (SD_BASE, dict(random_flip=True, lr_scheduler="cosine", lr_warmup_steps=2, lora_dropout=0.1)),
-        (SD_BASE, dict(gradient_accumulation_steps=2, num_workers=2, snr_gamma=5.0)),
+        (SD_BASE, dict(gradient_accumulation_steps=2, num_workers=2, snr_gamma=5.0, train_text_encoder=True)),
         (LLM_BASE, dict(lr_scheduler="linear", lora_dropout=0.1)),
     ],
     ids=["sd-flip-cosine-dropout", "sd-accumulation-workers", "llm"],

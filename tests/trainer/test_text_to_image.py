@@ -50,6 +50,8 @@ def test_every_saved_key_is_a_lora_key_with_metadata(tmp_path):
     assert keys and all(k.endswith(lora_suffixes) for k in keys)
     assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder"}
     assert any(".to_q." in k for k in keys) and any(".q_proj." in k for k in keys)
+    # the classic spelling transformers < 5.6 stacks load (transformers >= 5.6 flattens CLIP's modules)
+    assert all(k.startswith("text_encoder.text_model.encoder.layers.") for k in keys if k.startswith("text_encoder"))
     assert (meta["rank"], meta["alpha"], meta["base_model"], meta["task_type"]) == ("4", "2", "preset:tiny-sd",
                                                                                    "text-to-image")
     adapter = json.loads(meta["lora_adapter_metadata"])

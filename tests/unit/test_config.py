@@ -69,6 +69,7 @@ def test_lora_scripts_config_with_aliases_maps_onto_canonical_keys():
         ({"lora_rank": 4, "rank": 8}, "'rank' sets 'lora_rank' a second time"),
         ({"max_train_steps": 10, "lr_warmup_steps": 20}, "'lr_warmup_steps' (20) exceeds 'max_train_steps' (10)"),
         ({"save_formats": ["onnx"]}, "'save_formats': 'onnx' is not one of diffusers, kohya"),
+        ({"task_type": "text-generation", "auto_label": True}, "'auto_label' captions images"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(raw, message):

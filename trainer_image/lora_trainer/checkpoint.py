@@ -12,6 +12,7 @@ tensors by name, so arbitrary state round-trips exactly.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -99,9 +100,12 @@ def atomic_write(path: Path, write) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only disk even the cleanup fails: report the cause
+            tmp.unlink(missing_ok=True)
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OutputError(f"disk full while writing {path}: free some space under {path.parent}") from None
+        if err.errno == errno.EROFS:
+            raise OutputError(f"cannot write {path}: the file system is read-only") from None
         raise OutputError(f"cannot write {path}: {err.strerror or err}") from None
 
 

@@ -150,6 +150,8 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
         problems.append(f"'output_name' must be a plain file name without '/', got {cfg.output_name!r}")
     if cfg.task_type == "text-generation" and cfg.train_text_encoder:
         problems.append("'train_text_encoder' applies to text-to-image only")
+    if cfg.task_type == "text-generation" and cfg.auto_label:
+        problems.append("'auto_label' captions images; it applies to text-to-image only")
     if cfg.max_train_steps is not None and cfg.lr_warmup_steps > cfg.max_train_steps:
         problems.append(
             f"'lr_warmup_steps' ({cfg.lr_warmup_steps}) exceeds 'max_train_steps' ({cfg.max_train_steps})"

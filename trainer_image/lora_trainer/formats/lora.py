@@ -147,6 +147,22 @@ def uniform_diffusers_keys(state: dict[str, torch.Tensor], component: str) -> di
     return out
 
 
+CLIP_ROOT = "text_model."
+
+
+def with_clip_root(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Text-encoder keys spelled 'text_model.encoder...', as transformers < 5.6 names CLIP modules and as
+    most published LoRAs are written; transformers >= 5.6 flattens the path, and diffusers loads both."""
+    return {k if k.startswith(CLIP_ROOT) else CLIP_ROOT + k: v for k, v in state.items()}
+
+
+def for_module(state: dict[str, torch.Tensor], module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Drops 'text_model.' again when the loaded CLIP has no such level (the inverse of with_clip_root)."""
+    if hasattr(module, "text_model"):
+        return state
+    return {k.removeprefix(CLIP_ROOT): v for k, v in state.items()}
+
+
 def adapter_configs(loras: LoraSet) -> dict:
     """Per component: r and lora_alpha (the most common ones), rank_pattern/alpha_pattern for the rest,
     and target_modules, under '<component>.' keys, as diffusers' lora_adapter_metadata expects."""

@@ -440,12 +440,14 @@ class TextToImageTask:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        from ..formats.lora import uniform_diffusers_keys
+        from ..formats.lora import uniform_diffusers_keys, with_clip_root
 
         out = {}
         for prefix, module in self._prefixed_modules():
             state = convert_state_dict_to_diffusers(get_peft_model_state_dict(module, save_embedding_layers=False))
             state = uniform_diffusers_keys(state, prefix)  # conv/ff keys too, else diffusers drops some
+            if prefix != UNET_PREFIX:
+                state = with_clip_root(state)
             out.update({f"{prefix}.{k}": v.detach().float().cpu().contiguous() for k, v in state.items()})
         return out
 
@@ -453,12 +455,14 @@ class TextToImageTask:
         from diffusers.utils.state_dict_utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
         from peft.utils import set_peft_model_state_dict
 
+        from ..formats.lora import for_module
+
         for prefix, module in self._prefixed_modules():
             part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
             if not part:
                 raise ModelError(f"checkpoint has no {prefix} LoRA weights")
             to_peft = convert_unet_state_dict_to_peft if prefix == UNET_PREFIX else convert_state_dict_to_peft
-            result = set_peft_model_state_dict(module, to_peft(part))
+            result = set_peft_model_state_dict(module, to_peft(for_module(part, module)))
             unexpected = getattr(result, "unexpected_keys", [])
             if unexpected:
                 raise ModelError(f"checkpoint does not match the {prefix} LoRA (unexpected: {unexpected[:3]})")
