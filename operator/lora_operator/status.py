@@ -11,13 +11,12 @@ from __future__ import annotations
 import copy
 import enum
 import json
-import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
 from .names import CONTAINER
-from .progress import ProgressSample, format_duration  # noqa: F401 - re-exported
+from .progress import ProgressSample
 
 
 class Phase(str, enum.Enum):
