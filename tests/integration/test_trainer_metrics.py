@@ -26,7 +26,7 @@ def pushed_samples(pushgateway_url: str, job_name: str) -> dict[str, float]:
 
 def test_prometheus_scrapes_the_trainer_and_the_pushgateway_keeps_the_final_metrics(tmp_path, prometheus, pushgateway):
     job, namespace, port = f"cats-{uuid.uuid4().hex[:6]}", "team-a", free_port()
-    config = sd_config(tmp_path, None, max_train_steps=30, save_steps=15, logging_steps=5, metrics_port=port,
+    config = sd_config(tmp_path, None, max_train_steps=50, save_steps=25, logging_steps=5, metrics_port=port,
                        pushgateway_url=pushgateway.url)
     env = {"POD_IP": "127.0.0.1", "LORA_JOB_NAME": job, "LORA_JOB_NAMESPACE": namespace}
     prometheus.set_targets([f"127.0.0.1:{port}"])
@@ -38,7 +38,7 @@ def test_prometheus_scrapes_the_trainer_and_the_pushgateway_keeps_the_final_metr
         assert 0 < float(loss[0]["value"][1]) < 10
         step = prometheus.wait_for(f"lora_train_step{selector} > 0", timeout=60)
         total = prometheus.query(f"lora_train_total_steps{selector}")
-        assert float(total[0]["value"][1]) == 30 and 0 < float(step[0]["value"][1]) <= 30
+        assert float(total[0]["value"][1]) == 50 and 0 < float(step[0]["value"][1]) <= 50
         assert prometheus.wait_for(f"lora_train_samples_total{selector} > 0", timeout=60)
         assert prometheus.query(f"histogram_quantile(0.5, lora_train_step_seconds_bucket{selector})")
         assert run.wait(300) == 0, run.output()[-3000:]
@@ -47,11 +47,11 @@ def test_prometheus_scrapes_the_trainer_and_the_pushgateway_keeps_the_final_metr
         prometheus.set_targets([])
 
     final = pushed_samples(pushgateway.url, job)  # the exit push: the process is gone, the numbers stay
-    assert final["lora_train_step"] == 30 and final["lora_train_total_steps"] == 30
-    assert final["lora_train_samples_total"] == 60  # 30 steps x batch 2
-    assert final["lora_train_step_seconds_count"] == 30
+    assert final["lora_train_step"] == 50 and final["lora_train_total_steps"] == 50
+    assert final["lora_train_samples_total"] == 100  # 50 steps x batch 2
+    assert final["lora_train_step_seconds_count"] == 50
     assert final["lora_train_loss"] == pytest.approx(termination_message(config)["loss"], abs=1e-5)
     assert "lora_train_checkpoint_seconds" in final and "lora_train_gpu_memory_bytes" in final
     pushed = f'lora_train_step{{job="lora-train",job_name="{job}",namespace="{namespace}"}}'
-    wait_until(lambda: prometheus.query(pushed) and float(prometheus.query(pushed)[0]["value"][1]) == 30, 30,
+    wait_until(lambda: prometheus.query(pushed) and float(prometheus.query(pushed)[0]["value"][1]) == 50, 30,
                "Prometheus to scrape the pushed final step")

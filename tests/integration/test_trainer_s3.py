@@ -124,8 +124,12 @@ def test_sigterm_uploads_a_checkpoint_and_a_new_pod_resumes_from_s3_bit_for_bit(
     assert message["status"] == "interrupted" and message["reason"] == "Interrupted" and not message["permanent"]
     assert 3 <= step < 10 and "error" not in message
     assert message["lastCheckpoint"]["uri"] == f"s3://{s3_bucket}/runs/shapes/checkpoints/state_step_{step}"
-    assert f"checkpoints/state_step_{step}/manifest.json" in list_keys(client, s3_bucket, "runs/shapes")
-    assert "pytorch_lora_weights.safetensors" not in list_keys(client, s3_bucket, "runs/shapes")
+    interrupted = list_keys(client, s3_bucket, "runs/shapes")
+    assert f"checkpoints/state_step_{step}/manifest.json" in interrupted
+    assert "pytorch_lora_weights.safetensors" not in interrupted  # not finished: no marker
+    # synced during the run, not only at the end of a finished one
+    assert {"config_backup.yaml", "EXPERIMENT.md"} <= interrupted
+    assert any(k.startswith("logs/events.out.tfevents.") for k in interrupted)
 
     second = sd_config(tmp_path / "pod2", s3_bucket, **settings)  # a new pod: an empty disk, S3 only
     resumed = TrainerProcess(tmp_path, second, s3_env, "second")
