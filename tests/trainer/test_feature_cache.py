@@ -8,10 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_trainer.errors import ConfigError, Interrupted
+from lora_trainer.errors import ConfigError
 
-from .conftest import SAMPLE, SD_BASE, run
-from .test_resume import assert_same_weights, final_weights
+from .conftest import SAMPLE, SD_BASE, assert_resumes_exactly, final_weights, run
 from .test_sdxl_and_buckets import SDXL_BASE
 
 CACHED = dict(cache_latents=True, cache_text_encoder_outputs=True, center_crop=True, random_flip=True)
@@ -67,13 +66,8 @@ def test_a_torn_cache_entry_is_recomputed(tmp_path, caplog):
 
 
 def test_cached_run_resumes_bit_for_bit(tmp_path):
-    settings = dict(cache_dir=str(tmp_path / "cache"), max_train_steps=6, save_steps=2, **CACHED)
-    straight = run(SD_BASE, tmp_path / "a", **settings)
-    with pytest.raises(Interrupted):
-        run(SD_BASE, tmp_path / "b", stop_at=3, **settings)
-    resumed = run(SD_BASE, tmp_path / "b", resume="latest", **settings)
-    assert resumed.summary.losses == straight.summary.losses
-    assert_same_weights(final_weights(tmp_path / "b"), final_weights(tmp_path / "a"))
+    assert_resumes_exactly(SD_BASE, tmp_path, cache_dir=str(tmp_path / "cache"), max_train_steps=6, save_steps=2,
+                           **CACHED)
 
 
 @pytest.mark.parametrize(

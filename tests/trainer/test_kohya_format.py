@@ -17,7 +17,7 @@ from lora_trainer.formats.ldm import unet_from_ldm, unet_to_ldm
 from lora_trainer.formats.lora import LoraWeight, from_diffusers
 from lora_trainer.presets import preset_path
 
-from .conftest import SD_BASE, run
+from .conftest import SD_BASE, generate, run, tiny_sd_pipeline
 
 # LoRA on attention, feed-forward, projections and ResNet convs (3x3: kohya's LoCon "conv_dim" keys)
 WIDE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -199,22 +199,11 @@ def test_kohya_to_diffusers_to_kohya_is_the_identity(trained, tmp_path):
         assert f1.metadata() == f2.metadata()
 
 
-def pipeline():
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(preset_path("preset:tiny-sd"), safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def generate(pipe) -> torch.Tensor:
-    return pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="pt",
-                generator=torch.Generator().manual_seed(0)).images
 
 
 def test_diffusers_kohya_loader_reads_the_kohya_file_like_the_diffusers_file(trained):
     recipe, out = trained
-    base, from_diffusers_file, from_kohya_file = pipeline(), pipeline(), pipeline()
+    base, from_diffusers_file, from_kohya_file = tiny_sd_pipeline(), tiny_sd_pipeline(), tiny_sd_pipeline()
     from_diffusers_file.load_lora_weights(out, weight_name="pytorch_lora_weights.safetensors")
     from_kohya_file.load_lora_weights(out, weight_name="my_lora.kohya.safetensors")  # diffusers' non-diffusers path
     images = generate(from_diffusers_file)
@@ -240,7 +229,7 @@ def test_ldm_spelled_file_loads_in_diffusers_given_the_unet_config(trained, tmp_
     keys = load_file(tmp_path / "ldm.safetensors").keys()
     assert any(k.startswith("lora_unet_input_blocks_3_1_") for k in keys)  # SD 1.5 would say input_blocks_1_1
     assert not any("down_blocks" in k for k in keys)
-    ldm, reference = pipeline(), pipeline()
+    ldm, reference = tiny_sd_pipeline(), tiny_sd_pipeline()
     ldm.load_lora_weights(tmp_path, weight_name="ldm.safetensors", unet_config=ldm.unet.config)
     reference.load_lora_weights(out, weight_name="pytorch_lora_weights.safetensors")
     assert torch.equal(generate(ldm), generate(reference))

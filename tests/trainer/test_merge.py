@@ -15,7 +15,7 @@ from lora_trainer.merge.cli import main
 from lora_trainer.merge.models import parse_lora_spec
 from lora_trainer.presets import preset_path
 
-from .conftest import LLM_BASE, SD_BASE, run
+from .conftest import LLM_BASE, SD_BASE, run, tiny_sd_pipeline
 from .test_kohya_format import WIDE_TARGETS
 
 
@@ -29,13 +29,6 @@ def sd_loras(tmp_path_factory):
         save_steps=0, seed=3, output_name="b")
     return root
 
-
-def sd_pipeline(path=None):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(path or preset_path("preset:tiny-sd"), safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def outputs(pipe) -> list[torch.Tensor]:
@@ -64,11 +57,11 @@ def test_merged_sd_equals_base_plus_each_lora_at_its_scale(sd_loras, tmp_path):
     out = tmp_path / "merged"
     assert main(["merge", "--base", "preset:tiny-sd", "--lora", f"{a}:0.8", "--lora", f"{b}:0.5",
                  "--output", str(out)]) == 0
-    reference = sd_pipeline()  # diffusers' own LoRA layers, two adapters with their weights
+    reference = tiny_sd_pipeline()  # diffusers' own LoRA layers, two adapters with their weights
     reference.load_lora_weights(sd_loras / "a", weight_name="pytorch_lora_weights.safetensors", adapter_name="a")
     reference.load_lora_weights(sd_loras / "b", weight_name="pytorch_lora_weights.safetensors", adapter_name="b")
     reference.set_adapters(["a", "b"], adapter_weights=[0.8, 0.5])
-    merged, base = outputs(sd_pipeline(out)), outputs(sd_pipeline())
+    merged, base = outputs(tiny_sd_pipeline(out)), outputs(tiny_sd_pipeline())
     assert_close(merged, outputs(reference))
     assert not torch.allclose(merged[0], base[0], atol=1e-4) and not torch.allclose(merged[1], base[1], atol=1e-4)
     record = json.loads((out / "lora_merge.json").read_text())
@@ -90,7 +83,7 @@ def test_single_file_checkpoint_loads_back_with_from_single_file(sd_loras, tmp_p
     assert json.loads(meta["lora_merge"])["loras"][0]["scale"] == 0.7
     single = StableDiffusionPipeline.from_single_file(str(tmp_path / "m.safetensors"),
                                                       config=str(preset_path("preset:tiny-sd")), local_files_only=True)
-    folder = sd_pipeline(tmp_path / "m")
+    folder = tiny_sd_pipeline(tmp_path / "m")
     for name in ("unet", "vae", "text_encoder"):
         a, b = getattr(single, name).state_dict(), getattr(folder, name).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

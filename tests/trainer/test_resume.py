@@ -3,21 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from safetensors.torch import load_file
-
 from lora_trainer.errors import ConfigError, Interrupted
 
-from .conftest import LLM_BASE, SD_BASE, run
-
-
-def final_weights(folder):
-    return load_file(folder / "pytorch_lora_weights.safetensors")
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert a[key].equal(b[key]), f"{key} differs"
+from .conftest import LLM_BASE, SD_BASE, assert_resumes_exactly, assert_same_weights, final_weights, run
 
 
 @pytest.mark.parametrize(
@@ -30,16 +18,7 @@ def assert_same_weights(a, b):
     ids=["sd-flip-cosine-dropout", "sd-accumulation-workers", "llm"],
 )
 def test_resumed_run_equals_uninterrupted_run_bit_for_bit(tmp_path, base, overrides):
-    settings = dict(max_train_steps=6, save_steps=2, **overrides)
-    straight = run(base, tmp_path / "straight", **settings)
-    with pytest.raises(Interrupted):
-        run(base, tmp_path / "resumed", stop_at=3, **settings)  # SIGTERM during step 3 -> checkpoint at 3
-    assert (tmp_path / "resumed/checkpoints/state_step_3/manifest.json").is_file()
-    assert not (tmp_path / "resumed/pytorch_lora_weights.safetensors").exists()
-    resumed = run(base, tmp_path / "resumed", resume="latest", **settings)
-    assert resumed.summary.resumed_from == 3
-    assert resumed.summary.losses == straight.summary.losses
-    assert_same_weights(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "straight"))
+    assert_resumes_exactly(base, tmp_path, max_train_steps=6, save_steps=2, **overrides)
 
 
 def test_resume_from_an_explicit_checkpoint_folder(tmp_path):

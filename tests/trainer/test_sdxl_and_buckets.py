@@ -10,12 +10,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from lora_trainer.errors import ConfigError, Interrupted
+from lora_trainer.errors import ConfigError
 from lora_trainer.observers import BaseObserver
 from lora_trainer.presets import preset_path
 
-from .conftest import SD_BASE, run
-from .test_resume import assert_same_weights, final_weights
+from .conftest import SD_BASE, assert_resumes_exactly, run
 
 SDXL_BASE = {**SD_BASE, "base_model": "preset:tiny-sdxl"}
 SHAPES = [(48, 32), (32, 48), (40, 40), (64, 32), (32, 64), (48, 48), (56, 32), (32, 32)]
@@ -92,13 +91,8 @@ def test_buckets_keep_shapes_and_batches_never_mix(tmp_path, mixed_shapes):
 
 
 def test_bucketed_sdxl_run_resumes_bit_for_bit(tmp_path, mixed_shapes):
-    settings = dict(train_data_dir=str(mixed_shapes), max_train_steps=6, save_steps=2, random_flip=True, **BUCKETS)
-    straight = run(SDXL_BASE, tmp_path / "a", **settings)
-    with pytest.raises(Interrupted):
-        run(SDXL_BASE, tmp_path / "b", stop_at=3, **settings)
-    resumed = run(SDXL_BASE, tmp_path / "b", resume="latest", **settings)
-    assert resumed.summary.losses == straight.summary.losses
-    assert_same_weights(final_weights(tmp_path / "b"), final_weights(tmp_path / "a"))
+    assert_resumes_exactly(SDXL_BASE, tmp_path, train_data_dir=str(mixed_shapes), max_train_steps=6, save_steps=2,
+                           random_flip=True, **BUCKETS)
 
 
 def test_sizes_that_the_vae_cannot_halve_are_refused(tmp_path):

@@ -11,9 +11,8 @@ from safetensors import safe_open
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lora_trainer.config import config_to_yaml
-from lora_trainer.presets import preset_path
 
-from .conftest import SD_BASE, make_config, run
+from .conftest import SD_BASE, generate, make_config, run, tiny_sd_pipeline
 
 
 def files_under(folder) -> set[str]:
@@ -66,22 +65,11 @@ def test_tensorboard_has_the_documented_scalars(tmp_path):
     assert [e.step for e in events.Scalars("loss/train")] == [1, 2, 3]
 
 
-def pipeline():
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(preset_path("preset:tiny-sd"), safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def generate(pipe) -> torch.Tensor:
-    return pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="pt",
-                generator=torch.Generator().manual_seed(0)).images
 
 
 def test_diffusers_load_lora_weights_loads_the_file_and_changes_the_output(tmp_path):
     recipe = run(SD_BASE, tmp_path, network_alpha=2, learning_rate=5e-2, max_train_steps=3)
-    pipe = pipeline()
+    pipe = tiny_sd_pipeline()
     before = generate(pipe)
     pipe.load_lora_weights(tmp_path, weight_name="pytorch_lora_weights.safetensors")
     after = generate(pipe)
