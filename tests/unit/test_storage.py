@@ -254,6 +254,24 @@ def test_uploader_runs_jobs_in_order_and_blocks_only_when_the_queue_is_full():
     uploader.close()
 
 
+def test_a_submit_blocked_by_a_full_queue_gives_up_once_the_run_is_stopping():
+    gate, stopping = threading.Event(), threading.Event()
+    uploader = Uploader(queue_size=1, stopping=stopping.is_set).start()
+    uploader.submit(lambda: gate.wait(10))
+    time.sleep(0.1)
+    uploader.submit(lambda: None)  # the queue is full now, as during an S3 outage
+    result: list[bool] = []
+    blocked = threading.Thread(target=lambda: result.append(uploader.submit(lambda: None)))
+    blocked.start()
+    blocked.join(0.5)
+    assert blocked.is_alive()  # backpressure: training waits for room
+    stopping.set()  # SIGTERM
+    blocked.join(2)
+    assert not blocked.is_alive() and result == [False]
+    gate.set()
+    uploader.close()
+
+
 def test_an_upload_failure_reaches_the_training_thread():
     uploader = Uploader(queue_size=2).start()
     uploader.submit(lambda: (_ for _ in ()).throw(StorageError("s3://b: rejected")))

@@ -66,7 +66,8 @@ def launch(cfg: TrainConfig, stop: StopSignal, report: TerminationReport,
     with contextlib.ExitStack() as cleanup:
         metrics = start_metrics(cfg, env)
         cleanup.callback(metrics.close)
-        session = StorageSession(cfg, config_to_yaml(cfg), lambda: stop.grace_deadline(cfg.sigterm_grace_seconds))
+        session = StorageSession(cfg, config_to_yaml(cfg), lambda: stop.grace_deadline(cfg.sigterm_grace_seconds),
+                                 stopping=stop.is_set)
         report.outputs = session if session.active else LocalOutputs(cfg.output_dir)
         cleanup.callback(session.close)
         local = session.prepare()

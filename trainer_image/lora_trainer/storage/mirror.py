@@ -89,7 +89,9 @@ class S3Mirror(BaseObserver):
 
     def on_checkpoint(self, step: int, paths: list[Any]) -> None:
         staged = self.stage(step, [Path(p) for p in paths])
-        self.uploader.submit(partial(self.upload_checkpoint, step, staged))
+        if not self.uploader.submit(partial(self.upload_checkpoint, step, staged)):
+            shutil.rmtree(staged, ignore_errors=True)
+            log.warning("checkpoint %d stays local: stopping while uploads to %s are behind", step, self.remote)
         self.sync_soon()
 
     def sync_soon(self) -> None:

@@ -55,8 +55,8 @@ class StorageSession:
     """The S3 side of one run. prepare() -> local config; mirrors observe the run; close() at exit."""
 
     def __init__(self, cfg: TrainConfig, config_yaml: str, grace_deadline: Callable[[], float | None] = lambda: None,
-                 client: Any = None):
-        self.cfg, self.config_yaml, self.grace_deadline = cfg, config_yaml, grace_deadline
+                 client: Any = None, stopping: Callable[[], bool] = lambda: False):
+        self.cfg, self.config_yaml, self.grace_deadline, self.stopping = cfg, config_yaml, grace_deadline, stopping
         self.cache = Path(cfg.s3_cache_dir) if cfg.s3_cache_dir else default_cache_dir()
         self.retry = Retry(seconds=cfg.s3_retry_seconds)
         self.client = client
@@ -110,7 +110,7 @@ class StorageSession:
         """Local working folders for s3:// output_dir / logging_dir, their mirrors, and the resume checkpoint."""
         cfg, local = self.cfg, {}
         if is_s3(cfg.output_dir) or is_s3(cfg.logging_dir):
-            self.uploader = Uploader(cfg.s3_upload_queue).start()
+            self.uploader = Uploader(cfg.s3_upload_queue, self.stopping).start()
         out_local = None
         if is_s3(cfg.output_dir):
             out = S3Uri.parse(cfg.output_dir)

@@ -1,7 +1,8 @@
 """The background Uploader: upload jobs run one after another in their own thread, fed by a bounded queue.
 
 Training hands a checkpoint over and goes on; only when `queue_size` jobs already wait (S3 slower than checkpointing, or
-down) does submit() block, which bounds the memory and disk that pending uploads hold. A job that fails
+down) does submit() block, which bounds the memory and disk that pending uploads hold. Once the run is stopping
+(SIGTERM), a blocked submit() gives up, so the final checkpoint is still written within the grace period. A job that fails
 after its retries is kept and raised in the training thread at the next check(), so a permanent storage
 error (credentials revoked) stops the run instead of being lost.
 """
@@ -20,7 +21,8 @@ log = logging.getLogger("lora_trainer")
 class Uploader:
     """A background thread running upload jobs (callables) from a bounded queue, in order."""
 
-    def __init__(self, queue_size: int = 4):
+    def __init__(self, queue_size: int = 4, stopping: Callable[[], bool] = lambda: False):
+        self.stopping = stopping
         self.queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=queue_size)
         self.failure: BaseException | None = None
         self.thread: threading.Thread | None = None
@@ -32,16 +34,20 @@ class Uploader:
         return self
 
     def submit(self, job: Callable[[], None], wait: bool = True) -> bool:
-        """Queues a job; blocks while the queue is full (or returns False if wait=False)."""
+        """Queues a job; while the queue is full, waits for room (wait=True) unless the run is stopping.
+        False when the job was not queued."""
         self.check()
         started = time.perf_counter()
         try:
-            self.queue.put(job, block=wait)
-        except queue.Full:
-            return False
+            while True:
+                try:
+                    self.queue.put(job, timeout=0.2) if wait else self.queue.put_nowait(job)
+                    return True
+                except queue.Full:
+                    if not wait or self.stopping():
+                        return False
         finally:
             self.blocked_seconds += time.perf_counter() - started
-        return True
 
     def check(self) -> None:
         """Raises the error a job ended with, in the calling (training) thread."""
