@@ -33,7 +33,7 @@ def test_prometheus_scrapes_the_trainer_and_the_pushgateway_keeps_the_final_metr
     run = TrainerProcess(tmp_path, config, env, "metrics")
     try:
         selector = f'{{job_name="{job}",namespace="{namespace}",job="pods"}}'
-        loss = prometheus.wait_for(f"lora_train_loss{selector} > 0", timeout=240)  # after the first step
+        loss = prometheus.wait_for(f"lora_train_loss{selector} > 0", timeout=600)  # after the first step
         assert run.proc.poll() is None, "the run ended before Prometheus saw it"  # during the run
         assert 0 < float(loss[0]["value"][1]) < 10
         step = prometheus.wait_for(f"lora_train_step{selector} > 0", timeout=60)
@@ -41,7 +41,7 @@ def test_prometheus_scrapes_the_trainer_and_the_pushgateway_keeps_the_final_metr
         assert float(total[0]["value"][1]) == 50 and 0 < float(step[0]["value"][1]) <= 50
         assert prometheus.wait_for(f"lora_train_samples_total{selector} > 0", timeout=60)
         assert prometheus.query(f"histogram_quantile(0.5, lora_train_step_seconds_bucket{selector})")
-        assert run.wait(300) == 0, run.output()[-3000:]
+        assert run.wait(600) == 0, run.output()[-3000:]
     finally:
         run.kill()
         prometheus.set_targets([])

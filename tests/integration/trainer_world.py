@@ -74,21 +74,22 @@ class TrainerProcess:
         self.config_path = write_config(tmp_path, config, f"{name}.yaml")
         self.log_path = tmp_path / f"{name}.log"
         self.log = self.log_path.open("w")
-        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **env}
+        # one intra-op thread: on a small shared machine, spinning OpenMP threads of parallel runs starve each other
+        full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **env}
         self.proc = subprocess.Popen([sys.executable, "-m", "lora_trainer.cli", "--config", str(self.config_path)],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=full_env, cwd=str(REPO))
 
     def output(self) -> str:
         return self.log_path.read_text()
 
-    def wait_for_output(self, text: str, timeout: float = 180) -> None:
+    def wait_for_output(self, text: str, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout
         while text not in self.output():
             assert self.proc.poll() is None, f"exited {self.proc.returncode} before {text!r}:\n{self.output()[-3000:]}"
             assert time.monotonic() < deadline, f"no {text!r} after {timeout}s:\n{self.output()[-3000:]}"
             time.sleep(0.1)
 
-    def wait(self, timeout: float = 300) -> int:
+    def wait(self, timeout: float = 600) -> int:
         try:
             return self.proc.wait(timeout)
         finally:
