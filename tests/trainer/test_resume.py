@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
+from safetensors import safe_open
 from lora_trainer.errors import ConfigError, Interrupted
 
 from .conftest import LLM_BASE, SD_BASE, assert_resumes_exactly, assert_same_weights, final_weights, run
@@ -51,3 +54,17 @@ def test_earlier_runs_are_never_mixed_or_overwritten_by_accident(tmp_path):
     run(SD_BASE, tmp_path, max_train_steps=2, overwrite=True)
     assert (tmp_path / "notes.txt").read_text() == "mine"
     assert not (tmp_path / "checkpoints/state_step_2").exists()  # save_steps=2 == last step: only final
+
+
+def test_the_same_run_twice_writes_byte_identical_weight_files(tmp_path):
+    """So the sha256 in EXPERIMENT.md identifies the weights. The kohya file differs only by its
+    modelspec.date (the training date, as kohya's scripts write it)."""
+    for name in ("first", "second"):
+        run(SD_BASE, tmp_path / name, max_train_steps=2, save_steps=0, output_name="shapes")
+    first, second = (tmp_path / "first", tmp_path / "second")
+    digest = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()  # noqa: E731
+    assert digest(first / "pytorch_lora_weights.safetensors") == digest(second / "pytorch_lora_weights.safetensors")
+    kohya = [safe_open(str(folder / "shapes.kohya.safetensors"), "pt") for folder in (first, second)]
+    dated = [{**k.metadata(), "modelspec.date": ""} for k in kohya]
+    assert dated[0] == dated[1] and kohya[0].keys() == kohya[1].keys()
+    assert all(kohya[0].get_tensor(key).equal(kohya[1].get_tensor(key)) for key in kohya[0].keys())

@@ -11,6 +11,7 @@ import torch
 
 from lora_trainer.checkpoint import (
     CheckpointState,
+    canonical_safetensors,
     find_resume_checkpoint,
     flatten,
     list_checkpoints,
@@ -99,6 +100,20 @@ def _state(step: int) -> CheckpointState:
         trainer={"step": step, "losses": [[1, 0.5]]}, optimizer={"state": {0: {"m": torch.ones(2) * step}}},
         scheduler={"last_epoch": step}, rng={"torch": torch.get_rng_state()},
     )
+
+
+def test_canonical_safetensors_sorts_metadata_and_keeps_the_tensors():
+    from safetensors.torch import load, save
+
+    tensors = {"b.lora_A.weight": torch.randn(2, 3), "a.lora_B.weight": torch.randn(3, 2, dtype=torch.float16)}
+    metadata = {f"key{i}": str(i) for i in range(20)}
+    files = {canonical_safetensors(save(tensors, metadata=dict(reversed(metadata.items())))) for _ in range(5)}
+    assert len(files) == 1  # safetensors alone writes metadata in hash-map order: 5 differing files
+    data = files.pop()
+    size = int.from_bytes(data[:8], "little")
+    assert size % 8 == 0 and list(json.loads(data[8:8 + size])["__metadata__"]) == sorted(metadata)
+    loaded = load(data)
+    assert all(loaded[k].equal(v) for k, v in tensors.items())
 
 
 def test_checkpoint_round_trip_and_latest(tmp_path):

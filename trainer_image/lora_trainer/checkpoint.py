@@ -112,8 +112,20 @@ def atomic_write(path: Path, write) -> None:
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """LoRA-sized files: serialized in memory and written by Python, so a full disk raises OSError
     (safetensors' own writer reports it as a SafetensorError string)."""
-    data = save(tensors, metadata=metadata)
+    data = canonical_safetensors(save(tensors, metadata=metadata))
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same file with its metadata keys sorted: safetensors writes them in hash-map order, so the same
+    weights would otherwise give different bytes (and checksums) from run to run."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as safetensors writes it
+    return len(text).to_bytes(8, "little") + text + data[8 + size:]
 
 
 def save_json(path: Path, data: Any) -> None:
