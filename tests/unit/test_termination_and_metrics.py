@@ -4,6 +4,7 @@ and the cluster defaults; no server needed."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -106,8 +107,9 @@ def test_metrics_use_the_design_names_and_labels():
     metrics = TrainerMetrics("cats", "team-a", clock=lambda: next(ticks))
     metrics.on_start(RunInfo(total_steps=100, start_step=40, epochs=2, device="cpu", trainable_parameters=1))
     metrics.on_step(StepStats(step=41, total_steps=100, epoch=1, epochs=2, loss=0.25, learning_rate=1e-4,
-                              grad_norm=1.0, samples=4, tokens=512, step_seconds=0.3))
-    metrics.on_checkpoint(41, [])
+                              grad_norm=1.0, samples=4, tokens=512, step_seconds=0.3, eta_seconds=17.4))
+    metrics.on_checkpoint(41, [Path("out/checkpoints/pytorch_lora_weights_step_41.safetensors"),
+                               Path("out/checkpoints/state_step_41")])
     values = parse(metrics)
     labels = (("job_name", "cats"), ("namespace", "team-a"))
     assert values[("lora_train_step", labels)] == 41
@@ -120,6 +122,19 @@ def test_metrics_use_the_design_names_and_labels():
     assert values[("lora_train_step_seconds_bucket", (*labels[:1], ("le", "0.5"), labels[1]))] == 1
     assert values[("lora_train_checkpoint_seconds", labels)] == 0.5  # 10.0 (step end) -> 10.5 (checkpoint)
     assert values[("lora_train_gpu_memory_bytes", labels)] == 0  # no CUDA here
+    assert values[("lora_train_epoch", labels)] == 1 and values[("lora_train_eta_seconds", labels)] == 17.4
+    assert values[("lora_train_last_checkpoint_step", (*labels, ("uri", "out/checkpoints/state_step_41")))] == 41
+
+
+def test_with_an_s3_mirror_the_last_checkpoint_is_the_newest_uploaded_one():
+    metrics = TrainerMetrics("cats", "team-a")
+    metrics.checkpoints_are_local = False
+    metrics.on_checkpoint(4, [Path("out/checkpoints/state_step_4")])  # written, not yet on S3
+    assert not [k for k in parse(metrics) if k[0] == "lora_train_last_checkpoint_step"]
+    metrics.checkpoint_saved(2, "s3://b/run/checkpoints/state_step_2")
+    metrics.checkpoint_saved(4, "s3://b/run/checkpoints/state_step_4")
+    series = {k: v for k, v in parse(metrics).items() if k[0] == "lora_train_last_checkpoint_step"}
+    assert list(series.values()) == [4] and dict(next(iter(series))[1])["uri"] == "s3://b/run/checkpoints/state_step_4"
 
 
 def test_a_metrics_port_in_use_is_a_warning_not_a_failure(caplog):

@@ -71,6 +71,9 @@ def launch(cfg: TrainConfig, stop: StopSignal, report: TerminationReport,
         report.outputs = session if session.active else LocalOutputs(cfg.output_dir)
         cleanup.callback(session.close)
         local = session.prepare()
+        if session.output_mirror is not None:  # a resume needs the checkpoint on S3, not on this disk
+            metrics.checkpoints_are_local = False
+            session.output_mirror.on_uploaded = metrics.checkpoint_saved
         if stop.is_set():
             raise Interrupted("stopped by SIGTERM before training started; nothing to checkpoint")
         recipe = TrainingRecipe(local, observers=[*default_observers(local), *session.mirrors, metrics], stop=stop)

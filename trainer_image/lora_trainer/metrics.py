@@ -12,13 +12,16 @@ pruning, and handing the checkpoint to the uploader; everything that held traini
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, push_to_gateway
 
+from .checkpoint import state_dir_name
 from .observers import BaseObserver, RunInfo, StepStats
 
 log = logging.getLogger("lora_trainer")
@@ -56,6 +59,13 @@ class TrainerMetrics(BaseObserver):
         self.checkpoint_seconds = make(Gauge, "lora_train_checkpoint_seconds",
                                        "Seconds the last checkpoint held training back (save, prune, hand-over).")
         self.gpu_memory = make(Gauge, "lora_train_gpu_memory_bytes", "Bytes PyTorch holds on the GPU.")
+        self.epoch = make(Gauge, "lora_train_epoch", "Epoch under way (1-based).")
+        self.eta = make(Gauge, "lora_train_eta_seconds", "Estimated seconds until the last step (NaN: unknown).")
+        self.eta.set(math.nan)
+        self.last_checkpoint = Gauge("lora_train_last_checkpoint_step",
+                                     "Step of the newest checkpoint a resume can use; uri: where it is.",
+                                     [*names, "uri"], registry=self.registry)
+        self.checkpoints_are_local = True  # False when an S3 mirror reports uploaded ones (checkpoint_saved)
         self.server = None
         self.step_ended = clock()
         self._push_wake = threading.Event()
@@ -138,6 +148,8 @@ class TrainerMetrics(BaseObserver):
         self.samples.inc(stats.samples)
         self.tokens.inc(stats.tokens)
         self.step_seconds.observe(stats.step_seconds)
+        self.epoch.set(stats.epoch)
+        self.eta.set(math.nan if stats.eta_seconds is None else stats.eta_seconds)
         self.gpu_memory.set(gpu_memory_bytes())
         if stats.step % self.every == 0:
             self.push_soon()
@@ -145,3 +157,12 @@ class TrainerMetrics(BaseObserver):
 
     def on_checkpoint(self, step: int, paths: list[Any]) -> None:
         self.checkpoint_seconds.set(self.clock() - self.step_ended)
+        state = [str(p) for p in paths if Path(p).name == state_dir_name(step)]
+        if self.checkpoints_are_local and state:
+            self.checkpoint_saved(step, state[0])
+
+    def checkpoint_saved(self, step: int, uri: str) -> None:
+        """A checkpoint a resume can use: written (local outputs) or uploaded with its manifest (S3)."""
+        self.last_checkpoint.clear()  # one series: the newest
+        self.last_checkpoint.labels(**self.labels, uri=uri).set(step)
+        self.push_soon()

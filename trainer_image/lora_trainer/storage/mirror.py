@@ -24,7 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from ..checkpoint import CHECKPOINTS, MANIFEST, atomic_write
+from ..checkpoint import CHECKPOINTS, MANIFEST, atomic_write, state_dir_name
 from ..observers import BaseObserver, RunInfo, StepStats
 from ..outputs import CONFIG_BACKUP, FINAL_WEIGHTS
 from .remote_checkpoints import prune_remote
@@ -67,6 +67,7 @@ class S3Mirror(BaseObserver):
         self.started = False
         self.synced: dict[str, tuple[int, int]] = {}  # rel -> (size, mtime_ns) last uploaded
         self.uploaded_checkpoints: list[int] = []
+        self.on_uploaded: Callable[[int, str], None] = lambda step, uri: None  # (step, s3:// URI of its state)
         self.last_sync = clock()
         self.sync_queued = False
         self.problem: str | None = None  # why the mirror is incomplete, for the termination message
@@ -141,6 +142,7 @@ class S3Mirror(BaseObserver):
         self.store.put_files([(p, uri) for p, uri in pairs if p.name == MANIFEST])  # last: now it is complete
         shutil.rmtree(staged, ignore_errors=True)
         self.uploaded_checkpoints.append(step)
+        self.on_uploaded(step, str(self.remote.child(f"{CHECKPOINTS}/{state_dir_name(step)}")))
         pruned = prune_remote(self.store, self.remote, self.keep)
         log.info("checkpoint %d uploaded to %s%s", step, self.remote.child(CHECKPOINTS),
                  f"; pruned {pruned}" if pruned else "")
