@@ -276,7 +276,7 @@ def test_sdxl_kohya_file_uses_ldm_names_and_loads_like_the_diffusers_file(tmp_pa
         return p
 
     a, b = pipe("pytorch_lora_weights.safetensors"), pipe("xl.kohya.safetensors")
-    sample, t, states = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 64)
+    sample, t, states = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 80)
     added = {"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]])}
     ids = a.tokenizer_2("a red circle", padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():

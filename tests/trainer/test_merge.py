@@ -89,6 +89,33 @@ def test_single_file_checkpoint_loads_back_with_from_single_file(sd_loras, tmp_p
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_sdxl_single_file_checkpoint_has_both_text_encoders_and_loads_back(tmp_path):
+    """SDXL's layout: CLIP-L in the transformers layout, OpenCLIP bigG in its own (fused q/k/v, projection)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    run({**SD_BASE, "base_model": "preset:tiny-sdxl"}, tmp_path / "lora", train_text_encoder=True, network_alpha=2,
+        learning_rate=5e-2, max_train_steps=2, save_steps=0, output_name="xl")
+    lora = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    for output in ("m", "m.safetensors"):
+        args = ["merge", "--base", "preset:tiny-sdxl", "--lora", f"{lora}:0.7", "--output", str(tmp_path / output)]
+        assert main(args) == 0
+    with safe_open(str(tmp_path / "m.safetensors"), "pt") as handle:
+        keys = set(handle.keys())
+    assert "model.diffusion_model.label_emb.0.0.weight" in keys  # SDXL's size/crop conditioning
+    assert "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight" in keys
+    assert {"conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight",
+            "conditioner.embedders.1.model.text_projection", "conditioner.embedders.1.model.positional_embedding"} <= keys
+    single = StableDiffusionXLPipeline.from_single_file(str(tmp_path / "m.safetensors"), local_files_only=True,
+                                                        config=str(preset_path("preset:tiny-sdxl")))
+    folder = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "m"))
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(single, name).state_dict(), getattr(folder, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    base = StableDiffusionXLPipeline.from_pretrained(str(preset_path("preset:tiny-sdxl")))
+    q_proj = "text_model.encoder.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(single.text_encoder_2.state_dict()[q_proj], base.text_encoder_2.state_dict()[q_proj])
+
+
 def test_trainer_trains_from_a_single_file_checkpoint(tmp_path):
     """base_model: <file>.safetensors with base_model_config trains exactly as the diffusers folder does."""
     single = tmp_path / "tiny-sd.safetensors"

@@ -46,7 +46,7 @@ def test_sdxl_lora_on_unet_and_both_text_encoders_loads_in_diffusers(tmp_path):
     assert json.loads(meta["lora_adapter_metadata"])["text_encoder_2.lora_alpha"] == 2.0
     pipe = StableDiffusionXLPipeline.from_pretrained(preset_path("preset:tiny-sdxl"))
     pipe.load_lora_weights(tmp_path, weight_name="pytorch_lora_weights.safetensors")
-    sample, t, text = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 64)
+    sample, t, text = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 80)
     added = {"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]])}
     trained = recipe.task.parts.unet.eval()
     with torch.no_grad():

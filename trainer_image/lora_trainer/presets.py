@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 PRESET_PREFIX = "preset:"
-PRESET_VERSION = "1"  # bump when a builder changes, so caches rebuild
+PRESET_VERSION = "2"  # bump when a builder changes, so caches rebuild
 
 
 def cache_root() -> Path:
@@ -155,8 +155,9 @@ def build_tiny_sd(folder: Path) -> None:
 
 
 def build_tiny_sdxl(folder: Path) -> None:
-    """SDXL architecture: two CLIP encoders (the second with projection) feeding a 64-wide cross-attention,
-    and "text_time" added conditioning: pooled text (32) + six size/crop ids embedded at 8 = 80 inputs."""
+    """SDXL architecture: two CLIP encoders (32 and 48 wide, the second with projection; of different widths,
+    as in SDXL, which single-file loaders rely on) feeding an 80-wide cross-attention, and "text_time" added
+    conditioning: pooled text (32) + six size/crop ids embedded at 8 = 80 inputs."""
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -169,7 +170,7 @@ def build_tiny_sdxl(folder: Path) -> None:
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
         use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80, cross_attention_dim=64,
+        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80, cross_attention_dim=80,
     )
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading",
@@ -177,7 +178,8 @@ def build_tiny_sdxl(folder: Path) -> None:
     )
     pipe = StableDiffusionXLPipeline(
         vae=tiny_vae(), text_encoder=CLIPTextModel(tiny_clip_text_config(vocab_size)),
-        text_encoder_2=CLIPTextModelWithProjection(tiny_clip_text_config(vocab_size, projection_dim=32)),
+        text_encoder_2=CLIPTextModelWithProjection(
+            tiny_clip_text_config(vocab_size, hidden_size=48, intermediate_size=96, projection_dim=32, hidden_act="gelu")),
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
         tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"), unet=unet, scheduler=scheduler,
     )

@@ -1,4 +1,4 @@
-"""diffusers <-> original LDM (CompVis / A1111 / ComfyUI) names for Stable Diffusion 1.x models.
+"""diffusers <-> original LDM (CompVis / A1111 / ComfyUI) names for Stable Diffusion 1.x and SDXL models.
 
 The LDM UNet numbers its blocks flat (input_blocks.N, middle_block.N, output_blocks.N) where diffusers
 nests them (down_blocks.b.resnets.j). The numbering depends on the UNet's config (block count, layers per
@@ -18,6 +18,11 @@ from ..errors import ModelError
 LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_VAE_PREFIX = "first_stage_model."
 LDM_CLIP_PREFIX = "cond_stage_model.transformer."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # CLIP ViT-L, the transformers layout
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # OpenCLIP bigG, OpenCLIP's own layout
+# inside an OpenCLIP residual block: transformers name -> OpenCLIP name (q/k/v are fused into in_proj)
+OPEN_CLIP_LAYER_NAMES = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                         "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 
 # inside a UNet ResNet block: diffusers name -> LDM name (ResBlock's Sequential indices)
 UNET_RESNET_NAMES = {
@@ -149,14 +154,38 @@ def vae_to_ldm(name: str, config: Mapping[str, Any]) -> str:
     return name if out is None else out  # conv_in, conv_out, quant_conv, post_quant_conv keep their names
 
 
-def clip_to_ldm(name: str) -> str:
-    """transformers >= 5.6 flattens CLIPTextModel (no 'text_model.'); SD 1.x checkpoints keep it."""
-    return LDM_CLIP_PREFIX + (name if name.startswith("text_model.") else "text_model." + name)
+def clip_to_ldm(name: str, prefix: str = LDM_CLIP_PREFIX) -> str:
+    """transformers >= 5.6 flattens CLIPTextModel (no 'text_model.'); LDM checkpoints keep it."""
+    return prefix + (name if name.startswith("text_model.") else "text_model." + name)
 
 
-def ldm_checkpoint(unet: dict[str, torch.Tensor], vae: dict[str, torch.Tensor], text_encoder: dict[str, torch.Tensor],
-                   unet_config: Mapping[str, Any], vae_config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """A single-file SD 1.x checkpoint (what A1111, ComfyUI and diffusers' from_single_file read)."""
+def open_clip_state(text_encoder: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection's weights in OpenCLIP's layout (SDXL's second text encoder): q, k and v
+    fused into one in_proj, the projection stored as the matrix that multiplies from the right."""
+    flat = {k.removeprefix("text_model."): v for k, v in text_encoder.items() if not k.endswith("position_ids")}
+    out = {
+        "token_embedding.weight": flat.pop("embeddings.token_embedding.weight"),
+        "positional_embedding": flat.pop("embeddings.position_embedding.weight"),
+        "ln_final.weight": flat.pop("final_layer_norm.weight"),
+        "ln_final.bias": flat.pop("final_layer_norm.bias"),
+        "text_projection": flat.pop("text_projection.weight").T,
+    }
+    for i in sorted({int(k.split(".")[2]) for k in flat if k.startswith("encoder.layers.")}):
+        src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat([flat.pop(f"{src}self_attn.{p}_proj.{kind}") for p in "qkv"])
+            for old, new in OPEN_CLIP_LAYER_NAMES.items():
+                out[f"{dst}{new}.{kind}"] = flat.pop(f"{src}{old}.{kind}")
+    if flat:
+        raise ModelError(f"text encoder weights with no place in OpenCLIP's layout: {', '.join(sorted(flat)[:5])}")
+    return out
+
+
+def ldm_checkpoint(unet: dict[str, torch.Tensor], vae: dict[str, torch.Tensor],
+                   text_encoders: list[dict[str, torch.Tensor]], unet_config: Mapping[str, Any],
+                   vae_config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """A single-file checkpoint (what A1111, ComfyUI and diffusers' from_single_file read): SD 1.x with one
+    text encoder, SDXL with two."""
     out: dict[str, torch.Tensor] = {}
 
     def put(key: str, value: torch.Tensor) -> None:
@@ -171,6 +200,13 @@ def ldm_checkpoint(unet: dict[str, torch.Tensor], vae: dict[str, torch.Tensor], 
         if ".mid.attn_1." in ldm and value.dim() == 2:  # the LDM VAE attention uses 1x1 convs
             value = value[:, :, None, None]
         put(LDM_VAE_PREFIX + ldm, value)
-    for name, value in text_encoder.items():
-        put(clip_to_ldm(name), value)
+    if len(text_encoders) == 1:
+        for name, value in text_encoders[0].items():
+            put(clip_to_ldm(name), value)
+    else:
+        first, second = text_encoders
+        for name, value in first.items():
+            put(clip_to_ldm(name, SDXL_CLIP_PREFIX), value)
+        for name, value in open_clip_state(second).items():
+            put(SDXL_OPEN_CLIP_PREFIX + name, value)
     return out

@@ -112,7 +112,7 @@ def merge_into_sd(pipe, specs: list[LoraSpec]) -> None:
 
 
 def save_sd(pipe, output: Path, dtype: torch.dtype, record: dict[str, Any]) -> Path:
-    """A diffusers folder, or (output ending in .safetensors) one SD 1.x checkpoint in the LDM layout."""
+    """A diffusers folder, or (output ending in .safetensors) one SD 1.x or SDXL checkpoint in the LDM layout."""
     if output.suffix == ".safetensors":
         return save_single_file(pipe, output, dtype, record)
     pipe.to(dtype=dtype)
@@ -124,16 +124,15 @@ def save_sd(pipe, output: Path, dtype: torch.dtype, record: dict[str, Any]) -> P
 def save_single_file(pipe, output: Path, dtype: torch.dtype, record: dict[str, Any]) -> Path:
     from safetensors.torch import save_file
 
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        raise ModelError("single-file output is written for SD 1.x pipelines; save SDXL as a diffusers folder")
-    if pipe.text_encoder.config.hidden_act != "quick_gelu":
-        raise ModelError("single-file output is written for SD 1.x (CLIP ViT-L text encoder); SD 2.x uses "
-                         "OpenCLIP's layout: save it as a diffusers folder instead")
+    encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+    if len(encoders) == 1 and pipe.text_encoder.config.hidden_act != "quick_gelu":
+        raise ModelError("single-file output is written for SD 1.x and SDXL; SD 2.x (an OpenCLIP ViT-H text "
+                         "encoder alone) is saved as a diffusers folder instead")
 
     def state(module) -> dict[str, torch.Tensor]:
         return {k: v.to(dtype) for k, v in module.state_dict().items()}
 
-    tensors = ldm_checkpoint(state(pipe.unet), state(pipe.vae), state(pipe.text_encoder),
+    tensors = ldm_checkpoint(state(pipe.unet), state(pipe.vae), [state(e) for e in encoders],
                              dict(pipe.unet.config), dict(pipe.vae.config))
     metadata = {"format": "pt", "lora_merge": json.dumps(record)}
     atomic_write(output, lambda tmp: save_file(tensors, str(tmp), metadata))
