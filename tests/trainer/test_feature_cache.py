@@ -29,9 +29,9 @@ def test_cached_run_trains_like_the_uncached_one(tmp_path, base):
     assert [s for s, _ in got] == [s for s, _ in want]
     assert torch.allclose(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in want]), rtol=1e-4)
     # batched vs per-item encoding rounds differently (losses agree to ~1e-7); Adam turns rounding in
-    # near-zero gradients into moves of up to lr=1e-3, measured at most 4e-5: allow a tenth of a step
+    # near-zero gradients into moves of up to lr=1e-3 per step, measured at most 1.5e-4 (SDXL): allow half a step
     a, b = final_weights(tmp_path / "cached"), final_weights(tmp_path / "plain")
-    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=5e-4) for k in a)
     # 8 images x (plain, flipped) latents + 8 distinct captions
     assert len(entries(tmp_path / "cache")) == 8 * 2 + 8
 
