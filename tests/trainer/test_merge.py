@@ -73,8 +73,9 @@ def test_single_file_checkpoint_loads_back_with_from_single_file(sd_loras, tmp_p
 
     lora = sd_loras / "b" / "pytorch_lora_weights.safetensors"
     assert main(["merge", "--base", "preset:tiny-sd", "--lora", f"{lora}:0.7", "--output", str(tmp_path / "m")]) == 0
-    assert main(["merge", "--base", "preset:tiny-sd", "--lora", f"{lora}:0.7",
-                 "--output", str(tmp_path / "m.safetensors")]) == 0
+    for name in ("m.safetensors", "again.safetensors"):
+        assert main(["merge", "--base", "preset:tiny-sd", "--lora", f"{lora}:0.7", "--output", str(tmp_path / name)]) == 0
+    assert (tmp_path / "m.safetensors").read_bytes() == (tmp_path / "again.safetensors").read_bytes()  # reproducible
     with safe_open(str(tmp_path / "m.safetensors"), "pt") as handle:
         keys, meta = set(handle.keys()), handle.metadata()
     assert "model.diffusion_model.input_blocks.3.1.transformer_blocks.0.attn1.to_q.weight" in keys  # LDM layout

@@ -12,6 +12,7 @@ import torch
 from lora_trainer.checkpoint import (
     CheckpointState,
     canonical_safetensors,
+    sort_safetensors_metadata,
     find_resume_checkpoint,
     flatten,
     list_checkpoints,
@@ -114,6 +115,16 @@ def test_canonical_safetensors_sorts_metadata_and_keeps_the_tensors():
     assert size % 8 == 0 and list(json.loads(data[8:8 + size])["__metadata__"]) == sorted(metadata)
     loaded = load(data)
     assert all(loaded[k].equal(v) for k, v in tensors.items())
+
+
+def test_metadata_of_a_file_on_disk_is_sorted_in_place(tmp_path):
+    from safetensors.torch import save, save_file
+
+    tensors = {"w": torch.arange(6.0).reshape(2, 3)}
+    metadata = {f"key{i}": f"värde {i}" for i in range(20)}  # non-ASCII stays as safetensors wrote it
+    save_file(tensors, str(tmp_path / "x.safetensors"), metadata)
+    sort_safetensors_metadata(tmp_path / "x.safetensors")
+    assert (tmp_path / "x.safetensors").read_bytes() == canonical_safetensors(save(tensors, metadata=metadata))
 
 
 def test_checkpoint_round_trip_and_latest(tmp_path):

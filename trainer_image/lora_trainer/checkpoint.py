@@ -120,12 +120,26 @@ def canonical_safetensors(data: bytes) -> bytes:
     """The same file with its metadata keys sorted: safetensors writes them in hash-map order, so the same
     weights would otherwise give different bytes (and checksums) from run to run."""
     size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + size])
-    if "__metadata__" in header:
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as safetensors writes it
-    return len(text).to_bytes(8, "little") + text + data[8 + size:]
+    header = _sorted_header(data[8:8 + size])
+    return len(header).to_bytes(8, "little") + header + data[8 + size:]
+
+
+def sort_safetensors_metadata(path: Path) -> None:
+    """canonical_safetensors for a file on disk (too big to hold twice in memory), rewriting its header only."""
+    with path.open("r+b") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = _sorted_header(handle.read(size))
+        if len(header) == size:  # the same compact JSON reordered: same length
+            handle.seek(8)
+            handle.write(header)
+
+
+def _sorted_header(header: bytes) -> bytes:
+    parsed = json.loads(header)
+    if "__metadata__" in parsed:
+        parsed["__metadata__"] = dict(sorted(parsed["__metadata__"].items()))
+    text = json.dumps(parsed, separators=(",", ":"), ensure_ascii=False).encode()
+    return text + b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as safetensors writes it
 
 
 def save_json(path: Path, data: Any) -> None:

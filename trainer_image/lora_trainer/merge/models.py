@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import atomic_write, sha256_file
+from ..checkpoint import atomic_write, sha256_file, sort_safetensors_metadata
 from ..errors import ConfigError, ModelError
 from ..formats import PEFT_COMPONENT, read_lora
 from ..formats.ldm import ldm_checkpoint
@@ -135,7 +135,7 @@ def save_single_file(pipe, output: Path, dtype: torch.dtype, record: dict[str, A
     tensors = ldm_checkpoint(state(pipe.unet), state(pipe.vae), [state(e) for e in encoders],
                              dict(pipe.unet.config), dict(pipe.vae.config))
     metadata = {"format": "pt", "lora_merge": json.dumps(record)}
-    atomic_write(output, lambda tmp: save_file(tensors, str(tmp), metadata))
+    atomic_write(output, lambda tmp: (save_file(tensors, str(tmp), metadata), sort_safetensors_metadata(tmp)))
     return output
 
 

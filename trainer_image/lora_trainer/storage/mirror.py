@@ -147,7 +147,6 @@ class S3Mirror(BaseObserver):
         log.info("checkpoint %d uploaded to %s%s", step, self.remote.child(CHECKPOINTS),
                  f"; pruned {pruned}" if pruned else "")
 
-
     def sync_tree(self, final: bool = False) -> None:
         self.sync_queued, self.last_sync = False, self.clock()
         changed = []
