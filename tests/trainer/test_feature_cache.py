@@ -22,16 +22,18 @@ def entries(cache_dir) -> dict[str, float]:
 
 @pytest.mark.parametrize("base", [SD_BASE, SDXL_BASE], ids=["sd", "sdxl"])
 def test_cached_run_trains_like_the_uncached_one(tmp_path, base):
-    settings = dict(max_train_steps=4, save_steps=0, center_crop=True, random_flip=True)
+    # batched vs per-item encoding rounds differently (features agree to ~1e-7). With AdamW's default
+    # epsilon (1e-8), rounding in near-zero gradients becomes moves of up to lr; epsilon 1e-3 keeps the update
+    # proportional to the gradient, so the two runs must agree as closely as their features do
+    settings = dict(max_train_steps=4, save_steps=0, center_crop=True, random_flip=True, adam_epsilon=1e-3)
     plain = run(base, tmp_path / "plain", **settings)
     cached = run(base, tmp_path / "cached", cache_dir=str(tmp_path / "cache"), **{**settings, **CACHED})
     got, want = cached.summary.losses, plain.summary.losses
     assert [s for s, _ in got] == [s for s, _ in want]
-    assert torch.allclose(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in want]), rtol=1e-4)
-    # batched vs per-item encoding rounds differently (losses agree to ~1e-7); Adam turns rounding in
-    # near-zero gradients into moves of up to lr=1e-3 per step, measured at most 1.5e-4 (SDXL): allow half a step
+    assert torch.allclose(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in want]), rtol=1e-5)
     a, b = final_weights(tmp_path / "cached"), final_weights(tmp_path / "plain")
-    assert all(torch.allclose(a[k], b[k], atol=5e-4) for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # measured at most 4e-8
+    assert max(a[k].abs().max() for k in a if ".lora.up." in k) > 1e-4  # and training did move the weights
     # 8 images x (plain, flipped) latents + 8 distinct captions
     assert len(entries(tmp_path / "cache")) == 8 * 2 + 8
 
@@ -55,14 +57,16 @@ def test_cache_is_reused_across_runs_and_follows_content(tmp_path):
 def test_a_torn_cache_entry_is_recomputed(tmp_path, caplog):
     settings = dict(cache_dir=str(tmp_path / "cache"), max_train_steps=2, save_steps=0, **CACHED)
     run(SD_BASE, tmp_path / "one", **settings)
-    victim = sorted((tmp_path / "cache").rglob("*.safetensors"))[0]
-    victim.write_bytes(victim.read_bytes()[:20])
-    victim.touch()
-    # the entry exists (so it is not precomputed) but cannot be read: the dataset must recompute, not crash
+    entries_before = entries(tmp_path / "cache")
+    victims = sorted((tmp_path / "cache").rglob("*.safetensors"))[::5]  # latents and captions alike
+    intact = {v: v.read_bytes() for v in victims}
+    for victim in victims:
+        victim.write_bytes(intact[victim][:20])
     with caplog.at_level("WARNING", logger="lora_trainer"):
-        with pytest.raises(Exception) as info:
-            run(SD_BASE, tmp_path / "two", **settings)
-    assert "vanished" in str(info.value) or "unreadable" in caplog.text
+        run(SD_BASE, tmp_path / "two", **settings)  # recomputes, does not crash
+    assert caplog.text.count("recomputing it") == len(victims)
+    assert all(v.read_bytes() == intact[v] for v in victims)  # the same features again
+    assert set(entries(tmp_path / "cache")) == set(entries_before)
 
 
 def test_cached_run_resumes_bit_for_bit(tmp_path):

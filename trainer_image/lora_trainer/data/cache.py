@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from safetensors import SafetensorError
@@ -64,8 +63,25 @@ class TensorCache:
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         save_safetensors(self.path(key), {k: v.detach().cpu().contiguous() for k, v in tensors.items()})
 
-    def missing(self, keys: Iterable[str]) -> list[str]:
-        return [k for k in dict.fromkeys(keys) if not self.path(k).is_file()]
+    def intact(self, key: str) -> bool:
+        """Whether the entry exists and is as long as its header says: a cheap check that reads no tensor.
+        A torn one is removed (and so computed again)."""
+        path = self.path(key)
+        try:
+            with path.open("rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(size))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if path.stat().st_size == 8 + size + end:
+                return True
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+            log.warning("cache entry %s is unreadable (%s); recomputing it", path, err)
+        else:
+            log.warning("cache entry %s is shorter or longer than its header says; recomputing it", path)
+        path.unlink(missing_ok=True)
+        return False
 
 
 def image_hashes(paths: list[Path]) -> list[str]:

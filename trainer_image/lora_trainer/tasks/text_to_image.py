@@ -217,7 +217,7 @@ class TextToImageTask:
         keys = [tuple(key_of("latent", h, size, flipped, fingerprint) for flipped in (False, True))
                 for h, size in zip(hashes, self.sizes)]
         todo = [(i, flipped) for i, pair in enumerate(keys) for flipped in (False, True)
-                if (self.cfg.random_flip or not flipped) and not cache.path(pair[flipped]).is_file()]
+                if (self.cfg.random_flip or not flipped) and not cache.intact(pair[flipped])]
         log.info("latent cache: %d of %d entries to compute", len(todo), len(keys) * (2 if self.cfg.random_flip else 1))
         vae = self.parts.vae
         for size in dict.fromkeys(self.sizes):
@@ -241,7 +241,7 @@ class TextToImageTask:
         fingerprints = [module_fingerprint(e) for e in self.parts.text_encoders]
         captions = [r.caption for r in self.records]
         keys = [key_of("text", self.family.name, c, fingerprints) for c in captions]
-        todo = [c for c, k in dict(zip(captions, keys)).items() if not cache.path(k).is_file()]
+        todo = [c for c, k in dict(zip(captions, keys)).items() if not cache.intact(k)]
         log.info("text-encoder cache: %d of %d captions to encode", len(todo), len(set(captions)))
         for start in range(0, len(todo), 16):
             chunk = todo[start : start + 16]
