@@ -146,23 +146,29 @@ def test_disk_full_is_a_clear_error_and_leaves_no_finished_run(tmp_path):
     assert ".tmp" not in proc.stdout
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_143(tmp_path):
-    """A real process and a real signal: the run stops at a step boundary with a complete checkpoint."""
+@pytest.mark.parametrize("workers, whole_group", [(0, False), (2, True)], ids=["process", "group-with-workers"])
+def test_sigterm_writes_a_checkpoint_and_exits_143(tmp_path, workers, whole_group):
+    """A real process and a real signal: the run stops at a step boundary with a complete checkpoint, also
+    when the signal goes to the whole process group and so reaches the data loader workers too."""
+    import os
     import signal
     import time
 
     out = tmp_path / "out"
-    cfg = {**SD_BASE, "output_dir": str(out), "max_train_steps": 100000, "save_steps": 0}
+    cfg = {**SD_BASE, "output_dir": str(out), "max_train_steps": 100000, "save_steps": 0, "num_workers": workers}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     proc = subprocess.Popen([sys.executable, "-m", "lora_trainer.cli", "--config", str(tmp_path / "cfg.yaml")],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and not list((out / "logs").glob("events.*")) if out.exists() else True:
         time.sleep(0.5)
         if time.time() > deadline:
             break
     time.sleep(2)  # a few steps in
-    proc.send_signal(signal.SIGTERM)
+    if whole_group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == ExitCode.INTERRUPTED == 143, err[-2000:]
     states = sorted((out / "checkpoints").glob("state_step_*/manifest.json"))

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import signal
 import shutil
 import threading
 import time
@@ -53,6 +54,13 @@ from .outputs import FINAL_CHECKPOINT, FINAL_WEIGHTS, PEFT_WEIGHTS, prepare_outp
 from .tasks import build_task
 
 log = logging.getLogger("lora_trainer")
+
+
+def ignore_sigterm(worker_id: int) -> None:
+    """Data loader workers leave SIGTERM to the main process: a signal sent to the whole process group
+    (Ctrl-C's kin, Slurm, `kill -- -PGID`) would otherwise kill them and turn the SIGTERM checkpoint into a
+    crash. The loader still stops them, and they exit when the main process does."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @dataclass
@@ -249,7 +257,7 @@ class TrainingRecipe:
         return torch.utils.data.DataLoader(
             self.dataset, batch_sampler=RunBatches(self.plan, self.cfg.seed, self.epochs, self.epoch, start_batch),
             collate_fn=self.task.collate, num_workers=workers, pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if workers else None, persistent_workers=False,
+            prefetch_factor=4 if workers else None, persistent_workers=False, worker_init_fn=ignore_sigterm,
             # its own generator: a loader drawing its base seed from the global RNG (used by dropout)
             # would shift that stream whenever a resumed run starts part-way
             generator=torch.Generator().manual_seed(self.cfg.seed),
