@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 from safetensors import safe_open
+
+from lora_trainer.checkpoint import sha256_file
 from lora_trainer.errors import ConfigError, Interrupted
 
 from .conftest import LLM_BASE, SD_BASE, assert_resumes_exactly, assert_same_weights, final_weights, run
@@ -62,8 +62,8 @@ def test_the_same_run_twice_writes_byte_identical_weight_files(tmp_path):
     for name in ("first", "second"):
         run(SD_BASE, tmp_path / name, max_train_steps=2, save_steps=0, output_name="shapes")
     first, second = (tmp_path / "first", tmp_path / "second")
-    digest = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()  # noqa: E731
-    assert digest(first / "pytorch_lora_weights.safetensors") == digest(second / "pytorch_lora_weights.safetensors")
+    weights = "pytorch_lora_weights.safetensors"
+    assert sha256_file(first / weights) == sha256_file(second / weights)
     kohya = [safe_open(str(folder / "shapes.kohya.safetensors"), "pt") for folder in (first, second)]
     dated = [{**k.metadata(), "modelspec.date": ""} for k in kohya]
     assert dated[0] == dated[1] and kohya[0].keys() == kohya[1].keys()

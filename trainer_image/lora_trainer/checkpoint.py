@@ -15,13 +15,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -119,19 +120,25 @@ def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
 def canonical_safetensors(data: bytes) -> bytes:
     """The same file with its metadata keys sorted: safetensors writes them in hash-map order, so the same
     weights would otherwise give different bytes (and checksums) from run to run."""
-    size = int.from_bytes(data[:8], "little")
-    header = _sorted_header(data[8:8 + size])
-    return len(header).to_bytes(8, "little") + header + data[8 + size:]
+    raw = read_safetensors_header(io.BytesIO(data))
+    header = _sorted_header(raw)
+    return len(header).to_bytes(8, "little") + header + data[8 + len(raw):]
 
 
 def sort_safetensors_metadata(path: Path) -> None:
     """canonical_safetensors for a file on disk (too big to hold twice in memory), rewriting its header only."""
     with path.open("r+b") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header = _sorted_header(handle.read(size))
-        if len(header) == size:  # the same compact JSON reordered: same length
+        raw = read_safetensors_header(handle)
+        header = _sorted_header(raw)
+        if len(header) == len(raw):  # the same compact JSON reordered: same length
             handle.seek(8)
             handle.write(header)
+
+
+def read_safetensors_header(handle: BinaryIO) -> bytes:
+    """The JSON header of a safetensors file (it follows the header's length, 8 bytes little-endian)."""
+    size = int.from_bytes(handle.read(8), "little")
+    return handle.read(size)
 
 
 def _sorted_header(header: bytes) -> bytes:

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..checkpoint import save_safetensors, sha256_file
+from ..checkpoint import read_safetensors_header, save_safetensors, sha256_file
 
 log = logging.getLogger("lora_trainer")
 
@@ -69,10 +69,10 @@ class TensorCache:
         path = self.path(key)
         try:
             with path.open("rb") as handle:
-                size = int.from_bytes(handle.read(8), "little")
-                header = json.loads(handle.read(size))
+                raw = read_safetensors_header(handle)
+            header = json.loads(raw)
             end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            if path.stat().st_size == 8 + size + end:
+            if path.stat().st_size == 8 + len(raw) + end:
                 return True
         except FileNotFoundError:
             return False
