@@ -86,7 +86,6 @@ class ExperimentRecord(BaseObserver):
         self.out = Path(cfg.output_dir)
         self.command = list(sys.argv if command is None else command)
         self.env = dict(os.environ if env is None else env)
-        self.created = time.time()
         self.info: RunInfo | None = None
         self.problems = RunProblems()
         self.learning_rates: list[tuple[int, float]] = []
@@ -105,7 +104,7 @@ class ExperimentRecord(BaseObserver):
 
     def on_end(self, summary: Any) -> None:
         try:
-            if not self.prepared_by_this_run():
+            if not summary.output_prepared:  # refused before that, e.g. output_dir holds a finished run
                 log.info("EXPERIMENT.md not written: %s was not prepared by this run", self.out)
                 return
             from .checkpoint import atomic_write
@@ -115,14 +114,6 @@ class ExperimentRecord(BaseObserver):
             atomic_write(self.out / "EXPERIMENT.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
         except Exception as err:  # noqa: BLE001 - the record must never mask how the run ended
             log.warning("EXPERIMENT.md could not be written: %s: %s", type(err).__name__, err)
-
-    def prepared_by_this_run(self) -> bool:
-        """True once this run prepared output_dir (its config_backup.yaml is newer than this observer).
-        A run refused before that (e.g. output_dir holds a finished run) must not overwrite that run's record."""
-        from .outputs import CONFIG_BACKUP
-
-        backup = self.out / CONFIG_BACKUP
-        return backup.is_file() and backup.stat().st_mtime >= self.created - 1.0
 
 
 # -- the loss curve

@@ -92,6 +92,7 @@ class RunSummary:
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
     error_reason: str | None = None
+    output_prepared: bool = False  # output_dir is this run's (a refused run must not touch an earlier one's record)
 
 
 def seed_everything(seed: int) -> None:
@@ -174,6 +175,7 @@ class TrainingRecipe:
         cfg = self.cfg
         self.out = prepare_output_dir(cfg)
         write_config_backup(cfg, self.out)
+        self.summary.output_prepared = True
         self.device, weight_dtype = pick_device(cfg)
         seed_everything(cfg.seed)
         self.task = build_task(cfg)
