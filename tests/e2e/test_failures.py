@@ -84,7 +84,7 @@ def test_killed_trainer_resumes_from_its_checkpoint_with_the_same_final_weights(
 
 
 def test_eviction_does_not_count_against_backoff_limit(jobs, node_agent):
-    jobs.apply(env.sd_manifest("evicted", jobs.bucket, steps=12, save_steps=4, backoffLimit=0))
+    jobs.apply(env.sd_manifest("evicted", jobs.bucket, steps=96, save_steps=32, backoffLimit=0))
     pod = env.wait_until(lambda: (lambda p: p if p and (jobs.status("evicted").get("progress") or {}).get("step", 0) >= 2
                                   else None)(jobs.running_pod("evicted")), 300, "training to be under way")
     node_agent.evict(jobs.namespace, pod["metadata"]["name"])

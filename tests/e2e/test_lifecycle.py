@@ -20,7 +20,8 @@ def training_jobs(jobs, name):
 
 
 def test_suspend_stops_after_a_checkpoint_and_resume_continues_from_it(jobs):
-    jobs.apply(env.sd_manifest("pausable", jobs.bucket, steps=24, save_steps=100))  # only SIGTERM checkpoints
+    # ~10 s of training at CPU speed (about 12 steps/s), so the suspend lands mid-run; only SIGTERM checkpoints
+    jobs.apply(env.sd_manifest("pausable", jobs.bucket, steps=120, save_steps=1000))
     env.wait_until(lambda: step_of(jobs, "pausable") >= 3, 300, "some training steps")
     jobs.kubectl("patch", "ltj", "pausable", "--type=merge", "-p", '{"spec":{"suspend":true}}')
     status = jobs.wait_phase("pausable", "Suspended", 120)
@@ -36,7 +37,7 @@ def test_suspend_stops_after_a_checkpoint_and_resume_continues_from_it(jobs):
     jobs.kubectl("patch", "ltj", "pausable", "--type=merge", "-p", '{"spec":{"suspend":false}}')
     assert jobs.wait_condition("pausable", "Succeeded", 400).returncode == 0
     status = jobs.status("pausable")
-    assert status["attempts"] == 2 and status["progress"]["step"] == 24
+    assert status["attempts"] == 2 and status["progress"]["step"] == 120
     log = jobs.kubectl("logs", jobs.pods("pausable")[-1]["metadata"]["name"]).stdout
     assert f"at step {checkpoint['step']}" in next(line for line in log.splitlines() if "resumed from" in line)
     reasons = [e["reason"] for e in jobs.events("pausable")]

@@ -58,7 +58,8 @@ def watch_progress(jobs, name, timeout=400):
 
 
 def test_text_to_image_job_succeeds(jobs, prometheus):
-    steps, save = 12, 4
+    # long enough (several seconds on CPU) for the operator's 1 s poll to see it mid-run more than once
+    steps, save = 48, 16
     jobs.apply(env.sd_manifest("sd-tiny", jobs.bucket, steps=steps, save_steps=save,
                                output={"formats": ["diffusers", "kohya"]}))
     pod = env.wait_until(lambda: jobs.running_pod("sd-tiny"), 240, "a running trainer pod")
