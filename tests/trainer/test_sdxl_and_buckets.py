@@ -72,6 +72,20 @@ def test_sdxl_time_ids_carry_original_size_and_crop(tmp_path, mixed_shapes):
     assert added["text_embeds"].shape == (8, 32)
 
 
+def test_captions_tokenized_up_front_match_tokenizing_each_alone(tmp_path, mixed_shapes):
+    recipe = run(SDXL_BASE, tmp_path, train_data_dir=str(mixed_shapes), max_train_steps=1, save_steps=0)
+    task = recipe.task
+    captions = ["a red circle", "a red circle", "word " * 200, ""]  # a repeat, one past 77 tokens, an empty one
+    for caption, ids in zip(captions, task.tokenize_all(captions), strict=True):
+        assert set(ids) == {"input_ids", "input_ids_2"}
+        for key, tokenizer in zip(("input_ids", "input_ids_2"), task.tokenizers):
+            alone = tokenizer(caption, max_length=77, padding="max_length", truncation=True, return_tensors="pt")
+            assert torch.equal(ids[key], alone.input_ids[0])
+    dataset = task.dataset()
+    for i, record in enumerate(task.records):
+        assert torch.equal(dataset[(i, 0)]["input_ids"], task.tokenize_all([record.caption])[0]["input_ids"])
+
+
 def test_buckets_keep_shapes_and_batches_never_mix(tmp_path, mixed_shapes):
     sizes = []
 

@@ -215,13 +215,14 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     """Items are looked up by (index, item_seed) pairs from EpochBatches, so augmentation is reproducible.
 
     `sizes[i]` is the (width, height) record i is cropped to (its bucket, or the square resolution);
-    `tokenize(caption)` returns the token-id tensors the model family needs.
+    `tokens[i]` the token-id tensors of its caption that the model family needs, tokenized once up front
+    (captions do not change during a run, and tokenizing was the largest part of loading an item).
     """
 
     def __init__(self, records: list[ImageRecord], sizes: list[tuple[int, int]], center_crop: bool,
-                 random_flip: bool, tokenize):
-        self.records, self.sizes = records, sizes
-        self.center_crop, self.random_flip, self.tokenize = center_crop, random_flip, tokenize
+                 random_flip: bool, tokens: list[dict[str, torch.Tensor]]):
+        self.records, self.sizes, self.tokens = records, sizes, tokens
+        self.center_crop, self.random_flip = center_crop, random_flip
 
     def __len__(self) -> int:
         return len(self.records)
@@ -238,7 +239,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return {
             "pixel_values": to_tensor(image),  # (3, H, W)
             **conditioning(crop, self.sizes[index]),
-            **self.tokenize(record.caption),
+            **self.tokens[index],
         }
 
 

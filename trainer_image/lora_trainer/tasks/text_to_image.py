@@ -201,7 +201,8 @@ class TextToImageTask:
 
     def dataset(self) -> torch.utils.data.Dataset:
         cfg = self.cfg
-        images = ImageCaptionDataset(self.records, self.sizes, cfg.center_crop, cfg.random_flip, self.tokenize)
+        tokens = self.tokenize_all([r.caption for r in self.records])
+        images = ImageCaptionDataset(self.records, self.sizes, cfg.center_crop, cfg.random_flip, tokens)
         if not (cfg.cache_latents or cfg.cache_text_encoder_outputs):
             return images
         cache = TensorCache(cfg.cache_dir or cache_root() / "features")
@@ -245,7 +246,7 @@ class TextToImageTask:
         log.info("text-encoder cache: %d of %d captions to encode", len(todo), len(set(captions)))
         for start in range(0, len(todo), 16):
             chunk = todo[start : start + 16]
-            tokens = [self.tokenize(c) for c in chunk]
+            tokens = self.tokenize_all(chunk)
             ids = {k: torch.stack([t[k] for t in tokens]) for k in tokens[0]}
             with torch.no_grad():
                 hidden, pooled = self.encode_text(ids)
@@ -262,13 +263,17 @@ class TextToImageTask:
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         return collate_images(items)
 
-    def tokenize(self, caption: str) -> dict[str, torch.Tensor]:
-        out = {}
+    def tokenize_all(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
+        """The token ids of each caption ({"input_ids": (L,), "input_ids_2": (L,) for SDXL}), each distinct
+        caption tokenized once, all of them in one call per tokenizer."""
+        distinct = list(dict.fromkeys(captions))
+        ids = {}
         for i, tokenizer in enumerate(self.tokenizers):
-            ids = tokenizer(caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                            return_tensors="pt").input_ids
-            out["input_ids" if i == 0 else f"input_ids_{i + 1}"] = ids[0]  # (L,)
-        return out
+            ids["input_ids" if i == 0 else f"input_ids_{i + 1}"] = tokenizer(
+                distinct, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                return_tensors="pt").input_ids  # (len(distinct), L)
+        row = {caption: j for j, caption in enumerate(distinct)}
+        return [{key: table[row[caption]] for key, table in ids.items()} for caption in captions]
 
     # -- model
     def load(self, device: torch.device, weight_dtype: torch.dtype) -> None:
@@ -512,7 +517,7 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
             _, crop, flipped = crop_geometry(self.original_sizes[index], size, images.center_crop,
                                              images.random_flip, random.Random(seed))
             item = {**self._entry(self.latent_keys[index][flipped]), **conditioning(crop, size),
-                    **images.tokenize(images.records[index].caption)}
+                    **images.tokens[index]}
         if self.text_keys is not None:
             item = {k: v for k, v in item.items() if not k.startswith("input_ids")}
             item.update(self._entry(self.text_keys[index]))
