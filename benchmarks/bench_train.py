@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py                      # tiny presets on CPU
     python benchmarks/bench_train.py --arch real --device cuda   # SD1.5-size UNet @512 and a 1B Llama
+    python benchmarks/bench_train.py --arch real --task text-to-image --set mixed_precision=no --steps 4 --warmup 1
 
 Each measurement runs in its own subprocess (so peak memory is its own). The reference loops are the
 diffusers text-to-image LoRA example's loop and a plain peft+transformers loop: same models, LoRA
@@ -264,6 +265,15 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def parse_override(item: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--set {item}: expected KEY=VALUE")
+    return key.strip(), yaml.safe_load(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", choices=["tiny", "real"], default="tiny")
@@ -271,6 +281,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2, help="alternate ours/reference this many times")
+    parser.add_argument("--task", choices=["text-to-image", "text-generation"], action="append",
+                        help="measure only this task (repeatable); default both")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key of both loops, e.g. --set mixed_precision=no (YAML value)")
     parser.add_argument("--worker", choices=["ours", "reference"])
     parser.add_argument("--raw")
     args = parser.parse_args()
@@ -278,19 +292,21 @@ def main() -> None:
         fn = run_ours if args.worker == "ours" else run_reference
         print(json.dumps(fn(json.loads(args.raw), args.warmup)))
         return
+    overrides = dict(parse_override(item) for item in args.set)
     rows = []
-    for task in ("text-to-image", "text-generation"):
+    for task in args.task or ("text-to-image", "text-generation"):
         best = {}
         for _ in range(args.repeats):  # interleaved, best of N: the machine is shared and noisy
             for kind in ("reference", "ours"):
-                m = measure(kind, args.arch, task, args.steps, args.warmup, args.device)
+                m = measure(kind, args.arch, task, args.steps, args.warmup, args.device, **overrides)
                 if kind not in best or m["step_s"] < best[kind]["step_s"]:
                     best[kind] = m
         ratio = best["ours"]["step_s"] / best["reference"]["step_s"]
         rows += [{"task": task, "kind": "reference", "m": best["reference"]},
                  {"task": task, "kind": "ours", "m": best["ours"], "ratio": f"{ratio:.3f}x"}]
     print(f"arch={args.arch} device={args.device} steps={args.steps} (first {args.warmup} not timed), "
-          f"best of {args.repeats}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"best of {args.repeats}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+          + "".join(f", {k}={v}" for k, v in overrides.items()))
     print(table(rows))
     if any(math.isnan(r["m"]["step_s"]) for r in rows):
         raise SystemExit(1)

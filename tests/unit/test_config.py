@@ -126,6 +126,15 @@ def test_overrides_are_parsed_as_yaml_and_win(tmp_path):
         load_config(path, ["lora_rnak=3"])
 
 
+def test_unquoted_no_in_yaml_means_the_choice_no(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("base_model: preset:tiny-sd\ntrain_data_dir: data\nmixed_precision: no\n")
+    assert load_config(path).mixed_precision == "no"
+    assert load_config(path, ["mixed_precision=no"]).mixed_precision == "no"
+    assert "'mixed_precision': expected text, got True" in problems_of({**BASE, "mixed_precision": True})
+    assert "'device': expected text, got False" in problems_of({**BASE, "device": False})  # no "no" choice
+
+
 @pytest.mark.parametrize(
     "text, message",
     [

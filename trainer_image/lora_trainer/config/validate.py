@@ -74,6 +74,8 @@ def build_config(raw: dict[str, Any], source: str = "config", overrides: dict[st
 
 def _check_value(f: dataclasses.Field, hint: Any, value: Any) -> Any:
     meta = f.metadata
+    if value is False and "no" in (meta["choices"] or ()):
+        value = "no"  # YAML 1.1 reads an unquoted `mixed_precision: no` as false
     value = _coerce(hint, value, meta["comma_list"])
     for item in value if isinstance(value, list) else [value]:
         if item is None:
