@@ -3,10 +3,13 @@ S3 on a fresh disk, a 60 s outage mid-run, hostile keys, bad credentials, restar
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import http.client
+import io
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -110,6 +113,39 @@ def test_a_run_reads_its_dataset_from_s3_and_writes_every_output_to_s3(tmp_path,
     assert code == ExitCode.OK
     after = list_keys(client, s3_bucket, "runs/shapes")
     assert "NOTES.md" in after and not {k for k in after if k.startswith("checkpoints/state_step_")}
+
+
+def test_auto_label_of_an_s3_dataset_keeps_its_captions_in_the_output_on_s3(tmp_path, s3_server, s3_bucket,
+                                                                           s3_env):
+    client = s3_server.client()
+    uncaptioned = tmp_path / "images"
+    shutil.copytree(SAMPLE / "images", uncaptioned)
+    (uncaptioned / "metadata.csv").unlink()
+    (uncaptioned / "red_square.txt").write_text("my own caption, kept\n")
+    upload_folder(client, s3_bucket, "datasets/shapes", uncaptioned)
+    dataset_keys = list_keys(client, s3_bucket, "datasets/shapes")
+    config = sd_config(tmp_path, s3_bucket, max_train_steps=2, save_steps=0, auto_label=True,
+                       label_model="preset:tiny-blip")
+    code, message = run_inprocess(tmp_path, config)
+    assert code == ExitCode.OK, message
+
+    captions = get_bytes(client, f"s3://{s3_bucket}/runs/shapes/metadata.csv").decode()
+    rows = dict(csv.reader(io.StringIO(captions)))
+    assert len(rows) == 9 and rows["red_square.png"] == "my own caption, kept"  # header + 8 images
+    assert all(rows[name] for name in rows)
+    # neither the dataset on S3 nor its cached copy (shared by later runs) was written
+    assert list_keys(client, s3_bucket, "datasets/shapes") == dataset_keys
+    assert not list((tmp_path / "cache").rglob("datasets/shapes/metadata.csv"))
+    record = get_bytes(client, f"s3://{s3_bucket}/runs/shapes/EXPERIMENT.md").decode()
+    assert f"`s3://{s3_bucket}/datasets/shapes`" in record  # the dataset as the user named it, not the cache
+    assert "auto_label: 7 captioned by preset:tiny-blip (in output_dir/metadata.csv)" in record
+
+    # a later attempt (an empty working copy, as on a new pod) fetches those captions instead of captioning
+    code, message = run_inprocess(tmp_path, {**config, "overwrite": True, "label_model": "no-org/never-loaded"})
+    assert code == ExitCode.OK, message
+    record = get_bytes(client, f"s3://{s3_bucket}/runs/shapes/EXPERIMENT.md").decode()
+    assert "auto_label: 0 captioned by no-org/never-loaded, 7 from an earlier attempt" in record
+    assert get_bytes(client, f"s3://{s3_bucket}/runs/shapes/metadata.csv").decode() == captions
 
 
 def test_sigterm_uploads_a_checkpoint_and_a_new_pod_resumes_from_s3_bit_for_bit(tmp_path, s3_server, s3_bucket,

@@ -206,6 +206,17 @@ def test_auto_label_captions_only_what_is_missing_then_trains(images, reference,
     assert (images / "metadata.csv").read_bytes() == before
 
 
+def test_dataset_read_only_keeps_auto_label_out_of_a_writable_dataset(images, reference, tmp_path):
+    (images / "blue_circle.png").unlink()
+    before = sorted(p.name for p in images.iterdir())
+    recipe = run(SD_BASE, tmp_path / "out", train_data_dir=str(images), auto_label=True, label_model=BLIP,
+                 dataset_read_only=True, max_train_steps=1, save_steps=0)
+    assert sorted(p.name for p in images.iterdir()) == before
+    rows = read_metadata_csv(tmp_path / "out" / "metadata.csv", "file_name", "text")
+    assert len(rows) == 7 and rows["red_circle.png"] == reference["red_circle.png"]
+    assert recipe.summary.data_summary["caption_source"].endswith("(in output_dir/metadata.csv)")
+
+
 def can_mount_read_only() -> bool:
     probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
                             "mount --bind -o ro /tmp /tmp && true"], capture_output=True)
@@ -235,7 +246,7 @@ def test_auto_label_writes_into_output_dir_when_the_dataset_is_read_only(images,
     rows = read_metadata_csv(out / "metadata.csv", "file_name", "text")
     assert len(rows) == 7 and rows["red_square.png"] == "my own caption, kept"
     assert rows["red_circle.png"] == reference["red_circle.png"]
-    assert f"(in {out / 'metadata.csv'})" in result.stdout
+    assert "(in output_dir/metadata.csv)" in result.stdout
     # a restarted attempt reuses those captions instead of captioning again (same text, no model)
     from lora_trainer.labeling.auto import scan_captioned_folder
 

@@ -81,8 +81,10 @@ def loss_not_falling(losses: list[tuple[int, float]]) -> str | None:
 class ExperimentRecord(BaseObserver):
     """Writes <output_dir>/EXPERIMENT.md and loss_curve.png when the run ends, however it ends."""
 
-    def __init__(self, cfg, command: list[str] | None = None, env: dict[str, str] | None = None):
-        self.cfg = cfg
+    def __init__(self, cfg, command: list[str] | None = None, env: dict[str, str] | None = None, shown=None):
+        """`cfg` is the config the recipe runs; `shown`, if given, the one to record: for an S3 run the user's,
+        with its s3:// URIs, where `cfg` has the local copies' paths."""
+        self.shown = shown or cfg
         self.out = Path(cfg.output_dir)
         self.command = list(sys.argv if command is None else command)
         self.env = dict(os.environ if env is None else env)
@@ -269,7 +271,7 @@ def render(record: ExperimentRecord, summary: Any, has_curve: bool) -> str:
     """The whole EXPERIMENT.md: a summary table first, then one section per question a reader has."""
     from .config import config_to_yaml
 
-    cfg = record.cfg
+    cfg = record.shown
     config_yaml = config_to_yaml(cfg)
     ended = summary.ended or time.time()
     best = min(summary.losses, key=lambda item: item[1]) if summary.losses else None

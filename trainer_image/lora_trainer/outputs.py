@@ -16,6 +16,7 @@ CONFIG_BACKUP = "config_backup.yaml"
 EXPERIMENT_RECORD = "EXPERIMENT.md"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
+CAPTIONS = "metadata.csv"  # auto_label's captions, when the dataset folder is not to be written
 
 
 def kohya_name(cfg: TrainConfig) -> str:

@@ -135,8 +135,10 @@ def pick_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
     return device, torch.float32
 
 
-def default_observers(cfg: TrainConfig) -> list[Observer]:
-    observers = [ProgressReporter(cfg.logging_steps), TensorBoardLogger(cfg.logging_dir), ExperimentRecord(cfg)]
+def default_observers(cfg: TrainConfig, shown: TrainConfig | None = None) -> list[Observer]:
+    """Progress, TensorBoard, EXPERIMENT.md (recording `shown`, the user's config, when given) and samples."""
+    observers = [ProgressReporter(cfg.logging_steps), TensorBoardLogger(cfg.logging_dir),
+                 ExperimentRecord(cfg, shown=shown)]
     if cfg.validation_prompts:
         observers.append(SampleWriter(cfg.output_dir))
     return observers

@@ -132,6 +132,11 @@ class TrainConfig:
         False, "Caption the images that have no caption with label_model before training, into metadata.csv "
         "in train_data_dir (or in output_dir when that folder is read-only).", group="data",
     )
+    dataset_read_only: bool = option(
+        False, "Never write into train_data_dir: auto_label puts its metadata.csv into output_dir instead. "
+        "Always on for an s3:// dataset (its local copy is a download cache; the captions reach S3 with the "
+        "outputs).", group="data",
+    )
     label_model: str = option(
         "Salesforce/blip-image-captioning-base",
         "Captioning model of auto_label and lora-label: a hub id, local folder or preset:tiny-blip.", group="data",

@@ -6,7 +6,9 @@ holding every caption (the dataset's own ones and the new ones), written atomica
 - into the dataset folder (metadata_path, or <train_data_dir>/metadata.csv), as lora-scripts does, so the
   next run and lora-label find the captions there;
 - into <output_dir>/metadata.csv when the dataset folder is read-only (a read-only volume, a shared
-  dataset). A restarted run reuses the captions of that copy, so it trains on the same text.
+  dataset, `dataset_read_only`, or the local copy of an s3:// dataset, which is a download cache; the
+  captions then reach S3 with the outputs). A restarted run reuses the captions of that copy, so it trains
+  on the same text.
 
 Either way the run then reads its captions from that file, and EXPERIMENT.md names it.
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from ..data.images import ImageFolderScan, read_metadata_csv, scan_image_folder
 from ..errors import DatasetError, OutputError
+from ..outputs import CAPTIONS
 from .core import caption_images, relative_name, write_metadata_csv
 
 log = logging.getLogger("lora_trainer")
@@ -30,7 +33,7 @@ def dataset_captions_path(cfg) -> Path:
 
 
 def output_captions_path(cfg) -> Path:
-    return Path(cfg.output_dir) / "metadata.csv"
+    return Path(cfg.output_dir) / CAPTIONS
 
 
 def scan_captioned_folder(cfg, captioner=None) -> ImageFolderScan:
@@ -54,8 +57,9 @@ def scan_captioned_folder(cfg, captioner=None) -> ImageFolderScan:
     if todo:
         rows.update(caption_missing(cfg, todo, folder, captioner))
     target = write_captions(cfg, rows)
+    where = f"output_dir/{CAPTIONS}" if target == output_captions_path(cfg) else str(target)
     source = (f"{first.caption_source} + auto_label: {len(todo)} captioned by {cfg.label_model}"
-              + (f", {len(reused)} from an earlier attempt" if reused else "") + f" (in {target})")
+              + (f", {len(reused)} from an earlier attempt" if reused else "") + f" (in {where})")
     return dataclasses.replace(scan(str(target)), caption_source=source)
 
 
@@ -88,10 +92,13 @@ def writable(path: Path) -> bool:
 def write_captions(cfg, rows: dict[str, str]) -> Path:
     """Into the dataset folder if it can be written, else into output_dir (see the module docstring)."""
     target, fallback = dataset_captions_path(cfg), output_captions_path(cfg)
-    if writable(target):
+    if cfg.dataset_read_only:
+        log.info("auto_label: the dataset is not written (dataset_read_only); the captions go to %s", fallback)
+    elif writable(target):
         try:
             return write_metadata_csv(target, rows, cfg.image_column, cfg.caption_column)
         except OutputError as err:
             log.warning("auto_label: %s", err)
-    log.warning("auto_label: %s cannot be written; the captions go to %s", target, fallback)
+    else:
+        log.warning("auto_label: %s cannot be written; the captions go to %s", target, fallback)
     return write_metadata_csv(fallback, rows, cfg.image_column, cfg.caption_column)

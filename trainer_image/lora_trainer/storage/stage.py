@@ -4,7 +4,8 @@ In order, so that a run fails fast and leaves nothing behind when it cannot work
   1. every bucket named in the config answers (wrong credentials, a missing bucket: StorageError now)
   2. an s3:// output_dir holding a finished run is refused unless `overwrite: true` (which clears it)
   3. dataset, metadata, base model are downloaded into the cache (DatasetError / ModelError if absent)
-  4. the output's local working copy is emptied, and the resume checkpoint fetched into it from S3
+  4. the output's local working copy is emptied, and the resume checkpoint (and with auto_label, an
+     earlier attempt's captions) fetched into it from S3
 
 The result is a config with local paths only (what the recipe runs), plus the mirror observers that
 copy the working folders back to S3.
@@ -22,7 +23,7 @@ from typing import Any, Callable, Mapping
 from ..checkpoint import CHECKPOINTS, state_dir_name
 from ..config import TrainConfig
 from ..errors import DatasetError, ModelError, StorageError
-from ..outputs import FINAL_WEIGHTS, run_files
+from ..outputs import CAPTIONS, FINAL_WEIGHTS, run_files
 from ..termination import LocalOutputs
 from .client import Retry, make_client, probe_bucket
 from .download import Downloader
@@ -81,6 +82,8 @@ class StorageSession:
         if is_s3(cfg.output_dir):
             self.check_output(S3Uri.parse(cfg.output_dir))
         local = {key: self.download(key) for key in INPUTS if is_s3(getattr(cfg, key))}
+        if "train_data_dir" in local or "metadata_path" in local:
+            local["dataset_read_only"] = True  # a download cache that later runs share: auto_label leaves it be
         local.update(self.outputs())
         self.local_cfg = dataclasses.replace(cfg, **local)
         return self.local_cfg
@@ -119,6 +122,8 @@ class StorageSession:
             self.output_mirror = self.mirror(out_local, out, config_yaml=self.config_yaml, keep=cfg.keep_checkpoints)
             self.mirrors.append(self.output_mirror)
             local.update(self.resume_from(out, out_local))
+            if cfg.auto_label:
+                self.fetch_earlier_captions(out, out_local)
         if is_s3(cfg.logging_dir):
             inside = _relative_to(cfg.logging_dir, cfg.output_dir)
             if inside is not None and out_local is not None:
@@ -154,6 +159,14 @@ class StorageSession:
             raise StorageError(f"output_dir {out} holds checkpoints of an earlier run; set resume: latest to "
                                "continue it, or overwrite: true to start over")
         return {}
+
+    def fetch_earlier_captions(self, out: S3Uri, out_local: Path) -> None:
+        """The captions an earlier attempt's auto_label wrote (output_dir/metadata.csv): a restarted attempt
+        trains on the same text instead of captioning again."""
+        data = self.store.get_bytes(out.child(CAPTIONS))
+        if data is not None:
+            (out_local / CAPTIONS).write_bytes(data)
+            log.info("auto_label: captions of an earlier attempt fetched from %s", out.child(CAPTIONS))
 
     # -- for the termination message
     @property
