@@ -256,8 +256,8 @@ def table(rows: list[dict]) -> str:
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         m = r["m"]
-        rate = (f"{m['tokens'] / m['train_s']:.0f} tok/s" if m["tokens"]
-                else f"{m['samples'] / m['train_s']:.1f} img/s")
+        rate = (f"{m['tokens'] / m['train_s']:.4g} tok/s" if m["tokens"]
+                else f"{m['samples'] / m['train_s']:.3g} img/s")
         pct = lambda k: f"{100 * m[k] / m['train_s']:.1f}"  # noqa: E731
         lines.append(" | ".join([r["task"], r["kind"], f"{1000 * m['step_s']:.1f}", rate,
                                  f"{m['peak_bytes'] / 2**20:.0f}", pct("data_s"), pct("fwd_bwd_s"), pct("optim_s"),
@@ -306,7 +306,7 @@ def main() -> None:
                  {"task": task, "kind": "ours", "m": best["ours"], "ratio": f"{ratio:.3f}x"}]
     print(f"arch={args.arch} device={args.device} steps={args.steps} (first {args.warmup} not timed), "
           f"best of {args.repeats}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-          + "".join(f", {k}={v}" for k, v in overrides.items()))
+          + "".join(f", {item}" for item in args.set))
     print(table(rows))
     if any(math.isnan(r["m"]["step_s"]) for r in rows):
         raise SystemExit(1)
