@@ -44,6 +44,9 @@ BAD = [
     ("dropout-above-one", manifest(training={"dropout": 1.5}), ["spec.training.dropout"]),
     ("unknown-scheduler", manifest(training={"lrScheduler": "warp"}), ["spec.training.lrScheduler", "cosine"]),
     ("unknown-precision", manifest(training={"precision": "fp8"}), ["spec.training.precision"]),
+    # an unquoted `precision: no` reaches the API server as false (docs/operator.md says to quote it)
+    ("precision-bare-no", manifest(training={"precision": False}),
+     ["spec.training.precision", "must be of type string"]),
     ("steps-as-text", manifest(training={"steps": "many"}), ["spec.training.steps", "integer"]),
     ("warmup-beyond-steps", manifest(training={"steps": 10, "warmupSteps": 20}),
      ["spec.training.warmupSteps", "must not exceed spec.training.steps"]),
