@@ -57,7 +57,7 @@ def test_invalid_dataset_fails_at_once_without_retry(jobs):
 
 
 def test_killed_trainer_resumes_from_its_checkpoint_with_the_same_final_weights(jobs):
-    steps, save = 12, 4
+    steps, save = 96, 16  # several seconds after the step-16 checkpoint to find and kill the trainer in
     jobs.apply(env.sd_manifest("reference", jobs.bucket, steps=steps, save_steps=save))
     jobs.apply(env.sd_manifest("killed", jobs.bucket, steps=steps, save_steps=save, backoffLimit=2))
     manifest_key = f"out/killed/checkpoints/state_step_{save}/manifest.json"
@@ -97,7 +97,7 @@ def test_eviction_does_not_count_against_backoff_limit(jobs, node_agent):
 
 
 def test_backoff_limit_exhausted(jobs):
-    jobs.apply(env.sd_manifest("crashy", jobs.bucket, steps=200, save_steps=50, backoffLimit=1))
+    jobs.apply(env.sd_manifest("crashy", jobs.bucket, steps=2000, save_steps=500, backoffLimit=1))
     first = kill_trainer(jobs, "crashy")
     kill_trainer(jobs, "crashy", lambda s: s.get("attempts", 0) >= 2 and s.get("currentPod", {}).get("name") != first)
     waited = jobs.wait_condition("crashy", "Failed", 300)

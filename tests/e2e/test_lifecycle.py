@@ -57,7 +57,7 @@ def test_deleting_a_running_job_stops_its_pod_and_removes_its_children(jobs):
 
 
 def test_operator_restart_mid_run_creates_no_second_job(jobs, operator):
-    jobs.apply(env.sd_manifest("steady", jobs.bucket, steps=24, save_steps=8))
+    jobs.apply(env.sd_manifest("steady", jobs.bucket, steps=120, save_steps=40))  # ~10 s: still running when killed
     env.wait_until(lambda: step_of(jobs, "steady") >= 2, 300, "training under way")
     job_uid = training_jobs(jobs, "steady")[0]["metadata"]["uid"]
     operator.kill()  # SIGKILL: no goodbye, the lease is not released
@@ -70,7 +70,7 @@ def test_operator_restart_mid_run_creates_no_second_job(jobs, operator):
     (only,) = training_jobs(jobs, "steady")
     assert only["metadata"]["uid"] == job_uid
     status = jobs.status("steady")
-    assert status["attempts"] == 1 and status["progress"]["step"] == 24
+    assert status["attempts"] == 1 and status["progress"]["step"] == 120
     assert operator.metric("lora_operator_reconcile_errors_total") == 0
 
 
