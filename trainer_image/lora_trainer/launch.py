@@ -76,6 +76,7 @@ def launch(cfg: TrainConfig, stop: StopSignal, report: TerminationReport,
             session.output_mirror.on_uploaded = metrics.checkpoint_saved
         if stop.is_set():
             raise Interrupted("stopped by SIGTERM before training started; nothing to checkpoint")
-        recipe = TrainingRecipe(local, observers=[*default_observers(local, shown=cfg), *session.mirrors, metrics], stop=stop)
+        observers = [*default_observers(local, shown=cfg), *session.mirrors, metrics]
+        recipe = TrainingRecipe(local, observers=observers, stop=stop)
         report.summary = recipe.summary
         return recipe.run()
