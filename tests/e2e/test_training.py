@@ -43,18 +43,20 @@ def check_success(jobs, name, steps, save_steps, formats):
 
 
 def watch_progress(jobs, name, timeout=400):
-    """status.progress values seen while the job runs, until it is terminal."""
-    seen = []
+    """The status.progress values, and the status.lastCheckpoint steps, seen while the job runs."""
+    seen, checkpoints = [], []
 
     def done():
         status = jobs.status(name)
-        progress = status.get("progress")
+        progress, checkpoint = status.get("progress"), status.get("lastCheckpoint")
         if status.get("phase") == "Running" and progress and (not seen or seen[-1] != progress):
             seen.append(progress)
+        if status.get("phase") == "Running" and checkpoint and checkpoint["step"] not in checkpoints:
+            checkpoints.append(checkpoint["step"])
         return status.get("phase") in ("Succeeded", "Failed")
 
     env.wait_until(done, timeout, f"{name} to finish", interval=0.5)
-    return seen
+    return seen, checkpoints
 
 
 def test_text_to_image_job_succeeds(jobs, prometheus):
@@ -64,11 +66,14 @@ def test_text_to_image_job_succeeds(jobs, prometheus):
                                output={"formats": ["diffusers", "kohya"]}))
     pod = env.wait_until(lambda: jobs.running_pod("sd-tiny"), 240, "a running trainer pod")
     prometheus.set_targets([f"{pod['status']['podIP']}:9400"], labels={"namespace": jobs.namespace})
-    seen = watch_progress(jobs, "sd-tiny")
+    seen, checkpoints = watch_progress(jobs, "sd-tiny")
     # progress was read from the metrics endpoint while the trainer ran: several distinct steps below the end
-    running_steps = {p["step"] for p in seen if p["step"] < steps}
-    assert len(running_steps) >= 2, seen
-    assert all({"step", "totalSteps", "loss", "learningRate", "updatedAt"} <= set(p) for p in seen if p["step"])
+    running = [p for p in seen if 0 < p["step"] < steps]
+    assert len({p["step"] for p in running}) >= 2, seen
+    assert all({"step", "totalSteps", "epoch", "loss", "learningRate", "updatedAt"} <= set(p) for p in running)
+    assert any("eta" in p for p in running), seen  # once a few steps have been timed
+    # a checkpoint shows up in status while the run goes on (uploaded to S3, so a new pod could resume from it)
+    assert checkpoints and set(checkpoints) <= {save, 2 * save}, checkpoints
     assert jobs.wait_condition("sd-tiny", "Succeeded", 60).returncode == 0
     check_success(jobs, "sd-tiny", steps, save, {"diffusers", "kohya"})
     # Prometheus scraped the same endpoint the operator reads (what Grafana shows)
