@@ -151,13 +151,14 @@ def test_auto_label_of_an_s3_dataset_keeps_its_captions_in_the_output_on_s3(tmp_
 def test_sigterm_uploads_a_checkpoint_and_a_new_pod_resumes_from_s3_bit_for_bit(tmp_path, s3_server, s3_bucket,
                                                                               s3_env, dataset):
     client = s3_server.client()
-    settings = dict(max_train_steps=10, save_steps=4, logging_steps=1, sigterm_grace_seconds=20)
+    # 30 steps: a couple of seconds left after step 2 for the SIGTERM to land mid-run
+    settings = dict(max_train_steps=30, save_steps=10, logging_steps=1, sigterm_grace_seconds=20)
     straight = TrainerProcess(tmp_path, sd_config(tmp_path / "pod0", s3_bucket, output_dir=f"s3://{s3_bucket}/straight",
                                                   **settings), s3_env, "straight")
     first = sd_config(tmp_path / "pod1", s3_bucket, **settings)
     stopped = TrainerProcess(tmp_path, first, s3_env, "first")
     try:
-        stopped.wait_for_output("step 2/10")
+        stopped.wait_for_output("step 2/30")
         stopped.proc.send_signal(signal.SIGTERM)
         assert stopped.wait(120) == ExitCode.INTERRUPTED == 143, stopped.output()[-3000:]
         assert straight.wait(600) == 0, straight.output()[-3000:]
@@ -166,7 +167,7 @@ def test_sigterm_uploads_a_checkpoint_and_a_new_pod_resumes_from_s3_bit_for_bit(
     message = termination_message(first)
     step = message["lastCheckpoint"]["step"]
     assert message["status"] == "interrupted" and message["reason"] == "Interrupted" and not message["permanent"]
-    assert 3 <= step < 10 and "error" not in message
+    assert 3 <= step < 30 and "error" not in message
     assert message["lastCheckpoint"]["uri"] == f"s3://{s3_bucket}/runs/shapes/checkpoints/state_step_{step}"
     interrupted = list_keys(client, s3_bucket, "runs/shapes")
     assert f"checkpoints/state_step_{step}/manifest.json" in interrupted
@@ -190,7 +191,7 @@ def test_sigterm_uploads_a_checkpoint_and_a_new_pod_resumes_from_s3_bit_for_bit(
 def test_sigterm_during_an_s3_outage_exits_within_the_grace_period(tmp_path, s3_server, s3_bucket, s3_env,
                                                                     dataset):
     client = s3_server.client()
-    config = sd_config(tmp_path, s3_bucket, max_train_steps=60, save_steps=2, logging_steps=1,
+    config = sd_config(tmp_path, s3_bucket, max_train_steps=200, save_steps=2, logging_steps=1,
                        sigterm_grace_seconds=5)
     run = TrainerProcess(tmp_path, config, s3_env, "grace")
     try:
