@@ -29,6 +29,13 @@ class ProgressSample:
     eta_seconds: float | None = None
     checkpoint_step: int | None = None
     checkpoint_uri: str | None = None
+    labeling_images: int | None = None  # auto_label: images to caption before training
+    labeled_images: int | None = None
+
+    def labeling(self) -> tuple[int, int] | None:
+        """(captioned, to caption) while auto_label is still captioning, else None."""
+        total, done = self.labeling_images or 0, self.labeled_images or 0
+        return (done, total) if done < total else None
 
     @property
     def mean_step_seconds(self) -> float | None:
@@ -106,8 +113,10 @@ _GAUGES = {
     "lora_train_eta_seconds": "eta_seconds",
     "lora_train_last_checkpoint_step": "checkpoint_step",
     "lora_train_checkpoint_step": "checkpoint_step",
+    "lora_train_labeling_images": "labeling_images",
+    "lora_train_labeled_images": "labeled_images",
 }
-_INTS = {"step", "total_steps", "epoch", "checkpoint_step"}
+_INTS = {"step", "total_steps", "epoch", "checkpoint_step", "labeling_images", "labeled_images"}
 
 
 def parse_metrics(text: str) -> ProgressSample | None:

@@ -123,7 +123,8 @@ class Context:
         return max(30.0, 6 * self.settings.poll_interval)
 
     def due(self, key: tuple[str, str], phase: str, now: float) -> bool:
-        every = self.settings.poll_interval if phase == Phase.RUNNING.value else self.resync_interval
+        active = phase in (Phase.LABELING.value, Phase.RUNNING.value)
+        every = self.settings.poll_interval if active else self.resync_interval
         return now - self.last_poll.get(key, 0.0) >= every * 0.95
 
     async def _poll_forever(self) -> None:

@@ -21,7 +21,7 @@ from .progress import ProgressSample
 
 class Phase(str, enum.Enum):
     PENDING = "Pending"
-    LABELING = "Labeling"  # reserved: auto-labelling before training (no spec field drives it yet)
+    LABELING = "Labeling"  # the trainer pod runs and auto_label (spec.dataset.autoLabel) is captioning
     RUNNING = "Running"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
@@ -54,7 +54,8 @@ class Reason:
     RESTARTING = "Restarting"  # the previous pod failed; the Job will start another
     EVICTED = "Evicted"  # the previous pod was evicted or preempted (does not count against backoffLimit)
     OOM_KILLED = "OOMKilled"
-    # Running / Suspended
+    # Labeling / Running / Suspended
+    LABELING = "Labeling"
     TRAINING = "Training"
     COMPLETING = "Completing"  # the trainer exited 0; the Job controller has not marked it Complete yet
     SUSPENDING = "Suspending"
@@ -89,8 +90,8 @@ RETRIED_EXIT_REASONS: dict[int, str] = {1: "Crashed", 7: "OutputFailed", 8: "Sto
                                         137: "Killed"}
 
 CONDITION_TYPES = ("Running", "Succeeded", "Failed", "Suspended")
-PHASE_CONDITION = {Phase.RUNNING: "Running", Phase.SUCCEEDED: "Succeeded", Phase.FAILED: "Failed",
-                   Phase.SUSPENDED: "Suspended"}
+PHASE_CONDITION = {Phase.LABELING: "Running", Phase.RUNNING: "Running", Phase.SUCCEEDED: "Succeeded",
+                   Phase.FAILED: "Failed", Phase.SUSPENDED: "Suspended"}
 WARNING_REASONS = frozenset({
     Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_FAILED, Reason.CONTAINER_CONFIG_ERROR, Reason.RESTARTING,
     Reason.EVICTED, Reason.OOM_KILLED, *PERMANENT_EXIT_REASONS.values(), Reason.BACKOFF_LIMIT_EXCEEDED,
@@ -274,6 +275,10 @@ def decide(obs: Observed) -> Verdict:
         pod = live[-1]
         name = pod["metadata"]["name"]
         if _running(pod):
+            labeling = obs.sample.labeling() if obs.sample else None
+            if labeling:
+                return Verdict(Phase.LABELING, Reason.LABELING,
+                               f"captioning images before training on pod {name}: {labeling[0]} of {labeling[1]} done")
             return Verdict(Phase.RUNNING, Reason.TRAINING, f"training on pod {name}")
         waiting = waiting_reason(pod)
         if waiting:

@@ -81,6 +81,29 @@ def test_text_to_image_job_succeeds(jobs, prometheus):
     assert loss and float(loss[0]["value"][1]) > 0
 
 
+def test_auto_label_shows_as_the_labeling_phase_then_trains(jobs):
+    import io
+
+    from PIL import Image
+
+    client = jobs.s3.client()
+    for i in range(40):  # uncaptioned: the tiny BLIP captions them all (its loading alone takes seconds)
+        image = io.BytesIO()
+        Image.effect_noise((48, 48), 20 + i).convert("RGB").save(image, format="PNG")
+        client.put_object(Bucket=jobs.bucket, Key=f"raw/img{i:02d}.png", Body=image.getvalue())
+    jobs.apply(env.sd_manifest("labeled", jobs.bucket, steps=4, save_steps=4,
+                               dataset={"uri": f"s3://{jobs.bucket}/raw", "resolution": 32, "autoLabel": True,
+                                        "labelModel": "preset:tiny-blip"}))
+    labeling = jobs.wait_phase("labeled", "Labeling", 240)
+    assert labeling["reason"] == "Labeling" and "of 40 done" in labeling["message"], labeling
+    assert {c["type"]: c["status"] for c in labeling["conditions"]}["Running"] == "True"
+    assert jobs.wait_condition("labeled", "Succeeded", 300).returncode == 0
+    assert {"Labeling", "Training", "TrainingSucceeded"} <= {e["reason"] for e in jobs.events("labeled")}
+    captions = jobs.s3_bytes(f"s3://{jobs.bucket}/out/labeled/metadata.csv").decode().splitlines()
+    assert captions[0] == "file_name,text" and len(captions) == 41
+    assert "raw/metadata.csv" not in {f"raw/{k}" for k in jobs.s3_keys("raw/")}  # the dataset is left as it was
+
+
 def test_text_generation_job_succeeds_and_kubectl_wait_returns(jobs):
     steps, save = 8, 4
     jobs.apply(env.llm_manifest("llm-tiny", jobs.bucket, steps=steps, save_steps=save))

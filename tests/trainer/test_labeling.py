@@ -18,6 +18,7 @@ from lora_trainer.errors import ExitCode
 from lora_trainer.labeling.captioner import DEFAULT_LABEL_MODEL, Captioner
 from lora_trainer.labeling.cli import main
 from lora_trainer.labeling.core import caption_images, compose
+from lora_trainer.observers import BaseObserver
 
 from .conftest import SAMPLE, SD_BASE, run
 
@@ -204,6 +205,22 @@ def test_auto_label_captions_only_what_is_missing_then_trains(images, reference,
                 label_model="no-org/never-loaded", max_train_steps=1, save_steps=0)
     assert again.summary.data_summary["caption_source"] == "metadata.csv"
     assert (images / "metadata.csv").read_bytes() == before
+
+
+def test_auto_label_progress_reaches_the_observers_before_training(images, tmp_path):
+    (images / "blue_circle.png").unlink()
+    heard = []
+
+    class Recorder(BaseObserver):
+        def on_labeling(self, done, total):
+            heard.append((done, total))
+
+        def on_start(self, info):
+            heard.append("training")
+
+    run(SD_BASE, tmp_path / "out", observers=[Recorder()], train_data_dir=str(images), auto_label=True,
+        label_model=BLIP, label_batch_size=4, max_train_steps=1, save_steps=0)
+    assert heard == [(0, 6), (4, 6), (6, 6), "training"]  # 0 first: the model is still loading then
 
 
 def test_dataset_read_only_keeps_auto_label_out_of_a_writable_dataset(images, reference, tmp_path):

@@ -45,6 +45,16 @@ def test_parse_the_real_trainer_exposition():
     assert sample.samples_total == 4 and sample.eta() == pytest.approx(43 * 0.2)
 
 
+def test_parse_auto_label_progress_from_the_real_trainer():
+    metrics = pytest.importorskip("lora_trainer.metrics")
+    m = metrics.TrainerMetrics("cats", "team-a")
+    assert parse_metrics(m.render().decode()).labeling() is None  # nothing to caption
+    m.on_labeling(0, 30)
+    assert parse_metrics(m.render().decode()).labeling() == (0, 30)
+    m.on_labeling(30, 30)
+    assert parse_metrics(m.render().decode()).labeling() is None  # done: training starts
+
+
 @pytest.mark.parametrize("text", ["", "garbage {{{", "# HELP other_metric x\nother_metric 1\n"])
 def test_no_trainer_metrics_means_no_sample(text):
     assert parse_metrics(text) is None

@@ -255,6 +255,21 @@ def test_status_patch_is_a_merge_patch():
                                       "conditions": [{"type": "Running"}, {"type": "Failed"}]}
 
 
+def test_a_trainer_captioning_its_images_is_labeling_then_running():
+    captioning = ProgressSample(step=0, total_steps=0, labeling_images=30, labeled_images=8)
+    status = compute_status(Observed(1, SPEC, {}, job(), [pod()], captioning), T0)
+    assert (status["phase"], status["reason"]) == ("Labeling", Reason.LABELING)
+    assert "8 of 30 done" in status["message"] and "progress" not in status
+    conditions = {c["type"]: c["status"] for c in status["conditions"]}
+    assert conditions == {"Running": "True", "Succeeded": "False", "Failed": "False", "Suspended": "False"}
+    captioned = ProgressSample(step=0, total_steps=40, labeling_images=30, labeled_images=30)
+    later = compute_status(Observed(1, SPEC, status, job(), [pod()], captioned), T0 + timedelta(seconds=5))
+    assert (later["phase"], later["reason"]) == ("Running", Reason.TRAINING)
+    assert [e.reason for e in transitions(status, later)] == ["Training"]
+    # the Running condition stays True from Labeling to Running: no flip, no new transition time
+    assert {c["type"]: c["lastTransitionTime"] for c in later["conditions"]}["Running"] == "2026-01-02T03:04:05Z"
+
+
 def test_a_trainer_still_in_setup_reports_no_progress():
     early = ProgressSample(step=0, total_steps=0, loss=0.0, learning_rate=0.0)
     status = compute_status(Observed(1, SPEC, {}, job(), [pod()], early), T0)

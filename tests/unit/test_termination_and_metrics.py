@@ -126,6 +126,17 @@ def test_metrics_use_the_design_names_and_labels():
     assert values[("lora_train_last_checkpoint_step", (*labels, ("uri", "out/checkpoints/state_step_41")))] == 41
 
 
+def test_auto_label_progress_is_a_pair_of_gauges():
+    metrics = TrainerMetrics("cats", "team-a")
+    labels = (("job_name", "cats"), ("namespace", "team-a"))
+    assert parse(metrics)[("lora_train_labeling_images", labels)] == 0  # nothing to caption (yet)
+    metrics.on_labeling(0, 40)
+    metrics.on_labeling(16, 40)
+    values = parse(metrics)
+    assert values[("lora_train_labeling_images", labels)] == 40
+    assert values[("lora_train_labeled_images", labels)] == 16
+
+
 def test_with_an_s3_mirror_the_last_checkpoint_is_the_newest_uploaded_one():
     metrics = TrainerMetrics("cats", "team-a")
     metrics.checkpoints_are_local = False

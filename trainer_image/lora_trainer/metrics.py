@@ -60,6 +60,8 @@ class TrainerMetrics(BaseObserver):
                                        "Seconds the last checkpoint held training back (save, prune, hand-over).")
         self.gpu_memory = make(Gauge, "lora_train_gpu_memory_bytes", "Bytes PyTorch holds on the GPU.")
         self.epoch = make(Gauge, "lora_train_epoch", "Epoch under way (1-based).")
+        self.labeling = make(Gauge, "lora_train_labeling_images", "Images auto_label captions before training.")
+        self.labeled = make(Gauge, "lora_train_labeled_images", "Of those, the images captioned so far.")
         self.eta = make(Gauge, "lora_train_eta_seconds", "Estimated seconds until the last step (NaN: unknown).")
         self.eta.set(math.nan)
         self.last_checkpoint = Gauge("lora_train_last_checkpoint_step",
@@ -138,6 +140,11 @@ class TrainerMetrics(BaseObserver):
         self.total_steps.set(info.total_steps)
         self.step.set(info.start_step)
         self.step_ended = self.clock()
+        self.push_soon()
+
+    def on_labeling(self, done: int, total: int) -> None:
+        self.labeling.set(total)
+        self.labeled.set(done)
         self.push_soon()
 
     def on_step(self, stats: StepStats) -> None:

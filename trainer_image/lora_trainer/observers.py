@@ -75,6 +75,9 @@ class Observer(Protocol):
 
     def on_validation(self, result: ValidationResult) -> None: ...
 
+    def on_labeling(self, done: int, total: int) -> None:
+        """auto_label progress before training: `done` of `total` images captioned (0 first)."""
+
     def on_end(self, summary: Any) -> None: ...
 
 
@@ -91,6 +94,9 @@ class BaseObserver:
         pass
 
     def on_validation(self, result: ValidationResult) -> None:
+        pass
+
+    def on_labeling(self, done: int, total: int) -> None:
         pass
 
     def on_end(self, summary: Any) -> None:

@@ -17,6 +17,7 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +182,8 @@ class TrainingRecipe:
         self.device, weight_dtype = pick_device(cfg)
         seed_everything(cfg.seed)
         self.task = build_task(cfg)
-        report = self.task.prepare_data()  # the dataset is validated before any model loads
+        # the dataset is validated before any model loads (and with auto_label, captioned first)
+        report = self.task.prepare_data(labeling=partial(self._notify, "on_labeling"))
         self.summary.data_summary, self.summary.warnings = report.summary, list(report.warnings)
         self.task.load(self.device, weight_dtype)
         self.dataset = self.task.dataset()

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 from ..data.images import ImageFolderScan, read_metadata_csv, scan_image_folder
 from ..errors import DatasetError, OutputError
@@ -36,8 +37,10 @@ def output_captions_path(cfg) -> Path:
     return Path(cfg.output_dir) / CAPTIONS
 
 
-def scan_captioned_folder(cfg, captioner=None) -> ImageFolderScan:
-    """scan_image_folder with the config's caption settings; with auto_label, captions what is missing first."""
+def scan_captioned_folder(cfg, captioner=None, progress: Callable[[int, int], None] | None = None
+                          ) -> ImageFolderScan:
+    """scan_image_folder with the config's caption settings; with auto_label, captions what is missing first
+    (telling `progress(done, total)` as it goes)."""
     def scan(metadata_path, allow_missing=False):
         return scan_image_folder(cfg.train_data_dir, metadata_path, cfg.caption_extension, cfg.image_column,
                                  cfg.caption_column, allow_missing_captions=allow_missing)
@@ -55,7 +58,7 @@ def scan_captioned_folder(cfg, captioner=None) -> ImageFolderScan:
     rows.update({relative_name(p, folder): earlier[relative_name(p, folder)] for p in reused})
     todo = [p for p in missing if p not in reused]
     if todo:
-        rows.update(caption_missing(cfg, todo, folder, captioner))
+        rows.update(caption_missing(cfg, todo, folder, captioner, progress))
     target = write_captions(cfg, rows)
     where = f"output_dir/{CAPTIONS}" if target == output_captions_path(cfg) else str(target)
     source = (f"{first.caption_source} + auto_label: {len(todo)} captioned by {cfg.label_model}"
@@ -71,12 +74,16 @@ def previous_output_captions(cfg) -> dict[str, str]:
     return {k: v for k, v in read_metadata_csv(path, cfg.image_column, cfg.caption_column).items() if v}
 
 
-def caption_missing(cfg, paths: list[Path], folder: Path, captioner=None) -> dict[str, str]:
+def caption_missing(cfg, paths: list[Path], folder: Path, captioner=None,
+                    progress: Callable[[int, int], None] | None = None) -> dict[str, str]:
     from .captioner import Captioner
 
     log.info("auto_label: captioning %d image(s) with %s", len(paths), cfg.label_model)
+    if progress:
+        progress(0, len(paths))  # before the model loads, which may take longer than captioning
     model = captioner or Captioner(cfg.label_model)
-    captions, failed = caption_images(paths, model, cfg.label_batch_size, cfg.caption_prefix, cfg.caption_suffix)
+    captions, failed = caption_images(paths, model, cfg.label_batch_size, cfg.caption_prefix, cfg.caption_suffix,
+                                      progress)
     if failed:
         listed = "; ".join(f"{relative_name(p, folder)}: {why}" for p, why in failed[:5])
         raise DatasetError(f"auto_label could not caption {len(failed)} image(s): {listed}")

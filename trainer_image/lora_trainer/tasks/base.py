@@ -31,7 +31,8 @@ class Task(Protocol):
 
     cfg: TrainConfig
 
-    def prepare_data(self) -> DataReport: ...
+    def prepare_data(self, labeling: Callable[[int, int], None] | None = None) -> DataReport:
+        """Reads and validates the data; `labeling(done, total)` hears auto_label's progress, if any."""
 
     def load(self, device: torch.device, weight_dtype: torch.dtype) -> None: ...
 

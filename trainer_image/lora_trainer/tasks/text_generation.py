@@ -34,7 +34,7 @@ class TextGenerationTask:
         self.validation_examples: list = []
 
     # -- data
-    def prepare_data(self) -> DataReport:
+    def prepare_data(self, labeling=None) -> DataReport:  # text is never captioned
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg)
         self.data = tokenize_dataset(cfg.train_data_dir, self.tokenizer, cfg.dataset_format, cfg.max_seq_length)

@@ -160,9 +160,9 @@ class TextToImageTask:
         self._pipeline = None
 
     # -- data
-    def prepare_data(self) -> DataReport:
+    def prepare_data(self, labeling=None) -> DataReport:
         cfg = self.cfg
-        scan = scan_captioned_folder(cfg)  # with auto_label, captions what has none first
+        scan = scan_captioned_folder(cfg, progress=labeling)  # with auto_label, captions what has none first
         self.records, self.original_sizes = scan.records, scan.sizes
         self.family = detect_family(cfg)
         self.tokenizers = load_tokenizers(cfg, self.family)
