@@ -84,6 +84,22 @@ def test_plain_log_lines_when_not_a_terminal():
     assert "2.00 it/s" in lines[0] and "8.00 samples/s" in lines[0] and "eta 0:01:05" in lines[0]
 
 
+def test_auto_label_progress_is_logged_each_tenth():
+    reporter = ProgressReporter(every=10, stream=FakeTerminal())
+    logger, handler = logging.getLogger("lora_trainer"), Collect()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        for done in (0, *range(8, 97, 8), 100, 100):
+            reporter.on_labeling(done, 100)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    counts = [int(m.split()[1].split("/")[0]) for m in handler.messages if m.startswith("auto_label:")]
+    assert counts == [16, 24, 32, 40, 56, 64, 72, 80, 96, 100]  # a line per tenth crossed, the end once
+
+
 class FakeTerminal(io.StringIO):
     def isatty(self) -> bool:
         return True
