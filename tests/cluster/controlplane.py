@@ -219,8 +219,9 @@ class KubeCluster:
         return out
 
     def log_tails(self, lines=40):
-        """{component: last lines of its log} for failure reports."""
-        return {s.name: s.log_tail(lines) for s in self.services}
+        """{component: last lines of its log} for failure reports, without the chatter of namespaces that
+        earlier tests deleted (it filled the controller-manager's tail and hid what mattered)."""
+        return {s.name: s.log_tail(lines, skip=("Namespace has been deleted",)) for s in self.services}
 
     def stop(self):
         # kube-apiserver stops listening at once but lingers ~10 s on SIGTERM; 3 s is plenty here

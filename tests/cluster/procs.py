@@ -49,8 +49,8 @@ def launcher_argv(argv, cwd=None, mounts=(), cgroup=None):
     return [sys.executable, LAUNCHER, json.dumps(spec)]
 
 
-def tail(path, lines=60):
-    """The last `lines` lines of a text file ('' when it does not exist)."""
+def tail(path, lines=60, skip=()):
+    """The last `lines` lines of a text file that contain none of `skip` ('' when it does not exist)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -58,7 +58,8 @@ def tail(path, lines=60):
             text = f.read().decode("utf-8", "replace")
     except FileNotFoundError:
         return ""
-    return "\n".join(text.splitlines()[-lines:])
+    kept = [line for line in text.splitlines() if not any(s in line for s in skip)]
+    return "\n".join(kept[-lines:])
 
 
 def _stop_leftovers():
@@ -114,8 +115,8 @@ class Service:
         kill_group(self.proc, timeout)
         self.proc = None
 
-    def log_tail(self, lines=60):
-        return tail(self.log_path, lines)
+    def log_tail(self, lines=60, skip=()):
+        return tail(self.log_path, lines, skip)
 
 
 def kill_group(proc, timeout):

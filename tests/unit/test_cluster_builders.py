@@ -210,3 +210,11 @@ def subprocess_pid_that_exited():
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
+
+
+def test_log_tails_for_failure_reports_skip_chatter(tmp_path):
+    log = tmp_path / "kcm.log"
+    log.write_text("".join(f"line {i}\n" + 'I ... "Namespace has been deleted" namespace="t-x"\n' for i in range(5)))
+    assert procs.tail(log, 3, skip=("Namespace has been deleted",)) == "line 2\nline 3\nline 4"
+    assert procs.tail(log, 2).count("Namespace has been deleted") == 1
+    assert procs.tail(tmp_path / "missing.log") == ""
