@@ -246,8 +246,7 @@ class TextToImageTask:
         log.info("text-encoder cache: %d of %d captions to encode", len(todo), len(set(captions)))
         for start in range(0, len(todo), 16):
             chunk = todo[start : start + 16]
-            tokens = self.tokenize_all(chunk)
-            ids = {k: torch.stack([t[k] for t in tokens]) for k in tokens[0]}
+            ids = self.token_tables(chunk)  # the captions of todo are distinct
             with torch.no_grad():
                 hidden, pooled = self.encode_text(ids)
             for j, caption in enumerate(chunk):
@@ -263,17 +262,19 @@ class TextToImageTask:
     def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         return collate_images(items)
 
+    def token_tables(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """{"input_ids": (N, L), and "input_ids_2" for SDXL}: the captions tokenized in one call per tokenizer."""
+        return {"input_ids" if i == 0 else f"input_ids_{i + 1}": tokenizer(
+                    captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                    return_tensors="pt").input_ids
+                for i, tokenizer in enumerate(self.tokenizers)}
+
     def tokenize_all(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
-        """The token ids of each caption ({"input_ids": (L,), "input_ids_2": (L,) for SDXL}), each distinct
-        caption tokenized once, all of them in one call per tokenizer."""
+        """The token ids of each caption ({"input_ids": (L,), ...}), each distinct caption tokenized once."""
         distinct = list(dict.fromkeys(captions))
-        ids = {}
-        for i, tokenizer in enumerate(self.tokenizers):
-            ids["input_ids" if i == 0 else f"input_ids_{i + 1}"] = tokenizer(
-                distinct, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                return_tensors="pt").input_ids  # (len(distinct), L)
+        tables = self.token_tables(distinct)
         row = {caption: j for j, caption in enumerate(distinct)}
-        return [{key: table[row[caption]] for key, table in ids.items()} for caption in captions]
+        return [{key: table[row[caption]] for key, table in tables.items()} for caption in captions]
 
     # -- model
     def load(self, device: torch.device, weight_dtype: torch.dtype) -> None:
