@@ -13,21 +13,26 @@ FROM ${PYTHON_IMAGE} AS source
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
+# Both images install exactly the tested set in uv.lock (versions and hashes; docs/dependencies.md) with
+# the uv pinned in scripts/uv-requirements.txt, into /opt/venv, using the image's own Python 3.11.
+ENV UV_PROJECT_ENVIRONMENT=/opt/venv \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_NO_CACHE=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY scripts/uv-requirements.txt scripts/
+RUN python -m pip install --no-cache-dir --require-hashes -r scripts/uv-requirements.txt
+COPY pyproject.toml uv.lock .python-version README.md ./
 COPY trainer_image/ trainer_image/
 COPY operator/ operator/
 
 # ---- trainer dependencies and package in a virtualenv -------------------------------------------
+# torch comes from PyPI as locked: its Linux wheels carry CUDA (the node provides the driver).
 FROM source AS trainer-build
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124
-RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" ".[trainer]"
+RUN uv sync --locked --no-editable --extra trainer
 
 # ---- operator dependencies and package in a virtualenv ------------------------------------------
 FROM source AS operator-build
-RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir ".[operator]"
+RUN uv sync --locked --no-editable --extra operator
 
 # ---- the trainer image: lora-train (also lora-label, lora-merge) --------------------------------
 FROM ${PYTHON_IMAGE} AS trainer
