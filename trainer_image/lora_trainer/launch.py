@@ -16,6 +16,7 @@ import threading
 import time
 from typing import Any, Mapping
 
+from .compat import check_libraries
 from .config import TrainConfig, config_to_yaml
 from .errors import Interrupted
 from .metrics import TrainerMetrics
@@ -61,8 +62,10 @@ def launch(cfg: TrainConfig, stop: StopSignal, report: TerminationReport,
     """Runs the training described by `cfg` (s3:// paths allowed); returns the RunSummary."""
     from .recipe import TrainingRecipe, default_observers
     from .storage.stage import StorageSession
+    from .tasks import task_class
 
     cfg = with_cluster_defaults(cfg, env)
+    check_libraries(task_class(cfg.task_type).library_needs(cfg))  # before any download or model load
     with contextlib.ExitStack() as cleanup:
         metrics = start_metrics(cfg, env)
         cleanup.callback(metrics.close)

@@ -10,6 +10,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from ..compat import PeftThrough
 from ..config import TrainConfig
 from ..errors import ModelError
 from ..presets import is_preset, preset_path
@@ -30,6 +31,10 @@ class Task(Protocol):
     load, dataset and collate, then loss once per micro-batch."""
 
     cfg: TrainConfig
+
+    @staticmethod
+    def library_needs(cfg: TrainConfig) -> list[PeftThrough]:
+        """What the installed libraries must support for this config (compat.py); checked before any download."""
 
     def prepare_data(self, labeling: Callable[[int, int], None] | None = None) -> DataReport:
         """Reads and validates the data; `labeling(done, total)` hears auto_label's progress, if any."""

@@ -33,6 +33,10 @@ class TextGenerationTask:
         self.model = None
         self.validation_examples: list = []
 
+    @staticmethod
+    def library_needs(cfg: TrainConfig) -> list:
+        return []  # peft wraps the model itself: no library in between declares a peft version
+
     # -- data
     def prepare_data(self, labeling=None) -> DataReport:  # text is never captioned
         cfg = self.cfg

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..compat import PeftThrough
 from ..config import TrainConfig
 from ..data.cache import TensorCache, image_hashes, key_of, module_fingerprint
 from ..data.images import (
@@ -158,6 +159,14 @@ class TextToImageTask:
         self.cfg = cfg
         self.parts: SDComponents | None = None
         self._pipeline = None
+
+    @staticmethod
+    def library_needs(cfg: TrainConfig) -> list[PeftThrough]:
+        needs = [PeftThrough("task_type: text-to-image", "diffusers", "diffusers.utils.constants:MIN_PEFT_VERSION")]
+        if cfg.train_text_encoder:
+            needs.append(PeftThrough("train_text_encoder: true", "transformers",
+                                     "transformers.integrations.peft:MIN_PEFT_VERSION"))
+        return needs
 
     # -- data
     def prepare_data(self, labeling=None) -> DataReport:
