@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from lora_trainer.checkpoint import sha256_file
 from lora_trainer.errors import ConfigError, Interrupted
+from lora_trainer.presets import preset_path
 
 from .conftest import LLM_BASE, SD_BASE, assert_resumes_exactly, assert_same_weights, final_weights, run
 
@@ -68,3 +70,21 @@ def test_the_same_run_twice_writes_byte_identical_weight_files(tmp_path):
     dated = [{**k.metadata(), "modelspec.date": ""} for k in kohya]
     assert dated[0] == dated[1] and kohya[0].keys() == kohya[1].keys()
     assert all(kohya[0].get_tensor(key).equal(kohya[1].get_tensor(key)) for key in kohya[0].keys())
+
+
+def test_a_run_that_builds_its_preset_trains_like_one_that_finds_it_built(tmp_path, monkeypatch):
+    """Building a preset seeds torch for its random weights. That must not reach the run: the LoRA init
+    (drawn from the global RNG) would then depend on the cache, as it did on fresh machines in CI."""
+    monkeypatch.setenv("LORA_CACHE_DIR", str(tmp_path / "empty-cache"))
+    first = run(SD_BASE, tmp_path / "built-now", max_train_steps=3, save_steps=0)  # builds tiny-sd
+    assert (tmp_path / "empty-cache" / "presets").is_dir()
+    second = run(SD_BASE, tmp_path / "found-built", max_train_steps=3, save_steps=0)
+    assert first.summary.losses == second.summary.losses
+    assert_same_weights(final_weights(tmp_path / "built-now"), final_weights(tmp_path / "found-built"))
+
+
+def test_building_a_preset_leaves_the_callers_rng_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_CACHE_DIR", str(tmp_path / "empty-cache"))
+    before = torch.get_rng_state()
+    preset_path("preset:tiny-llm")
+    assert torch.get_rng_state().equal(before)

@@ -56,11 +56,16 @@ def preset_builders() -> dict[str, Callable[[Path], None]]:
 
 
 def _build_atomically(build: Callable[[Path], None], target: Path) -> None:
-    """Builds into a temp folder and renames it into place; a concurrent builder's result is kept."""
+    """Builds into a temp folder and renames it into place; a concurrent builder's result is kept.
+    The builders seed torch for their random weights; fork_rng keeps that from reaching the caller, whose
+    LoRA init would otherwise depend on whether the preset was already on disk."""
+    import torch
+
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build(tmp)
+        with torch.random.fork_rng(devices=[]):
+            build(tmp)
         (tmp / ".complete").write_text(PRESET_VERSION)
         if target.exists():
             shutil.rmtree(target)

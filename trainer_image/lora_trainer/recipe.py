@@ -180,11 +180,11 @@ class TrainingRecipe:
         write_config_backup(cfg, self.out)
         self.summary.output_prepared = True
         self.device, weight_dtype = pick_device(cfg)
-        seed_everything(cfg.seed)
         self.task = build_task(cfg)
         # the dataset is validated before any model loads (and with auto_label, captioned first)
         report = self.task.prepare_data(labeling=partial(self._notify, "on_labeling"))
         self.summary.data_summary, self.summary.warnings = report.summary, list(report.warnings)
+        seed_everything(cfg.seed)  # here, so the LoRA init depends on the seed alone, not on what ran before
         self.task.load(self.device, weight_dtype)
         self.dataset = self.task.dataset()
         self.plan = EpochPlan(self.task.item_groups(), cfg.batch_size, cfg.gradient_accumulation_steps)
