@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import ssl
 import tempfile
 from typing import Any, Callable
@@ -16,7 +17,6 @@ from urllib.parse import urlencode
 import aiohttp
 
 MERGE_PATCH = "application/merge-patch+json"
-JSON_PATCH = "application/json-patch+json"
 
 
 class ApiError(Exception):
@@ -42,30 +42,47 @@ def _ssl_context(info: Any) -> ssl.SSLContext | bool:
             context.load_verify_locations(cadata=base64.b64decode(data).decode())
         except ValueError:
             context.load_verify_locations(cadata=data)
-    cert, key = info.certificate_path, info.private_key_path
     if info.certificate_data and info.private_key_data:
-        cert, key = _temp_pem(info.certificate_data), _temp_pem(info.private_key_data)
-    if cert and key:
-        context.load_cert_chain(cert, key)
+        _load_client_pem(context, _pem(info.certificate_data), _pem(info.private_key_data))
+    elif info.certificate_path and info.private_key_path:
+        context.load_cert_chain(info.certificate_path, info.private_key_path)
     return context
 
 
-def _temp_pem(data: str | bytes) -> str:
+def _pem(data: str | bytes) -> bytes:
+    """PEM text from a kubeconfig's *-data field (base64 of the PEM, or the PEM itself)."""
     raw = data if isinstance(data, bytes) else data.encode()
     try:
-        raw = base64.b64decode(raw, validate=True)
+        return base64.b64decode(raw, validate=True)
     except ValueError:
-        pass
-    handle = tempfile.NamedTemporaryFile("wb", suffix=".pem", delete=False)
-    with handle:
-        handle.write(raw)
-    return handle.name
+        return raw
+
+
+def _load_client_pem(context: ssl.SSLContext, cert: bytes, key: bytes) -> None:
+    """Load a client certificate and key held in memory. ssl reads them only from files, so they exist
+    just for load_cert_chain: readable by this user only (0600), in a private temporary directory (0700)
+    that is removed right after, whether loading worked or not."""
+    with tempfile.TemporaryDirectory(prefix="lora-operator-tls-") as folder:
+        paths = []
+        for name, data in (("cert.pem", cert), ("key.pem", key)):
+            path = os.path.join(folder, name)
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
+                handle.write(data)
+            paths.append(path)
+        context.load_cert_chain(*paths)
+
+
+# Seconds one request may take: the API server answers in milliseconds, so this only ends a hung connection.
+REQUEST_TIMEOUT = 30.0
+# Connections kept to the API server: room for the poller's concurrent refreshes (poller.py) plus the
+# reconciles of kopf's handlers, without one connection per job.
+MAX_CONNECTIONS = 50
 
 
 class ApiClient:
     """`login()` returns a kopf.ConnectionInfo; it is called again once when the server answers 401."""
 
-    def __init__(self, login: Callable[[], Any], timeout: float = 30.0):
+    def __init__(self, login: Callable[[], Any], timeout: float = REQUEST_TIMEOUT):
         self._login = login
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
@@ -82,7 +99,7 @@ class ApiClient:
             elif self._info.username and self._info.password:
                 auth = base64.b64encode(f"{self._info.username}:{self._info.password}".encode()).decode()
                 headers["Authorization"] = f"Basic {auth}"
-            connector = aiohttp.TCPConnector(ssl=_ssl_context(self._info), limit=50)
+            connector = aiohttp.TCPConnector(ssl=_ssl_context(self._info), limit=MAX_CONNECTIONS)
             self._session = aiohttp.ClientSession(
                 base_url=None, headers=headers, connector=connector,
                 timeout=aiohttp.ClientTimeout(total=self._timeout))
@@ -128,8 +145,9 @@ class ApiClient:
     async def replace(self, path: str, body: dict[str, Any]) -> Any:
         return await self.request("PUT", path, body)
 
-    async def patch(self, path: str, patch: Any, content_type: str = MERGE_PATCH) -> Any:
-        return await self.request("PATCH", path, patch, content_type=content_type)
+    async def patch(self, path: str, patch: Any) -> Any:
+        """A JSON merge patch (RFC 7386)."""
+        return await self.request("PATCH", path, patch, content_type=MERGE_PATCH)
 
     async def delete(self, path: str, propagation: str | None = "Background") -> Any:
         body = {"apiVersion": "v1", "kind": "DeleteOptions"}
