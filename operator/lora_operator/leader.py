@@ -1,7 +1,7 @@
 """Leader election on a coordination.k8s.io/v1 Lease, so two operator replicas never both act on a job.
 
 The standby replicas wait; the leader renews every lease_duration/3 and stops its operator (and exits,
-to be restarted as a standby) if it cannot renew before the lease runs out. As in client-go, expiry
+to be restarted as a standby) if it cannot renew within 2/3 of the lease duration. As in client-go, expiry
 is judged by how long the lease record has stayed unchanged on *this* replica's clock, never by
 comparing clocks across machines. A leader that shuts down cleanly releases the lease at once.
 """
@@ -17,6 +17,11 @@ from typing import Any, Callable
 from .kube import ApiClient, ApiError, group_path
 
 log = logging.getLogger("lora_operator.leader")
+
+# A leader that could not renew for 2/3 of the lease duration gives up (client-go's RenewDeadline: 10 s of a
+# 15 s lease), so it stops acting before a standby, which waits a whole lease duration after the record
+# last changed, takes over.
+RENEW_DEADLINE = 2 / 3
 
 
 def micro_time(moment: datetime | None = None) -> str:
@@ -128,7 +133,7 @@ class LeaderElector:
                 log.error("leader lease %s/%s was taken over", self.namespace, self.name)
             except (ApiError, OSError, asyncio.TimeoutError) as err:
                 log.warning("renewing the leader lease failed: %s", err)
-                if self.clock() - last_ok < self.duration * 2 / 3:
+                if self.clock() - last_ok < self.duration * RENEW_DEADLINE:
                     continue
                 log.error("could not renew the leader lease for %.0f s", self.clock() - last_ok)
             self.is_leader = False
@@ -144,6 +149,7 @@ class LeaderElector:
             spec = lease.get("spec") or {}
             if spec.get("holderIdentity") != self.identity:
                 return
+            # no holder and a 1 s duration: a standby takes it at its next attempt
             body = lease_body(self.name, self.namespace, "", 1, int(spec.get("leaseTransitions") or 0),
                               spec.get("acquireTime") or micro_time(), micro_time())
             body["spec"].pop("holderIdentity")

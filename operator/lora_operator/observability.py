@@ -1,4 +1,4 @@
-"""The operator's own metrics (DESIGN.md) and its HTTP endpoints: /metrics, /healthz, /readyz.
+"""The operator's own metrics (docs/architecture.md, Metrics) and its HTTP endpoints: /metrics, /healthz, /readyz.
 
 Metrics live in their own CollectorRegistry created at start (nothing is registered at import time):
   lora_operator_jobs{phase}                    LoRATrainingJobs by phase (every phase, zeros included)
@@ -11,7 +11,6 @@ Metrics live in their own CollectorRegistry created at start (nothing is registe
 from __future__ import annotations
 
 import logging
-import time
 from typing import Callable, Iterable
 
 from aiohttp import web
@@ -41,13 +40,15 @@ class _PhaseCollector:
 class OperatorMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.phases: dict[str, str] = {}  # job uid -> phase
+        self.phases: dict[str, str] = {}  # job uid -> phase (one entry per object, see names.JobKey)
         self.registry.register(_PhaseCollector(self.phases))
         self.reconcile_errors = Counter("lora_operator_reconcile_errors", "Reconciles that raised",
                                         registry=self.registry)
+        # a reconcile is a few API round trips (milliseconds); seconds mean a slow API server
         self.reconcile_seconds = Histogram(
             "lora_operator_reconcile_seconds", "Duration of one reconcile of a job", registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        # training runs last from seconds (tiny tests) to a day
         self.job_duration = Histogram(
             "lora_operator_job_duration_seconds", "Creation to Succeeded/Failed of LoRATrainingJobs",
             ["phase"], registry=self.registry,
@@ -71,7 +72,6 @@ class HttpServer:
     def __init__(self, metrics: OperatorMetrics, host: str, port: int, ready: Callable[[], bool]):
         self.metrics, self.host, self.port, self.ready = metrics, host, port, ready
         self.runner: web.AppRunner | None = None
-        self.started = time.monotonic()
 
     async def start(self) -> "HttpServer":
         app = web.Application()

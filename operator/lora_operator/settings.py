@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from . import __version__
+from .names import is_dns_label
 
 PREFIX = "LORA_OPERATOR_"
 DEFAULT_TRAINER_IMAGE = f"ghcr.io/lora-operator/trainer:{__version__}"
@@ -76,6 +77,8 @@ class Settings:
 
     @property
     def renew_interval(self) -> float:
+        """Three renewals per lease duration, so a failed one is retried before the leader gives up
+        (leader.RENEW_DEADLINE); never more often than twice a second."""
         return max(self.lease_duration / 3, 0.5)
 
     @classmethod
@@ -127,7 +130,6 @@ def _own_namespace(environ: Mapping[str, str]) -> str:
         return "default"
 
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
@@ -139,7 +141,7 @@ def _dns(value: str) -> str:
 
 def _namespaces(value: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in value.split(",") if n.strip())
-    bad = [n for n in names if len(n) > 63 or not _DNS_LABEL.match(n)]
+    bad = [n for n in names if not is_dns_label(n)]
     if bad:
         raise ValueError(f"{', '.join(bad)} is not a namespace name")
     return tuple(dict.fromkeys(names))
