@@ -158,7 +158,7 @@ def main(argv=None):
             name = f"lat-{i:03d}"
             applied[name] = time.time()
             apply(cluster, [job_manifest(name, "bench", args.cpu)])
-            env.wait_until(lambda: name in watcher.finished, 600, f"{name} to finish", interval=0.5)
+            env.wait_until(lambda name=name: name in watcher.finished, 600, f"{name} to finish", interval=0.5)
         pod_latency = [watcher.pod_created[n] - t for n, t in applied.items() if n in watcher.pod_created]
         progress_latency = [watcher.first_progress[n] - t for n, t in applied.items() if n in watcher.first_progress]
         run_time = [watcher.finished[n][0] - t for n, t in applied.items()]

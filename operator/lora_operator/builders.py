@@ -1,7 +1,7 @@
 """Pure functions that build a LoRATrainingJob's children: the trainer ConfigMap and the batch/v1 Job.
 
 Nothing here talks to the API server; each builder takes the job's body and the operator settings and
-returns a dict (tests/unit/test_builders.py). Retries, back-off, suspension, deadlines and clean-up
+returns a dict (tests/unit/test_operator_builders.py). Retries, back-off, suspension, deadlines and clean-up
 after finishing are the Job controller's: the Job gets podFailurePolicy, backoffLimit, suspend,
 activeDeadlineSeconds and ttlSecondsAfterFinished instead of the operator re-implementing them.
 """
@@ -26,10 +26,11 @@ from .names import (
     MANAGED_BY,
     MANAGED_BY_LABEL,
     NAME_LABEL,
+    OWNER_UID_ANNOTATION,
     Children,
 )
+from .reasons import PERMANENT_EXIT_REASONS
 from .settings import Settings
-from .status import PERMANENT_EXIT_REASONS
 
 CONFIG_DIR = "/etc/lora-operator"
 CONFIG_KEY = "config.yaml"
@@ -37,7 +38,17 @@ CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_KEY}"
 SCRATCH_DIR = "/scratch"  # writable emptyDir: TMPDIR, HOME and caches (the root filesystem is read-only)
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 GPU_RESOURCE = "nvidia.com/gpu"
+# The cleanup Job (cleanupPolicy DeleteOutputs): deleting one prefix takes seconds to minutes, so a run past
+# 10 minutes is stuck and fails (the delete handler then reports DeleteOutputsFailed before kopf's own
+# 15-minute limit); a finished one stays 10 minutes, for the delete handler to see how it ended and for
+# people to read its log, before the TTL controller removes it. Transient S3 errors get 3 retries.
+CLEANUP_DEADLINE_SECONDS = 600
 CLEANUP_TTL_SECONDS = 600
+CLEANUP_BACKOFF_LIMIT = 3
+CLEANUP_GRACE_SECONDS = 30  # the Kubernetes default: the script has nothing to save when stopped
+# The trainer's SIGTERM checkpoint must be uploaded inside the pod's grace period: it gets all of it but
+# 15 s (half of it, for grace periods under 30 s), which leaves time to exit before the kubelet's SIGKILL.
+SIGTERM_MARGIN_SECONDS = 15
 
 
 def trainer_config(spec: dict[str, Any], settings: Settings, *, allow_overwrite: bool = True) -> dict[str, Any]:
@@ -59,7 +70,7 @@ def trainer_config(spec: dict[str, Any], settings: Settings, *, allow_overwrite:
         config["termination_message_path"] = TERMINATION_MESSAGE_PATH
     if "sigterm_grace_seconds" in known:  # the checkpoint upload must finish inside the pod's grace period
         grace = settings.termination_grace_seconds
-        config["sigterm_grace_seconds"] = float(max(grace - 15, grace // 2))
+        config["sigterm_grace_seconds"] = float(max(grace - SIGTERM_MARGIN_SECONDS, grace // 2))
     return config
 
 
@@ -105,7 +116,7 @@ def build_training_job(job: dict[str, Any], settings: Settings) -> dict[str, Any
     job_spec: dict[str, Any] = {
         "completions": 1,
         "parallelism": 1,
-        "backoffLimit": int(spec.get("backoffLimit", 3)),
+        "backoffLimit": int(spec.get("backoffLimit", 3)),  # 3: the CRD's default
         "suspend": bool(spec.get("suspend", False)),
         # A replacement pod starts only once the previous one has fully stopped, so two trainers never
         # write the same output prefix (required with podFailurePolicy anyway).
@@ -305,7 +316,7 @@ def build_cleanup_job(job: dict[str, Any], settings: Settings) -> dict[str, Any]
     pod.pop("tolerations", None)
     pod.pop("nodeSelector", None)
     pod.pop("priorityClassName", None)
-    pod["terminationGracePeriodSeconds"] = 30
+    pod["terminationGracePeriodSeconds"] = CLEANUP_GRACE_SECONDS
     pod["containers"] = [container]
     pod["volumes"] = [{"name": "scratch", "emptyDir": {}}]
     labels = labels_for(job, "cleanup")
@@ -313,9 +324,9 @@ def build_cleanup_job(job: dict[str, Any], settings: Settings) -> dict[str, Any]
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {"name": children.cleanup_job, "namespace": meta["namespace"], "labels": labels,
-                     "annotations": {f"{API_VERSION.split('/')[0]}/owner-uid": meta.get("uid", "")}},
-        "spec": {"backoffLimit": 3, "ttlSecondsAfterFinished": CLEANUP_TTL_SECONDS,
-                 "activeDeadlineSeconds": 600,
+                     "annotations": {OWNER_UID_ANNOTATION: meta.get("uid", "")}},
+        "spec": {"backoffLimit": CLEANUP_BACKOFF_LIMIT, "ttlSecondsAfterFinished": CLEANUP_TTL_SECONDS,
+                 "activeDeadlineSeconds": CLEANUP_DEADLINE_SECONDS,
                  "template": {"metadata": {"labels": labels}, "spec": pod}},
     }
 

@@ -1,10 +1,11 @@
-"""API identifiers, labels and the deterministic names of a LoRATrainingJob's children."""
+"""API identifiers, labels, annotations, the key of a job and the deterministic names of its children."""
 
 from __future__ import annotations
 
 import hashlib
 import re
 from dataclasses import dataclass
+from typing import Any
 
 GROUP = "lora-operator.io"
 VERSION = "v1alpha1"
@@ -21,10 +22,36 @@ JOB_LABEL = f"{GROUP}/job-name"  # the owning LoRATrainingJob's name
 CONTAINER = "trainer"  # the trainer container's name (the podFailurePolicy rule names it)
 FINALIZER = f"{GROUP}/cleanup"  # only on jobs whose cleanupPolicy deletes outputs
 ANNOTATION_PREFIX = GROUP  # kopf keeps its handler progress in annotations under this prefix
+# On the cleanup Job, which no ownerReference ties to its (deleted) job: the uid of the job it cleans up after,
+# so a cleanup Job left over from an earlier job of the same name is recognised and removed.
+OWNER_UID_ANNOTATION = f"{GROUP}/owner-uid"
 
 # A Job's name becomes the `batch.kubernetes.io/job-name` label of its pods, so it must be a valid
 # label value (<= 63 characters); the Job controller also appends 6 characters for pod names.
 MAX_CHILD_NAME = 63
+
+
+@dataclass(frozen=True, order=True)
+class JobKey:
+    """How the operator addresses a LoRATrainingJob: its namespace and name ("ns/name" as text).
+
+    Every per-job table (locks, poller schedule, last scrape) is keyed by it: children events name their
+    job only by the `job-name` label, and a job deleted and created again under the same name owns the
+    same child names, so it must be serialized with its predecessor. The uid is used only where the
+    object itself matters rather than the name: the operator's metrics (one entry per object) and the
+    cleanup Job's OWNER_UID_ANNOTATION.
+    """
+
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @classmethod
+    def of(cls, body: dict[str, Any]) -> JobKey:
+        meta = body["metadata"]
+        return cls(meta["namespace"], meta["name"])
 
 
 def ltj_path(namespace: str, name: str | None = None, status: bool = False) -> str:
@@ -45,7 +72,7 @@ def child_name(owner: str, suffix: str, limit: int = MAX_CHILD_NAME) -> str:
     name = f"{owner}-{suffix}"
     if len(name) <= limit:
         return name
-    digest = hashlib.sha256(owner.encode()).hexdigest()[:8]
+    digest = hashlib.sha256(owner.encode()).hexdigest()[:8]  # 8 hex digits: collisions are negligible
     head = owner[: limit - len(suffix) - len(digest) - 2].rstrip("-.")
     return f"{head}-{digest}-{suffix}"
 
@@ -70,4 +97,5 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
 def is_dns_label(text: str) -> bool:
+    """An RFC 1123 DNS label, as namespace names are: lowercase alphanumerics and '-', at most 63 characters."""
     return len(text) <= 63 and bool(_DNS_LABEL.match(text))

@@ -1,14 +1,16 @@
 """Reconciling one LoRATrainingJob: children exist, the Job's suspend matches, status is current.
 
-`reconcile()` is the single entry point the kopf handlers call (on create/resume/update, on a timer,
-and when a child Job changes). It reads everything fresh, builds children with the pure builders,
-computes the status with the pure state machine and patches it only when something changed.
-Calls for one job are serialized by a per-job lock, so a timer and a child event never interleave.
+`reconcile()` is the single entry point the kopf handlers and the poller call (on create/resume/update,
+on the poller's cadence, and when a child Job or pod changes). It reads everything fresh, builds children
+with the pure builders, computes the status with the pure state machine and patches it only when something
+changed. Calls for one job are serialized by a per-job lock, so a refresh and a child event never interleave.
+Jobs are addressed by JobKey everywhere (names.py says why, and where the uid is used instead).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,59 +20,65 @@ from typing import Any, Callable
 import kopf
 
 from . import builders
+from .events import Transition, build_event, transitions
 from .kube import ApiClient, ApiError, core_path, group_path
-from .names import API_VERSION, COMPONENT_LABEL, JOB_LABEL, KIND, Children, ltj_path
+from .names import COMPONENT_LABEL, JOB_LABEL, OWNER_UID_ANNOTATION, Children, JobKey, ltj_path
 from .observability import OperatorMetrics
+from .pods import pod_finished, pod_order, trainer_running
+from .poller import Poller
 from .progress import ProgressSample, scrape, with_rate
 from .settings import Settings
-from .status import (
-    Observed,
-    Phase,
-    Transition,
-    compute_status,
-    is_terminal,
-    parse_time,
-    pod_finished,
-    pod_order,
-    status_patch,
-    trainer_status,
-    transitions,
-)
+from .status import Observed, Phase, compute_status, is_terminal, parse_time, status_patch
 
 log = logging.getLogger("lora_operator")
 
+# How long kopf waits before calling the clean-up handler again while it waits for the trainer to stop or
+# the cleanup Job to finish (both take seconds).
+CLEANUP_RETRY_SECONDS = 2
 
-def build_event(job: dict[str, Any], event: Transition, now: datetime, instance: str) -> dict[str, Any]:
-    """A core/v1 Event about a LoRATrainingJob (what `kubectl describe ltj` and `kubectl get events` show)."""
-    meta = job["metadata"]
-    stamp = now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return {
-        "apiVersion": "v1", "kind": "Event",
-        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-        "involvedObject": {"apiVersion": job.get("apiVersion") or API_VERSION, "kind": job.get("kind") or KIND,
-                           "name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]},
-        "type": event.type, "reason": event.reason, "message": event.message[:1024],
-        "count": 1, "firstTimestamp": stamp, "lastTimestamp": stamp,
-        "source": {"component": "lora-operator"},
-        "reportingComponent": "lora-operator", "reportingInstance": instance[:128],
-    }
+
+@dataclass
+class JobCaches:
+    """What the operator remembers about each job between reconciles, keyed by JobKey."""
+
+    locks: dict[JobKey, asyncio.Lock] = field(default_factory=dict)  # one reconcile of a job at a time
+    # the last scrape of the job's trainer: pod name, sample, time.monotonic() (samples/s needs two)
+    samples: dict[JobKey, tuple[str, ProgressSample, float]] = field(default_factory=dict)
+
+    def lock(self, key: JobKey) -> asyncio.Lock:
+        return self.locks.setdefault(key, asyncio.Lock())
+
+    def busy(self, key: JobKey) -> bool:
+        lock = self.locks.get(key)
+        return lock is not None and lock.locked()
+
+    def forget(self, key: JobKey) -> None:
+        self.locks.pop(key, None)
+        self.samples.pop(key, None)
 
 
 @dataclass
 class Context:
-    """What handlers share; created once the operator runs (never at import)."""
+    """What the handlers share; created once the operator runs (never at import). Its parts:
+
+    settings          the operator's settings (settings.py)
+    api, scraper      the clients: the Kubernetes API (kube.py) and an aiohttp session for the trainers'
+                      metrics endpoints (no credentials; main.py opens it once leading)
+    metrics           the operator's own metrics (observability.py)
+    jobs              the per-job caches (JobCaches)
+    poller            the task that re-reconciles non-terminal jobs (poller.py)
+    """
 
     settings: Settings
     api: ApiClient
     metrics: OperatorMetrics
+    scraper: Any = None
     now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
-    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
-    samples: dict[str, tuple[str, ProgressSample, float]] = field(default_factory=dict)
-    scraper: Any = None  # aiohttp.ClientSession for trainer metrics (no credentials)
-    active: dict[tuple[str, str], str] = field(default_factory=dict)  # non-terminal jobs -> phase
-    last_poll: dict[tuple[str, str], float] = field(default_factory=dict)
-    polling: dict[tuple[str, str], asyncio.Task] = field(default_factory=dict)
-    poller: asyncio.Task | None = None
+    jobs: JobCaches = field(default_factory=JobCaches)
+    poller: Poller = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.poller = Poller(self.settings, refresh=functools.partial(reconcile, self), busy=self.jobs.busy)
 
     async def post_event(self, job: dict[str, Any], event: Transition) -> None:
         """Record an Event; best effort (a lost Event must never fail a reconcile)."""
@@ -78,88 +86,40 @@ class Context:
         try:
             await self.api.create(core_path("events", job["metadata"]["namespace"]), body)
         except (ApiError, OSError, asyncio.TimeoutError) as err:
-            log.warning("event %s for %s/%s not recorded: %s", event.reason, job["metadata"]["namespace"],
-                        job["metadata"]["name"], err)
+            log.warning("event %s for %s not recorded: %s", event.reason, JobKey.of(job), err)
 
-    def lock(self, namespace: str, name: str) -> asyncio.Lock:
-        return self.locks.setdefault(f"{namespace}/{name}", asyncio.Lock())
-
-    def track(self, namespace: str, name: str, uid: str, status: dict[str, Any], deleting: bool) -> None:
+    def track(self, key: JobKey, uid: str, status: dict[str, Any], deleting: bool) -> None:
         """Called on every watch event of a job: which jobs the poller refreshes."""
         self.metrics.observe_phase(uid, status.get("phase"))
         if deleting or is_terminal(status):
-            self.active.pop((namespace, name), None)
+            self.poller.drop(key)
         else:
-            self.active[(namespace, name)] = Phase.parse(status.get("phase")).value
+            self.poller.follow(key, Phase.parse(status.get("phase")).value)
 
-    def forget(self, namespace: str, name: str, uid: str | None) -> None:
-        self.active.pop((namespace, name), None)
-        self.last_poll.pop((namespace, name), None)
-        self.locks.pop(f"{namespace}/{name}", None)
+    def forget(self, key: JobKey, uid: str | None) -> None:
+        """The job is gone: drop everything kept about it."""
+        self.poller.forget(key)
+        self.jobs.forget(key)
         if uid:
-            self.samples.pop(uid, None)
             self.metrics.forget(uid)
 
     async def close(self) -> None:
-        if self.poller is not None:
-            self.poller.cancel()
-            await asyncio.gather(self.poller, *self.polling.values(), return_exceptions=True)
-            self.poller = None
+        await self.poller.close()
         if self.scraper is not None:
             await self.scraper.close()
-
-    def start_polling(self) -> None:
-        """Refresh running jobs each poll_interval (progress comes from a scrape, not from an event).
-
-        Other non-terminal jobs change through events (their pods' and Jobs'), so they are only
-        re-synced every resync_interval. One task for all jobs rather than a kopf timer per job: kopf
-        puts a finalizer on every object with a timer, so `kubectl delete` would hang while the
-        operator is down."""
-        if self.poller is None:
-            self.poller = asyncio.create_task(self._poll_forever())
-
-    @property
-    def resync_interval(self) -> float:
-        return max(30.0, 6 * self.settings.poll_interval)
-
-    def due(self, key: tuple[str, str], phase: str, now: float) -> bool:
-        active = phase in (Phase.LABELING.value, Phase.RUNNING.value)
-        every = self.settings.poll_interval if active else self.resync_interval
-        return now - self.last_poll.get(key, 0.0) >= every * 0.95
-
-    async def _poll_forever(self) -> None:
-        slots = asyncio.Semaphore(16)
-
-        async def refresh(key: tuple[str, str]) -> None:
-            async with slots:
-                try:
-                    await reconcile(self, *key)
-                except Exception as err:  # noqa: BLE001 - counted in reconcile; the next round retries
-                    log.warning("%s/%s: refresh failed: %s", key[0], key[1], err)
-                finally:
-                    self.polling.pop(key, None)
-
-        while True:
-            await asyncio.sleep(min(self.settings.poll_interval, 1.0))
-            now = time.monotonic()
-            for key, phase in sorted(self.active.items()):
-                if key in self.polling or self.lock(*key).locked() or not self.due(key, phase, now):
-                    continue
-                self.last_poll[key] = now
-                self.polling[key] = asyncio.create_task(refresh(key))
 
 
 class ChildConflict(Exception):
     """A child's name is taken by an object another controller owns."""
 
 
-async def reconcile(ctx: Context, namespace: str, name: str, seen_pod: dict[str, Any] | None = None) -> None:
+async def reconcile(ctx: Context, key: JobKey, seen_pod: dict[str, Any] | None = None) -> None:
     """`seen_pod`: a trainer pod from a watch event, kept even when it is already deleted (a suspended
     or evicted pod's final state carries the trainer's exit summary and last checkpoint)."""
     started = time.perf_counter()
     try:
-        async with ctx.lock(namespace, name):
-            await _reconcile(ctx, namespace, name, seen_pod)
+        async with ctx.jobs.lock(key):
+            await _reconcile(ctx, key, seen_pod)
     except Exception:
         ctx.metrics.reconcile_errors.inc()
         raise
@@ -167,13 +127,14 @@ async def reconcile(ctx: Context, namespace: str, name: str, seen_pod: dict[str,
         ctx.metrics.reconcile_seconds.observe(time.perf_counter() - started)
 
 
-async def _reconcile(ctx: Context, namespace: str, name: str, seen_pod: dict[str, Any] | None) -> None:
+async def _reconcile(ctx: Context, key: JobKey, seen_pod: dict[str, Any] | None) -> None:
     api, settings = ctx.api, ctx.settings
+    namespace, name = key.namespace, key.name
     try:
         job = await api.get(ltj_path(namespace, name))
     except ApiError as err:
         if err.status == 404:
-            ctx.active.pop((namespace, name), None)
+            ctx.poller.drop(key)
             return
         raise
     meta = job["metadata"]
@@ -181,7 +142,7 @@ async def _reconcile(ctx: Context, namespace: str, name: str, seen_pod: dict[str
     generation = int(meta.get("generation") or 0)
     ctx.metrics.observe_phase(meta["uid"], status.get("phase"))
     if meta.get("deletionTimestamp"):
-        ctx.active.pop((namespace, name), None)
+        ctx.poller.drop(key)
         return
     if is_terminal(status):  # a finished job is never brought back, even when its children are gone
         if status.get("observedGeneration") != generation:
@@ -213,7 +174,7 @@ async def _reconcile(ctx: Context, namespace: str, name: str, seen_pod: dict[str
     if seen_pod is not None and _belongs(seen_pod, training) and not any(
             p["metadata"]["uid"] == seen_pod["metadata"]["uid"] for p in pods):
         pods.append(seen_pod)
-    sample = await _scrape(ctx, meta["uid"], pods)
+    sample = await _scrape(ctx, key, pods)
     await _publish(ctx, job, Observed(generation, spec, status, training, pods, sample))
 
 
@@ -234,20 +195,19 @@ async def _publish(ctx: Context, job: dict[str, Any], obs: Observed, conflict: s
     await _patch_status(ctx, job, status_patch(old, new))
     for event in transitions(old, new):
         await ctx.post_event(job, event)
-    uid = job["metadata"]["uid"]
-    ctx.metrics.observe_phase(uid, new.get("phase"))
-    key = (job["metadata"]["namespace"], job["metadata"]["name"])
+    ctx.metrics.observe_phase(job["metadata"]["uid"], new.get("phase"))
+    key = JobKey.of(job)
     if not is_terminal(new):
-        ctx.active[key] = new["phase"]  # the poller's cadence follows the phase
+        ctx.poller.follow(key, new["phase"])  # the poller's cadence follows the phase
     else:
-        ctx.active.pop(key, None)
+        ctx.poller.drop(key)
         created = parse_time(job["metadata"].get("creationTimestamp"))
         done = parse_time(new.get("completionTime"))
         if created and done:
             ctx.metrics.job_duration.labels(new["phase"]).observe(max((done - created).total_seconds(), 0))
-        ctx.samples.pop(uid, None)
-    log.info("%s/%s: %s (%s) attempts=%s step=%s", job["metadata"]["namespace"], job["metadata"]["name"],
-             new.get("phase"), new.get("reason"), new.get("attempts"), (new.get("progress") or {}).get("step"))
+        ctx.jobs.samples.pop(key, None)
+    log.info("%s: %s (%s) attempts=%s step=%s", key, new.get("phase"), new.get("reason"), new.get("attempts"),
+             (new.get("progress") or {}).get("step"))
 
 
 async def _patch_status(ctx: Context, job: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any] | None:
@@ -300,10 +260,10 @@ async def _ensure(ctx: Context, body: dict[str, Any], collection: str, owner_uid
     return existing
 
 
-async def _scrape(ctx: Context, uid: str, pods: list[dict[str, Any]]) -> ProgressSample | None:
+async def _scrape(ctx: Context, key: JobKey, pods: list[dict[str, Any]]) -> ProgressSample | None:
     """Progress from the newest pod whose trainer runs, read at $POD_IP:<metrics port>/metrics."""
-    live = [p for p in sorted(pods, key=pod_order) if not pod_finished(p)
-            and "running" in (trainer_status(p).get("state") or {}) and (p.get("status") or {}).get("podIP")]
+    live = [p for p in sorted(pods, key=pod_order)
+            if not pod_finished(p) and trainer_running(p) and (p.get("status") or {}).get("podIP")]
     if not live or ctx.scraper is None:
         return None
     pod = live[-1]
@@ -312,10 +272,10 @@ async def _scrape(ctx: Context, uid: str, pods: list[dict[str, Any]]) -> Progres
     if sample is None:
         return None
     now = time.monotonic()
-    previous = ctx.samples.get(uid)
+    previous = ctx.jobs.samples.get(key)
     if previous and previous[0] == pod["metadata"]["name"]:
         sample = with_rate(sample, previous[1], now - previous[2])
-    ctx.samples[uid] = (pod["metadata"]["name"], sample, now)
+    ctx.jobs.samples[key] = (pod["metadata"]["name"], sample, now)
     return sample
 
 
@@ -334,27 +294,28 @@ async def delete_outputs(ctx: Context, job: dict[str, Any]) -> None:
     trainers = await api.get(core_path("pods", namespace),
                              labelSelector=f"{JOB_LABEL}={name},{COMPONENT_LABEL}=trainer")
     if trainers.get("items"):
-        raise kopf.TemporaryError("waiting for the trainer to stop before deleting its outputs", delay=2)
+        raise kopf.TemporaryError("waiting for the trainer to stop before deleting its outputs",
+                                  delay=CLEANUP_RETRY_SECONDS)
     try:
         cleanup = await api.get(f"{jobs}/{children.cleanup_job}")
     except ApiError as err:
         if err.status != 404:
             raise
         await api.create(jobs, builders.build_cleanup_job(job, ctx.settings))
-        await ctx.post_event(job, Transition("Normal", "DeletingOutputs",
-                                       f"deleting {job['spec']['output']['uri']} (cleanupPolicy DeleteOutputs)"))
-        raise kopf.TemporaryError("deleting the outputs", delay=2) from None
-    owner = (cleanup["metadata"].get("annotations") or {}).get("lora-operator.io/owner-uid")
+        text = f"deleting {job['spec']['output']['uri']} (cleanupPolicy DeleteOutputs)"
+        await ctx.post_event(job, Transition("Normal", "DeletingOutputs", text))
+        raise kopf.TemporaryError("deleting the outputs", delay=CLEANUP_RETRY_SECONDS) from None
+    owner = (cleanup["metadata"].get("annotations") or {}).get(OWNER_UID_ANNOTATION)
     if owner != meta["uid"]:  # left over from an earlier job of the same name
         await api.delete(f"{jobs}/{children.cleanup_job}", propagation="Background")
-        raise kopf.TemporaryError("removing an old cleanup Job", delay=2)
+        raise kopf.TemporaryError("removing an old cleanup Job", delay=CLEANUP_RETRY_SECONDS)
     conditions = {c["type"]: c for c in (cleanup.get("status") or {}).get("conditions") or []
                   if c.get("status") == "True"}
     if "Complete" in conditions:
-        log.info("%s/%s: outputs deleted", namespace, name)
+        log.info("%s: outputs deleted", JobKey.of(job))
         return
     if "Failed" in conditions:
         message = conditions["Failed"].get("message") or conditions["Failed"].get("reason")
         await ctx.post_event(job, Transition("Warning", "DeleteOutputsFailed", f"the cleanup Job failed: {message}"))
         raise kopf.PermanentError(f"deleting the outputs failed: {message}")
-    raise kopf.TemporaryError("deleting the outputs", delay=2)
+    raise kopf.TemporaryError("deleting the outputs", delay=CLEANUP_RETRY_SECONDS)

@@ -1,22 +1,31 @@
-"""A LoRATrainingJob's status as a pure function of what the operator observes.
+"""The status state machine: a LoRATrainingJob's phase, conditions and progress from what the operator observes.
 
 `compute_status(observed, now)` reads the job's spec and current status, its batch/v1 Job, the Job's
-pods and a fresh progress sample from the trainer's metrics endpoint, and returns the new status.
-Nothing here talks to the API server, so every transition is tested as a table
-(tests/unit/test_status.py).
+pods (read with pods.py) and a fresh progress sample from the trainer's metrics endpoint, and returns
+the new status; `status_patch` turns it into the merge patch to send. Nothing here talks to the API
+server, so every transition is tested as a table (tests/unit/test_operator_status.py).
 """
 
 from __future__ import annotations
 
 import copy
 import enum
-import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
-from .names import CONTAINER
+from .pods import (
+    PodOutcome,
+    exit_summary,
+    job_condition,
+    pod_finished,
+    pod_order,
+    pod_outcome,
+    trainer_running,
+    waiting_reason,
+)
 from .progress import ProgressSample
+from .reasons import PERMANENT_EXIT_REASONS, Reason, shorten
 
 
 class Phase(str, enum.Enum):
@@ -42,62 +51,9 @@ def is_terminal(status: dict[str, Any] | None) -> bool:
     return bool(status) and Phase.parse(status.get("phase")).is_terminal()
 
 
-class Reason:
-    """Condition reasons (CamelCase constants; `kubectl get ltj -o wide` shows them in REASON)."""
-
-    # Pending
-    CREATED = "JobCreated"
-    POD_PENDING = "PodPending"
-    UNSCHEDULABLE = "Unschedulable"
-    IMAGE_PULL_FAILED = "ImagePullFailed"
-    CONTAINER_CONFIG_ERROR = "ContainerConfigError"
-    RESTARTING = "Restarting"  # the previous pod failed; the Job will start another
-    EVICTED = "Evicted"  # the previous pod was evicted or preempted (does not count against backoffLimit)
-    OOM_KILLED = "OOMKilled"
-    # Labeling / Running / Suspended
-    LABELING = "Labeling"
-    TRAINING = "Training"
-    COMPLETING = "Completing"  # the trainer exited 0; the Job controller has not marked it Complete yet
-    SUSPENDING = "Suspending"
-    SUSPENDED = "Suspended"
-    # Succeeded
-    COMPLETED = "TrainingSucceeded"
-    # Failed, permanent trainer exits (docs/trainer-operator.md)
-    CONFIG_INVALID = "ConfigInvalid"
-    DATASET_INVALID = "DatasetInvalid"
-    MODEL_INVALID = "ModelInvalid"
-    TRAINING_DIVERGED = "TrainingDiverged"
-    STORAGE_INVALID = "StorageInvalid"
-    # Failed, by the Job controller
-    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
-    DEADLINE_EXCEEDED = "DeadlineExceeded"
-    JOB_FAILED = "JobFailed"  # any other Job failure reason
-    # Retried failures, in messages of Restarting
-    CRASHED = "Crashed"
-    INTERRUPTED = "Interrupted"
-
-
-# Trainer exit codes (lora_trainer.errors.ExitCode) -> reasons. The permanent ones fail the Job at once
-# through its podFailurePolicy; builders.py builds that rule from the same table.
-PERMANENT_EXIT_REASONS: dict[int, str] = {
-    2: Reason.CONFIG_INVALID,
-    3: Reason.DATASET_INVALID,
-    4: Reason.MODEL_INVALID,
-    5: Reason.TRAINING_DIVERGED,
-    6: Reason.STORAGE_INVALID,
-}
-RETRIED_EXIT_REASONS: dict[int, str] = {1: "Crashed", 7: "OutputFailed", 8: "StorageUnavailable", 143: "Interrupted",
-                                        137: "Killed"}
-
 CONDITION_TYPES = ("Running", "Succeeded", "Failed", "Suspended")
 PHASE_CONDITION = {Phase.LABELING: "Running", Phase.RUNNING: "Running", Phase.SUCCEEDED: "Succeeded",
                    Phase.FAILED: "Failed", Phase.SUSPENDED: "Suspended"}
-WARNING_REASONS = frozenset({
-    Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_FAILED, Reason.CONTAINER_CONFIG_ERROR, Reason.RESTARTING,
-    Reason.EVICTED, Reason.OOM_KILLED, *PERMANENT_EXIT_REASONS.values(), Reason.BACKOFF_LIMIT_EXCEEDED,
-    Reason.DEADLINE_EXCEEDED, Reason.JOB_FAILED,
-})
-MAX_MESSAGE = 2000
 
 
 def rfc3339(moment: datetime) -> str:
@@ -111,124 +67,6 @@ def parse_time(text: str | None) -> datetime | None:
         return datetime.strptime(text[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
     except ValueError:
         return None
-
-
-def _short(text: str | None, limit: int = MAX_MESSAGE) -> str:
-    text = (text or "").strip()
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading pods and Jobs
-
-
-def termination_summary(message: str | None) -> dict[str, Any] | None:
-    """The trainer's one-line JSON exit summary, or None when the message is not one."""
-    if not message:
-        return None
-    for line in reversed(message.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(doc, dict) and "status" in doc:
-                return doc
-    return None
-
-
-def trainer_status(pod: dict[str, Any]) -> dict[str, Any]:
-    statuses = (pod.get("status") or {}).get("containerStatuses") or []
-    return next((s for s in statuses if s.get("name") == CONTAINER), statuses[0] if statuses else {})
-
-
-def terminated_state(pod: dict[str, Any]) -> dict[str, Any] | None:
-    status = trainer_status(pod)
-    return (status.get("state") or {}).get("terminated") or (status.get("lastState") or {}).get("terminated")
-
-
-def pod_condition(pod: dict[str, Any], ctype: str) -> dict[str, Any] | None:
-    return next((c for c in (pod.get("status") or {}).get("conditions") or [] if c.get("type") == ctype), None)
-
-
-def job_condition(job: dict[str, Any] | None, ctype: str) -> dict[str, Any] | None:
-    if not job:
-        return None
-    return next((c for c in (job.get("status") or {}).get("conditions") or []
-                 if c.get("type") == ctype and c.get("status") == "True"), None)
-
-
-def pod_finished(pod: dict[str, Any]) -> bool:
-    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
-
-
-def pod_order(pod: dict[str, Any]) -> tuple[str, str]:
-    meta = pod.get("metadata") or {}
-    return meta.get("creationTimestamp") or "", meta.get("name") or ""
-
-
-@dataclass(frozen=True)
-class PodOutcome:
-    """Why a trainer pod ended: a reason constant and a message in the pod's own words."""
-
-    reason: str
-    message: str
-    exit_code: int | None = None
-    disrupted: bool = False  # evicted or preempted: not counted against backoffLimit
-    summary: dict[str, Any] | None = None
-
-
-def pod_outcome(pod: dict[str, Any]) -> PodOutcome:
-    """Classify a finished (or finishing) trainer pod."""
-    status = pod.get("status") or {}
-    name = (pod.get("metadata") or {}).get("name", "?")
-    term = terminated_state(pod) or {}
-    code = term.get("exitCode")
-    summary = termination_summary(term.get("message"))
-    said = (summary or {}).get("error") or (term.get("message") if summary is None else "") or ""
-    disruption = pod_condition(pod, "DisruptionTarget")
-    if status.get("reason") == "Evicted" or (disruption and disruption.get("status") == "True"):
-        why = status.get("message") or (disruption or {}).get("message") or (disruption or {}).get("reason") or ""
-        return PodOutcome(Reason.EVICTED, _short(f"pod {name} was evicted: {why}".rstrip(": ")), code, True, summary)
-    if status.get("reason") == "DeadlineExceeded":
-        return PodOutcome(Reason.DEADLINE_EXCEEDED, _short(f"pod {name}: {status.get('message', '')}"), code,
-                          summary=summary)
-    if term.get("reason") == "OOMKilled":
-        return PodOutcome(Reason.OOM_KILLED, _short(f"pod {name}: the trainer ran out of memory (OOMKilled, "
-                                                    f"exit code {code}); raise spec.resources.memory"), code,
-                          summary=summary)
-    if code in PERMANENT_EXIT_REASONS:
-        reason = PERMANENT_EXIT_REASONS[code]
-        return PodOutcome(reason, _short(said or f"the trainer exited with code {code} ({reason})"), code,
-                          summary=summary)
-    if code is None:
-        return PodOutcome(Reason.CRASHED, f"pod {name} ended without an exit code", None, summary=summary)
-    kind = RETRIED_EXIT_REASONS.get(code, "Crashed")
-    text = f"pod {name}: the trainer exited with code {code} ({kind})"
-    if said:
-        text += f": {said}"
-    return PodOutcome(Reason.RESTARTING, _short(text), code, summary=summary)
-
-
-def waiting_reason(pod: dict[str, Any]) -> tuple[str, str] | None:
-    """Why a pod is not running yet, as (reason, message) for the Pending condition."""
-    scheduled = pod_condition(pod, "PodScheduled")
-    if scheduled and scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
-        return Reason.UNSCHEDULABLE, _short(scheduled.get("message") or "no node fits the trainer pod")
-    waiting = (trainer_status(pod).get("state") or {}).get("waiting") or {}
-    why = waiting.get("reason")
-    if why in ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"):
-        image = next((c.get("image") for c in (pod.get("spec") or {}).get("containers") or []
-                      if c.get("name") == CONTAINER), "")
-        return Reason.IMAGE_PULL_FAILED, _short(f"{why}: {waiting.get('message') or image}")
-    if why in ("CreateContainerConfigError", "CreateContainerError", "RunContainerError"):
-        return Reason.CONTAINER_CONFIG_ERROR, _short(f"{why}: {waiting.get('message', '')}")
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# The state machine
 
 
 @dataclass
@@ -254,7 +92,7 @@ class Verdict:
 def decide(obs: Observed) -> Verdict:
     """The phase, reason and message for what is observed (the job is known not to be terminal)."""
     if obs.config_error:
-        return Verdict(Phase.FAILED, Reason.CONFIG_INVALID, _short(obs.config_error))
+        return Verdict(Phase.FAILED, Reason.CONFIG_INVALID, shorten(obs.config_error))
     job = obs.job
     if job is None:
         return Verdict(Phase.PENDING, Reason.CREATED, "creating the training Job")
@@ -266,7 +104,7 @@ def decide(obs: Observed) -> Verdict:
         return _failure(failed, pods, obs.spec)
     live = [p for p in pods if not pod_finished(p)]
     if (job.get("spec") or {}).get("suspend"):
-        if any(_running(p) for p in live):
+        if any(trainer_running(p) for p in live):
             return Verdict(Phase.RUNNING, Reason.SUSPENDING,
                            "suspend requested: the trainer is writing its checkpoint before it stops")
         return Verdict(Phase.SUSPENDED, Reason.SUSPENDED, "suspended; set spec.suspend to false to resume "
@@ -274,7 +112,7 @@ def decide(obs: Observed) -> Verdict:
     if live:
         pod = live[-1]
         name = pod["metadata"]["name"]
-        if _running(pod):
+        if trainer_running(pod):
             labeling = obs.sample.labeling() if obs.sample else None
             if labeling:
                 return Verdict(Phase.LABELING, Reason.LABELING,
@@ -304,10 +142,6 @@ def _retry_reason(outcome: PodOutcome) -> str:
     return Reason.RESTARTING
 
 
-def _running(pod: dict[str, Any]) -> bool:
-    return "running" in (trainer_status(pod).get("state") or {})
-
-
 def _failure(condition: dict[str, Any], pods: list[dict[str, Any]], spec: dict[str, Any]) -> Verdict:
     why = condition.get("reason") or ""
     finished = [p for p in pods if pod_finished(p)]
@@ -316,18 +150,18 @@ def _failure(condition: dict[str, Any], pods: list[dict[str, Any]], spec: dict[s
             outcome = pod_outcome(pod)
             if outcome.exit_code in PERMANENT_EXIT_REASONS:
                 return Verdict(Phase.FAILED, outcome.reason, outcome.message)
-        return Verdict(Phase.FAILED, Reason.JOB_FAILED, _short(condition.get("message")))
+        return Verdict(Phase.FAILED, Reason.JOB_FAILED, shorten(condition.get("message")))
     if why == "BackoffLimitExceeded":
-        limit = spec.get("backoffLimit", 3)
+        limit = spec.get("backoffLimit", 3)  # 3: the CRD's default
         text = f"the trainer failed {limit + 1} time(s) (backoffLimit {limit})"
         if finished:
             text += f"; last failure: {pod_outcome(finished[-1]).message}"
-        return Verdict(Phase.FAILED, Reason.BACKOFF_LIMIT_EXCEEDED, _short(text))
+        return Verdict(Phase.FAILED, Reason.BACKOFF_LIMIT_EXCEEDED, shorten(text))
     if why == "DeadlineExceeded":
         return Verdict(Phase.FAILED, Reason.DEADLINE_EXCEEDED,
                        f"the run was active longer than spec.activeDeadlineSeconds "
                        f"({spec.get('activeDeadlineSeconds')} s)")
-    return Verdict(Phase.FAILED, Reason.JOB_FAILED, _short(f"{why}: {condition.get('message', '')}"))
+    return Verdict(Phase.FAILED, Reason.JOB_FAILED, shorten(f"{why}: {condition.get('message', '')}"))
 
 
 def compute_status(obs: Observed, now: datetime) -> dict[str, Any]:
@@ -344,7 +178,7 @@ def compute_status(obs: Observed, now: datetime) -> dict[str, Any]:
     _track_attempts(new, obs.pods)
     if obs.job is not None and not new.get("startTime"):
         new["startTime"] = (obs.job.get("metadata") or {}).get("creationTimestamp") or stamp
-    summaries = [s for s in (_summary(p) for p in sorted(obs.pods, key=pod_order)) if s]
+    summaries = [s for s in (exit_summary(p) for p in sorted(obs.pods, key=pod_order)) if s]
     for summary in summaries:
         _apply_checkpoint(new, summary.get("lastCheckpoint"), stamp)
     if summaries:
@@ -397,11 +231,6 @@ def _track_attempts(new: dict[str, Any], pods: Iterable[dict[str, Any]]) -> None
         new["attempts"] = int(new.get("attempts") or 0) + len(fresh)
         last = fresh[-1]["metadata"]
         new["currentPod"] = {"name": last["name"], "creationTimestamp": last.get("creationTimestamp")}
-
-
-def _summary(pod: dict[str, Any]) -> dict[str, Any] | None:
-    term = terminated_state(pod)
-    return termination_summary((term or {}).get("message"))
 
 
 def _apply_checkpoint(new: dict[str, Any], ckpt: Any, stamp: str) -> None:
@@ -475,10 +304,6 @@ def _apply_final(new: dict[str, Any], summary: dict[str, Any], stamp: str) -> No
         new["progress"] = progress
 
 
-def status_changed(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
-    return (old or {}) != new
-
-
 def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
     """A JSON merge patch (RFC 7386) from old to new: changed keys, nested mappings diffed the same way,
     keys that disappeared set to null (lists are replaced whole, as merge patch does)."""
@@ -496,30 +321,3 @@ def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, A
         if key not in new:
             patch[key] = None
     return patch
-
-
-@dataclass(frozen=True)
-class Transition:
-    type: str  # Normal or Warning
-    reason: str
-    message: str
-
-
-def transitions(old: dict[str, Any] | None, new: dict[str, Any]) -> list[Transition]:
-    """Kubernetes Events for what changed between two statuses."""
-    old = old or {}
-    events: list[Transition] = []
-    if old.get("phase") != new.get("phase") or old.get("reason") != new.get("reason"):
-        reason = new.get("reason") or new.get("phase") or "Unknown"
-        warning = new.get("phase") == Phase.FAILED.value or reason in WARNING_REASONS
-        text = f"{new.get('phase')}: {new.get('message', '')}".rstrip(": ")
-        events.append(Transition("Warning" if warning else "Normal", reason, _short(text, 1000)))
-    if (new.get("attempts") or 0) > (old.get("attempts") or 0) and new.get("currentPod"):
-        events.append(Transition("Normal", "AttemptStarted",
-                                 f"attempt {new['attempts']}: trainer pod {new['currentPod']['name']}"))
-    old_ckpt = (old.get("lastCheckpoint") or {}).get("step")
-    new_ckpt = (new.get("lastCheckpoint") or {}).get("step")
-    if new_ckpt is not None and new_ckpt != old_ckpt:
-        events.append(Transition("Normal", "Checkpoint", f"checkpoint at step {new_ckpt}: "
-                                                          f"{(new.get('lastCheckpoint') or {}).get('uri', '')}"))
-    return events

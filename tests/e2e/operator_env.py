@@ -111,13 +111,12 @@ class OperatorProcess:
 
     def start(self, wait_ready=True, timeout=90):
         self.starts += 1
-        log = open(self.log_path, "ab")
-        log.write(f"\n===== start {self.starts} =====\n".encode())
-        log.flush()
-        self.proc = subprocess.Popen([sys.executable, "-m", "lora_operator.main"], env=self.environment(),
-                                     stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
-                                     start_new_session=True)
-        log.close()
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            log.write(f"\n===== start {self.starts} =====\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen([sys.executable, "-m", "lora_operator.main"], env=self.environment(),
+                                         stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+                                         start_new_session=True)
         if wait_ready:
             self.wait_ready(timeout)
         return self

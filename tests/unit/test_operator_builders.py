@@ -1,12 +1,13 @@
 """The operator's pure builders: trainer ConfigMap, training Job, cleanup Job (no cluster)."""
 
 import copy
+from datetime import UTC
 
 import pytest
 import yaml
 
 from lora_operator import builders
-from lora_operator.names import Children, child_name
+from lora_operator.names import OWNER_UID_ANNOTATION, Children, child_name
 from lora_operator.settings import Settings
 from lora_trainer.config import build_config
 
@@ -228,7 +229,8 @@ def test_cleanup_job_deletes_the_output_prefix_with_the_jobs_credentials():
     container = job["spec"]["template"]["spec"]["containers"][0]
     assert container["command"][:2] == ["python", "-c"] and container["command"][-1] == "s3://loras/cats"
     assert "ownerReferences" not in job["metadata"]  # it outlives the job it cleans up after
-    assert job["metadata"]["annotations"]["lora-operator.io/owner-uid"] == "uid-123"
+    assert OWNER_UID_ANNOTATION == "lora-operator.io/owner-uid"  # what reconcile.delete_outputs reads back
+    assert job["metadata"]["annotations"][OWNER_UID_ANNOTATION] == "uid-123"
     assert job["spec"]["ttlSecondsAfterFinished"] > 0
     names = {e["name"] for e in container["env"]}
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3"} <= names
@@ -236,13 +238,12 @@ def test_cleanup_job_deletes_the_output_prefix_with_the_jobs_credentials():
 
 
 def test_events_name_the_job_they_are_about():
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    from lora_operator.reconcile import build_event
-    from lora_operator.status import Transition
+    from lora_operator.events import Transition, build_event
 
     event = build_event(ltj(), Transition("Warning", "OOMKilled", "pod x ran out of memory"),
-                        datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc), "operator-0")
+                        datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), "operator-0")
     assert event["involvedObject"] == {"apiVersion": "lora-operator.io/v1alpha1", "kind": "LoRATrainingJob",
                                        "name": "cats", "namespace": "team-a", "uid": "uid-123"}
     assert (event["type"], event["reason"], event["message"]) == ("Warning", "OOMKilled", "pod x ran out of memory")

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import yaml
 
+from lora_operator.reasons import PERMANENT_EXIT_REASONS, Reason
 from lora_operator.settings import Settings
-from lora_operator.status import PERMANENT_EXIT_REASONS, Reason
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = (REPO / "docs" / "operator.md").read_text()

@@ -127,17 +127,19 @@ def test_operator_imports_neither_torch_nor_the_kubernetes_client():
 
 
 def test_poller_refreshes_running_jobs_often_and_the_others_rarely():
+    from lora_operator.names import JobKey
     from lora_operator.observability import OperatorMetrics
     from lora_operator.reconcile import Context
 
     ctx = Context(Settings(poll_interval=5), api=None, metrics=OperatorMetrics())
-    key = ("ns", "job")
-    assert ctx.due(key, "Running", 1000.0) and ctx.due(key, "Pending", 1000.0)  # never polled yet
-    ctx.last_poll[key] = 1000.0
-    assert not ctx.due(key, "Running", 1004.0) and ctx.due(key, "Running", 1005.0)
-    assert not ctx.due(key, "Pending", 1020.0) and not ctx.due(key, "Suspended", 1020.0)
-    assert ctx.due(key, "Pending", 1030.0)
-    ctx.track("ns", "job", "uid-1", {"phase": "Running"}, deleting=False)
-    assert ctx.active[key] == "Running"
-    ctx.track("ns", "job", "uid-1", {"phase": "Succeeded"}, deleting=False)
-    assert key not in ctx.active
+    poller, key = ctx.poller, JobKey("ns", "job")
+    assert str(key) == "ns/job"  # as logs name the job
+    assert poller.due(key, "Running", 1000.0) and poller.due(key, "Pending", 1000.0)  # never polled yet
+    poller.last_poll[key] = 1000.0
+    assert not poller.due(key, "Running", 1004.0) and poller.due(key, "Running", 1005.0)
+    assert not poller.due(key, "Pending", 1020.0) and not poller.due(key, "Suspended", 1020.0)
+    assert poller.due(key, "Pending", 1030.0)
+    ctx.track(key, "uid-1", {"phase": "Running"}, deleting=False)
+    assert poller.active[key] == "Running"
+    ctx.track(key, "uid-1", {"phase": "Succeeded"}, deleting=False)
+    assert key not in poller.active

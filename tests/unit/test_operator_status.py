@@ -1,24 +1,18 @@
-"""The status state machine, table-driven: observed Job + pods + progress -> phase, reason, conditions."""
+"""The status state machine, table-driven: observed Job + pods + progress -> phase, reason, conditions; and the
+pod readers (pods.py) and Events (events.py) it is built with."""
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from lora_operator.events import transitions
+from lora_operator.pods import pod_outcome, termination_summary
 from lora_operator.progress import ProgressSample
-from lora_operator.status import (
-    CONDITION_TYPES,
-    Observed,
-    Phase,
-    Reason,
-    compute_status,
-    pod_outcome,
-    status_patch,
-    termination_summary,
-    transitions,
-)
+from lora_operator.reasons import Reason
+from lora_operator.status import CONDITION_TYPES, Observed, Phase, compute_status, status_patch
 
-T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 SPEC = {"backoffLimit": 2, "activeDeadlineSeconds": 600}
 SHA = "ab" * 32
 

@@ -1,0 +1,60 @@
+"""Kubernetes Events about a job: which status changes deserve one, and the core/v1 Event body to post."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from .names import API_VERSION, KIND
+from .reasons import WARNING_REASONS, shorten
+from .status import Phase, rfc3339
+
+# Kubernetes' Event validation limits: a message (note) of 1024 characters, a reportingInstance of 128;
+# transitions() keeps its messages a little below the first.
+EVENT_MESSAGE_LIMIT = 1024
+TRANSITION_MESSAGE_LIMIT = 1000
+REPORTING_INSTANCE_LIMIT = 128
+
+
+@dataclass(frozen=True)
+class Transition:
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+def transitions(old: dict[str, Any] | None, new: dict[str, Any]) -> list[Transition]:
+    """Kubernetes Events for what changed between two statuses."""
+    old = old or {}
+    events: list[Transition] = []
+    if old.get("phase") != new.get("phase") or old.get("reason") != new.get("reason"):
+        reason = new.get("reason") or new.get("phase") or "Unknown"
+        warning = new.get("phase") == Phase.FAILED.value or reason in WARNING_REASONS
+        text = f"{new.get('phase')}: {new.get('message', '')}".rstrip(": ")
+        events.append(Transition("Warning" if warning else "Normal", reason, shorten(text, TRANSITION_MESSAGE_LIMIT)))
+    if (new.get("attempts") or 0) > (old.get("attempts") or 0) and new.get("currentPod"):
+        events.append(Transition("Normal", "AttemptStarted",
+                                 f"attempt {new['attempts']}: trainer pod {new['currentPod']['name']}"))
+    old_ckpt = (old.get("lastCheckpoint") or {}).get("step")
+    new_ckpt = (new.get("lastCheckpoint") or {}).get("step")
+    if new_ckpt is not None and new_ckpt != old_ckpt:
+        events.append(Transition("Normal", "Checkpoint", f"checkpoint at step {new_ckpt}: "
+                                                          f"{(new.get('lastCheckpoint') or {}).get('uri', '')}"))
+    return events
+
+
+def build_event(job: dict[str, Any], event: Transition, now: datetime, instance: str) -> dict[str, Any]:
+    """A core/v1 Event about a LoRATrainingJob (what `kubectl describe ltj` and `kubectl get events` show)."""
+    meta = job["metadata"]
+    stamp = rfc3339(now)
+    return {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {"apiVersion": job.get("apiVersion") or API_VERSION, "kind": job.get("kind") or KIND,
+                           "name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]},
+        "type": event.type, "reason": event.reason, "message": event.message[:EVENT_MESSAGE_LIMIT],
+        "count": 1, "firstTimestamp": stamp, "lastTimestamp": stamp,
+        "source": {"component": "lora-operator"},
+        "reportingComponent": "lora-operator", "reportingInstance": instance[:REPORTING_INSTANCE_LIMIT],
+    }

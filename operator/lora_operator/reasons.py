@@ -1,0 +1,67 @@
+"""The words of a job's status: Reason constants, the trainer exit code tables and the message length limit."""
+
+from __future__ import annotations
+
+
+class Reason:
+    """Condition reasons (CamelCase constants; `kubectl get ltj -o wide` shows them in REASON)."""
+
+    # Pending
+    CREATED = "JobCreated"
+    POD_PENDING = "PodPending"
+    UNSCHEDULABLE = "Unschedulable"
+    IMAGE_PULL_FAILED = "ImagePullFailed"
+    CONTAINER_CONFIG_ERROR = "ContainerConfigError"
+    RESTARTING = "Restarting"  # the previous pod failed; the Job will start another
+    EVICTED = "Evicted"  # the previous pod was evicted or preempted (does not count against backoffLimit)
+    OOM_KILLED = "OOMKilled"
+    # Labeling / Running / Suspended
+    LABELING = "Labeling"
+    TRAINING = "Training"
+    COMPLETING = "Completing"  # the trainer exited 0; the Job controller has not marked it Complete yet
+    SUSPENDING = "Suspending"
+    SUSPENDED = "Suspended"
+    # Succeeded
+    COMPLETED = "TrainingSucceeded"
+    # Failed, permanent trainer exits (docs/architecture.md, exit codes)
+    CONFIG_INVALID = "ConfigInvalid"
+    DATASET_INVALID = "DatasetInvalid"
+    MODEL_INVALID = "ModelInvalid"
+    TRAINING_DIVERGED = "TrainingDiverged"
+    STORAGE_INVALID = "StorageInvalid"
+    # Failed, by the Job controller
+    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    JOB_FAILED = "JobFailed"  # any other Job failure reason
+    # Retried failures, in messages of Restarting
+    CRASHED = "Crashed"
+    INTERRUPTED = "Interrupted"
+
+
+# Trainer exit codes (lora_trainer.errors.ExitCode) -> reasons. The permanent ones fail the Job at once
+# through its podFailurePolicy; builders.py builds that rule from the same table.
+PERMANENT_EXIT_REASONS: dict[int, str] = {
+    2: Reason.CONFIG_INVALID,
+    3: Reason.DATASET_INVALID,
+    4: Reason.MODEL_INVALID,
+    5: Reason.TRAINING_DIVERGED,
+    6: Reason.STORAGE_INVALID,
+}
+RETRIED_EXIT_REASONS: dict[int, str] = {1: "Crashed", 7: "OutputFailed", 8: "StorageUnavailable", 143: "Interrupted",
+                                        137: "Killed"}
+
+# Reasons whose Event is a Warning (besides every Failed phase).
+WARNING_REASONS = frozenset({
+    Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_FAILED, Reason.CONTAINER_CONFIG_ERROR, Reason.RESTARTING,
+    Reason.EVICTED, Reason.OOM_KILLED, *PERMANENT_EXIT_REASONS.values(), Reason.BACKOFF_LIMIT_EXCEEDED,
+    Reason.DEADLINE_EXCEEDED, Reason.JOB_FAILED,
+})
+
+# Status and condition messages: room for the trainer's error line with its context (its termination message
+# holds at most 4 KiB), short enough that `kubectl describe` stays readable and status small.
+MAX_MESSAGE = 2000
+
+
+def shorten(text: str | None, limit: int = MAX_MESSAGE) -> str:
+    text = (text or "").strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
