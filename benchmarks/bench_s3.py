@@ -107,7 +107,7 @@ def sequential_loop(client, bucket: str, prefix: str, dest: Path) -> float:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("wb") as handle:
             body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"]
-            for chunk in iter(lambda: body.read(1 << 20), b""):
+            for chunk in iter(lambda body=body: body.read(1 << 20), b""):
                 handle.write(chunk)
     return time.perf_counter() - started
 
@@ -146,8 +146,8 @@ def bench_downloads(s3, args) -> list[tuple]:
         for label, prefix, total in shapes:
             seq, par = [], []
             for _ in range(args.rounds):
-                for runner, times in ((lambda d: sequential_loop(plain, bucket, prefix, d), seq),
-                                      (lambda d: ours(fast, bucket, prefix, d, args.concurrency), par)):
+                for runner, times in ((lambda d, prefix=prefix, plain=plain: sequential_loop(plain, bucket, prefix, d), seq),
+                                      (lambda d, prefix=prefix, fast=fast: ours(fast, bucket, prefix, d, args.concurrency), par)):
                     dest = Path(tempfile.mkdtemp(prefix="bench-s3-"))
                     try:
                         times.append(runner(dest))

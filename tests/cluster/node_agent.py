@@ -15,6 +15,7 @@ every API call has a timeout and the watch reconnects on its own.
 """
 
 import atexit
+import contextlib
 import logging
 import os
 import shutil
@@ -27,8 +28,8 @@ import uuid
 from pathlib import Path
 
 from tests.cluster import podspec, runtime
-from tests.cluster.kubelet_logs import LogServer
 from tests.cluster.kubeapi import ApiError, resource_path
+from tests.cluster.kubelet_logs import LogServer
 from tests.cluster.procs import wait_until
 
 IMAGE_PULL_ERROR_ANNOTATION = "node-agent.lora-operator.io/image-pull-error"
@@ -257,10 +258,8 @@ class NodeAgent:
                 self.log_server.stop()
             self.cgroups.close()
             for path in reversed(self._created_paths):
-                try:
+                with contextlib.suppress(OSError):
                     path.rmdir() if path.is_dir() else path.unlink()
-                except OSError:
-                    pass
             self._created_paths.clear()
 
     def _loop(self):

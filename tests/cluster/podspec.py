@@ -1,7 +1,7 @@
 """Pure functions of the node agent: what a kubelet and a scheduler compute from a pod's spec.
 
 Nothing here talks to the API server or starts a process, so each rule is unit-tested on its own
-(tests/unit/test_podspec.py): quantities, resource fit, taints and tolerations, node selectors,
+(tests/unit/test_cluster_podspec.py): quantities, resource fit, taints and tolerations, node selectors,
 the image -> command mapping, environment variables, and the pod phase.
 """
 
@@ -133,7 +133,7 @@ def matches_node_selector(spec, node):
 
 
 def taint_text(taint):
-    return "{%s: %s}" % (taint.get("key"), taint.get("value") or "")
+    return f"{{{taint.get('key')}: {taint.get('value') or ''}}}"
 
 
 def unschedulable_reasons(pod, node, used):

@@ -1,6 +1,7 @@
 """Processes, ports and bounded waits shared by every service of the test environment."""
 
 import atexit
+import contextlib
 import json
 import os
 import signal
@@ -122,16 +123,12 @@ class Service:
 def kill_group(proc, timeout):
     """Terminate a process started with start_new_session=True and everything in its group."""
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10)):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
         try:
             proc.wait(wait)
             break
         except subprocess.TimeoutExpired:
             continue
-    try:  # stragglers that outlived the group leader
+    with contextlib.suppress(ProcessLookupError):  # stragglers that outlived the group leader
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

@@ -12,6 +12,7 @@ can mount different things at the same path and nothing leaks to the host's moun
 """
 
 import base64
+import contextlib
 import os
 import re
 import shutil
@@ -358,18 +359,14 @@ class ContainerRun:
 
     def signal(self, sig):
         if self.proc is not None and self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
 
     def kill(self):
         """SIGKILL the whole process group and reap it."""
         if self.proc is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             kill_group(self.proc, timeout=5)
 
     def finish(self, exit_code, reason=None, message=None, cgroups=None):

@@ -6,6 +6,7 @@ requests need the access key and secret. stop() + start() keep the ports and the
 which is how a test simulates an S3 outage.
 """
 
+import contextlib
 import glob
 import json
 import os
@@ -104,10 +105,8 @@ class SeaweedS3:
             self.service.stop(timeout=3)
         for port in self.ports.values():  # gRPC unix sockets weed always puts in /tmp
             for path in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(path)
-                except OSError:
-                    pass
 
     def repair(self):
         """Restart after a test left the server stopped."""

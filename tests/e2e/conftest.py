@@ -85,9 +85,9 @@ class Jobs:
     def running_pod(self, name):
         for pod in reversed(self.pods(name)):
             states = pod.get("status", {}).get("containerStatuses") or []
-            if pod["status"].get("phase") == "Running" and states and "running" in states[0]["state"]:
-                if not pod["metadata"].get("deletionTimestamp"):
-                    return pod
+            running = pod["status"].get("phase") == "Running" and states and "running" in states[0]["state"]
+            if running and not pod["metadata"].get("deletionTimestamp"):
+                return pod
         return None
 
     def events(self, name):

@@ -27,9 +27,17 @@ from lora_trainer.storage.client import Retry
 from lora_trainer.storage.download import Downloader
 from lora_trainer.storage.store import Store
 from lora_trainer.storage.uri import S3Uri
-
-from tests.integration.trainer_world import (SAMPLE, TrainerProcess, files_under, get_bytes, list_keys, sd_config,
-                            termination_message, upload_folder, write_config)
+from tests.integration.trainer_world import (
+    SAMPLE,
+    TrainerProcess,
+    files_under,
+    get_bytes,
+    list_keys,
+    sd_config,
+    termination_message,
+    upload_folder,
+    write_config,
+)
 
 pytestmark = pytest.mark.integration
 

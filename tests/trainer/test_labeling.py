@@ -109,7 +109,7 @@ def build_tiny_git(folder: Path) -> None:
     import torch
     from transformers import CLIPImageProcessor, GitConfig, GitForCausalLM, GitProcessor
 
-    from lora_trainer.labeling.presets import SPECIALS, write_tiny_bert_tokenizer
+    from lora_trainer.presets.blip import SPECIALS, write_tiny_bert_tokenizer
 
     tokenizer = write_tiny_bert_tokenizer(folder)
     ids = tokenizer.convert_tokens_to_ids

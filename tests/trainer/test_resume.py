@@ -69,7 +69,7 @@ def test_the_same_run_twice_writes_byte_identical_weight_files(tmp_path):
     kohya = [safe_open(str(folder / "shapes.kohya.safetensors"), "pt") for folder in (first, second)]
     dated = [{**k.metadata(), "modelspec.date": ""} for k in kohya]
     assert dated[0] == dated[1] and kohya[0].keys() == kohya[1].keys()
-    assert all(kohya[0].get_tensor(key).equal(kohya[1].get_tensor(key)) for key in kohya[0].keys())
+    assert all(kohya[0].get_tensor(key).equal(kohya[1].get_tensor(key)) for key in kohya[0].keys())  # noqa: SIM118
 
 
 def test_a_run_that_builds_its_preset_trains_like_one_that_finds_it_built(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import certs, controlplane, kubeapi, plugin, prometheus, procs, runtime, s3
+from tests.cluster import certs, controlplane, kubeapi, plugin, procs, prometheus, runtime, s3
 from tests.cluster.podspec import ConfigError
 
 

@@ -12,13 +12,13 @@ import torch
 from lora_trainer.checkpoint import (
     CheckpointState,
     canonical_safetensors,
-    sort_safetensors_metadata,
     find_resume_checkpoint,
     flatten,
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
+    sort_safetensors_metadata,
     unflatten,
 )
 from lora_trainer.data.sampler import EpochBatches, EpochPlan, group_by

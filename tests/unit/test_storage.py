@@ -14,7 +14,8 @@ import pytest
 from botocore import exceptions as bx
 
 from lora_trainer.errors import StorageError, StorageUnavailableError
-from lora_trainer.storage.client import Kind, Retry, classify, describe, redact
+from lora_trainer.redaction import redact
+from lora_trainer.storage.client import Kind, Retry, classify, describe
 from lora_trainer.storage.download import CacheIndex, RemoteObject, Unit, composite_etag, plan_units
 from lora_trainer.storage.mirror import tree_files
 from lora_trainer.storage.remote_checkpoints import checkpoint_steps

@@ -14,7 +14,7 @@ from lora_trainer.errors import ExitCode, Interrupted, StorageError
 from lora_trainer.launch import StopSignal, with_cluster_defaults
 from lora_trainer.metrics import TrainerMetrics
 from lora_trainer.observers import RunInfo, StepStats
-from lora_trainer.recipe import Artifact, RunSummary
+from lora_trainer.summary import Artifact, RunSummary
 from lora_trainer.termination import LIMIT, LocalOutputs, TerminationReport, build_message, encode
 
 BASE = {"base_model": "preset:tiny-sd", "train_data_dir": "./data"}

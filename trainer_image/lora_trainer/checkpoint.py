@@ -12,13 +12,9 @@ tensors by name, so arbitrary state round-trips exactly.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import hashlib
 import io
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,20 +24,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
-from .errors import ConfigError, OutputError
+from .errors import ConfigError
+from .files import atomic_write, sha256_file
+from .layout import CHECKPOINTS, MANIFEST, STATE_DIR, state_dir_name, weights_name
 
-CHECKPOINTS = "checkpoints"
-MANIFEST = "manifest.json"
-STATE_DIR = re.compile(r"^state_step_(\d+)$")
 FORMAT_VERSION = 1
-
-
-def weights_name(step: int) -> str:
-    return f"pytorch_lora_weights_step_{step}.safetensors"
-
-
-def state_dir_name(step: int) -> str:
-    return f"state_step_{step}"
 
 
 # -- nested state <-> (JSON tree, named tensors)
@@ -83,33 +70,6 @@ def unflatten(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 # -- atomic files
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def atomic_write(path: Path, write) -> None:
-    """Calls write(tmp_path), then renames: readers see the whole file or none. Disk full -> OutputError."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        with contextlib.suppress(OSError):  # on a read-only disk even the cleanup fails: report the cause
-            tmp.unlink(missing_ok=True)
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OutputError(f"disk full while writing {path}: free some space under {path.parent}") from None
-        if err.errno == errno.EROFS:
-            raise OutputError(f"cannot write {path}: the file system is read-only") from None
-        raise OutputError(f"cannot write {path}: {err.strerror or err}") from None
-
-
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """LoRA-sized files: serialized in memory and written by Python, so a full disk raises OSError
     (safetensors' own writer reports it as a SafetensorError string)."""

@@ -4,7 +4,7 @@
     lora-train --config job.yaml          # a LoRATrainingJob manifest, run locally
     lora-train --config cfg.yaml --print-config
 
-Exit codes: docs/exit-codes.md (0 ok, 2 config, 3 dataset, 4 model, 5 diverged, ... 143 SIGTERM).
+Exit codes: docs/architecture.md, "Exit codes" (0 ok, 2 config, 3 dataset, 4 model, 5 diverged, ... 143 SIGTERM).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 from .errors import ExitCode, Interrupted, TrainError
+from .logs import setup_logging
 
 log = logging.getLogger("lora_trainer")
 
@@ -29,26 +30,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
     return parser.parse_args(argv)
-
-
-def setup_logging(quiet: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s lora-train %(levelname)s %(message)s", "%H:%M:%S"))
-    root = logging.getLogger("lora_trainer")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING if quiet else logging.INFO)
-    root.propagate = False
-    quiet_libraries()
-
-
-def quiet_libraries() -> None:
-    """Library progress bars (weight loading) and advice meant for notebooks would drown the run's log."""
-    import os
-
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    for name in ("transformers", "diffusers", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def install_sigterm(stop: threading.Event) -> None:
@@ -69,7 +50,7 @@ def list_outputs(folder: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.quiet)
-    from .storage.client import redact
+    from .redaction import redact
     from .termination import TerminationReport
 
     report = TerminationReport()  # written on every exit: docs/trainer-operator.md

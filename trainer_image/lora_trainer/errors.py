@@ -1,7 +1,8 @@
 """Errors a run can end with, each with its own exit code.
 
-Exit codes are a contract with the operator (docs/exit-codes.md): codes of *permanent* errors make the
-Job fail at once (retrying cannot help), every other non-zero code is retried from the last checkpoint.
+Exit codes are a contract with the operator (docs/architecture.md, "Exit codes"): codes of *permanent*
+errors make the Job fail at once (retrying cannot help), every other non-zero code is retried from the last
+checkpoint.
 """
 
 from __future__ import annotations

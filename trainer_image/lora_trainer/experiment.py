@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .files import atomic_write
+from .layout import EXPERIMENT_RECORD, LOSS_CURVE, SAMPLES
 from .observers import BaseObserver, RunInfo, StepStats, format_duration
+from .summary import RunSummary
 
 log = logging.getLogger("lora_trainer")
 
-LOSS_CURVE = "loss_curve.png"
 SPIKE_WINDOW, SPIKE_MIN_HISTORY, SPIKE_FACTOR = 50, 10, 4.0
 STALL_MIN_HISTORY, STALL_FACTOR = 10, 10.0
 MAX_LISTED = 10
@@ -104,16 +106,14 @@ class ExperimentRecord(BaseObserver):
         if getattr(result, "loss", None) is not None:
             self.validation.append((result.step, result.loss))
 
-    def on_end(self, summary: Any) -> None:
+    def on_end(self, summary: RunSummary) -> None:
         try:
             if not summary.output_prepared:  # refused before that, e.g. output_dir holds a finished run
                 log.info("EXPERIMENT.md not written: %s was not prepared by this run", self.out)
                 return
-            from .checkpoint import atomic_write
-
             curve = write_loss_curve(self.out / LOSS_CURVE, summary.losses, self.validation, summary.checkpoints)
             text = render(self, summary, curve is not None)
-            atomic_write(self.out / "EXPERIMENT.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+            atomic_write(self.out / EXPERIMENT_RECORD, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         except Exception as err:  # noqa: BLE001 - the record must never mask how the run ended
             log.warning("EXPERIMENT.md could not be written: %s: %s", type(err).__name__, err)
 
@@ -136,7 +136,6 @@ def write_loss_curve(path: Path, losses: list[tuple[int, float]], validation: li
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from .checkpoint import atomic_write
 
     steps, values = [s for s, _ in losses], [v for _, v in losses]
     figure = Figure(figsize=(8, 4.5), dpi=100)
@@ -160,14 +159,14 @@ def write_loss_curve(path: Path, losses: list[tuple[int, float]], validation: li
 # -- the markdown
 def experiment_id(cfg, started: float, config_yaml: str) -> str:
     """<output_name>-<UTC start>-<config hash>: unique per run, and the same config shows the same hash."""
-    stamp = datetime.datetime.fromtimestamp(started, datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.datetime.fromtimestamp(started, datetime.UTC).strftime("%Y%m%d-%H%M%S")
     return f"{cfg.output_name}-{stamp}-{hashlib.sha256(config_yaml.encode()).hexdigest()[:8]}"
 
 
 def iso(seconds: float | None) -> str:
     if seconds is None:
         return "?"
-    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def number(value: float | None) -> str:
@@ -184,7 +183,7 @@ def table(rows: list[tuple[str, Any]], header: tuple[str, str]) -> list[str]:
     return lines + [f"| {cell(k)} | {cell(v)} |" for k, v in rows]
 
 
-def status_line(summary: Any) -> str:
+def status_line(summary: RunSummary) -> str:
     if summary.error:
         return f"Failed ({summary.error_reason})"
     if not summary.artifacts:
@@ -229,7 +228,7 @@ def parameter_rows(cfg) -> list[tuple[str, Any]]:
     return [(k, "(unset)" if v is None else v) for k, v in rows]
 
 
-def problem_lines(record: ExperimentRecord, summary: Any) -> list[str]:
+def problem_lines(record: ExperimentRecord, summary: RunSummary) -> list[str]:
     lines = [f"- **{summary.error_reason}**: {summary.error}"] if summary.error else []
     lines += [f"- Data: {w}" for w in summary.warnings]
     spikes, stalls = record.problems.spikes, record.problems.stalls
@@ -247,7 +246,7 @@ def problem_lines(record: ExperimentRecord, summary: Any) -> list[str]:
     return lines or ["None seen."]
 
 
-def output_lines(summary: Any, out: Path) -> list[str]:
+def output_lines(summary: RunSummary, out: Path) -> list[str]:
     def rel(path: str) -> str:
         try:
             return str(Path(path).relative_to(out))
@@ -260,14 +259,14 @@ def output_lines(summary: Any, out: Path) -> list[str]:
         lines = ["No final weights were written."]
     steps = ", ".join(str(s) for s in summary.checkpoints) or "none"
     lines += ["", f"Checkpoints written at steps: {steps} (under `checkpoints/`)."]
-    samples = sorted((out / "samples").glob("*.png")) if (out / "samples").is_dir() else []
+    samples = sorted((out / SAMPLES).glob("*.png")) if (out / SAMPLES).is_dir() else []
     if samples:
         lines += ["", f"Validation samples: {len(samples)} image(s) under `samples/`, e.g. "
                       f"![{samples[-1].name}](samples/{samples[-1].name})"]
     return lines
 
 
-def render(record: ExperimentRecord, summary: Any, has_curve: bool) -> str:
+def render(record: ExperimentRecord, summary: RunSummary, has_curve: bool) -> str:
     """The whole EXPERIMENT.md: a summary table first, then one section per question a reader has."""
     from .config import config_to_yaml
 

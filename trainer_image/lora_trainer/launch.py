@@ -14,7 +14,8 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .compat import check_libraries
 from .config import TrainConfig, config_to_yaml

@@ -1,4 +1,4 @@
-"""The trainer's Prometheus metrics (names of DESIGN.md), served over HTTP and optionally pushed.
+"""The trainer's Prometheus metrics (names: docs/architecture.md, "Metrics"), served over HTTP and optionally pushed.
 
 One registry per run (never the global one), labelled `job_name` and `namespace`. Prometheus and the
 operator scrape `http://<bind>:<port>/metrics`; short runs may end between two scrapes, so with a
@@ -16,12 +16,20 @@ import math
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, push_to_gateway
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    push_to_gateway,
+)
 
-from .checkpoint import state_dir_name
+from .layout import state_dir_name
 from .observers import BaseObserver, RunInfo, StepStats
 
 log = logging.getLogger("lora_trainer")

@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from .files import atomic_write
+from .layout import SAMPLES, sample_name
+from .summary import RunSummary
+
 log = logging.getLogger("lora_trainer")
 
 
@@ -78,7 +82,7 @@ class Observer(Protocol):
     def on_labeling(self, done: int, total: int) -> None:
         """auto_label progress before training: `done` of `total` images captioned (0 first)."""
 
-    def on_end(self, summary: Any) -> None: ...
+    def on_end(self, summary: RunSummary) -> None: ...
 
 
 class BaseObserver:
@@ -99,7 +103,7 @@ class BaseObserver:
     def on_labeling(self, done: int, total: int) -> None:
         pass
 
-    def on_end(self, summary: Any) -> None:
+    def on_end(self, summary: RunSummary) -> None:
         pass
 
 
@@ -179,7 +183,7 @@ class ProgressReporter(BaseObserver):
         else:
             log.info(message)
 
-    def on_end(self, summary: Any) -> None:
+    def on_end(self, summary: RunSummary) -> None:
         if self.bar is not None:
             self.bar.close()
 
@@ -188,13 +192,11 @@ class SampleWriter(BaseObserver):
     """Validation images as output_dir/samples/step_<N>_<i>.png, and their prompts in prompts.txt."""
 
     def __init__(self, output_dir: str):
-        self.folder = Path(output_dir) / "samples"
+        self.folder = Path(output_dir) / SAMPLES
 
     def on_validation(self, result: ValidationResult) -> None:
-        from .checkpoint import atomic_write
-
-        for i, (prompt, image) in enumerate(result.images):
-            atomic_write(self.folder / f"step_{result.step}_{i}.png", lambda tmp: image.save(tmp, format="PNG"))
+        for i, (_, image) in enumerate(result.images):
+            atomic_write(self.folder / sample_name(result.step, i), lambda tmp, image=image: image.save(tmp, format="PNG"))
         if result.images:
             prompts = "".join(f"{i}: {p}\n" for i, (p, _) in enumerate(result.images))
             atomic_write(self.folder / "prompts.txt", lambda tmp: tmp.write_text(prompts))
@@ -229,7 +231,7 @@ class TensorBoardLogger(BaseObserver):
             self.writer.add_image(f"validation/{i}", np.asarray(image), result.step, dataformats="HWC")
             self.writer.add_text(f"validation/{i}/prompt", prompt, result.step)
 
-    def on_end(self, summary: Any) -> None:
+    def on_end(self, summary: RunSummary) -> None:
         if self.writer is not None:
             self.writer.close()
 

@@ -1,4 +1,4 @@
-"""The output folder layout (DESIGN.md) and the rules that keep earlier runs safe."""
+"""The rules that keep earlier runs safe in an output folder (its layout: layout.py)."""
 
 from __future__ import annotations
 
@@ -6,27 +6,27 @@ import os
 import shutil
 from pathlib import Path
 
-from .checkpoint import CHECKPOINTS, list_checkpoints
+from .checkpoint import list_checkpoints
 from .config import TrainConfig, config_to_yaml
 from .errors import ConfigError
-
-FINAL_WEIGHTS = "pytorch_lora_weights.safetensors"
-FINAL_CHECKPOINT = "pytorch_lora_weights_final.safetensors"
-CONFIG_BACKUP = "config_backup.yaml"
-EXPERIMENT_RECORD = "EXPERIMENT.md"
-PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_CONFIG = "adapter_config.json"
-CAPTIONS = "metadata.csv"  # auto_label's captions, when the dataset folder is not to be written
-
-
-def kohya_name(cfg: TrainConfig) -> str:
-    return f"{cfg.output_name}.kohya.safetensors"
+from .files import atomic_write
+from .layout import (
+    CHECKPOINTS,
+    CONFIG_BACKUP,
+    EXPERIMENT_RECORD,
+    FINAL_WEIGHTS,
+    LOSS_CURVE,
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
+    SAMPLES,
+    kohya_name,
+)
 
 
 def run_files(cfg: TrainConfig) -> list[str]:
     """Everything a run writes at the top of output_dir (for overwrite)."""
-    return [FINAL_WEIGHTS, CONFIG_BACKUP, EXPERIMENT_RECORD, PEFT_WEIGHTS, PEFT_CONFIG, kohya_name(cfg),
-            "loss_curve.png"]
+    return [FINAL_WEIGHTS, CONFIG_BACKUP, EXPERIMENT_RECORD, PEFT_WEIGHTS, PEFT_CONFIG, kohya_name(cfg.output_name),
+            LOSS_CURVE]
 
 
 def is_finished(output_dir: Path) -> bool:
@@ -65,13 +65,11 @@ def clear_run(cfg: TrainConfig, out: Path) -> None:
     """Removes what an earlier run wrote (and only that): user files in output_dir stay."""
     for name in run_files(cfg):
         (out / name).unlink(missing_ok=True)
-    for folder in (out / CHECKPOINTS, Path(cfg.logging_dir), out / "samples"):
+    for folder in (out / CHECKPOINTS, Path(cfg.logging_dir), out / SAMPLES):
         shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_config_backup(cfg: TrainConfig, out: Path) -> Path:
-    from .checkpoint import atomic_write
-
     path = out / CONFIG_BACKUP
     atomic_write(path, lambda tmp: tmp.write_text(config_to_yaml(cfg)))
     return path

@@ -11,11 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from .errors import ExitCode, TrainError
+from .layout import CHECKPOINTS, state_dir_name
+from .redaction import redact
+from .summary import RunSummary
 
 log = logging.getLogger("lora_trainer")
 LIMIT = 4096
@@ -29,7 +33,7 @@ def status_of(exit_code: int) -> str:
     return "interrupted" if exit_code == ExitCode.INTERRUPTED else "failed"
 
 
-def build_message(exit_code: int, summary: Any = None, error: str | None = None, reason: str | None = None,
+def build_message(exit_code: int, summary: RunSummary | None = None, error: str | None = None, reason: str | None = None,
                   permanent: bool = False, uri_for: Callable[[str], str] = str,
                   last_checkpoint: tuple[int, str] | None = None) -> dict[str, Any]:
     """The message of docs/trainer-operator.md, from how the run ended (summary: a RunSummary or None)."""
@@ -87,11 +91,11 @@ class LocalOutputs:
     def uri_for(self, path: str | Path) -> str:
         return str(Path(path).resolve())
 
-    def last_checkpoint(self, summary: Any) -> tuple[int, str] | None:
+    def last_checkpoint(self, summary: RunSummary) -> tuple[int, str] | None:
         steps = [*summary.checkpoints, *([summary.resumed_from] if summary.resumed_from else [])]
         if not steps:
             return None
-        return max(steps), str(self.output_dir / "checkpoints" / f"state_step_{max(steps)}")
+        return max(steps), str(self.output_dir / CHECKPOINTS / state_dir_name(max(steps)))
 
 
 @dataclass
@@ -100,7 +104,7 @@ class TerminationReport:
 
     env: Mapping[str, str] = field(default_factory=lambda: os.environ)
     path: str | None = None
-    summary: Any = None  # the recipe's RunSummary, once a recipe exists
+    summary: RunSummary | None = None  # the recipe's RunSummary, once a recipe exists
     outputs: Any = None  # LocalOutputs or a StorageSession: URIs of artifacts and of the last checkpoint
     exit_code: int | None = None
     error: str | None = None
@@ -117,8 +121,6 @@ class TerminationReport:
 
     def failed(self, err: BaseException) -> int:
         """Records an error (TrainError: its code and reason; anything else: a crash); returns the exit code."""
-        from .storage.client import redact
-
         if isinstance(err, TrainError):
             self.exit_code, self.reason, self.permanent = err.exit_code, err.reason, err.permanent
             text = str(err)

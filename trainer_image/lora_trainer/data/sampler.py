@@ -9,8 +9,8 @@ batches and augmentations an uninterrupted run would have seen, whatever the num
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 
@@ -24,7 +24,7 @@ class EpochPlan:
     accumulation: int
 
     @classmethod
-    def single(cls, num_items: int, batch_size: int, accumulation: int) -> "EpochPlan":
+    def single(cls, num_items: int, batch_size: int, accumulation: int) -> EpochPlan:
         return cls((tuple(range(num_items)),), batch_size, accumulation)
 
     @property
@@ -63,6 +63,8 @@ class EpochPlan:
 
 
 def item_seed(seed: int, epoch: int, position: int) -> int:
+    """A seed per (run seed, epoch, position) for an item's random crop and flip; the primes keep nearby
+    triples from colliding, the modulus keeps it a valid int64 generator seed."""
     return (seed * 1_000_003 + epoch * 100_003 + position) % (2**63)
 
 

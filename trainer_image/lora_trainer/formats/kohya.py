@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

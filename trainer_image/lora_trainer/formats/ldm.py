@@ -9,7 +9,8 @@ block, which blocks have attention), so the map is computed from the config, nev
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

@@ -18,12 +18,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..data.images import ImageFolderScan, read_metadata_csv, scan_image_folder
 from ..errors import DatasetError, OutputError
-from ..outputs import CAPTIONS
+from ..layout import CAPTIONS
 from .core import caption_images, relative_name, write_metadata_csv
 
 log = logging.getLogger("lora_trainer")

@@ -80,7 +80,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ..cli import setup_logging
+    from ..logs import setup_logging
 
     setup_logging(args.quiet)
     try:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 from ..data.images import list_images, load_image, read_metadata_csv
 from ..errors import DatasetError, TrainError
@@ -124,7 +125,7 @@ def render_csv(rows: dict[str, str], image_column: str = "file_name", caption_co
 
 def write_metadata_csv(path: Path, rows: dict[str, str], image_column: str = "file_name",
                        caption_column: str = "text") -> Path:
-    from ..checkpoint import atomic_write
+    from ..files import atomic_write
 
     text = render_csv(rows, image_column, caption_column)
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -78,7 +78,7 @@ def convert(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ..cli import setup_logging
+    from ..logs import setup_logging
 
     setup_logging(args.quiet)
     try:

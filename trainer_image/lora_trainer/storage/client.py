@@ -17,12 +17,13 @@ import enum
 import logging
 import os
 import random
-import re
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from ..errors import StorageError, StorageUnavailableError
+from ..redaction import redact
 
 log = logging.getLogger("lora_trainer")
 T = TypeVar("T")
@@ -36,7 +37,6 @@ CREDENTIALS = frozenset({
     "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "InvalidClientTokenId",
     "AuthorizationHeaderMalformed", "MissingSecurityHeader", "AccountProblem", "AllAccessDisabled",
 })
-SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 
 
 class IntegrityError(Exception):
@@ -55,9 +55,9 @@ def make_client(endpoint_url: str | None = None, max_connections: int = 16, env:
     from botocore.config import Config
 
     config = Config(
-        retries={"mode": "standard", "max_attempts": 3},
-        connect_timeout=10,
-        read_timeout=60,
+        retries={"mode": "standard", "max_attempts": 3},  # botocore's quick retries; Retry waits out outages
+        connect_timeout=10,  # seconds: a reachable endpoint answers in well under 1 s, even across regions
+        read_timeout=60,  # seconds between bytes: a 16 MiB part on a slow link, never a whole transfer
         max_pool_connections=max_connections,
         tcp_keepalive=True,
     )
@@ -123,15 +123,6 @@ def describe(err: BaseException, what: str) -> str:
     return f"{what}: {type(err).__name__}: {redact(str(err))}"
 
 
-def redact(text: str, env: Mapping[str, str] = os.environ) -> str:
-    """Removes secret values known from the environment, and passwords in URLs, from a message."""
-    for name in SECRET_ENV:
-        value = env.get(name)
-        if value and len(value) >= 4:
-            text = text.replace(value, "***")
-    return re.sub(r"(?<=://)[^/@\s:]+:[^/@\s]+@", "***@", text)
-
-
 @dataclass
 class Retry:
     """How long and how fast transient errors are retried: for `seconds` after an operation first fails.
@@ -140,9 +131,9 @@ class Retry:
     `clock`, `sleep` and `rng` are injectable so tests need no real waiting.
     """
 
-    seconds: float = 300.0
+    seconds: float = 300.0  # s3_retry_seconds' default: a store restart or failover, not a dead endpoint
     base: float = 0.5
-    cap: float = 15.0
+    cap: float = 15.0  # so a recovered store is noticed within ~15 s
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
     rng: random.Random = field(default_factory=random.Random)
@@ -150,7 +141,7 @@ class Retry:
     def delay(self, attempt: int) -> float:
         return self.rng.uniform(0, min(self.cap, self.base * 2 ** attempt))
 
-    def start(self) -> "Backoff":
+    def start(self) -> Backoff:
         return Backoff(self)
 
     def call(self, op: Callable[[], T], what: str, missing: Callable[[BaseException], T] | None = None) -> T:

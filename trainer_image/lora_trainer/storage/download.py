@@ -31,10 +31,11 @@ import shutil
 import time
 import uuid
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import DatasetError, StorageError, TrainError
 from .client import IntegrityError, Kind, Retry, classify
@@ -95,7 +96,7 @@ def remote_objects(client: Any, uri: S3Uri, retry: Retry, invalid: type[TrainErr
 
 
 # -- verification
-def md5() -> "hashlib._Hash":
+def md5() -> hashlib._Hash:
     return hashlib.md5(usedforsecurity=False)
 
 
@@ -145,7 +146,9 @@ def plan_units(obj: RemoteObject, part_size: int | None) -> list[Unit]:
 def fetch_unit(client: Any, bucket: str, unit: Unit, path: Path) -> bytes | None:
     """GETs one unit into `path` at its offset; returns the MD5 digest of its bytes, or None when botocore
     checked the body against the object's full-object checksum (CRC32/CRC64/SHA) while it streamed."""
-    from botocore.httpchecksum import StreamingChecksumBody  # raises FlexibleChecksumError on a mismatch
+    from botocore.httpchecksum import (
+        StreamingChecksumBody,  # raises FlexibleChecksumError on a mismatch
+    )
 
     extra = {"PartNumber": unit.part} if unit.part else {}
     body = client.get_object(Bucket=bucket, Key=unit.obj.key, **extra)["Body"]

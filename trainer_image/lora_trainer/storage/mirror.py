@@ -16,17 +16,24 @@ aside (so local pruning cannot pull them away mid-upload) and queues the job.
 from __future__ import annotations
 
 import logging
-import os
-import re
 import shutil
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from ..checkpoint import CHECKPOINTS, MANIFEST, atomic_write, state_dir_name
+from ..files import atomic_write, link_or_copy
+from ..layout import (
+    CHECKPOINTS,
+    CONFIG_BACKUP,
+    FINAL_WEIGHTS,
+    MANIFEST,
+    checkpoint_step,
+    state_dir_name,
+)
 from ..observers import BaseObserver, RunInfo, StepStats
-from ..outputs import CONFIG_BACKUP, FINAL_WEIGHTS
+from ..summary import RunSummary
 from .remote_checkpoints import prune_remote
 from .store import Store
 from .upload import Uploader
@@ -34,7 +41,6 @@ from .uri import S3Uri
 
 log = logging.getLogger("lora_trainer")
 STAGING = ".lora-upload"
-STEP_FILE = re.compile(rf"^{CHECKPOINTS}/(state_step_\d+/.*|pytorch_lora_weights_step_\d+\.safetensors)$")
 
 
 def tree_files(root: Path) -> list[str]:
@@ -42,19 +48,11 @@ def tree_files(root: Path) -> list[str]:
     found = []
     for path in root.rglob("*"):
         rel = path.relative_to(root).as_posix()
-        if any(part.startswith(".") for part in rel.split("/")) or STEP_FILE.match(rel) or rel == FINAL_WEIGHTS:
+        if any(part.startswith(".") for part in rel.split("/")) or checkpoint_step(rel) is not None or rel == FINAL_WEIGHTS:
             continue
         if path.is_file():
             found.append(rel)
     return sorted(found)
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 class S3Mirror(BaseObserver):
@@ -100,7 +98,7 @@ class S3Mirror(BaseObserver):
         if not self.sync_queued:
             self.sync_queued = self.uploader.submit(self.sync_tree, wait=False)
 
-    def on_end(self, summary: Any) -> None:
+    def on_end(self, summary: RunSummary) -> None:
         if summary.error_reason in ("StorageInvalid", "StorageUnavailable"):
             return  # storage itself failed: more uploads would fail the same way
         if not self.started:  # failed during setup: the record of why (EXPERIMENT.md) still goes up

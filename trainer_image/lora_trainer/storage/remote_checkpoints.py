@@ -9,30 +9,32 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 
-from ..checkpoint import CHECKPOINTS, MANIFEST, state_dir_name, weights_name
 from ..errors import ConfigError
+from ..layout import (
+    CHECKPOINTS,
+    MANIFEST,
+    STATE_DIR,
+    checkpoint_step,
+    state_dir_name,
+    weights_name,
+)
 from .store import Store
 from .uri import S3Uri, safe_local_path
 
 log = logging.getLogger("lora_trainer")
-STATE_KEY = re.compile(r"^state_step_(\d+)/")
-WEIGHTS_KEY = re.compile(r"^pytorch_lora_weights_step_(\d+)\.safetensors$")
 
 
 def checkpoint_steps(relative_keys: list[str]) -> tuple[set[int], set[int]]:
     """(steps with a manifest, steps with any file) from keys relative to <prefix>/checkpoints/."""
     marked, present = set(), set()
     for key in relative_keys:
-        state, weights = STATE_KEY.match(key), WEIGHTS_KEY.match(key)
-        if state:
-            present.add(int(state.group(1)))
-            if key == f"{state_dir_name(int(state.group(1)))}/{MANIFEST}":
-                marked.add(int(state.group(1)))
-        elif weights:
-            present.add(int(weights.group(1)))
+        step = checkpoint_step(f"{CHECKPOINTS}/{key}")
+        if step is not None:
+            present.add(step)
+            if key == f"{state_dir_name(step)}/{MANIFEST}":
+                marked.add(step)
     return marked, present
 
 
@@ -76,7 +78,7 @@ def fetch_checkpoint(store: Store, root: S3Uri, step: int, manifest: dict, local
 
 def fetch_named_checkpoint(store: Store, state_uri: S3Uri, local_out: Path) -> Path:
     """For `resume: s3://.../checkpoints/state_step_<N>`: that checkpoint, or ConfigError."""
-    match = re.match(r"^state_step_(\d+)$", state_uri.key.rsplit("/", 1)[-1])
+    match = STATE_DIR.match(state_uri.key.rsplit("/", 1)[-1])
     parent = state_uri.key.rsplit("/", 2)
     if not match or len(parent) < 2 or parent[-2] != CHECKPOINTS:
         raise ConfigError(f"resume: {state_uri} is not a .../checkpoints/state_step_<N> URI")

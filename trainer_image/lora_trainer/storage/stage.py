@@ -17,18 +17,24 @@ import dataclasses
 import logging
 import os
 import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from ..checkpoint import CHECKPOINTS, state_dir_name
 from ..config import TrainConfig
 from ..errors import DatasetError, ModelError, StorageError
-from ..outputs import CAPTIONS, FINAL_WEIGHTS, run_files
+from ..layout import CAPTIONS, CHECKPOINTS, FINAL_WEIGHTS, state_dir_name
+from ..outputs import run_files
+from ..summary import RunSummary
 from ..termination import LocalOutputs
 from .client import Retry, make_client, probe_bucket
 from .download import Downloader
 from .mirror import S3Mirror
-from .remote_checkpoints import fetch_checkpoint, fetch_named_checkpoint, newest_complete
+from .remote_checkpoints import (
+    fetch_checkpoint,
+    fetch_named_checkpoint,
+    newest_complete,
+)
 from .store import Store
 from .upload import Uploader
 from .uri import S3Uri, is_s3
@@ -184,7 +190,7 @@ class StorageSession:
     def problem(self) -> str | None:
         return next((m.problem for m in self.mirrors if m.problem), None)
 
-    def last_checkpoint(self, summary: Any) -> tuple[int, str] | None:
+    def last_checkpoint(self, summary: RunSummary) -> tuple[int, str] | None:
         """The newest checkpoint a next attempt can resume from: uploaded, or the one this run resumed from."""
         output = self.output_mirror
         if output is None:

@@ -12,8 +12,11 @@ from ..errors import StorageUnavailableError
 from .client import Retry
 from .uri import S3Uri
 
+# LoRA weights and optimizer state are a few MB to a few hundred MB: files above 16 MiB go in 16 MiB parts,
+# in parallel, and a failed part is retried alone (S3 allows 10,000 parts, so up to 160 GB)
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
 PART_SIZE = 16 * 1024 * 1024
+DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
 
 
 class Store:
@@ -74,9 +77,6 @@ class Store:
             return self.manager.upload(io.BytesIO(path.read_bytes()), uri.bucket, uri.key)
         return self.manager.upload(str(path), uri.bucket, uri.key)
 
-    def put_bytes(self, data: bytes, uri: S3Uri) -> None:
-        self.retry.call(lambda: self.client.put_object(Bucket=uri.bucket, Key=uri.key, Body=data), f"upload {uri}")
-
     def get_bytes(self, uri: S3Uri) -> bytes | None:
         """The object's content, or None if it does not exist."""
         return self.retry.call(lambda: self.client.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read(),
@@ -96,9 +96,10 @@ class Store:
         return self.retry.call(page_all, f"list {prefix}")
 
     def delete(self, bucket: str, keys: list[str]) -> None:
-        for start in range(0, len(keys), 1000):
-            batch = [{"Key": k} for k in keys[start:start + 1000]]
-            self.retry.call(lambda: self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True}),
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = [{"Key": k} for k in keys[start:start + DELETE_BATCH]]
+            self.retry.call(lambda batch=batch: self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch,
+                                                                                                 "Quiet": True}),
                             f"delete {len(batch)} object(s) in s3://{bucket}")
 
     def close(self) -> None:

@@ -9,11 +9,12 @@ error (credentials revoked) stops the run instead of being lost.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 log = logging.getLogger("lora_trainer")
 
@@ -28,7 +29,7 @@ class Uploader:
         self.thread: threading.Thread | None = None
         self.blocked_seconds = 0.0  # how long submit() held the training thread
 
-    def start(self) -> "Uploader":
+    def start(self) -> Uploader:
         self.thread = threading.Thread(target=self._run, name="s3-uploader", daemon=True)
         self.thread.start()
         return self
@@ -69,10 +70,8 @@ class Uploader:
         """Stops the thread after the queued jobs (waits at most `timeout` seconds for it)."""
         if self.thread is None:
             return
-        try:
+        with contextlib.suppress(queue.Full):
             self.queue.put(None, timeout=timeout)
-        except queue.Full:
-            pass
         self.thread.join(timeout)
         self.thread = None
 

@@ -27,7 +27,7 @@ class S3Uri:
     key: str  # no leading slash; a prefix has no trailing slash either
 
     @classmethod
-    def parse(cls, uri: str) -> "S3Uri":
+    def parse(cls, uri: str) -> S3Uri:
         if not is_s3(uri):
             raise ValueError(f"{uri!r} is not an s3:// URI")
         bucket, _, key = uri[len(SCHEME):].partition("/")
@@ -38,7 +38,7 @@ class S3Uri:
     def __str__(self) -> str:
         return f"{SCHEME}{self.bucket}/{self.key}" if self.key else f"{SCHEME}{self.bucket}"
 
-    def child(self, relative: str) -> "S3Uri":
+    def child(self, relative: str) -> S3Uri:
         relative = relative.strip("/")
         return S3Uri(self.bucket, f"{self.key}/{relative}" if self.key else relative)
 

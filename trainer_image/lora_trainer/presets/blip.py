@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
-WORDS = ("a an the photo picture drawing of with on in and red green blue yellow black white circle square "
-         "shape dog cat person tree house sky small large bright dark").split()
+WORDS = ["a", "an", "the", "photo", "picture", "drawing", "of", "with", "on", "in", "and", "red", "green", "blue",
+         "yellow", "black", "white", "circle", "square", "shape", "dog", "cat", "person", "tree", "house", "sky",
+         "small", "large", "bright", "dark"]
 
 
 def write_tiny_bert_tokenizer(folder: Path):
@@ -31,7 +32,12 @@ def write_tiny_bert_tokenizer(folder: Path):
 
 def build_tiny_blip(folder: Path) -> None:
     import torch
-    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+    from transformers import (
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
 
     tokenizer = write_tiny_bert_tokenizer(folder)
     ids = tokenizer.convert_tokens_to_ids

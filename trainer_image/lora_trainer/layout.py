@@ -1,0 +1,59 @@
+"""The output layout: the names and patterns of what a run writes into output_dir (docs/architecture.md,
+"Output layout"). The one home of these names; torch-free, so storage code and tools read it cheaply.
+
+    pytorch_lora_weights.safetensors         FINAL_WEIGHTS, written last: its presence marks a finished run
+    <output_name>.kohya.safetensors          kohya_name()
+    adapter_config.json, adapter_model.safetensors   PEFT_CONFIG, PEFT_WEIGHTS (text generation)
+    config_backup.yaml, EXPERIMENT.md, loss_curve.png, metadata.csv
+    logs/                                    TensorBoard (the default logging_dir)
+    samples/step_<N>_<i>.png                 sample_name()
+    checkpoints/pytorch_lora_weights_step_<N>.safetensors   weights_name()
+    checkpoints/pytorch_lora_weights_final.safetensors
+    checkpoints/state_step_<N>/...manifest.json   state_dir_name(); the manifest is written last
+"""
+
+from __future__ import annotations
+
+import re
+
+FINAL_WEIGHTS = "pytorch_lora_weights.safetensors"
+CONFIG_BACKUP = "config_backup.yaml"
+EXPERIMENT_RECORD = "EXPERIMENT.md"
+LOSS_CURVE = "loss_curve.png"
+CAPTIONS = "metadata.csv"  # auto_label's captions, when the dataset folder is not to be written
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+LOGS = "logs"
+SAMPLES = "samples"
+CHECKPOINTS = "checkpoints"
+FINAL_CHECKPOINT = "pytorch_lora_weights_final.safetensors"
+MANIFEST = "manifest.json"  # last file of a checkpoint: without it, the checkpoint is incomplete
+
+STATE_DIR = re.compile(r"^state_step_(\d+)$")
+STEP_WEIGHTS = re.compile(r"^pytorch_lora_weights_step_(\d+)\.safetensors$")
+
+
+def weights_name(step: int) -> str:
+    return f"pytorch_lora_weights_step_{step}.safetensors"
+
+
+def state_dir_name(step: int) -> str:
+    return f"state_step_{step}"
+
+
+def kohya_name(output_name: str) -> str:
+    return f"{output_name}.kohya.safetensors"
+
+
+def sample_name(step: int, index: int) -> str:
+    return f"step_{step}_{index}.png"
+
+
+def checkpoint_step(relative: str) -> int | None:
+    """The step of a step checkpoint's file, for a path relative to output_dir
+    ('checkpoints/state_step_4/optimizer.safetensors' -> 4); None for every other file."""
+    parts = relative.split("/")
+    if len(parts) < 2 or parts[0] != CHECKPOINTS:
+        return None
+    match = (STATE_DIR if len(parts) > 2 else STEP_WEIGHTS).match(parts[1])
+    return int(match.group(1)) if match else None

@@ -1,0 +1,83 @@
+"""Tiny model presets built locally from configs: `base_model: preset:tiny-sd`, `preset:tiny-llm`, ...
+
+No model hub is needed: each preset is built once with a fixed seed into a cache folder, in the same
+layout as a real model on disk (a diffusers or transformers folder), and then loaded through exactly the
+same code path as a real model. Architectures match the real ones (SD 1.x UNet/VAE/CLIP, Llama, BLIP) at
+widths of 32-64, so everything but the size is exercised. One module per model family builds its presets.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+PRESET_PREFIX = "preset:"
+PRESET_VERSION = "2"  # bump when a builder changes, so caches rebuild
+
+BUILDERS = {  # preset id -> "module:function" under lora_trainer.presets, imported on first use
+    "tiny-sd": "sd:build_tiny_sd",
+    "tiny-sdxl": "sd:build_tiny_sdxl",
+    "tiny-llm": "llm:build_tiny_llm",
+    "tiny-flux1": "flux:build_tiny_flux1",
+    "tiny-sd3": "sd3:build_tiny_sd3",
+    "tiny-qwen-image": "qwen:build_tiny_qwen_image",
+    "tiny-z-image": "qwen:build_tiny_z_image",
+    "tiny-flux2": "qwen:build_tiny_flux2_klein",
+    "tiny-blip": "blip:build_tiny_blip",  # the captioner of lora-label and auto_label tests
+    # real architectures with random weights, for benchmarks on a GPU (several GB on disk)
+    "bench-sd15": "sd:build_bench_sd15",
+    "bench-llama-1b": "llm:build_bench_llama_1b",
+    "bench-flux1": "flux:build_bench_flux1",
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORA_CACHE_DIR", Path.home() / ".cache" / "lora-operator"))
+
+
+def is_preset(name: str) -> bool:
+    return name.startswith(PRESET_PREFIX)
+
+
+def preset_path(name: str) -> Path:
+    """The local folder of a preset, built on first use. `name` is 'preset:<id>'."""
+    preset_id = name[len(PRESET_PREFIX) :]
+    if preset_id not in BUILDERS:
+        from ..errors import ModelError
+
+        raise ModelError(f"unknown preset {name!r}; available: {', '.join(PRESET_PREFIX + p for p in BUILDERS)}")
+    target = cache_root() / "presets" / f"{preset_id}-v{PRESET_VERSION}"
+    if not (target / ".complete").exists():
+        _build_atomically(builder(preset_id), target)
+    return target
+
+
+def builder(preset_id: str) -> Callable[[Path], None]:
+    module, function = BUILDERS[preset_id].split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), function)
+
+
+def _build_atomically(build: Callable[[Path], None], target: Path) -> None:
+    """Builds into a temp folder and renames it into place; a concurrent builder's result is kept.
+    The builders seed torch for their random weights; fork_rng keeps that from reaching the caller, whose
+    LoRA init would otherwise depend on whether the preset was already on disk."""
+    import torch
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            build(tmp)
+        (tmp / ".complete").write_text(PRESET_VERSION)
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    except OSError:
+        if not (target / ".complete").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
