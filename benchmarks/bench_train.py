@@ -3,10 +3,13 @@
     python benchmarks/bench_train.py                      # tiny presets on CPU
     python benchmarks/bench_train.py --arch real --device cuda   # SD1.5-size UNet @512 and a 1B Llama
     python benchmarks/bench_train.py --arch real --task text-to-image --set mixed_precision=no --steps 4 --warmup 1
+    python benchmarks/bench_train.py --task flux1          # tiny FLUX.1 against train_dreambooth_lora_flux.py's math
+    python benchmarks/bench_train.py --arch real --task flux1 --device cuda --set resolution=1024
 
 Each measurement runs in its own subprocess (so peak memory is its own). The reference loops are the
-diffusers text-to-image LoRA example's loop and a plain peft+transformers loop: same models, LoRA
-config, data, batch size, optimizer and steps. Printed: step time, samples/s or tokens/s, peak memory,
+diffusers text-to-image LoRA example's loop, the FLUX.1 DreamBooth LoRA example's step (prompts embedded
+once, as both loops do by default) and a plain peft+transformers loop: same models, LoRA config, data,
+batch size, optimizer and steps. Printed: step time, samples/s or tokens/s, peak memory,
 and the split of step time into data loading, forward+backward and optimizer, plus checkpoint time.
 """
 
@@ -37,6 +40,12 @@ SETUPS = {
     ("real", "text-generation"): dict(task_type="text-generation", base_model="preset:bench-llama-1b",
                                       train_data_dir=str(SAMPLE / "text"), max_seq_length=512, batch_size=8,
                                       mixed_precision="bf16"),
+    ("tiny", "flux1"): dict(base_model="preset:tiny-flux1", train_data_dir=str(SAMPLE / "images"), resolution=32,
+                            batch_size=8, gradient_checkpointing=False),
+    # a FLUX.1-dev-size transformer (11.9B, random weights, bf16) with its VAE; text encoders only as wide as
+    # FLUX's (their outputs are embedded once), on a GPU
+    ("real", "flux1"): dict(base_model="preset:bench-flux1", train_data_dir=str(SAMPLE / "images"), resolution=512,
+                            batch_size=1, mixed_precision="bf16", gradient_checkpointing=True),
 }
 COMMON = dict(lora_rank=16, learning_rate=1e-4, seed=0, num_workers=0)
 
@@ -53,7 +62,7 @@ def peak_memory(device: torch.device) -> int:
 
 
 # -- ours
-def run_ours(raw: dict, warmup: int) -> dict:
+def run_ours(raw: dict, warmup: int, setup: str) -> dict:
     from lora_trainer.config import build_config
     from lora_trainer.observers import BaseObserver
     from lora_trainer.recipe import TrainingRecipe
@@ -95,15 +104,14 @@ class Timer:
         return now
 
 
-def run_reference(raw: dict, warmup: int) -> dict:
+def run_reference(raw: dict, warmup: int, setup: str) -> dict:
     from lora_trainer.config import build_config
     from lora_trainer.recipe import pick_device
 
     cfg = build_config(raw)
     device, dtype = pick_device(cfg)
     torch.manual_seed(cfg.seed)
-    step_fn, loader, params, save = (reference_sd if cfg.task_type == "text-to-image" else reference_llm)(
-        cfg, device, dtype)
+    step_fn, loader, params, save = REFERENCES[setup](cfg, device, dtype)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
                                   fused=device.type == "cuda")
     from diffusers.optimization import get_scheduler
@@ -146,7 +154,8 @@ def run_reference(raw: dict, warmup: int) -> dict:
 
 
 def reference_sd(cfg, device, dtype):
-    """The loop of diffusers' examples/text_to_image/train_text_to_image_lora.py, minus accelerate."""
+    """The loop of https://github.com/huggingface/diffusers/blob/main/examples/text_to_image/train_text_to_image_lora.py,
+    minus accelerate."""
     import numpy as np
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -156,7 +165,7 @@ def reference_sd(cfg, device, dtype):
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from lora_trainer.data.images import read_metadata_csv
-    from lora_trainer.tasks.base import resolve_local_model
+    from lora_trainer.base_model import resolve_local_model
 
     src = resolve_local_model(cfg)
     tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")
@@ -210,7 +219,7 @@ def reference_llm(cfg, device, dtype):
     from transformers import AutoModelForCausalLM
 
     from lora_trainer.data.text import IGNORE_INDEX, collate_tokens, tokenize_dataset
-    from lora_trainer.tasks.base import resolve_local_model
+    from lora_trainer.base_model import resolve_local_model
     from lora_trainer.tasks.text_generation import load_tokenizer
 
     tokenizer = load_tokenizer(cfg)
@@ -237,12 +246,89 @@ def reference_llm(cfg, device, dtype):
         tempfile.mkdtemp())
 
 
+def reference_flux1(cfg, device, dtype):
+    """The step of https://github.com/huggingface/diffusers/blob/main/examples/dreambooth/train_dreambooth_lora_flux.py
+    (uniform noise levels on the scheduler's grid, packed latents, guidance input, velocity target) with its
+    default LoRA targets, prompts embedded once."""
+    import numpy as np
+    from diffusers import FluxPipeline
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from PIL import Image
+
+    from lora_trainer.base_model import resolve_local_model
+    from lora_trainer.data.images import read_metadata_csv
+
+    pipe = FluxPipeline.from_pretrained(resolve_local_model(cfg), torch_dtype=dtype)
+    folder = Path(cfg.train_data_dir)
+    captions = read_metadata_csv(folder / "metadata.csv", "file_name", "text")
+    pipe.text_encoder.to(device)
+    pipe.text_encoder_2.to(device)
+    with torch.no_grad():
+        embeds, pooled, text_ids = pipe.encode_prompt(list(captions.values()), prompt_2=None, device=device,
+                                                      max_sequence_length=512)
+    row = {name: i for i, name in enumerate(captions)}
+    vae, transformer, scheduler = pipe.vae.to(device).requires_grad_(False), pipe.transformer, pipe.scheduler
+    del pipe.text_encoder, pipe.text_encoder_2
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
+                                       target_modules=["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
+                                                       "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj",
+                                                       "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
+                                                       "ff_context.net.0.proj", "ff_context.net.2"]))
+    transformer.to(device)
+    for p in transformer.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    res, factor = cfg.resolution, 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def collate(names):
+        pixels = [torch.from_numpy(np.asarray(Image.open(folder / n).convert("RGB").resize((res, res), Image.BICUBIC),
+                                              dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for n in names]
+        return {"pixel_values": torch.stack(pixels), "rows": [row[n] for n in names], "n": len(names)}
+
+    loader = torch.utils.data.DataLoader(list(captions), batch_size=cfg.batch_size, shuffle=True, collate_fn=collate)
+
+    def step(batch):
+        with torch.no_grad():
+            latents = vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist.sample()
+        latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        b, c, h, w = latents.shape
+        image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)
+        noise = torch.randn_like(latents)
+        u = compute_density_for_timestep_sampling("none", b)
+        indices = (u * scheduler.config.num_train_timesteps).long()
+        timesteps = scheduler.timesteps[indices].to(device)
+        sigmas = scheduler.sigmas[indices].to(device).view(-1, 1, 1, 1)
+        noisy = (1.0 - sigmas) * latents + sigmas * noise
+        packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
+        guidance = torch.full((b,), 1.0, device=device) if transformer.config.guidance_embeds else None
+        pred = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
+                           pooled_projections=pooled[batch["rows"]], encoder_hidden_states=embeds[batch["rows"]],
+                           txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+        pred = FluxPipeline._unpack_latents(pred, h * factor, w * factor, factor)
+        weighting = compute_loss_weighting_for_sd3("none", sigmas)
+        return torch.mean((weighting.float() * (pred.float() - (noise - latents).float()) ** 2).reshape(b, -1), 1).mean()
+
+    def save():
+        FluxPipeline.save_lora_weights(tempfile.mkdtemp(), transformer_lora_layers=get_peft_model_state_dict(transformer))
+
+    return step, loader, [p for p in transformer.parameters() if p.requires_grad], save
+
+
+REFERENCES = {"text-to-image": reference_sd, "text-generation": reference_llm, "flux1": reference_flux1}
+
+
 # -- driver
 def measure(kind: str, arch: str, task: str, steps: int, warmup: int, device: str, **overrides) -> dict:
     """Runs one measurement in a fresh process; adds its wall time (setup included) as `wall_s`."""
     with tempfile.TemporaryDirectory() as out:
         raw = {**config_for(arch, task, steps, device, out), **overrides}
-        cmd = [sys.executable, __file__, "--worker", kind, "--raw", json.dumps(raw), "--warmup", str(warmup)]
+        cmd = [sys.executable, __file__, "--worker", kind, "--raw", json.dumps(raw), "--warmup", str(warmup),
+               "--task", task]
         started = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
@@ -258,7 +344,7 @@ def table(rows: list[dict]) -> str:
         m = r["m"]
         rate = (f"{m['tokens'] / m['train_s']:.4g} tok/s" if m["tokens"]
                 else f"{m['samples'] / m['train_s']:.3g} img/s")
-        pct = lambda k: f"{100 * m[k] / m['train_s']:.1f}"  # noqa: E731
+        pct = lambda k, m=m: f"{100 * m[k] / m['train_s']:.1f}"  # noqa: E731
         lines.append(" | ".join([r["task"], r["kind"], f"{1000 * m['step_s']:.1f}", rate,
                                  f"{m['peak_bytes'] / 2**20:.0f}", pct("data_s"), pct("fwd_bwd_s"), pct("optim_s"),
                                  f"{1000 * m['checkpoint_s']:.1f}", r.get("ratio", "")]))
@@ -281,7 +367,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2, help="alternate ours/reference this many times")
-    parser.add_argument("--task", choices=["text-to-image", "text-generation"], action="append",
+    parser.add_argument("--task", choices=["text-to-image", "text-generation", "flux1"], action="append",
                         help="measure only this task (repeatable); default both")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key of both loops, e.g. --set mixed_precision=no (YAML value)")
@@ -290,7 +376,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         fn = run_ours if args.worker == "ours" else run_reference
-        print(json.dumps(fn(json.loads(args.raw), args.warmup)))
+        print(json.dumps(fn(json.loads(args.raw), args.warmup, args.task[0])))
         return
     overrides = dict(parse_override(item) for item in args.set)
     rows = []

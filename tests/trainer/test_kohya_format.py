@@ -210,7 +210,7 @@ def test_diffusers_kohya_loader_reads_the_kohya_file_like_the_diffusers_file(tra
     assert not torch.allclose(generate(base), images, atol=1e-3)
     assert torch.equal(images, generate(from_kohya_file))
     # and both equal the UNet and text encoder as trained (every module loaded, alpha 2 != rank 4 applied)
-    unet, text_encoder = recipe.task.parts.unet.eval(), recipe.task.parts.text_encoders[0].eval()
+    unet, text_encoder = recipe.task.family.parts.denoiser.eval(), recipe.task.family.parts.text_encoders[0].eval()
     sample, t, states = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32)
     ids = from_kohya_file.tokenizer(["a red circle"], return_tensors="pt").input_ids
     with torch.no_grad():
@@ -264,7 +264,7 @@ def test_sdxl_kohya_file_uses_ldm_names_and_loads_like_the_diffusers_file(tmp_pa
     run({**SD_BASE, "base_model": "preset:tiny-sdxl"}, tmp_path, train_text_encoder=True, network_alpha=2,
         target_modules=WIDE_TARGETS, learning_rate=5e-2, max_train_steps=2, save_steps=0, output_name="xl")
     with safe_open(str(tmp_path / "xl.kohya.safetensors"), "pt") as handle:
-        names, meta = {k.split(".")[0] for k in handle.keys()}, handle.metadata()
+        names, meta = {k.split(".")[0] for k in handle.keys()}, handle.metadata()  # noqa: SIM118 - safe_open is not iterable
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
     assert {n.split("_")[1] for n in names} == {"unet", "te1", "te2"}
     assert any(n.startswith("lora_unet_input_blocks_") for n in names)

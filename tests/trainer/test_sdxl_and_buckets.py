@@ -48,13 +48,13 @@ def test_sdxl_lora_on_unet_and_both_text_encoders_loads_in_diffusers(tmp_path):
     pipe.load_lora_weights(tmp_path, weight_name="pytorch_lora_weights.safetensors")
     sample, t, text = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 80)
     added = {"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]])}
-    trained = recipe.task.parts.unet.eval()
+    trained = recipe.task.family.parts.denoiser.eval()
     with torch.no_grad():
         assert torch.allclose(pipe.unet(sample, t, text, added_cond_kwargs=added).sample,
                               trained(sample, t, text, added_cond_kwargs=added).sample, atol=1e-5)
         ids = pipe.tokenizer_2("a red circle", padding="max_length", max_length=77, return_tensors="pt").input_ids
         loaded_te2 = pipe.text_encoder_2(ids, output_hidden_states=True).hidden_states[-2]
-        trained_te2 = recipe.task.parts.text_encoders[1].eval()(ids, output_hidden_states=True).hidden_states[-2]
+        trained_te2 = recipe.task.family.parts.text_encoders[1].eval()(ids, output_hidden_states=True).hidden_states[-2]
         assert torch.allclose(loaded_te2, trained_te2, atol=1e-5)
 
 
@@ -65,7 +65,7 @@ def test_sdxl_time_ids_carry_original_size_and_crop(tmp_path, mixed_shapes):
     dataset = task.dataset()
     batch = task.collate([dataset[(i, 0)] for i in range(len(dataset))])
     with torch.no_grad():
-        _, added = task.encode_prompt(batch)
+        _, added = task.family.denoiser_inputs(task.family.encode_prompts(batch), batch)
     time_ids = added["time_ids"]  # (B, 6): original (h, w), crop (top, left), target (h, w)
     assert time_ids[0].tolist() == [32.0, 48.0, 0.0, 8.0, 32.0, 32.0]  # 48x32 scaled to 48x32, centre cut
     assert time_ids[1].tolist() == [48.0, 32.0, 8.0, 0.0, 32.0, 32.0]
@@ -76,14 +76,14 @@ def test_captions_tokenized_up_front_match_tokenizing_each_alone(tmp_path, mixed
     recipe = run(SDXL_BASE, tmp_path, train_data_dir=str(mixed_shapes), max_train_steps=1, save_steps=0)
     task = recipe.task
     captions = ["a red circle", "a red circle", "word " * 200, ""]  # a repeat, one past 77 tokens, an empty one
-    for caption, ids in zip(captions, task.tokenize_all(captions), strict=True):
+    for caption, ids in zip(captions, task.family.token_inputs(captions), strict=True):
         assert set(ids) == {"input_ids", "input_ids_2"}
-        for key, tokenizer in zip(("input_ids", "input_ids_2"), task.tokenizers):
+        for key, tokenizer in zip(("input_ids", "input_ids_2"), task.family.parts.tokenizers):
             alone = tokenizer(caption, max_length=77, padding="max_length", truncation=True, return_tensors="pt")
             assert torch.equal(ids[key], alone.input_ids[0])
     dataset = task.dataset()
     for i, record in enumerate(task.records):
-        assert torch.equal(dataset[(i, 0)]["input_ids"], task.tokenize_all([record.caption])[0]["input_ids"])
+        assert torch.equal(dataset[(i, 0)]["input_ids"], task.family.token_inputs([record.caption])[0]["input_ids"])
 
 
 def test_buckets_keep_shapes_and_batches_never_mix(tmp_path, mixed_shapes):

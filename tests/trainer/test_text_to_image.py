@@ -75,7 +75,7 @@ def test_diffusers_load_lora_weights_loads_the_file_and_changes_the_output(tmp_p
     after = generate(pipe)
     assert not torch.allclose(before, after, atol=1e-4)
     # alpha != rank survives: the loaded UNet computes exactly what the trained one does
-    trained = recipe.task.parts.unet.eval()
+    trained = recipe.task.family.parts.denoiser.eval()
     sample, t, text = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32)
     with torch.no_grad():
         assert torch.allclose(pipe.unet(sample, t, text).sample, trained(sample, t, text).sample, atol=1e-5)

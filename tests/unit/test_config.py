@@ -69,7 +69,12 @@ def test_lora_scripts_config_with_aliases_maps_onto_canonical_keys():
         ({"lora_rank": 4, "rank": 8}, "'rank' sets 'lora_rank' a second time"),
         ({"max_train_steps": 10, "lr_warmup_steps": 20}, "'lr_warmup_steps' (20) exceeds 'max_train_steps' (10)"),
         ({"save_formats": ["onnx"]}, "'save_formats': 'onnx' is not one of diffusers, kohya"),
-        ({"task_type": "text-generation", "auto_label": True}, "'auto_label' captions images"),
+        ({"task_type": "text-generation", "auto_label": True},
+         "'auto_label' applies to text-to-image only (task_type is text-generation)"),
+        ({"task_type": "text-generation", "model_family": "flux1"}, "'model_family' applies to text-to-image only"),
+        ({"dataset_format": "chat"}, "'dataset_format' applies to text-generation only (task_type is text-to-image)"),
+        ({"model_family": "flux3"}, "'model_family': 'flux3' is not one of auto, sd, sdxl, flux1, flux2, sd3"),
+        ({"weighting_scheme": "cosine"}, "'weighting_scheme': 'cosine' is not one of none, logit_normal, mode"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(raw, message):
@@ -94,12 +99,11 @@ def test_config_error_is_a_permanent_invalid_input_exit_code():
 def test_defaults_that_depend_on_other_keys_are_resolved():
     cfg = build_config({**BASE, "lora_rank": 4, "output_dir": "runs/cat/"})
     assert cfg.network_alpha == 4.0
-    assert cfg.target_modules == ["to_q", "to_k", "to_v", "to_out.0"]
     assert cfg.logging_dir == "runs/cat/logs"
     assert cfg.output_name == "cat"
     assert cfg.text_encoder_lr == cfg.learning_rate
-    llm = build_config({**BASE, "task_type": "text-generation"})
-    assert llm.target_modules == ["q_proj", "v_proj"]
+    # what the model decides stays unset here: the task and the model family fill it (tests/trainer)
+    assert cfg.target_modules is None and cfg.cache_text_encoder_outputs is None and cfg.gradient_checkpointing is None
 
 
 def test_comma_separated_target_modules_as_lora_scripts_writes_them():
@@ -216,7 +220,8 @@ def test_benchmark_presets_have_the_real_sizes():
     from diffusers import UNet2DConditionModel
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lora_trainer.presets import llama_1b_config, sd15_unet_config
+    from lora_trainer.presets.llm import llama_1b_config
+    from lora_trainer.presets.sd import sd15_unet_config
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**sd15_unet_config())

@@ -7,18 +7,14 @@ in observers; task specifics (SD or LLM) live behind the Task interface.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
 import random
 import signal
-import shutil
 import threading
 import time
-from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,20 +22,19 @@ import torch
 
 from . import __version__
 from .checkpoint import (
-    CHECKPOINTS,
     CheckpointState,
     find_resume_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
     save_safetensors,
-    sha256_file,
 )
 from .config import TrainConfig
 from .data.sampler import EpochPlan, RunBatches
 from .errors import ConfigError, DivergedError, Interrupted, TrainError
 from .experiment import ExperimentRecord
-from .formats import write_extra_formats
+from .files import sha256_file
+from .layout import CHECKPOINTS, FINAL_CHECKPOINT, FINAL_WEIGHTS
 from .observers import (
     EtaEstimator,
     Observer,
@@ -51,7 +46,8 @@ from .observers import (
     TensorBoardLogger,
 )
 from .optim import build_optimizer, build_scheduler
-from .outputs import FINAL_CHECKPOINT, FINAL_WEIGHTS, PEFT_WEIGHTS, prepare_output_dir, write_config_backup
+from .outputs import prepare_output_dir, write_config_backup
+from .summary import Artifact, RunSummary
 from .tasks import build_task
 
 log = logging.getLogger("lora_trainer")
@@ -62,38 +58,6 @@ def ignore_sigterm(worker_id: int) -> None:
     (Ctrl-C's kin, Slurm, `kill -- -PGID`) would otherwise kill them and turn the SIGTERM checkpoint into a
     crash. The loader still stops them, and they exit when the main process does."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-@dataclass
-class Artifact:
-    path: str
-    format: str
-    sha256: str
-    step: int
-
-
-@dataclass
-class RunSummary:
-    """How a run ended; the termination message, EXPERIMENT.md and the operator's status read it."""
-
-    step: int = 0
-    total_steps: int = 0
-    loss: float | None = None
-    best_loss: float | None = None
-    losses: list[tuple[int, float]] = field(default_factory=list)
-    artifacts: list[Artifact] = field(default_factory=list)
-    checkpoints: list[int] = field(default_factory=list)
-    resumed_from: int | None = None
-    samples: int = 0
-    tokens: int = 0
-    started: float = field(default_factory=time.time)
-    ended: float | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    data_summary: dict[str, Any] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    error: str | None = None
-    error_reason: str | None = None
-    output_prepared: bool = False  # output_dir is this run's (a refused run must not touch an earlier one's record)
 
 
 def seed_everything(seed: int) -> None:
@@ -366,7 +330,7 @@ class TrainingRecipe:
         cfg = self.cfg
         meta = {
             "format": "pt", "rank": str(cfg.lora_rank), "alpha": f"{cfg.network_alpha:g}",
-            "base_model": cfg.base_model, "task_type": cfg.task_type, "target_modules": ",".join(cfg.target_modules),
+            "base_model": cfg.base_model, "task_type": cfg.task_type,
             "train_text_encoder": str(cfg.train_text_encoder).lower(), "step": str(self.step),
             "lora_operator_version": __version__,
         }
@@ -378,12 +342,9 @@ class TrainingRecipe:
         ckpt_final = self.out / CHECKPOINTS / FINAL_CHECKPOINT
         with self.stopwatch.measure("checkpoint"):
             save_safetensors(ckpt_final, weights, meta)
-            extra = [(p, "config") for p in self.task.write_sidecars(self.out)]
-            if self.cfg.task_type == "text-generation":
-                extra.append((link_or_copy(ckpt_final, self.out / PEFT_WEIGHTS), "peft"))
-            extra += write_extra_formats(self.cfg, weights, meta, self.out)
+            extra = self.task.final_files(self.out, ckpt_final, weights, meta)
             save_safetensors(self.out / FINAL_WEIGHTS, weights, meta)
-        fmt = "diffusers" if self.cfg.task_type == "text-to-image" else "peft"
+        fmt = self.task.weights_format
         for path, kind in [(self.out / FINAL_WEIGHTS, fmt), (ckpt_final, fmt), *extra]:
             self.summary.artifacts.append(Artifact(str(path), kind, sha256_file(path), self.step))
 
@@ -396,16 +357,3 @@ class TrainingRecipe:
     def _notify(self, event: str, *args) -> None:
         for observer in self.observers:
             getattr(observer, event)(*args)
-
-
-def link_or_copy(src: Path, dst: Path) -> Path:
-    dst.unlink(missing_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-    return dst
-
-
-def summary_as_dict(summary: RunSummary) -> dict[str, Any]:
-    return dataclasses.asdict(summary)

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
 from ..errors import ConfigError
 from .manifest import config_from_manifest, config_from_spec, is_manifest
 from .schema import TrainConfig, alias_table, config_fields
-from .validate import DEFAULT_TARGET_MODULES, build_config, canonical_keys
+from .validate import build_config, canonical_keys
 
 __all__ = [
     "TrainConfig",
-    "DEFAULT_TARGET_MODULES",
     "alias_table",
     "build_config",
     "canonical_keys",

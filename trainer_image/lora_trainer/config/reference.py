@@ -15,6 +15,7 @@ GROUP_TITLES = {
     "data": "Data",
     "lora": "LoRA",
     "training": "Optimization",
+    "flow": "Flow matching (FLUX.1, FLUX.2, SD3, Qwen-Image, Z-Image)",
     "validation": "Validation",
     "output": "Outputs and resume",
     "cluster": "Storage, metrics and the cluster",

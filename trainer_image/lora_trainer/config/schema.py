@@ -25,6 +25,9 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 DATASET_FORMATS = ("auto", "text", "prompt_completion", "chat")
 DEVICES = ("auto", "cpu", "cuda")
 SAVE_FORMATS = ("diffusers", "kohya")
+MODEL_FAMILIES = ("auto", "sd", "sdxl", "flux1", "flux2", "sd3", "qwen-image", "z-image")  # lora_trainer/families
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")  # diffusers.training_utils' names
+T2I, LLM = ("text-to-image",), ("text-generation",)  # the task(s) a key applies to
 REQUIRED = dataclasses.MISSING
 
 
@@ -39,6 +42,7 @@ def option(
     min_exclusive: bool = False,
     group: str = "general",
     comma_list: bool = True,
+    tasks: tuple[str, ...] | None = None,
 ) -> Any:
     """Declares one config key with its documentation and constraints."""
     metadata = {
@@ -50,6 +54,7 @@ def option(
         "min_exclusive": min_exclusive,
         "group": group,
         "comma_list": comma_list,  # lists may be written "a,b" (lora-scripts style); not for prompts
+        "tasks": tasks,  # the task types the key applies to (None: all); set for another task, it is refused
     }
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
@@ -76,6 +81,10 @@ class TrainConfig:
         group="data",
     )
     task_type: str = option("text-to-image", "What to train.", aliases=("task",), choices=TASKS, group="model")
+    model_family: str = option(
+        "auto", "text-to-image model family; auto detects it from the pipeline class in model_index.json.",
+        choices=MODEL_FAMILIES, group="model", tasks=T2I,
+    )
     base_model_config: str | None = option(
         None,
         "For a single-file checkpoint: a local diffusers folder (or hub id) holding the model configs.",
@@ -89,27 +98,29 @@ class TrainConfig:
         None,
         "Captions as a CSV with columns file_name,text (default: <train_data_dir>/metadata.csv, "
         "else .txt files beside the images).",
-        group="data",
+        group="data", tasks=T2I,
     )
-    caption_column: str = option("text", "Caption column of metadata.csv.", group="data")
-    image_column: str = option("file_name", "Image file column of metadata.csv.", group="data")
-    caption_extension: str = option(".txt", "Extension of caption files beside the images.", group="data")
-    resolution: int = option(512, "Images are resized and cropped to this square size.", min=8, group="data")
-    center_crop: bool = option(False, "Center crop instead of random crop.", group="data")
-    random_flip: bool = option(False, "Randomly flip images horizontally.", group="data")
+    caption_column: str = option("text", "Caption column of metadata.csv.", group="data", tasks=T2I)
+    image_column: str = option("file_name", "Image file column of metadata.csv.", group="data", tasks=T2I)
+    caption_extension: str = option(".txt", "Extension of caption files beside the images.", group="data", tasks=T2I)
+    resolution: int = option(512, "Images are resized and cropped to this square size.", min=8, group="data", tasks=T2I)
+    center_crop: bool = option(False, "Center crop instead of random crop.", group="data", tasks=T2I)
+    random_flip: bool = option(False, "Randomly flip images horizontally.", group="data", tasks=T2I)
     enable_bucket: bool = option(
         False, "Aspect-ratio bucketing: each image trains at the bucket closest to its shape (no subject "
-        "cropped away), batches never mix buckets.", group="data",
+        "cropped away), batches never mix buckets.", group="data", tasks=T2I,
     )
-    min_bucket_reso: int = option(256, "Smallest bucket side.", min=8, group="data")
-    max_bucket_reso: int = option(1024, "Largest bucket side.", min=8, group="data")
-    bucket_reso_steps: int = option(64, "Bucket sides are multiples of this.", min=1, group="data")
+    min_bucket_reso: int = option(256, "Smallest bucket side.", min=8, group="data", tasks=T2I)
+    max_bucket_reso: int = option(1024, "Largest bucket side.", min=8, group="data", tasks=T2I)
+    bucket_reso_steps: int = option(64, "Bucket sides are multiples of this.", min=1, group="data", tasks=T2I)
     cache_latents: bool = option(
         False, "Encode each image with the VAE once and reuse the result (needs center_crop; flips are "
-        "cached too). Entries are keyed by content and reused across runs.", group="data",
+        "cached too). Entries are keyed by content and reused across runs.", group="data", tasks=T2I,
     )
-    cache_text_encoder_outputs: bool = option(
-        False, "Encode each caption once and reuse the result (not with train_text_encoder).", group="data"
+    cache_text_encoder_outputs: bool | None = option(
+        None, "Encode each caption once and reuse the result (not with train_text_encoder). Default: on for the "
+        "flow-matching families (their text encoders are then released before training), off for sd/sdxl.",
+        group="data", tasks=T2I,
     )
     cache_dir: str | None = option(
         None, "Where cached latents and text-encoder outputs live (default: ~/.cache/lora-operator/features).",
@@ -119,34 +130,33 @@ class TrainConfig:
         "auto",
         "text-generation JSONL format: text, prompt_completion, chat, or auto (read from each record's keys).",
         choices=DATASET_FORMATS,
-        group="data",
+        group="data", tasks=LLM,
     )
     max_seq_length: int = option(
-        512, "Token sequences are truncated to this length (reported, never silent).", min=8, group="data"
-    )
+        512, "Token sequences are truncated to this length (reported, never silent).", min=8, group="data", tasks=LLM)
     num_workers: int | None = option(
         None, "Data loader worker processes (default: 0 on CPU, up to 8 on a GPU).",
         aliases=("dataloader_num_workers", "max_data_loader_n_workers"), min=0, group="data",
     )
     auto_label: bool = option(
         False, "Caption the images that have no caption with label_model before training, into metadata.csv "
-        "in train_data_dir (or in output_dir when that folder is read-only).", group="data",
+        "in train_data_dir (or in output_dir when that folder is read-only).", group="data", tasks=T2I,
     )
     dataset_read_only: bool = option(
         False, "Never write into train_data_dir: auto_label puts its metadata.csv into output_dir instead. "
         "Always on for an s3:// dataset (its local copy is a download cache; the captions reach S3 with the "
-        "outputs).", group="data",
+        "outputs).", group="data", tasks=T2I,
     )
     label_model: str = option(
         "Salesforce/blip-image-captioning-base",
-        "Captioning model of auto_label and lora-label: a hub id, local folder or preset:tiny-blip.", group="data",
+        "Captioning model of auto_label and lora-label: a hub id, local folder or preset:tiny-blip.", group="data", tasks=T2I,
     )
     caption_prefix: str = option(
         "", "Put before each new auto_label caption with ', ' (a trigger word: 'sks' -> 'sks, a photo of ...').",
-        aliases=("trigger_word",), group="data",
+        aliases=("trigger_word",), group="data", tasks=T2I,
     )
-    caption_suffix: str = option("", "Put after each new auto_label caption with ', '.", group="data")
-    label_batch_size: int = option(8, "Images per captioning batch.", min=1, group="data")
+    caption_suffix: str = option("", "Put after each new auto_label caption with ', '.", group="data", tasks=T2I)
+    label_batch_size: int = option(8, "Images per captioning batch.", min=1, group="data", tasks=T2I)
 
     # -- LoRA
     lora_rank: int = option(16, "LoRA rank r.", aliases=("rank", "network_dim", "lora_r"), min=1, group="lora")
@@ -161,14 +171,13 @@ class TrainConfig:
     lora_dropout: float = option(0.0, "Dropout on the LoRA branch.", min=0, max=1, group="lora")
     target_modules: list[str] | None = option(
         None,
-        "Module names that get LoRA. Default: UNet attention projections to_q,to_k,to_v,to_out.0 "
-        "(text-to-image) or q_proj,v_proj (text-generation).",
+        "Module names that get LoRA (a name matches a module whose path ends with it). Default: the model "
+        "family's reference targets (docs/model-families.md) or q_proj,v_proj (text-generation).",
         group="lora",
     )
-    train_text_encoder: bool = option(False, "Also train LoRA on the text encoder(s).", group="lora")
+    train_text_encoder: bool = option(False, "Also train LoRA on the text encoder(s).", group="lora", tasks=T2I)
     text_encoder_lr: float | None = option(
-        None, "Learning rate of the text-encoder LoRA (default: learning_rate).", min=0, group="lora"
-    )
+        None, "Learning rate of the text-encoder LoRA (default: learning_rate).", min=0, group="lora", tasks=T2I)
 
     # -- optimization
     batch_size: int = option(1, "Samples per step.", aliases=("train_batch_size",), min=1, group="training")
@@ -199,40 +208,71 @@ class TrainConfig:
         "no", "Autocast precision: no, fp16 (CUDA only) or bf16.", aliases=("precision",),
         choices=MIXED_PRECISION, group="training",
     )
-    gradient_checkpointing: bool = option(False, "Trade compute for memory.", group="training")
+    gradient_checkpointing: bool | None = option(
+        None, "Trade compute for memory. Default: on for the flow-matching families, off otherwise.", group="training"
+    )
     seed: int = option(42, "Seed of every random choice; same seed, same run.", min=0, group="training")
     device: str = option("auto", "auto (CUDA if present), cpu or cuda.", choices=DEVICES, group="training")
     snr_gamma: float | None = option(
         None, "Min-SNR loss weighting gamma (5.0 is common); off when unset.", min=0, min_exclusive=True,
-        group="training",
+        group="training", tasks=T2I,
     )
-    noise_offset: float = option(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).", min=0, group="training")
+    noise_offset: float = option(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).", min=0, group="training", tasks=T2I)
     prediction_type: str | None = option(
-        None, "Override the scheduler's prediction type.", choices=PREDICTION_TYPES, group="training"
+        None, "Override the scheduler's prediction type.", choices=PREDICTION_TYPES, group="training", tasks=T2I)
+
+    # -- flow matching (flux1, flux2, sd3, qwen-image, z-image)
+    weighting_scheme: str | None = option(
+        None, "How timesteps are sampled (logit_normal, mode) or weighted (sigma_sqrt, cosmap); none samples them "
+        "uniformly. Default: the family's reference trainer (logit_normal for sd3, none otherwise).",
+        choices=WEIGHTING_SCHEMES, group="flow", tasks=T2I,
+    )
+    logit_mean: float = option(0.0, "Mean of logit_normal timestep sampling.", group="flow", tasks=T2I)
+    logit_std: float = option(1.0, "Standard deviation of logit_normal timestep sampling.", min=0,
+                              min_exclusive=True, group="flow", tasks=T2I)
+    mode_scale: float = option(1.29, "Scale of mode timestep sampling.", group="flow", tasks=T2I)
+    timestep_shift: float | None = option(
+        None, "Shift of the noise levels toward noise: sigma' = s*sigma / (1 + (s-1)*sigma). Default: the static "
+        "shift in the model's scheduler config (3.0 for sd3 and z-image; none where the scheduler shifts by "
+        "resolution).", aliases=("discrete_flow_shift", "flow_schedule_shift"), min=0, min_exclusive=True,
+        group="flow", tasks=T2I,
+    )
+    resolution_shift: bool = option(
+        False, "Shift the noise levels by image size as the scheduler does at inference (FLUX's base_shift/"
+        "max_shift between base_image_seq_len and max_image_seq_len) instead of a static shift.",
+        aliases=("flow_schedule_auto_shift",), group="flow", tasks=T2I,
+    )
+    guidance_scale: float = option(
+        1.0, "Guidance input of guidance-distilled models (FLUX.1-dev, FLUX.2-dev) during training.", min=0,
+        group="flow", tasks=T2I,
+    )
+    max_sequence_length: int | None = option(
+        None, "Longest prompt of the family's main text encoder, in tokens (T5, Qwen, Mistral). Default: the "
+        "reference trainer's (512; 77 for sd3).", min=8, group="flow", tasks=T2I,
     )
 
     # -- validation
     validation_prompts: list[str] | None = option(
         None, "text-to-image: prompts sampled with a fixed seed every validation_steps and at the end.",
-        aliases=("validation_prompt", "sample_prompts"), comma_list=False, group="validation",
+        aliases=("validation_prompt", "sample_prompts"), comma_list=False, group="validation", tasks=T2I,
     )
     validation_steps: int = option(
         0, "Validate every N optimizer steps and after the last one (0: only after the last one, if configured).",
         aliases=("sample_every_n_steps",), min=0, group="validation",
     )
     validation_seed: int = option(0, "Seed of the validation samples (same seed, comparable images).", min=0,
-                                  group="validation")
+                                  group="validation", tasks=T2I)
     validation_inference_steps: int = option(
-        20, "Denoising steps per validation image.", aliases=("sample_steps",), min=1, group="validation"
+        20, "Denoising steps per validation image.", aliases=("sample_steps",), min=1, group="validation", tasks=T2I)
+    validation_guidance_scale: float | None = option(
+        None, "Guidance of validation images. Default: the family's (7.5 for sd/sdxl, 3.5 for flux1 ...).", min=0,
+        group="validation", tasks=T2I,
     )
-    validation_guidance_scale: float = option(7.5, "Classifier-free guidance of validation images.", min=0,
-                                              group="validation")
     validation_data: str | None = option(
-        None, "text-generation: held-out JSONL whose loss is measured every validation_steps.", group="validation"
-    )
+        None, "text-generation: held-out JSONL whose loss is measured every validation_steps.", group="validation", tasks=LLM)
     validation_split: float = option(
         0.0, "text-generation: fraction of the records held out (seeded) for validation loss instead.",
-        min=0, max=0.5, group="validation",
+        min=0, max=0.5, group="validation", tasks=LLM,
     )
 
     # -- outputs
@@ -241,8 +281,7 @@ class TrainConfig:
         None, "Base name of the kohya-format file (default: the output_dir folder name).", group="output"
     )
     save_formats: list[str] = option(
-        ["diffusers", "kohya"], "Final weight formats for text-to-image.", choices=SAVE_FORMATS, group="output"
-    )
+        ["diffusers", "kohya"], "Final weight formats for text-to-image.", choices=SAVE_FORMATS, group="output", tasks=T2I)
     logging_dir: str | None = option(None, "TensorBoard folder (default: <output_dir>/logs).", group="output")
     save_steps: int = option(
         500, "Checkpoint every N optimizer steps (0: only the final one).",

@@ -13,11 +13,6 @@ from typing import Any
 from ..errors import ConfigError
 from .schema import TrainConfig, alias_table, config_fields
 
-DEFAULT_TARGET_MODULES = {
-    "text-to-image": ["to_q", "to_k", "to_v", "to_out.0"],
-    "text-generation": ["q_proj", "v_proj"],
-}
-
 
 def canonical_keys(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Maps aliases onto canonical keys; unknown keys are problems that name the closest known key."""
@@ -66,7 +61,7 @@ def build_config(raw: dict[str, Any], source: str = "config", overrides: dict[st
             problems.append(f"'{f.name}': {err}")
     if not problems:
         cfg = TrainConfig(**kwargs)
-        problems = cross_field_problems(cfg)
+        problems = other_task_problems(cfg) + cross_field_problems(cfg)
     if problems:
         raise ConfigError(f"{source} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
     return resolve_defaults(cfg)
@@ -138,6 +133,20 @@ def _coerce(hint: Any, value: Any, comma_list: bool = True) -> Any:
     raise TypeError(f"unsupported config type {hint}")
 
 
+def other_task_problems(cfg: TrainConfig) -> list[str]:
+    """Keys set for another task would be silently ignored: each is a problem that names its task."""
+    problems = []
+    for f in config_fields():
+        tasks = f.metadata["tasks"]
+        if tasks and cfg.task_type not in tasks and getattr(cfg, f.name) != _default(f):
+            problems.append(f"'{f.name}' applies to {' and '.join(tasks)} only (task_type is {cfg.task_type})")
+    return problems
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def cross_field_problems(cfg: TrainConfig) -> list[str]:
     problems = []
     if cfg.base_model.strip() == "":
@@ -150,16 +159,10 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
         problems.append(f"'caption_extension' must start with a dot, like .txt (got {cfg.caption_extension!r})")
     if cfg.output_name is not None and (not cfg.output_name or "/" in cfg.output_name):
         problems.append(f"'output_name' must be a plain file name without '/', got {cfg.output_name!r}")
-    if cfg.task_type == "text-generation" and cfg.train_text_encoder:
-        problems.append("'train_text_encoder' applies to text-to-image only")
-    if cfg.task_type == "text-generation" and cfg.auto_label:
-        problems.append("'auto_label' captions images; it applies to text-to-image only")
     if cfg.max_train_steps is not None and cfg.lr_warmup_steps > cfg.max_train_steps:
         problems.append(
             f"'lr_warmup_steps' ({cfg.lr_warmup_steps}) exceeds 'max_train_steps' ({cfg.max_train_steps})"
         )
-    if cfg.validation_prompts and cfg.task_type != "text-to-image":
-        problems.append("'validation_prompts' applies to text-to-image; text-generation uses validation_data")
     if cfg.validation_data and cfg.validation_split:
         problems.append("set 'validation_data' or 'validation_split', not both")
     if cfg.cache_latents and not cfg.center_crop:
@@ -191,7 +194,6 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
         cfg,
         output_dir=output_dir,
         network_alpha=cfg.network_alpha if cfg.network_alpha is not None else float(cfg.lora_rank),
-        target_modules=cfg.target_modules or list(DEFAULT_TARGET_MODULES[cfg.task_type]),
         logging_dir=cfg.logging_dir or f"{output_dir}/logs",
         output_name=cfg.output_name or (PurePosixPath(output_dir).name or "lora"),
         text_encoder_lr=cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.learning_rate,

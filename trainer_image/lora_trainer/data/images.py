@@ -9,9 +9,10 @@ from __future__ import annotations
 import csv
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -216,13 +217,18 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
     `sizes[i]` is the (width, height) record i is cropped to (its bucket, or the square resolution);
     `tokens[i]` the token-id tensors of its caption that the model family needs, tokenized once up front
-    (captions do not change during a run, and tokenizing was the largest part of loading an item).
+    (captions do not change during a run, and tokenizing was the largest part of loading an item); without
+    tokens, items carry the caption text.
     """
 
     def __init__(self, records: list[ImageRecord], sizes: list[tuple[int, int]], center_crop: bool,
-                 random_flip: bool, tokens: list[dict[str, torch.Tensor]]):
+                 random_flip: bool, tokens: list[dict[str, torch.Tensor]] | None):
         self.records, self.sizes, self.tokens = records, sizes, tokens
         self.center_crop, self.random_flip = center_crop, random_flip
+
+    def caption_inputs(self, index: int) -> dict[str, Any]:
+        """The caption's token ids, or its text where the model family encodes from text."""
+        return self.tokens[index] if self.tokens is not None else {"caption": self.records[index].caption}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -239,7 +245,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return {
             "pixel_values": to_tensor(image),  # (3, H, W)
             **conditioning(crop, self.sizes[index]),
-            **self.tokens[index],
+            **self.caption_inputs(index),
         }
 
 
@@ -252,6 +258,8 @@ def conditioning(crop: Crop, size: tuple[int, int]) -> dict[str, torch.Tensor]:
     }
 
 
-def collate_images(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stacks every field: pixel_values (B, 3, H, W), input_ids (B, L), original_size (B, 2), ..."""
-    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+def collate_images(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stacks every tensor field: pixel_values (B, 3, H, W), input_ids (B, L), original_size (B, 2), ...;
+    text fields (caption) become lists."""
+    return {key: torch.stack([item[key] for item in items]) if isinstance(items[0][key], torch.Tensor)
+            else [item[key] for item in items] for key in items[0]}

@@ -2,7 +2,7 @@
 
     read_lora(path)                         -> LoraFile (weights in one form, whatever the format)
     write_lora(path, lora, "kohya")         writes it in a format
-    write_extra_formats(cfg, weights, ...)  the extra files a finished run writes beside the main one
+    write_kohya_file(cfg, out, weights, ...) the kohya file a finished Stable Diffusion run writes
 """
 
 from __future__ import annotations
@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from ..errors import ModelError
+from ..layout import kohya_name
 from .kohya import from_kohya, is_kohya, kohya_metadata, to_kohya
 from .lora import LoraSet, LoraWeight, from_diffusers, to_diffusers
+from .native import from_native
 
 log = logging.getLogger("lora_trainer")
 
@@ -45,7 +48,7 @@ def detect_format(tensors: Mapping[str, Any]) -> str:
 def from_peft(tensors: dict[str, torch.Tensor], config: Mapping[str, Any]) -> LoraSet:
     """peft adapter keys 'base_model.model.<path>.lora_A.weight'; alpha from the adapter config.
     rsLoRA scales by alpha/sqrt(r): stored here as the alpha that gives that scale with alpha/r."""
-    alpha, rank = float(config.get("lora_alpha", 8)), int(config.get("r", 8))
+    alpha, rank = float(config.get("lora_alpha", 8)), int(config.get("r", 8))  # peft's LoraConfig defaults
     alpha_pattern, rank_pattern = config.get("alpha_pattern") or {}, config.get("rank_pattern") or {}
     out: LoraSet = {}
     for key in tensors:
@@ -73,8 +76,9 @@ def _pattern_value(pattern: Mapping[str, Any], path: str, default: Any) -> Any:
     return default
 
 
-def read_lora(path: str | Path, unet_config: Mapping[str, Any] | None = None) -> LoraFile:
-    """A .safetensors LoRA file in any supported format, or a peft adapter folder."""
+def read_lora(path: str | Path, unet_config: Mapping[str, Any] | None = None, native_layout=None) -> LoraFile:
+    """A .safetensors LoRA file in any supported format, or a peft adapter folder. kohya files of a diffusion
+    transformer are read in its original checkpoint layout (`native_layout`, formats/native.py)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -89,16 +93,18 @@ def read_lora(path: str | Path, unet_config: Mapping[str, Any] | None = None) ->
         raise ModelError(f"{path}: LoRA files are read only as .safetensors (nothing is unpickled)")
     try:
         with safe_open(str(path), "pt") as handle:
-            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 - safe_open is not iterable
             metadata = dict(handle.metadata() or {})
     except (SafetensorError, OSError) as err:
         raise ModelError(f"{path} cannot be read as safetensors: {err}") from None
     fmt = detect_format(tensors)
+    if fmt == "kohya" and native_layout is not None:
+        return LoraFile(from_native(tensors, native_layout), metadata, fmt)
     if fmt == "kohya":
         return LoraFile(from_kohya(tensors, unet_config), metadata, fmt)
     if fmt == "peft":
         if not config and "alpha" in metadata:  # this trainer's pytorch_lora_weights.safetensors for LLMs
-            config = {"lora_alpha": float(metadata["alpha"]), "r": int(metadata.get("rank", 8))}
+            config = {"lora_alpha": float(metadata["alpha"]), "r": int(metadata.get("rank", 8))}  # peft's default r
         if not config:
             config = _sibling_adapter_config(path)
         return LoraFile(from_peft(tensors, config), metadata, fmt)
@@ -162,30 +168,10 @@ def training_metadata(cfg) -> dict[str, str]:
     return {k: str(v) for k, v in values.items() if v is not None}
 
 
-def load_unet_config(cfg) -> dict[str, Any]:
-    """The UNet config of the run's base model (a diffusers folder, or base_model_config for a single file)."""
-    from diffusers import UNet2DConditionModel
-
-    from ..tasks.text_to_image import config_source
-
-    return dict(UNet2DConditionModel.load_config(config_source(cfg), subfolder="unet"))
-
-
-def write_extra_formats(cfg, weights: dict[str, torch.Tensor], meta: dict[str, str], out: Path) -> list[tuple[Path, str]]:
-    """Called by the recipe's finish(), before the main file: the formats in save_formats other than
-    the main diffusers file. Returns (path, format) pairs for the run's artifact list."""
-    written: list[tuple[Path, str]] = []
-    if cfg.task_type != "text-to-image" or "kohya" not in cfg.save_formats:
-        return written
-    from ..outputs import kohya_name
-
-    try:
-        lora = LoraFile(from_diffusers(weights, meta), dict(meta), "diffusers")
-        # kohya's SDXL LoRAs name UNet modules in LDM spelling (its SDXL UNet is the original one)
-        unet_config = load_unet_config(cfg) if meta.get("model_family") == "sdxl" else None
-        path = write_lora(out / kohya_name(cfg), lora, "kohya", unet_config, training=training_metadata(cfg))
-    except ModelError as err:  # the run's own weights stay the result; a missing extra format must not undo it
-        log.error("%s was not written: %s", kohya_name(cfg), err)
-        return written
-    written.append((path, "kohya"))
-    return written
+def write_kohya_file(cfg, out: Path, weights: dict[str, torch.Tensor], meta: dict[str, str],
+                     unet_config: Mapping[str, Any] | None) -> list[tuple[Path, str]]:
+    """<output_name>.kohya.safetensors of a Stable Diffusion run: the run's diffusers weights in kohya's keys
+    (LDM UNet names where `unet_config` is given, as kohya writes SDXL). Returns [(path, "kohya")]."""
+    lora = LoraFile(from_diffusers(weights, meta), dict(meta), "diffusers")
+    return [(write_lora(out / kohya_name(cfg.output_name), lora, "kohya", unet_config,
+                        training=training_metadata(cfg)), "kohya")]

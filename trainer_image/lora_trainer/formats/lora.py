@@ -185,3 +185,9 @@ def adapter_configs(loras: LoraSet) -> dict:
 def only(loras: LoraSet, component: str) -> dict[str, LoraWeight]:
     return {path: w for (c, path), w in loras.items() if c == component}
 
+
+
+def diffusers_lora_metadata(prefix: str, rank: int, alpha: float, targets: list[str]) -> dict:
+    """LoraConfig kwargs under `prefix.`, as diffusers' load_lora_weights reads them back."""
+    config = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(targets), "lora_dropout": 0.0}
+    return {f"{prefix}.{k}": v for k, v in config.items()}

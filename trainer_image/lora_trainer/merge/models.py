@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import atomic_write, sha256_file, sort_safetensors_metadata
+from ..checkpoint import sort_safetensors_metadata
 from ..errors import ConfigError, ModelError
+from ..files import atomic_write, sha256_file
 from ..formats import PEFT_COMPONENT, read_lora
 from ..formats.ldm import ldm_checkpoint
 from ..formats.lora import only
@@ -88,16 +89,27 @@ def load_sd(path: Path, base_config: str | None):
         raise ModelError(f"cannot load the base model {path}: {str(err).splitlines()[0] if str(err) else err}") from None
 
 
+PIPELINE_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
 def sd_components(pipe) -> dict[str, torch.nn.Module]:
-    return {name: getattr(pipe, name) for name in ("unet", "text_encoder", "text_encoder_2")
-            if getattr(pipe, name, None) is not None}
+    return {name: getattr(pipe, name) for name in PIPELINE_COMPONENTS if getattr(pipe, name, None) is not None}
+
+
+def native_layout(pipe):
+    """The original checkpoint layout of a diffusion transformer's kohya files (None for UNet pipelines)."""
+    from ..families import BY_PIPELINE, family_class
+
+    name = BY_PIPELINE.get(type(pipe).__name__)
+    return family_class(name).native_layout(pipe.transformer) if name and getattr(pipe, "transformer", None) else None
 
 
 def merge_into_sd(pipe, specs: list[LoraSpec]) -> None:
     modules = sd_components(pipe)
-    unet_config = dict(pipe.unet.config)
+    unet_config = dict(pipe.unet.config) if getattr(pipe, "unet", None) is not None else None
+    layout = native_layout(pipe)
     for spec in specs:
-        lora_file = read_lora(spec.path, unet_config)
+        lora_file = read_lora(spec.path, unet_config, layout)
         if lora_file.format == "peft":
             raise ModelError(f"{spec.path} is a peft (LLM) adapter; a Stable Diffusion base takes diffusers or "
                              "kohya LoRA files")
@@ -124,6 +136,9 @@ def save_sd(pipe, output: Path, dtype: torch.dtype, record: dict[str, Any]) -> P
 def save_single_file(pipe, output: Path, dtype: torch.dtype, record: dict[str, Any]) -> Path:
     from safetensors.torch import save_file
 
+    if getattr(pipe, "unet", None) is None:
+        raise ModelError(f"single-file output is written for SD 1.x and SDXL; a {type(pipe).__name__} is saved as "
+                         "a diffusers folder: give --output a folder name")
     encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
     if len(encoders) == 1 and pipe.text_encoder.config.hidden_act != "quick_gelu":
         raise ModelError("single-file output is written for SD 1.x and SDXL; SD 2.x (an OpenCLIP ViT-H text "

@@ -8,11 +8,15 @@ from typing import Any
 
 import torch
 
+from ..adapters import autocast, check_targets_exist, lora_param_groups
+from ..base_model import load_or_explain, resolve_local_model
 from ..config import TrainConfig
 from ..data.text import IGNORE_INDEX, TokenDataset, collate_tokens, tokenize_dataset
 from ..errors import DatasetError, ModelError
+from ..files import link_or_copy
+from ..layout import PEFT_CONFIG, PEFT_WEIGHTS
 from ..observers import ValidationResult
-from .base import DataReport, autocast, check_targets_exist, load_or_explain, lora_param_groups, resolve_local_model
+from .base import DataReport
 
 
 def load_tokenizer(cfg: TrainConfig):
@@ -27,7 +31,11 @@ def load_tokenizer(cfg: TrainConfig):
     return tokenizer
 
 
+DEFAULT_TARGETS = ("q_proj", "v_proj")  # peft's default for Llama-style attention, as in the peft examples
+
+
 class TextGenerationTask:
+    weights_format = "peft"
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.model = None
@@ -98,12 +106,12 @@ class TextGenerationTask:
             "the causal LM", cfg.base_model,
             lambda: AutoModelForCausalLM.from_pretrained(source, dtype=weight_dtype, attn_implementation="sdpa"),
         )
-        check_targets_exist(model, cfg.target_modules, "model")
+        check_targets_exist(model, self.targets, "model")
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_rank, lora_alpha=cfg.network_alpha,
-                          lora_dropout=cfg.lora_dropout, target_modules=list(cfg.target_modules))
+                          lora_dropout=cfg.lora_dropout, target_modules=self.targets)
         model = get_peft_model(model, lora)
         model.peft_config["default"].base_model_name_or_path = cfg.base_model
         for p in model.parameters():
@@ -156,10 +164,16 @@ class TextGenerationTask:
         if getattr(result, "unexpected_keys", []):
             raise ModelError(f"checkpoint does not match the model's LoRA: {result.unexpected_keys[:3]}")
 
-    def weights_metadata(self) -> dict[str, str]:
-        return {}
+    @property
+    def targets(self) -> list[str]:
+        return list(self.cfg.target_modules or DEFAULT_TARGETS)
 
-    def write_sidecars(self, folder: Path) -> list[Path]:
-        """adapter_config.json, so PeftModel.from_pretrained(model, folder) loads the final weights."""
-        self.model.peft_config["default"].save_pretrained(folder)
-        return [folder / "adapter_config.json"]
+    def weights_metadata(self) -> dict[str, str]:
+        return {"target_modules": ",".join(self.targets)}
+
+    def final_files(self, out: Path, final_checkpoint: Path, weights: dict[str, torch.Tensor],
+                    meta: dict[str, str]) -> list[tuple[Path, str]]:
+        """adapter_config.json and adapter_model.safetensors (a link to the final checkpoint), so
+        PeftModel.from_pretrained(model, output_dir) loads the final weights."""
+        self.model.peft_config["default"].save_pretrained(out)
+        return [(out / PEFT_CONFIG, "config"), (link_or_copy(final_checkpoint, out / PEFT_WEIGHTS), "peft")]
