@@ -29,17 +29,21 @@ def main() -> None:
     args = parser.parse_args()
     common = (args.arch, "text-to-image", args.steps, args.warmup, args.device)
     with tempfile.TemporaryDirectory() as cache:
-        rows = [("no cache", measure("ours", *common, center_crop=True)),
-                ("cache, cold", measure("ours", *common, cache_dir=cache, **CACHES)),
-                ("cache, warm", measure("ours", *common, cache_dir=cache, **CACHES))]
+        rows = [
+            ("no cache", measure("ours", *common, center_crop=True)),
+            ("cache, cold", measure("ours", *common, cache_dir=cache, **CACHES)),
+            ("cache, warm", measure("ours", *common, cache_dir=cache, **CACHES)),
+        ]
     base = rows[0][1]
     print(f"arch={args.arch} device={args.device} steps={args.steps} (first {args.warmup} not timed)")
     print("run | img/s | vs no cache | step ms | data % | fwd+bwd % | wall s")
     print("--- | --- | --- | --- | --- | --- | ---")
     for name, m in rows:
         rate, base_rate = m["samples"] / m["train_s"], base["samples"] / base["train_s"]
-        print(f"{name} | {rate:.1f} | {rate / base_rate:.2f}x | {1000 * m['step_s']:.1f} | "
-              f"{100 * m['data_s'] / m['train_s']:.1f} | {100 * m['fwd_bwd_s'] / m['train_s']:.1f} | {m['wall_s']:.1f}")
+        print(
+            f"{name} | {rate:.1f} | {rate / base_rate:.2f}x | {1000 * m['step_s']:.1f} | "
+            f"{100 * m['data_s'] / m['train_s']:.1f} | {100 * m['fwd_bwd_s'] / m['train_s']:.1f} | {m['wall_s']:.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -58,9 +58,12 @@ class Watcher(threading.Thread):
         self.stop = threading.Event()
 
     def run(self):
-        threads = [threading.Thread(target=self._watch, args=(f"/api/v1/namespaces/{self.namespace}/pods",
-                                                              self._on_pod), daemon=True),
-                   threading.Thread(target=self._watch, args=(env_ltj_path(self.namespace), self._on_job), daemon=True)]
+        threads = [
+            threading.Thread(
+                target=self._watch, args=(f"/api/v1/namespaces/{self.namespace}/pods", self._on_pod), daemon=True
+            ),
+            threading.Thread(target=self._watch, args=(env_ltj_path(self.namespace), self._on_job), daemon=True),
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -120,8 +123,11 @@ def main(argv=None):
     parser.add_argument("--latency-jobs", type=int, default=20)
     parser.add_argument("--apply-processes", type=int, default=10, help="parallel kubectl apply of the burst")
     parser.add_argument("--burst-jobs", type=int, default=100)
-    parser.add_argument("--cpu", default="2", help="CPU request of each trainer pod (limits concurrency on the "
-                                                   "16-CPU node: 2 -> 8 trainers at once)")
+    parser.add_argument(
+        "--cpu",
+        default="2",
+        help="CPU request of each trainer pod (limits concurrency on the 16-CPU node: 2 -> 8 trainers at once)",
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="bound of the burst phase, seconds")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -131,16 +137,28 @@ def main(argv=None):
     node = s3 = op = None
     results = {"load_average_start": os.getloadavg(), "cpus": os.cpu_count()}
     try:
-        node = NodeAgent(cluster.api, cluster.pki, work / "node",
-                         allocatable={"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "2", "pods": "250"}).start()
+        node = NodeAgent(
+            cluster.api,
+            cluster.pki,
+            work / "node",
+            allocatable={"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "2", "pods": "250"},
+        ).start()
         s3 = SeaweedS3(work / "s3").start()
         env.install_crd(cluster)
         env.install_rbac(cluster)
         kubeconfig = env.service_account_kubeconfig(cluster, work / "sa.kubeconfig")
-        op = env.OperatorProcess(kubeconfig, work / "operator", identity="bench", env={
-            "LORA_OPERATOR_S3_ENDPOINT": s3.endpoint_url, "LORA_OPERATOR_S3_REGION": s3.region,
-            "LORA_OPERATOR_S3_CREDENTIALS_SECRET": env.S3_SECRET,
-            "LORA_OPERATOR_POLL_INTERVAL": "5", "LORA_OPERATOR_LOG_LEVEL": "WARNING"})
+        op = env.OperatorProcess(
+            kubeconfig,
+            work / "operator",
+            identity="bench",
+            env={
+                "LORA_OPERATOR_S3_ENDPOINT": s3.endpoint_url,
+                "LORA_OPERATOR_S3_REGION": s3.region,
+                "LORA_OPERATOR_S3_CREDENTIALS_SECRET": env.S3_SECRET,
+                "LORA_OPERATOR_POLL_INTERVAL": "5",
+                "LORA_OPERATOR_LOG_LEVEL": "WARNING",
+            },
+        )
         op.start()
         cluster.kubectl("create", "namespace", NAMESPACE)
         env.create_s3_secret(cluster, NAMESPACE, s3)
@@ -164,10 +182,16 @@ def main(argv=None):
         run_time = [watcher.finished[n][0] - t for n, t in applied.items()]
         results["latency"] = {
             "jobs": len(applied),
-            "apply_to_pod_created_s": {"p50": percentile(pod_latency, 0.5), "p95": percentile(pod_latency, 0.95),
-                                       "max": max(pod_latency)},
-            "apply_to_first_progress_s": {"p50": percentile(progress_latency, 0.5),
-                                          "p95": percentile(progress_latency, 0.95), "max": max(progress_latency)},
+            "apply_to_pod_created_s": {
+                "p50": percentile(pod_latency, 0.5),
+                "p95": percentile(pod_latency, 0.95),
+                "max": max(pod_latency),
+            },
+            "apply_to_first_progress_s": {
+                "p50": percentile(progress_latency, 0.5),
+                "p95": percentile(progress_latency, 0.95),
+                "max": max(progress_latency),
+            },
             "apply_to_succeeded_s": {"p50": percentile(run_time, 0.5), "p95": percentile(run_time, 0.95)},
             "phases": sorted({watcher.finished[n][1] for n in applied}),
         }
@@ -177,9 +201,12 @@ def main(argv=None):
         # 2. burst
         names = [f"burst-{i:03d}" for i in range(args.burst_jobs)]
         t0 = time.time()
-        chunks = [names[i::args.apply_processes] for i in range(args.apply_processes)]
-        threads = [threading.Thread(target=apply, args=(cluster, [job_manifest(n, "bench", args.cpu) for n in chunk]))
-                   for chunk in chunks if chunk]
+        chunks = [names[i :: args.apply_processes] for i in range(args.apply_processes)]
+        threads = [
+            threading.Thread(target=apply, args=(cluster, [job_manifest(n, "bench", args.cpu) for n in chunk]))
+            for chunk in chunks
+            if chunk
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -199,17 +226,26 @@ def main(argv=None):
         for n in names:
             outcomes[watcher.finished[n][1]] = outcomes.get(watcher.finished[n][1], 0) + 1
         pod_latency = [watcher.pod_created[n] - t0 for n in names if n in watcher.pod_created]
-        reaction = [watcher.pod_created[n] - watcher.job_added[n] for n in names
-                    if n in watcher.pod_created and n in watcher.job_added]
+        reaction = [
+            watcher.pod_created[n] - watcher.job_added[n]
+            for n in names
+            if n in watcher.pod_created and n in watcher.job_added
+        ]
         results["burst"] = {
             "jobs": len(names),
             "outcomes": outcomes,
             "kubectl_apply_s": t_applied - t0,
             "all_terminal_after_s": t_done - t0,
-            "apply_to_pod_created_s": {"p50": percentile(pod_latency, 0.5), "p95": percentile(pod_latency, 0.95),
-                                       "max": max(pod_latency)},
-            "job_created_to_pod_created_s": {"p50": percentile(reaction, 0.5), "p95": percentile(reaction, 0.95),
-                                             "max": max(reaction)},
+            "apply_to_pod_created_s": {
+                "p50": percentile(pod_latency, 0.5),
+                "p95": percentile(pod_latency, 0.95),
+                "max": max(pod_latency),
+            },
+            "job_created_to_pod_created_s": {
+                "p50": percentile(reaction, 0.5),
+                "p95": percentile(reaction, 0.95),
+                "max": max(reaction),
+            },
             "operator_cpu_s": cpu2 - cpu1,
             "operator_cpu_percent_of_one_core": 100 * (cpu2 - cpu1) / max(t_done - t0, 1e-9),
         }
@@ -219,8 +255,10 @@ def main(argv=None):
             "wall_s": time.time() - t_start,
             "reconcile_errors_total": op.metric("lora_operator_reconcile_errors_total"),
             "reconciles": op.metric("lora_operator_reconcile_seconds_count"),
-            "reconcile_seconds_mean": (op.metric("lora_operator_reconcile_seconds_sum")
-                                       / max(op.metric("lora_operator_reconcile_seconds_count") or 1, 1)),
+            "reconcile_seconds_mean": (
+                op.metric("lora_operator_reconcile_seconds_sum")
+                / max(op.metric("lora_operator_reconcile_seconds_count") or 1, 1)
+            ),
             "jobs_succeeded_gauge": op.metric("lora_operator_jobs", {"phase": "Succeeded"}),
         }
         results["load_average_end"] = os.getloadavg()
@@ -237,9 +275,11 @@ def main(argv=None):
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
-    ok = (results["operator"]["reconcile_errors_total"] == 0
-          and results["burst"]["outcomes"] == {"Succeeded": args.burst_jobs}
-          and results["latency"]["phases"] == ["Succeeded"])
+    ok = (
+        results["operator"]["reconcile_errors_total"] == 0
+        and results["burst"]["outcomes"] == {"Succeeded": args.burst_jobs}
+        and results["latency"]["phases"] == ["Succeeded"]
+    )
     return 0 if ok else 1
 
 

@@ -132,22 +132,35 @@ def bench_downloads(s3, args) -> list[tuple]:
     bucket = "bench-download"
     setup.create_bucket(Bucket=bucket)
     shapes = [
-        (f"{args.small} x {args.small_kb} KB (images)", "small",
-         put_objects(setup, bucket, "small", args.small, args.small_kb * 1024)),
-        (f"{args.large} x {args.large_mb} MB (shards)", "large",
-         put_objects(setup, bucket, "large", args.large, args.large_mb * 2**20, multipart=True)),
+        (
+            f"{args.small} x {args.small_kb} KB (images)",
+            "small",
+            put_objects(setup, bucket, "small", args.small, args.small_kb * 1024),
+        ),
+        (
+            f"{args.large} x {args.large_mb} MB (shards)",
+            "large",
+            put_objects(setup, bucket, "large", args.large, args.large_mb * 2**20, multipart=True),
+        ),
     ]
     os.environ.update(s3.env())  # the trainer's client reads the standard AWS environment
     rows = []
-    for network, rtt in (("loopback", 0.0), (f"{args.rtt_ms:g} ms, {args.stream_mbps:g} MB/s/conn", args.rtt_ms / 1000)):
+    for network, rtt in (
+        ("loopback", 0.0),
+        (f"{args.rtt_ms:g} ms, {args.stream_mbps:g} MB/s/conn", args.rtt_ms / 1000),
+    ):
         endpoint = DelayLine(s3.endpoint_url, rtt, args.stream_mbps).url if rtt else s3.endpoint_url
-        plain = boto3.client("s3", endpoint_url=endpoint, region_name=s3.region, config=Config(retries={"mode": "standard"}))
+        plain = boto3.client(
+            "s3", endpoint_url=endpoint, region_name=s3.region, config=Config(retries={"mode": "standard"})
+        )
         fast = make_client(endpoint, args.concurrency + 4)
         for label, prefix, total in shapes:
             seq, par = [], []
             for _ in range(args.rounds):
-                for runner, times in ((lambda d, prefix=prefix, plain=plain: sequential_loop(plain, bucket, prefix, d), seq),
-                                      (lambda d, prefix=prefix, fast=fast: ours(fast, bucket, prefix, d, args.concurrency), par)):
+                for runner, times in (
+                    (lambda d, prefix=prefix, plain=plain: sequential_loop(plain, bucket, prefix, d), seq),
+                    (lambda d, prefix=prefix, fast=fast: ours(fast, bucket, prefix, d, args.concurrency), par),
+                ):
                     dest = Path(tempfile.mkdtemp(prefix="bench-s3-"))
                     try:
                         times.append(runner(dest))
@@ -197,11 +210,21 @@ def train_once(tmp: Path, s3_env: dict, bucket: str | None, args, server_cpu=lam
     from lora_trainer.recipe import TrainingRecipe, default_observers
     from lora_trainer.storage.stage import StorageSession
 
-    raw = {"base_model": "preset:tiny-sd", "train_data_dir": str(SAMPLE / "images"), "resolution": 32,
-           "lora_rank": args.rank, "batch_size": 4, "max_train_steps": args.steps, "save_steps": args.save_steps,
-           "seed": 0, "learning_rate": 1e-4, "logging_steps": 1000, "metrics_port": 0,
-           "output_dir": f"s3://{bucket}/run-{time.time_ns()}" if bucket else str(tmp / f"out-{time.time_ns()}"),
-           "s3_cache_dir": str(tmp / "cache")}
+    raw = {
+        "base_model": "preset:tiny-sd",
+        "train_data_dir": str(SAMPLE / "images"),
+        "resolution": 32,
+        "lora_rank": args.rank,
+        "batch_size": 4,
+        "max_train_steps": args.steps,
+        "save_steps": args.save_steps,
+        "seed": 0,
+        "learning_rate": 1e-4,
+        "logging_steps": 1000,
+        "metrics_port": 0,
+        "output_dir": f"s3://{bucket}/run-{time.time_ns()}" if bucket else str(tmp / f"out-{time.time_ns()}"),
+        "s3_cache_dir": str(tmp / "cache"),
+    }
     os.environ.update(s3_env)
     cfg = with_cluster_defaults(build_config(raw))
     session = StorageSession(cfg, config_to_yaml(cfg))
@@ -234,13 +257,22 @@ def train_once(tmp: Path, s3_env: dict, bucket: str | None, args, server_cpu=lam
     done = time.perf_counter()
     session.close()
     replay = upload_cpu_seconds(Path(local.output_dir), bucket) if bucket else 0.0
-    checkpoint_bytes = sum(p.stat().st_size for p in (Path(local.output_dir) / "checkpoints").rglob("*")
-                           if p.is_file() and "final" not in p.name)
-    return {"loop": marks["end"] - marks["start"], "blocked": marks["blocked"], "final_sync": done - marks["end"],
-            "cpu": marks["cpu_end"] - marks["cpu_start"], "server_cpu": marks["server_end"] - marks["server_start"],
-            "upload_cpu": replay,
-            "save": recipe.summary.timings.get("checkpoint", 0.0), "checkpoints": len(recipe.summary.checkpoints),
-            "checkpoint_mb": checkpoint_bytes / 1e6 / max(1, len(recipe.summary.checkpoints))}
+    checkpoint_bytes = sum(
+        p.stat().st_size
+        for p in (Path(local.output_dir) / "checkpoints").rglob("*")
+        if p.is_file() and "final" not in p.name
+    )
+    return {
+        "loop": marks["end"] - marks["start"],
+        "blocked": marks["blocked"],
+        "final_sync": done - marks["end"],
+        "cpu": marks["cpu_end"] - marks["cpu_start"],
+        "server_cpu": marks["server_end"] - marks["server_start"],
+        "upload_cpu": replay,
+        "save": recipe.summary.timings.get("checkpoint", 0.0),
+        "checkpoints": len(recipe.summary.checkpoints),
+        "checkpoint_mb": checkpoint_bytes / 1e6 / max(1, len(recipe.summary.checkpoints)),
+    }
 
 
 def bench_uploads(s3, args) -> dict:
@@ -253,11 +285,17 @@ def bench_uploads(s3, args) -> dict:
             local_runs.append(train_once(Path(tmp), s3.env(), None, args))
             s3_runs.append(train_once(Path(tmp), s3.env(), bucket, args, server))
     med = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
-    return {"local_loop": min(r["loop"] for r in local_runs), "s3_loop": min(r["loop"] for r in s3_runs),
-            "blocked": med(s3_runs, "blocked"), "final_sync": med(s3_runs, "final_sync"),
-            "upload_cpu": med(s3_runs, "upload_cpu"), "server_cpu": med(s3_runs, "server_cpu"),
-            "checkpoints": s3_runs[0]["checkpoints"],
-            "checkpoint_mb": s3_runs[0]["checkpoint_mb"], "rounds": args.rounds}
+    return {
+        "local_loop": min(r["loop"] for r in local_runs),
+        "s3_loop": min(r["loop"] for r in s3_runs),
+        "blocked": med(s3_runs, "blocked"),
+        "final_sync": med(s3_runs, "final_sync"),
+        "upload_cpu": med(s3_runs, "upload_cpu"),
+        "server_cpu": med(s3_runs, "server_cpu"),
+        "checkpoints": s3_runs[0]["checkpoints"],
+        "checkpoint_mb": s3_runs[0]["checkpoint_mb"],
+        "rounds": args.rounds,
+    }
 
 
 def main() -> None:
@@ -281,27 +319,37 @@ def main() -> None:
         try:
             if args.only != "upload":
                 rows = bench_downloads(s3, args)
-                print(f"\nDataset download from SeaweedFS on 127.0.0.1, median of {args.rounds} "
-                      f"(ours: {args.concurrency} parallel requests, every object verified)")
+                print(
+                    f"\nDataset download from SeaweedFS on 127.0.0.1, median of {args.rounds} "
+                    f"(ours: {args.concurrency} parallel requests, every object verified)"
+                )
                 print("| network | objects | MB | sequential boto3 loop s | MB/s | Downloader s | MB/s | speed-up |")
                 print("|---|---|---:|---:|---:|---:|---:|---:|")
                 for network, label, mb, s, smbs, p, pmbs, ratio in rows:
-                    print(f"| {network} | {label} | {mb:.0f} | {s:.2f} | {smbs:.0f} | {p:.2f} | {pmbs:.0f} "
-                          f"| {ratio:.1f}x |")
+                    print(
+                        f"| {network} | {label} | {mb:.0f} | {s:.2f} | {smbs:.0f} | {p:.2f} | {pmbs:.0f} "
+                        f"| {ratio:.1f}x |"
+                    )
             if args.only != "download":
                 r = bench_uploads(s3, args)
                 overhead = (r["s3_loop"] - r["local_loop"]) / r["local_loop"]
-                print(f"\nCheckpoint uploads during training: tiny SD, rank {args.rank}, {args.steps} steps, "
-                      f"a checkpoint every {args.save_steps} ({r['checkpoints']} x {r['checkpoint_mb']:.1f} MB), "
-                      f"{r['rounds']} rounds")
-                print("| training thread inside the S3 mirror s (median) | share of the loop "
-                      "| CPU s of the uploads (whole run) | share of the loop if all taken from training "
-                      "| CPU s of the S3 server | training loop s, local / s3:// output (best) | wall-time difference "
-                      "| final sync after the loop s |")
+                print(
+                    f"\nCheckpoint uploads during training: tiny SD, rank {args.rank}, {args.steps} steps, "
+                    f"a checkpoint every {args.save_steps} ({r['checkpoints']} x {r['checkpoint_mb']:.1f} MB), "
+                    f"{r['rounds']} rounds"
+                )
+                print(
+                    "| training thread inside the S3 mirror s (median) | share of the loop "
+                    "| CPU s of the uploads (whole run) | share of the loop if all taken from training "
+                    "| CPU s of the S3 server | training loop s, local / s3:// output (best) | wall-time difference "
+                    "| final sync after the loop s |"
+                )
                 print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-                print(f"| {r['blocked']:.3f} | {r['blocked'] / r['s3_loop']:.2%} | {r['upload_cpu']:.2f} "
-                      f"| {r['upload_cpu'] / r['local_loop']:.2%} | {r['server_cpu']:.2f} "
-                      f"| {r['local_loop']:.1f} / {r['s3_loop']:.1f} | {overhead:+.1%} | {r['final_sync']:.2f} |")
+                print(
+                    f"| {r['blocked']:.3f} | {r['blocked'] / r['s3_loop']:.2%} | {r['upload_cpu']:.2f} "
+                    f"| {r['upload_cpu'] / r['local_loop']:.2%} | {r['server_cpu']:.2f} "
+                    f"| {r['local_loop']:.1f} / {r['s3_loop']:.1f} | {overhead:+.1%} | {r['final_sync']:.2f} |"
+                )
         finally:
             s3.stop()
 

@@ -31,28 +31,62 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "trainer_image" / "lora_trainer" / "sample_data"
 
 SETUPS = {
-    ("tiny", "text-to-image"): dict(base_model="preset:tiny-sd", train_data_dir=str(SAMPLE / "images"),
-                                    resolution=32, batch_size=8),
-    ("tiny", "text-generation"): dict(task_type="text-generation", base_model="preset:tiny-llm",
-                                      train_data_dir=str(SAMPLE / "text"), max_seq_length=96, batch_size=8),
-    ("real", "text-to-image"): dict(base_model="preset:bench-sd15", train_data_dir=str(SAMPLE / "images"),
-                                    resolution=512, batch_size=1, mixed_precision="bf16"),
-    ("real", "text-generation"): dict(task_type="text-generation", base_model="preset:bench-llama-1b",
-                                      train_data_dir=str(SAMPLE / "text"), max_seq_length=512, batch_size=8,
-                                      mixed_precision="bf16"),
-    ("tiny", "flux1"): dict(base_model="preset:tiny-flux1", train_data_dir=str(SAMPLE / "images"), resolution=32,
-                            batch_size=8, gradient_checkpointing=False),
+    ("tiny", "text-to-image"): dict(
+        base_model="preset:tiny-sd", train_data_dir=str(SAMPLE / "images"), resolution=32, batch_size=8
+    ),
+    ("tiny", "text-generation"): dict(
+        task_type="text-generation",
+        base_model="preset:tiny-llm",
+        train_data_dir=str(SAMPLE / "text"),
+        max_seq_length=96,
+        batch_size=8,
+    ),
+    ("real", "text-to-image"): dict(
+        base_model="preset:bench-sd15",
+        train_data_dir=str(SAMPLE / "images"),
+        resolution=512,
+        batch_size=1,
+        mixed_precision="bf16",
+    ),
+    ("real", "text-generation"): dict(
+        task_type="text-generation",
+        base_model="preset:bench-llama-1b",
+        train_data_dir=str(SAMPLE / "text"),
+        max_seq_length=512,
+        batch_size=8,
+        mixed_precision="bf16",
+    ),
+    ("tiny", "flux1"): dict(
+        base_model="preset:tiny-flux1",
+        train_data_dir=str(SAMPLE / "images"),
+        resolution=32,
+        batch_size=8,
+        gradient_checkpointing=False,
+    ),
     # a FLUX.1-dev-size transformer (11.9B, random weights, bf16) with its VAE; text encoders only as wide as
     # FLUX's (their outputs are embedded once), on a GPU
-    ("real", "flux1"): dict(base_model="preset:bench-flux1", train_data_dir=str(SAMPLE / "images"), resolution=512,
-                            batch_size=1, mixed_precision="bf16", gradient_checkpointing=True),
+    ("real", "flux1"): dict(
+        base_model="preset:bench-flux1",
+        train_data_dir=str(SAMPLE / "images"),
+        resolution=512,
+        batch_size=1,
+        mixed_precision="bf16",
+        gradient_checkpointing=True,
+    ),
 }
 COMMON = dict(lora_rank=16, learning_rate=1e-4, seed=0, num_workers=0)
 
 
 def config_for(arch: str, task: str, steps: int, device: str, out: str) -> dict:
-    return {**SETUPS[(arch, task)], **COMMON, "max_train_steps": steps, "save_steps": steps - 1,
-            "device": device, "output_dir": out, "overwrite": True}
+    return {
+        **SETUPS[(arch, task)],
+        **COMMON,
+        "max_train_steps": steps,
+        "save_steps": steps - 1,
+        "device": device,
+        "output_dir": out,
+        "overwrite": True,
+    }
 
 
 def peak_memory(device: torch.device) -> int:
@@ -84,9 +118,14 @@ def run_ours(raw: dict, warmup: int, setup: str) -> dict:
     measured = s.step - warmup
     train = phases.get("data", 0) + phases.get("forward_backward", 0) + phases.get("optimizer", 0)
     return {
-        "step_s": train / measured, "samples": s.samples - marks["samples"], "tokens": s.tokens - marks["tokens"],
-        "train_s": train, "data_s": phases.get("data", 0), "fwd_bwd_s": phases.get("forward_backward", 0),
-        "optim_s": phases.get("optimizer", 0), "checkpoint_s": phases.get("checkpoint", 0),
+        "step_s": train / measured,
+        "samples": s.samples - marks["samples"],
+        "tokens": s.tokens - marks["tokens"],
+        "train_s": train,
+        "data_s": phases.get("data", 0),
+        "fwd_bwd_s": phases.get("forward_backward", 0),
+        "optim_s": phases.get("optimizer", 0),
+        "checkpoint_s": phases.get("checkpoint", 0),
         "peak_bytes": peak_memory(recipe.device),
     }
 
@@ -112,14 +151,18 @@ def run_reference(raw: dict, warmup: int, setup: str) -> dict:
     device, dtype = pick_device(cfg)
     torch.manual_seed(cfg.seed)
     step_fn, loader, params, save = REFERENCES[setup](cfg, device, dtype)
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8,
-                                  fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.learning_rate, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=device.type == "cuda"
+    )
     from diffusers.optimization import get_scheduler
 
     scheduler = get_scheduler("constant", optimizer=optimizer)
     timer, step, samples, tokens, ckpt_s = Timer(device), 0, 0, 0, 0.0
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.mixed_precision == "bf16"
-                else torch.autocast(device.type, enabled=False))
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if cfg.mixed_precision == "bf16"
+        else torch.autocast(device.type, enabled=False)
+    )
     while step < cfg.max_train_steps:
         t = time.perf_counter()
         for batch in loader:
@@ -148,9 +191,17 @@ def run_reference(raw: dict, warmup: int, setup: str) -> dict:
             if step >= cfg.max_train_steps:
                 break
     train = sum(timer.totals.values())
-    return {"step_s": train / (step - warmup), "samples": samples, "tokens": tokens, "train_s": train,
-            "data_s": timer.totals["data"], "fwd_bwd_s": timer.totals["fwd_bwd"], "optim_s": timer.totals["optim"],
-            "checkpoint_s": ckpt_s, "peak_bytes": peak_memory(device)}
+    return {
+        "step_s": train / (step - warmup),
+        "samples": samples,
+        "tokens": tokens,
+        "train_s": train,
+        "data_s": timer.totals["data"],
+        "fwd_bwd_s": timer.totals["fwd_bwd"],
+        "optim_s": timer.totals["optim"],
+        "checkpoint_s": ckpt_s,
+        "peak_bytes": peak_memory(device),
+    }
 
 
 def reference_sd(cfg, device, dtype):
@@ -164,8 +215,8 @@ def reference_sd(cfg, device, dtype):
     from PIL import Image
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from lora_trainer.data.images import read_metadata_csv
     from lora_trainer.base_model import resolve_local_model
+    from lora_trainer.data.images import read_metadata_csv
 
     src = resolve_local_model(cfg)
     tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")
@@ -173,8 +224,14 @@ def reference_sd(cfg, device, dtype):
     vae = AutoencoderKL.from_pretrained(src, subfolder="vae").requires_grad_(False).to(device, dtype)
     unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet").requires_grad_(False)
     noise_scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler")
-    unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
-                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    unet.add_adapter(
+        LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_rank,
+            init_lora_weights="gaussian",
+            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+        )
+    )
     unet.to(device, dtype)
     for p in unet.parameters():
         if p.requires_grad:
@@ -186,8 +243,13 @@ def reference_sd(cfg, device, dtype):
     def item(name):
         image = Image.open(folder / name).convert("RGB").resize((res, res), Image.BICUBIC)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
-        ids = tokenizer(captions[name], max_length=tokenizer.model_max_length, padding="max_length",
-                        truncation=True, return_tensors="pt").input_ids[0]
+        ids = tokenizer(
+            captions[name],
+            max_length=tokenizer.model_max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids[0]
         return pixels, ids
 
     def collate(names):
@@ -218,15 +280,19 @@ def reference_llm(cfg, device, dtype):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lora_trainer.data.text import IGNORE_INDEX, collate_tokens, tokenize_dataset
     from lora_trainer.base_model import resolve_local_model
+    from lora_trainer.data.text import IGNORE_INDEX, collate_tokens, tokenize_dataset
     from lora_trainer.tasks.text_generation import load_tokenizer
 
     tokenizer = load_tokenizer(cfg)
     data = tokenize_dataset(cfg.train_data_dir, tokenizer, "auto", cfg.max_seq_length)
     model = AutoModelForCausalLM.from_pretrained(resolve_local_model(cfg), dtype=dtype, attn_implementation="sdpa")
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_rank, lora_alpha=cfg.lora_rank,
-                                             target_modules=["q_proj", "v_proj"])).to(device)
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            task_type="CAUSAL_LM", r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=["q_proj", "v_proj"]
+        ),
+    ).to(device)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -242,8 +308,12 @@ def reference_llm(cfg, device, dtype):
         inputs = {k: batch[k].to(device) for k in ("input_ids", "labels", "attention_mask")}
         return model(**inputs, use_cache=False).loss
 
-    return step, loader, [p for p in model.parameters() if p.requires_grad], lambda: model.save_pretrained(
-        tempfile.mkdtemp())
+    return (
+        step,
+        loader,
+        [p for p in model.parameters() if p.requires_grad],
+        lambda: model.save_pretrained(tempfile.mkdtemp()),
+    )
 
 
 def reference_flux1(cfg, device, dtype):
@@ -266,17 +336,34 @@ def reference_flux1(cfg, device, dtype):
     pipe.text_encoder.to(device)
     pipe.text_encoder_2.to(device)
     with torch.no_grad():
-        embeds, pooled, text_ids = pipe.encode_prompt(list(captions.values()), prompt_2=None, device=device,
-                                                      max_sequence_length=512)
+        embeds, pooled, text_ids = pipe.encode_prompt(
+            list(captions.values()), prompt_2=None, device=device, max_sequence_length=512
+        )
     row = {name: i for i, name in enumerate(captions)}
     vae, transformer, scheduler = pipe.vae.to(device).requires_grad_(False), pipe.transformer, pipe.scheduler
     del pipe.text_encoder, pipe.text_encoder_2
     transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
-                                       target_modules=["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
-                                                       "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj",
-                                                       "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
-                                                       "ff_context.net.0.proj", "ff_context.net.2"]))
+    transformer.add_adapter(
+        LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_rank,
+            init_lora_weights="gaussian",
+            target_modules=[
+                "attn.to_k",
+                "attn.to_q",
+                "attn.to_v",
+                "attn.to_out.0",
+                "attn.add_k_proj",
+                "attn.add_q_proj",
+                "attn.add_v_proj",
+                "attn.to_add_out",
+                "ff.net.0.proj",
+                "ff.net.2",
+                "ff_context.net.0.proj",
+                "ff_context.net.2",
+            ],
+        )
+    )
     transformer.to(device)
     for p in transformer.parameters():
         if p.requires_grad:
@@ -286,8 +373,14 @@ def reference_flux1(cfg, device, dtype):
     res, factor = cfg.resolution, 2 ** (len(vae.config.block_out_channels) - 1)
 
     def collate(names):
-        pixels = [torch.from_numpy(np.asarray(Image.open(folder / n).convert("RGB").resize((res, res), Image.BICUBIC),
-                                              dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for n in names]
+        pixels = [
+            torch.from_numpy(
+                np.asarray(Image.open(folder / n).convert("RGB").resize((res, res), Image.BICUBIC), dtype=np.float32)
+                / 127.5
+                - 1
+            ).permute(2, 0, 1)
+            for n in names
+        ]
         return {"pixel_values": torch.stack(pixels), "rows": [row[n] for n in names], "n": len(names)}
 
     loader = torch.utils.data.DataLoader(list(captions), batch_size=cfg.batch_size, shuffle=True, collate_fn=collate)
@@ -306,15 +399,26 @@ def reference_flux1(cfg, device, dtype):
         noisy = (1.0 - sigmas) * latents + sigmas * noise
         packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
         guidance = torch.full((b,), 1.0, device=device) if transformer.config.guidance_embeds else None
-        pred = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
-                           pooled_projections=pooled[batch["rows"]], encoder_hidden_states=embeds[batch["rows"]],
-                           txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+        pred = transformer(
+            hidden_states=packed,
+            timestep=timesteps / 1000,
+            guidance=guidance,
+            pooled_projections=pooled[batch["rows"]],
+            encoder_hidden_states=embeds[batch["rows"]],
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            return_dict=False,
+        )[0]
         pred = FluxPipeline._unpack_latents(pred, h * factor, w * factor, factor)
         weighting = compute_loss_weighting_for_sd3("none", sigmas)
-        return torch.mean((weighting.float() * (pred.float() - (noise - latents).float()) ** 2).reshape(b, -1), 1).mean()
+        return torch.mean(
+            (weighting.float() * (pred.float() - (noise - latents).float()) ** 2).reshape(b, -1), 1
+        ).mean()
 
     def save():
-        FluxPipeline.save_lora_weights(tempfile.mkdtemp(), transformer_lora_layers=get_peft_model_state_dict(transformer))
+        FluxPipeline.save_lora_weights(
+            tempfile.mkdtemp(), transformer_lora_layers=get_peft_model_state_dict(transformer)
+        )
 
     return step, loader, [p for p in transformer.parameters() if p.requires_grad], save
 
@@ -327,8 +431,18 @@ def measure(kind: str, arch: str, task: str, steps: int, warmup: int, device: st
     """Runs one measurement in a fresh process; adds its wall time (setup included) as `wall_s`."""
     with tempfile.TemporaryDirectory() as out:
         raw = {**config_for(arch, task, steps, device, out), **overrides}
-        cmd = [sys.executable, __file__, "--worker", kind, "--raw", json.dumps(raw), "--warmup", str(warmup),
-               "--task", task]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            kind,
+            "--raw",
+            json.dumps(raw),
+            "--warmup",
+            str(warmup),
+            "--task",
+            task,
+        ]
         started = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
@@ -337,17 +451,28 @@ def measure(kind: str, arch: str, task: str, steps: int, warmup: int, device: st
 
 
 def table(rows: list[dict]) -> str:
-    head = ("task", "loop", "step ms", "throughput", "peak MiB", "data %", "fwd+bwd %", "optim %", "ckpt ms",
-            "vs ref")
+    head = ("task", "loop", "step ms", "throughput", "peak MiB", "data %", "fwd+bwd %", "optim %", "ckpt ms", "vs ref")
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         m = r["m"]
-        rate = (f"{m['tokens'] / m['train_s']:.4g} tok/s" if m["tokens"]
-                else f"{m['samples'] / m['train_s']:.3g} img/s")
+        rate = f"{m['tokens'] / m['train_s']:.4g} tok/s" if m["tokens"] else f"{m['samples'] / m['train_s']:.3g} img/s"
         pct = lambda k, m=m: f"{100 * m[k] / m['train_s']:.1f}"  # noqa: E731
-        lines.append(" | ".join([r["task"], r["kind"], f"{1000 * m['step_s']:.1f}", rate,
-                                 f"{m['peak_bytes'] / 2**20:.0f}", pct("data_s"), pct("fwd_bwd_s"), pct("optim_s"),
-                                 f"{1000 * m['checkpoint_s']:.1f}", r.get("ratio", "")]))
+        lines.append(
+            " | ".join(
+                [
+                    r["task"],
+                    r["kind"],
+                    f"{1000 * m['step_s']:.1f}",
+                    rate,
+                    f"{m['peak_bytes'] / 2**20:.0f}",
+                    pct("data_s"),
+                    pct("fwd_bwd_s"),
+                    pct("optim_s"),
+                    f"{1000 * m['checkpoint_s']:.1f}",
+                    r.get("ratio", ""),
+                ]
+            )
+        )
     return "\n".join(lines)
 
 
@@ -367,10 +492,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2, help="alternate ours/reference this many times")
-    parser.add_argument("--task", choices=["text-to-image", "text-generation", "flux1"], action="append",
-                        help="measure only this task (repeatable); default both")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key of both loops, e.g. --set mixed_precision=no (YAML value)")
+    parser.add_argument(
+        "--task",
+        choices=["text-to-image", "text-generation", "flux1"],
+        action="append",
+        help="measure only this task (repeatable); default both",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key of both loops, e.g. --set mixed_precision=no (YAML value)",
+    )
     parser.add_argument("--worker", choices=["ours", "reference"])
     parser.add_argument("--raw")
     args = parser.parse_args()
@@ -388,11 +522,15 @@ def main() -> None:
                 if kind not in best or m["step_s"] < best[kind]["step_s"]:
                     best[kind] = m
         ratio = best["ours"]["step_s"] / best["reference"]["step_s"]
-        rows += [{"task": task, "kind": "reference", "m": best["reference"]},
-                 {"task": task, "kind": "ours", "m": best["ours"], "ratio": f"{ratio:.3f}x"}]
-    print(f"arch={args.arch} device={args.device} steps={args.steps} (first {args.warmup} not timed), "
-          f"best of {args.repeats}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-          + "".join(f", {item}" for item in args.set))
+        rows += [
+            {"task": task, "kind": "reference", "m": best["reference"]},
+            {"task": task, "kind": "ours", "m": best["ours"], "ratio": f"{ratio:.3f}x"},
+        ]
+    print(
+        f"arch={args.arch} device={args.device} steps={args.steps} (first {args.warmup} not timed), "
+        f"best of {args.repeats}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        + "".join(f", {item}" for item in args.set)
+    )
     print(table(rows))
     if any(math.isnan(r["m"]["step_s"]) for r in rows):
         raise SystemExit(1)

@@ -48,10 +48,14 @@ def make_text(folder: Path) -> None:
     (folder / "arithmetic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     chats = []
     for name, rgb in COLORS.items():
-        chats.append({"messages": [
-            {"role": "user", "content": f"Give the RGB value of {name}."},
-            {"role": "assistant", "content": f"{name} is rgb{rgb}."},
-        ]})
+        chats.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Give the RGB value of {name}."},
+                    {"role": "assistant", "content": f"{name} is rgb{rgb}."},
+                ]
+            }
+        )
     (folder / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chats))
 
 

@@ -95,8 +95,10 @@ def labels_for(job: dict[str, Any], component: str) -> dict[str, str]:
 def build_config_map(job: dict[str, Any], settings: Settings, *, allow_overwrite: bool = True) -> dict[str, Any]:
     children = Children.of(job["metadata"]["name"])
     config = trainer_config(job.get("spec") or {}, settings, allow_overwrite=allow_overwrite)
-    text = (f"# Trainer config of {KIND} {job['metadata']['namespace']}/{job['metadata']['name']}, "
-            f"written by lora-operator.\n" + yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    text = (
+        f"# Trainer config of {KIND} {job['metadata']['namespace']}/{job['metadata']['name']}, "
+        f"written by lora-operator.\n" + yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+    )
     body = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -123,11 +125,14 @@ def build_training_job(job: dict[str, Any], settings: Settings) -> dict[str, Any
         "podReplacementPolicy": "Failed",
         "podFailurePolicy": pod_failure_policy(),
         "template": {
-            "metadata": {"labels": dict(labels), "annotations": {
-                "prometheus.io/scrape": "true",
-                "prometheus.io/port": str(settings.trainer_metrics_port),
-                "prometheus.io/path": "/metrics",
-            }},
+            "metadata": {
+                "labels": dict(labels),
+                "annotations": {
+                    "prometheus.io/scrape": "true",
+                    "prometheus.io/port": str(settings.trainer_metrics_port),
+                    "prometheus.io/path": "/metrics",
+                },
+            },
             "spec": build_pod_spec(job, settings, children),
         },
     }
@@ -151,11 +156,15 @@ def pod_failure_policy() -> dict[str, Any]:
     Rules are checked in order: an evicted trainer exits 143 after its checkpoint and carries the
     DisruptionTarget condition, so it is ignored (replaced without counting against backoffLimit).
     """
-    return {"rules": [
-        {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                              "values": sorted(PERMANENT_EXIT_REASONS)}},
-        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-    ]}
+    return {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": sorted(PERMANENT_EXIT_REASONS)},
+            },
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]
+    }
 
 
 def build_pod_spec(job: dict[str, Any], settings: Settings, children: Children) -> dict[str, Any]:
@@ -176,8 +185,10 @@ def build_pod_spec(job: dict[str, Any], settings: Settings, children: Children) 
         },
         "containers": [build_trainer_container(job, settings)],
         "volumes": [
-            {"name": "config", "configMap": {"name": children.config_map,
-                                             "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}]}},
+            {
+                "name": "config",
+                "configMap": {"name": children.config_map, "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}]},
+            },
             {"name": "scratch", "emptyDir": {}},
         ],
     }
@@ -262,10 +273,14 @@ def s3_env(s3: dict[str, Any], settings: Settings) -> list[dict[str, Any]]:
     if secret:
         env += [
             {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": secret, "key": "AWS_ACCESS_KEY_ID"}}},
-            {"name": "AWS_SECRET_ACCESS_KEY",
-             "valueFrom": {"secretKeyRef": {"name": secret, "key": "AWS_SECRET_ACCESS_KEY"}}},
-            {"name": "AWS_SESSION_TOKEN",
-             "valueFrom": {"secretKeyRef": {"name": secret, "key": "AWS_SESSION_TOKEN", "optional": True}}},
+            {
+                "name": "AWS_SECRET_ACCESS_KEY",
+                "valueFrom": {"secretKeyRef": {"name": secret, "key": "AWS_SECRET_ACCESS_KEY"}},
+            },
+            {
+                "name": "AWS_SESSION_TOKEN",
+                "valueFrom": {"secretKeyRef": {"name": secret, "key": "AWS_SESSION_TOKEN", "optional": True}},
+            },
         ]
     endpoint = s3.get("endpoint") or settings.s3_endpoint
     if endpoint:
@@ -323,15 +338,25 @@ def build_cleanup_job(job: dict[str, Any], settings: Settings) -> dict[str, Any]
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {"name": children.cleanup_job, "namespace": meta["namespace"], "labels": labels,
-                     "annotations": {OWNER_UID_ANNOTATION: meta.get("uid", "")}},
-        "spec": {"backoffLimit": CLEANUP_BACKOFF_LIMIT, "ttlSecondsAfterFinished": CLEANUP_TTL_SECONDS,
-                 "activeDeadlineSeconds": CLEANUP_DEADLINE_SECONDS,
-                 "template": {"metadata": {"labels": labels}, "spec": pod}},
+        "metadata": {
+            "name": children.cleanup_job,
+            "namespace": meta["namespace"],
+            "labels": labels,
+            "annotations": {OWNER_UID_ANNOTATION: meta.get("uid", "")},
+        },
+        "spec": {
+            "backoffLimit": CLEANUP_BACKOFF_LIMIT,
+            "ttlSecondsAfterFinished": CLEANUP_TTL_SECONDS,
+            "activeDeadlineSeconds": CLEANUP_DEADLINE_SECONDS,
+            "template": {"metadata": {"labels": labels}, "spec": pod},
+        },
     }
 
 
 def _owner(job: dict[str, Any]) -> dict[str, Any]:
     """The owner body kopf.adopt needs (apiVersion/kind may be missing from a watched body)."""
-    return {"apiVersion": job.get("apiVersion") or API_VERSION, "kind": job.get("kind") or KIND,
-            "metadata": job["metadata"]}
+    return {
+        "apiVersion": job.get("apiVersion") or API_VERSION,
+        "kind": job.get("kind") or KIND,
+        "metadata": job["metadata"],
+    }

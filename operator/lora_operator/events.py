@@ -34,13 +34,21 @@ def transitions(old: dict[str, Any] | None, new: dict[str, Any]) -> list[Transit
         text = f"{new.get('phase')}: {new.get('message', '')}".rstrip(": ")
         events.append(Transition("Warning" if warning else "Normal", reason, shorten(text, TRANSITION_MESSAGE_LIMIT)))
     if (new.get("attempts") or 0) > (old.get("attempts") or 0) and new.get("currentPod"):
-        events.append(Transition("Normal", "AttemptStarted",
-                                 f"attempt {new['attempts']}: trainer pod {new['currentPod']['name']}"))
+        events.append(
+            Transition(
+                "Normal", "AttemptStarted", f"attempt {new['attempts']}: trainer pod {new['currentPod']['name']}"
+            )
+        )
     old_ckpt = (old.get("lastCheckpoint") or {}).get("step")
     new_ckpt = (new.get("lastCheckpoint") or {}).get("step")
     if new_ckpt is not None and new_ckpt != old_ckpt:
-        events.append(Transition("Normal", "Checkpoint", f"checkpoint at step {new_ckpt}: "
-                                                          f"{(new.get('lastCheckpoint') or {}).get('uri', '')}"))
+        events.append(
+            Transition(
+                "Normal",
+                "Checkpoint",
+                f"checkpoint at step {new_ckpt}: {(new.get('lastCheckpoint') or {}).get('uri', '')}",
+            )
+        )
     return events
 
 
@@ -49,12 +57,23 @@ def build_event(job: dict[str, Any], event: Transition, now: datetime, instance:
     meta = job["metadata"]
     stamp = rfc3339(now)
     return {
-        "apiVersion": "v1", "kind": "Event",
+        "apiVersion": "v1",
+        "kind": "Event",
         "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-        "involvedObject": {"apiVersion": job.get("apiVersion") or API_VERSION, "kind": job.get("kind") or KIND,
-                           "name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]},
-        "type": event.type, "reason": event.reason, "message": event.message[:EVENT_MESSAGE_LIMIT],
-        "count": 1, "firstTimestamp": stamp, "lastTimestamp": stamp,
+        "involvedObject": {
+            "apiVersion": job.get("apiVersion") or API_VERSION,
+            "kind": job.get("kind") or KIND,
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta["uid"],
+        },
+        "type": event.type,
+        "reason": event.reason,
+        "message": event.message[:EVENT_MESSAGE_LIMIT],
+        "count": 1,
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
         "source": {"component": "lora-operator"},
-        "reportingComponent": "lora-operator", "reportingInstance": instance[:REPORTING_INSTANCE_LIMIT],
+        "reportingComponent": "lora-operator",
+        "reportingInstance": instance[:REPORTING_INSTANCE_LIMIT],
     }

@@ -36,7 +36,8 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=ANNOTATION_PREFIX, key="last-handled-configuration")
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
     settings.posting.level = logging.WARNING  # kopf's own log lines; our transitions post their events
     settings.scanning.disabled = True  # no CRD/namespace watching: fewer permissions, static resources
     # Children are watched with a server-side label selector: the operator never lists foreign pods.
@@ -85,8 +86,9 @@ def register(registry: kopf.OperatorRegistry) -> kopf.OperatorRegistry:
         await rec.reconcile(memo.ctx, JobKey(namespace, labels[JOB_LABEL]), seen_pod=copy.deepcopy(dict(body)))
 
     @kopf.on.event(**LTJ, registry=registry)
-    def track(event: Any, uid: str, name: str, namespace: str, status: Any, meta: Any, memo: kopf.Memo,
-              **_: Any) -> None:
+    def track(
+        event: Any, uid: str, name: str, namespace: str, status: Any, meta: Any, memo: kopf.Memo, **_: Any
+    ) -> None:
         key = JobKey(namespace, name)
         if event.get("type") == "DELETED":
             memo.ctx.forget(key, uid)

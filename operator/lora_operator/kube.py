@@ -11,7 +11,8 @@ import json
 import os
 import ssl
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
@@ -101,8 +102,8 @@ class ApiClient:
                 headers["Authorization"] = f"Basic {auth}"
             connector = aiohttp.TCPConnector(ssl=_ssl_context(self._info), limit=MAX_CONNECTIONS)
             self._session = aiohttp.ClientSession(
-                base_url=None, headers=headers, connector=connector,
-                timeout=aiohttp.ClientTimeout(total=self._timeout))
+                base_url=None, headers=headers, connector=connector, timeout=aiohttp.ClientTimeout(total=self._timeout)
+            )
         return self._session
 
     @property
@@ -114,8 +115,14 @@ class ApiClient:
             await self._session.close()
             self._session = None
 
-    async def request(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None,
-                      content_type: str = "application/json") -> Any:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: dict[str, Any] | None = None,
+        content_type: str = "application/json",
+    ) -> Any:
         for attempt in (1, 2):
             session = await self._ensure()
             url = self.server + path + ("?" + urlencode(query) if query else "")

@@ -9,10 +9,12 @@ comparing clocks across machines. A leader that shuts down cleanly releases the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from datetime import datetime, timezone
-from typing import Any, Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from .kube import ApiClient, ApiError, group_path
 
@@ -25,24 +27,38 @@ RENEW_DEADLINE = 2 / 3
 
 
 def micro_time(moment: datetime | None = None) -> str:
-    moment = moment or datetime.now(timezone.utc)
+    moment = moment or datetime.now(UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def lease_body(name: str, namespace: str, identity: str, duration: float, transitions: int,
-               acquire_time: str, renew_time: str) -> dict[str, Any]:
+def lease_body(
+    name: str, namespace: str, identity: str, duration: float, transitions: int, acquire_time: str, renew_time: str
+) -> dict[str, Any]:
     return {
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
         "metadata": {"name": name, "namespace": namespace},
-        "spec": {"holderIdentity": identity, "leaseDurationSeconds": max(int(round(duration)), 1),
-                 "acquireTime": acquire_time, "renewTime": renew_time, "leaseTransitions": transitions},
+        "spec": {
+            "holderIdentity": identity,
+            "leaseDurationSeconds": max(int(round(duration)), 1),
+            "acquireTime": acquire_time,
+            "renewTime": renew_time,
+            "leaseTransitions": transitions,
+        },
     }
 
 
 class LeaderElector:
-    def __init__(self, api: ApiClient, namespace: str, name: str, identity: str, duration: float,
-                 renew_interval: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        api: ApiClient,
+        namespace: str,
+        name: str,
+        identity: str,
+        duration: float,
+        renew_interval: float,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.api = api
         self.namespace, self.name, self.identity = namespace, name, identity
         self.duration, self.renew_interval = duration, renew_interval
@@ -68,8 +84,10 @@ class LeaderElector:
             if err.status != 404:
                 raise
             try:
-                await self.api.create(group_path("coordination.k8s.io/v1", "leases", self.namespace),
-                                      lease_body(self.name, self.namespace, self.identity, self.duration, 0, now, now))
+                await self.api.create(
+                    group_path("coordination.k8s.io/v1", "leases", self.namespace),
+                    lease_body(self.name, self.namespace, self.identity, self.duration, 0, now, now),
+                )
             except ApiError as err2:
                 if err2.status == 409:
                     return False
@@ -81,8 +99,15 @@ class LeaderElector:
         if not mine and holder and not self._expired(spec):
             return self._became(False)
         transitions = int(spec.get("leaseTransitions") or 0) + (0 if mine else 1)
-        body = lease_body(self.name, self.namespace, self.identity, self.duration, transitions,
-                          spec.get("acquireTime") if mine and spec.get("acquireTime") else now, now)
+        body = lease_body(
+            self.name,
+            self.namespace,
+            self.identity,
+            self.duration,
+            transitions,
+            spec.get("acquireTime") if mine and spec.get("acquireTime") else now,
+            now,
+        )
         body["metadata"]["resourceVersion"] = lease["metadata"]["resourceVersion"]
         try:
             await self.api.replace(self.path, body)
@@ -94,8 +119,13 @@ class LeaderElector:
 
     def _became(self, leader: bool) -> bool:
         if leader != self.is_leader:
-            log.info("%s %s the leader lease %s/%s", self.identity, "acquired" if leader else "does not hold",
-                     self.namespace, self.name)
+            log.info(
+                "%s %s the leader lease %s/%s",
+                self.identity,
+                "acquired" if leader else "does not hold",
+                self.namespace,
+                self.name,
+            )
         self.is_leader = leader
         return leader
 
@@ -106,15 +136,13 @@ class LeaderElector:
             try:
                 if await self.try_acquire():
                     return True
-            except (ApiError, OSError, asyncio.TimeoutError) as err:
+            except (TimeoutError, ApiError, OSError) as err:
                 log.warning("leader election: %s", err)
             if not logged:
                 log.info("%s waits for the leader lease %s/%s", self.identity, self.namespace, self.name)
                 logged = True
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.renew_interval)
-            except asyncio.TimeoutError:
-                pass
         return False
 
     async def hold(self, stop: asyncio.Event, lost: asyncio.Event) -> None:
@@ -124,14 +152,14 @@ class LeaderElector:
             try:
                 await asyncio.wait_for(stop.wait(), self.renew_interval)
                 return
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             try:
                 if await self.try_acquire():
                     last_ok = self.clock()
                     continue
                 log.error("leader lease %s/%s was taken over", self.namespace, self.name)
-            except (ApiError, OSError, asyncio.TimeoutError) as err:
+            except (TimeoutError, ApiError, OSError) as err:
                 log.warning("renewing the leader lease failed: %s", err)
                 if self.clock() - last_ok < self.duration * RENEW_DEADLINE:
                     continue
@@ -150,13 +178,20 @@ class LeaderElector:
             if spec.get("holderIdentity") != self.identity:
                 return
             # no holder and a 1 s duration: a standby takes it at its next attempt
-            body = lease_body(self.name, self.namespace, "", 1, int(spec.get("leaseTransitions") or 0),
-                              spec.get("acquireTime") or micro_time(), micro_time())
+            body = lease_body(
+                self.name,
+                self.namespace,
+                "",
+                1,
+                int(spec.get("leaseTransitions") or 0),
+                spec.get("acquireTime") or micro_time(),
+                micro_time(),
+            )
             body["spec"].pop("holderIdentity")
             body["metadata"]["resourceVersion"] = lease["metadata"]["resourceVersion"]
             await self.api.replace(self.path, body)
             log.info("%s released the leader lease", self.identity)
-        except (ApiError, OSError, asyncio.TimeoutError) as err:
+        except (TimeoutError, ApiError, OSError) as err:
             log.warning("releasing the leader lease failed: %s", err)
         finally:
             self.is_leader = False

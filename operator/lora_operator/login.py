@@ -29,8 +29,12 @@ def in_cluster(sa_dir: str = SA_DIR, environ: os._Environ | dict | None = None) 
     if os.path.exists(os.path.join(sa_dir, "namespace")):
         with open(os.path.join(sa_dir, "namespace"), encoding="utf-8") as f:
             namespace = f.read().strip() or None
-    return kopf.ConnectionInfo(server=server, ca_path=ca_path if os.path.exists(ca_path) else None,
-                               token=token or None, default_namespace=namespace)
+    return kopf.ConnectionInfo(
+        server=server,
+        ca_path=ca_path if os.path.exists(ca_path) else None,
+        token=token or None,
+        default_namespace=namespace,
+    )
 
 
 def login() -> kopf.ConnectionInfo | None:

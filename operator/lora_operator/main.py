@@ -20,17 +20,19 @@ from . import __version__
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="lora-operator", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        prog="lora-operator",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     parser.add_argument("--version", action="version", version=f"lora-operator {__version__}")
     parser.add_argument("--settings", action="store_true", help="print the resolved settings and exit")
     return parser.parse_args(argv)
 
 
 def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     if level != "DEBUG":  # kopf reports every handler run at INFO; our own log says what changed
         logging.getLogger("kopf").setLevel(logging.WARNING)
@@ -55,15 +57,22 @@ async def run(settings) -> int:
     api = ApiClient(login)
     metrics = OperatorMetrics()
     leading = {"yes": False}
-    http = await HttpServer(metrics, settings.http_host, settings.http_port,
-                            ready=lambda: not leading["yes"] or kopf_ready.is_set()).start()
+    http = await HttpServer(
+        metrics, settings.http_host, settings.http_port, ready=lambda: not leading["yes"] or kopf_ready.is_set()
+    ).start()
     elector = None
     tasks: list[asyncio.Task] = []
     ctx = Context(settings, api, metrics)
     try:
         if settings.leader_election:
-            elector = LeaderElector(api, settings.lease_namespace, settings.lease_name, settings.identity,
-                                    settings.lease_duration, settings.renew_interval)
+            elector = LeaderElector(
+                api,
+                settings.lease_namespace,
+                settings.lease_name,
+                settings.identity,
+                settings.lease_duration,
+                settings.renew_interval,
+            )
             if not await elector.acquire(stop):
                 return 0
             tasks.append(asyncio.create_task(elector.hold(stop, lost)))
@@ -80,11 +89,20 @@ async def run(settings) -> int:
         tasks.append(asyncio.create_task(relay()))
         ctx.scraper = aiohttp.ClientSession()
         registry = handlers.register(kopf.OperatorRegistry())
-        log.info("lora-operator %s starting (%s)", __version__,
-                 "all namespaces" if settings.clusterwide else ", ".join(settings.watch_namespaces))
-        await kopf.operator(registry=registry, memo=kopf.Memo(ctx=ctx), standalone=True,
-                            clusterwide=settings.clusterwide, namespaces=list(settings.watch_namespaces),
-                            stop_flag=kopf_stop, ready_flag=kopf_ready)
+        log.info(
+            "lora-operator %s starting (%s)",
+            __version__,
+            "all namespaces" if settings.clusterwide else ", ".join(settings.watch_namespaces),
+        )
+        await kopf.operator(
+            registry=registry,
+            memo=kopf.Memo(ctx=ctx),
+            standalone=True,
+            clusterwide=settings.clusterwide,
+            namespaces=list(settings.watch_namespaces),
+            stop_flag=kopf_stop,
+            ready_flag=kopf_ready,
+        )
         if lost.is_set():
             log.error("lost the leader lease: exiting so that a standby takes over")
             return 1

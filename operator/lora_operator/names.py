@@ -86,7 +86,7 @@ class Children:
     cleanup_job: str
 
     @classmethod
-    def of(cls, owner: str) -> "Children":
+    def of(cls, owner: str) -> Children:
         return cls(child_name(owner, "config"), child_name(owner, "train"), child_name(owner, "cleanup"))
 
     def as_status(self) -> dict[str, str]:

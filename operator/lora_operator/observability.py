@@ -11,7 +11,7 @@ Metrics live in their own CollectorRegistry created at start (nothing is registe
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -42,19 +42,27 @@ class OperatorMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.phases: dict[str, str] = {}  # job uid -> phase (one entry per object, see names.JobKey)
         self.registry.register(_PhaseCollector(self.phases))
-        self.reconcile_errors = Counter("lora_operator_reconcile_errors", "Reconciles that raised",
-                                        registry=self.registry)
+        self.reconcile_errors = Counter(
+            "lora_operator_reconcile_errors", "Reconciles that raised", registry=self.registry
+        )
         # a reconcile is a few API round trips (milliseconds); seconds mean a slow API server
         self.reconcile_seconds = Histogram(
-            "lora_operator_reconcile_seconds", "Duration of one reconcile of a job", registry=self.registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+            "lora_operator_reconcile_seconds",
+            "Duration of one reconcile of a job",
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
         # training runs last from seconds (tiny tests) to a day
         self.job_duration = Histogram(
-            "lora_operator_job_duration_seconds", "Creation to Succeeded/Failed of LoRATrainingJobs",
-            ["phase"], registry=self.registry,
-            buckets=(10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400))
-        self.leader = Gauge("lora_operator_leader", "1 on the replica that holds the leader lease",
-                            registry=self.registry)
+            "lora_operator_job_duration_seconds",
+            "Creation to Succeeded/Failed of LoRATrainingJobs",
+            ["phase"],
+            registry=self.registry,
+            buckets=(10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 43200, 86400),
+        )
+        self.leader = Gauge(
+            "lora_operator_leader", "1 on the replica that holds the leader lease", registry=self.registry
+        )
 
     def observe_phase(self, uid: str, phase: str | None) -> None:
         self.phases[uid] = Phase.parse(phase).value
@@ -73,7 +81,7 @@ class HttpServer:
         self.metrics, self.host, self.port, self.ready = metrics, host, port, ready
         self.runner: web.AppRunner | None = None
 
-    async def start(self) -> "HttpServer":
+    async def start(self) -> HttpServer:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
@@ -100,4 +108,3 @@ class HttpServer:
         if self.ready():
             return web.Response(text="ok")
         return web.Response(status=503, text="not ready")
-

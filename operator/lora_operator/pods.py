@@ -53,8 +53,14 @@ def pod_condition(pod: dict[str, Any], ctype: str) -> dict[str, Any] | None:
 def job_condition(job: dict[str, Any] | None, ctype: str) -> dict[str, Any] | None:
     if not job:
         return None
-    return next((c for c in (job.get("status") or {}).get("conditions") or []
-                 if c.get("type") == ctype and c.get("status") == "True"), None)
+    return next(
+        (
+            c
+            for c in (job.get("status") or {}).get("conditions") or []
+            if c.get("type") == ctype and c.get("status") == "True"
+        ),
+        None,
+    )
 
 
 def pod_finished(pod: dict[str, Any]) -> bool:
@@ -91,8 +97,13 @@ def pod_outcome(pod: dict[str, Any]) -> PodOutcome:
     if status.get("reason") == "DeadlineExceeded":
         return PodOutcome(Reason.DEADLINE_EXCEEDED, shorten(f"pod {name}: {status.get('message', '')}"), code)
     if term.get("reason") == "OOMKilled":
-        return PodOutcome(Reason.OOM_KILLED, shorten(f"pod {name}: the trainer ran out of memory (OOMKilled, "
-                                                     f"exit code {code}); raise spec.resources.memory"), code)
+        return PodOutcome(
+            Reason.OOM_KILLED,
+            shorten(
+                f"pod {name}: the trainer ran out of memory (OOMKilled, exit code {code}); raise spec.resources.memory"
+            ),
+            code,
+        )
     if code in PERMANENT_EXIT_REASONS:
         reason = PERMANENT_EXIT_REASONS[code]
         return PodOutcome(reason, shorten(said or f"the trainer exited with code {code} ({reason})"), code)
@@ -113,8 +124,9 @@ def waiting_reason(pod: dict[str, Any]) -> tuple[str, str] | None:
     waiting = (trainer_status(pod).get("state") or {}).get("waiting") or {}
     why = waiting.get("reason")
     if why in ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"):
-        image = next((c.get("image") for c in (pod.get("spec") or {}).get("containers") or []
-                      if c.get("name") == CONTAINER), "")
+        image = next(
+            (c.get("image") for c in (pod.get("spec") or {}).get("containers") or [] if c.get("name") == CONTAINER), ""
+        )
         return Reason.IMAGE_PULL_FAILED, shorten(f"{why}: {waiting.get('message') or image}")
     if why in ("CreateContainerConfigError", "CreateContainerError", "RunContainerError"):
         return Reason.CONTAINER_CONFIG_ERROR, shorten(f"{why}: {waiting.get('message', '')}")

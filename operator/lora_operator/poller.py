@@ -36,8 +36,9 @@ class Poller:
     operator is down.
     """
 
-    def __init__(self, settings: Settings, refresh: Callable[[JobKey], Awaitable[None]],
-                 busy: Callable[[JobKey], bool]):
+    def __init__(
+        self, settings: Settings, refresh: Callable[[JobKey], Awaitable[None]], busy: Callable[[JobKey], bool]
+    ):
         self.settings = settings
         self.refresh = refresh  # one reconcile of a job
         self.busy = busy  # whether a reconcile of the job is under way (the poller then skips it)

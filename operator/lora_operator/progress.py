@@ -7,7 +7,6 @@ so `status.progress` and the dashboards never disagree.
 
 from __future__ import annotations
 
-import asyncio
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -64,8 +63,11 @@ class ProgressSample:
         for key, value in (("step", self.step), ("totalSteps", self.total_steps), ("epoch", self.epoch)):
             if value is not None:
                 out[key] = int(value)
-        for key, value, digits in (("loss", self.loss, 5), ("learningRate", self.learning_rate, 4),
-                                   ("samplesPerSecond", self.sps(), 3)):
+        for key, value, digits in (
+            ("loss", self.loss, 5),
+            ("learningRate", self.learning_rate, 4),
+            ("samplesPerSecond", self.sps(), 3),
+        ):
             rounded = _round(value, digits)
             if rounded is not None:
                 out[key] = rounded
@@ -141,8 +143,13 @@ def parse_metrics(text: str) -> ProgressSample | None:
 
 def with_rate(sample: ProgressSample, previous: ProgressSample | None, seconds: float) -> ProgressSample:
     """samples/s over the interval between two scrapes of the same pod, when it advanced."""
-    if (previous is None or seconds <= 0 or sample.samples_total is None or previous.samples_total is None
-            or sample.samples_total <= previous.samples_total):
+    if (
+        previous is None
+        or seconds <= 0
+        or sample.samples_total is None
+        or previous.samples_total is None
+        or sample.samples_total <= previous.samples_total
+    ):
         return sample
     rate = (sample.samples_total - previous.samples_total) / seconds
     return ProgressSample(**{**sample.__dict__, "samples_per_second": rate})
@@ -157,6 +164,6 @@ async def scrape(session: Any, url: str, timeout: float) -> ProgressSample | Non
             if response.status != 200:
                 return None
             text = await response.text()
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+    except (TimeoutError, aiohttp.ClientError, OSError):
         return None
     return parse_metrics(text)

@@ -47,15 +47,29 @@ PERMANENT_EXIT_REASONS: dict[int, str] = {
     5: Reason.TRAINING_DIVERGED,
     6: Reason.STORAGE_INVALID,
 }
-RETRIED_EXIT_REASONS: dict[int, str] = {1: "Crashed", 7: "OutputFailed", 8: "StorageUnavailable", 143: "Interrupted",
-                                        137: "Killed"}
+RETRIED_EXIT_REASONS: dict[int, str] = {
+    1: "Crashed",
+    7: "OutputFailed",
+    8: "StorageUnavailable",
+    143: "Interrupted",
+    137: "Killed",
+}
 
 # Reasons whose Event is a Warning (besides every Failed phase).
-WARNING_REASONS = frozenset({
-    Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_FAILED, Reason.CONTAINER_CONFIG_ERROR, Reason.RESTARTING,
-    Reason.EVICTED, Reason.OOM_KILLED, *PERMANENT_EXIT_REASONS.values(), Reason.BACKOFF_LIMIT_EXCEEDED,
-    Reason.DEADLINE_EXCEEDED, Reason.JOB_FAILED,
-})
+WARNING_REASONS = frozenset(
+    {
+        Reason.UNSCHEDULABLE,
+        Reason.IMAGE_PULL_FAILED,
+        Reason.CONTAINER_CONFIG_ERROR,
+        Reason.RESTARTING,
+        Reason.EVICTED,
+        Reason.OOM_KILLED,
+        *PERMANENT_EXIT_REASONS.values(),
+        Reason.BACKOFF_LIMIT_EXCEEDED,
+        Reason.DEADLINE_EXCEEDED,
+        Reason.JOB_FAILED,
+    }
+)
 
 # Status and condition messages: room for the trainer's error line with its context (its termination message
 # holds at most 4 KiB), short enough that `kubectl describe` stays readable and status small.

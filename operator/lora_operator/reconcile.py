@@ -13,9 +13,10 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 import kopf
 
@@ -73,7 +74,7 @@ class Context:
     api: ApiClient
     metrics: OperatorMetrics
     scraper: Any = None
-    now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
+    now: Callable[[], datetime] = lambda: datetime.now(UTC)
     jobs: JobCaches = field(default_factory=JobCaches)
     poller: Poller = field(init=False)
 
@@ -85,7 +86,7 @@ class Context:
         body = build_event(job, event, self.now(), self.settings.identity or "lora-operator")
         try:
             await self.api.create(core_path("events", job["metadata"]["namespace"]), body)
-        except (ApiError, OSError, asyncio.TimeoutError) as err:
+        except (TimeoutError, ApiError, OSError) as err:
             log.warning("event %s for %s not recorded: %s", event.reason, JobKey.of(job), err)
 
     def track(self, key: JobKey, uid: str, status: dict[str, Any], deleting: bool) -> None:
@@ -150,9 +151,18 @@ async def _reconcile(ctx: Context, key: JobKey, seen_pod: dict[str, Any] | None)
         return
     children = Children.of(name)
     if status.get("children") != children.as_status():  # names go into status before the objects exist
-        status = await _patch_status(ctx, job, {"children": children.as_status(),
-                                                "phase": status.get("phase") or Phase.PENDING.value,
-                                                "observedGeneration": generation}) or status
+        status = (
+            await _patch_status(
+                ctx,
+                job,
+                {
+                    "children": children.as_status(),
+                    "phase": status.get("phase") or Phase.PENDING.value,
+                    "observedGeneration": generation,
+                },
+            )
+            or status
+        )
         job["status"] = status
     spec = job.get("spec") or {}
     problem = builders.config_problem(spec, settings)
@@ -161,18 +171,24 @@ async def _reconcile(ctx: Context, key: JobKey, seen_pod: dict[str, Any] | None)
         return
     try:
         await _ensure_config_map(ctx, job, allow_overwrite=not status.get("progress"))
-        training = await _ensure(ctx, builders.build_training_job(job, settings),
-                                 group_path("batch/v1", "jobs", namespace), meta["uid"])
+        training = await _ensure(
+            ctx, builders.build_training_job(job, settings), group_path("batch/v1", "jobs", namespace), meta["uid"]
+        )
     except ChildConflict as err:
         await _publish(ctx, job, Observed(generation, spec, status), conflict=str(err))
         return
     if bool((training.get("spec") or {}).get("suspend")) != bool(spec.get("suspend")):
-        training = await api.patch(group_path("batch/v1", "jobs", namespace, training["metadata"]["name"]),
-                                   {"spec": {"suspend": bool(spec.get("suspend"))}})
+        training = await api.patch(
+            group_path("batch/v1", "jobs", namespace, training["metadata"]["name"]),
+            {"spec": {"suspend": bool(spec.get("suspend"))}},
+        )
     selector = f"batch.kubernetes.io/controller-uid={training['metadata']['uid']}"
     pods = (await api.get(core_path("pods", namespace), labelSelector=selector)).get("items") or []
-    if seen_pod is not None and _belongs(seen_pod, training) and not any(
-            p["metadata"]["uid"] == seen_pod["metadata"]["uid"] for p in pods):
+    if (
+        seen_pod is not None
+        and _belongs(seen_pod, training)
+        and not any(p["metadata"]["uid"] == seen_pod["metadata"]["uid"] for p in pods)
+    ):
         pods.append(seen_pod)
     sample = await _scrape(ctx, key, pods)
     await _publish(ctx, job, Observed(generation, spec, status, training, pods, sample))
@@ -206,8 +222,14 @@ async def _publish(ctx: Context, job: dict[str, Any], obs: Observed, conflict: s
         if created and done:
             ctx.metrics.job_duration.labels(new["phase"]).observe(max((done - created).total_seconds(), 0))
         ctx.jobs.samples.pop(key, None)
-    log.info("%s: %s (%s) attempts=%s step=%s", key, new.get("phase"), new.get("reason"), new.get("attempts"),
-             (new.get("progress") or {}).get("step"))
+    log.info(
+        "%s: %s (%s) attempts=%s step=%s",
+        key,
+        new.get("phase"),
+        new.get("reason"),
+        new.get("attempts"),
+        (new.get("progress") or {}).get("step"),
+    )
 
 
 async def _patch_status(ctx: Context, job: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any] | None:
@@ -226,8 +248,9 @@ async def _ensure_config_map(ctx: Context, job: dict[str, Any], allow_overwrite:
     meta = job["metadata"]
     current = await _ensure(ctx, body, core_path("configmaps", meta["namespace"]), meta["uid"])
     if current.get("data") != body["data"]:  # e.g. `overwrite` ends once the first trainer reported
-        current = await ctx.api.patch(core_path("configmaps", meta["namespace"], body["metadata"]["name"]),
-                                      {"data": body["data"]})
+        current = await ctx.api.patch(
+            core_path("configmaps", meta["namespace"], body["metadata"]["name"]), {"data": body["data"]}
+        )
     return current
 
 
@@ -252,18 +275,25 @@ async def _ensure(ctx: Context, body: dict[str, Any], collection: str, owner_uid
     controller = next((r for r in refs if r.get("controller")), None)
     if controller is None:
         ours = body["metadata"]["ownerReferences"]
-        return await ctx.api.patch(f"{collection}/{name}", {"metadata": {
-            "ownerReferences": refs + ours, "resourceVersion": existing["metadata"]["resourceVersion"]}})
+        return await ctx.api.patch(
+            f"{collection}/{name}",
+            {"metadata": {"ownerReferences": refs + ours, "resourceVersion": existing["metadata"]["resourceVersion"]}},
+        )
     if controller.get("uid") != owner_uid:
-        raise ChildConflict(f"{body['kind']} {name} already exists and belongs to {controller.get('kind')} "
-                            f"{controller.get('name')} (uid {controller.get('uid')}); waiting for it to go away")
+        raise ChildConflict(
+            f"{body['kind']} {name} already exists and belongs to {controller.get('kind')} "
+            f"{controller.get('name')} (uid {controller.get('uid')}); waiting for it to go away"
+        )
     return existing
 
 
 async def _scrape(ctx: Context, key: JobKey, pods: list[dict[str, Any]]) -> ProgressSample | None:
     """Progress from the newest pod whose trainer runs, read at $POD_IP:<metrics port>/metrics."""
-    live = [p for p in sorted(pods, key=pod_order)
-            if not pod_finished(p) and trainer_running(p) and (p.get("status") or {}).get("podIP")]
+    live = [
+        p
+        for p in sorted(pods, key=pod_order)
+        if not pod_finished(p) and trainer_running(p) and (p.get("status") or {}).get("podIP")
+    ]
     if not live or ctx.scraper is None:
         return None
     pod = live[-1]
@@ -291,11 +321,13 @@ async def delete_outputs(ctx: Context, job: dict[str, Any]) -> None:
     except ApiError as err:
         if err.status != 404:
             raise
-    trainers = await api.get(core_path("pods", namespace),
-                             labelSelector=f"{JOB_LABEL}={name},{COMPONENT_LABEL}=trainer")
+    trainers = await api.get(
+        core_path("pods", namespace), labelSelector=f"{JOB_LABEL}={name},{COMPONENT_LABEL}=trainer"
+    )
     if trainers.get("items"):
-        raise kopf.TemporaryError("waiting for the trainer to stop before deleting its outputs",
-                                  delay=CLEANUP_RETRY_SECONDS)
+        raise kopf.TemporaryError(
+            "waiting for the trainer to stop before deleting its outputs", delay=CLEANUP_RETRY_SECONDS
+        )
     try:
         cleanup = await api.get(f"{jobs}/{children.cleanup_job}")
     except ApiError as err:
@@ -309,8 +341,9 @@ async def delete_outputs(ctx: Context, job: dict[str, Any]) -> None:
     if owner != meta["uid"]:  # left over from an earlier job of the same name
         await api.delete(f"{jobs}/{children.cleanup_job}", propagation="Background")
         raise kopf.TemporaryError("removing an old cleanup Job", delay=CLEANUP_RETRY_SECONDS)
-    conditions = {c["type"]: c for c in (cleanup.get("status") or {}).get("conditions") or []
-                  if c.get("status") == "True"}
+    conditions = {
+        c["type"]: c for c in (cleanup.get("status") or {}).get("conditions") or [] if c.get("status") == "True"
+    }
     if "Complete" in conditions:
         log.info("%s: outputs deleted", JobKey.of(job))
         return

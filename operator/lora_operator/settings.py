@@ -10,8 +10,9 @@ import dataclasses
 import os
 import re
 import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from . import __version__
 from .names import is_dns_label
@@ -33,42 +34,55 @@ def _env(name: str, doc: str, default: Any = None, parse: str = "str", **meta: A
 class Settings:
     """The operator's configuration. Each field is read from its LORA_OPERATOR_* variable."""
 
-    trainer_image: str = _env("TRAINER_IMAGE", "Trainer image of jobs that set no spec.image.",
-                              DEFAULT_TRAINER_IMAGE, "image")
-    s3_endpoint: str | None = _env("S3_ENDPOINT", "S3 endpoint URL of jobs that set no spec.s3.endpoint "
-                                   "(unset: the AWS default).", None, "url")
+    trainer_image: str = _env(
+        "TRAINER_IMAGE", "Trainer image of jobs that set no spec.image.", DEFAULT_TRAINER_IMAGE, "image"
+    )
+    s3_endpoint: str | None = _env(
+        "S3_ENDPOINT", "S3 endpoint URL of jobs that set no spec.s3.endpoint (unset: the AWS default).", None, "url"
+    )
     s3_region: str | None = _env("S3_REGION", "S3 region of jobs that set no spec.s3.region.", None)
     s3_credentials_secret: str | None = _env(
-        "S3_CREDENTIALS_SECRET", "Secret (in the job's namespace) with AWS_ACCESS_KEY_ID and "
+        "S3_CREDENTIALS_SECRET",
+        "Secret (in the job's namespace) with AWS_ACCESS_KEY_ID and "
         "AWS_SECRET_ACCESS_KEY for jobs that set no spec.s3.credentialsSecret (unset: none, e.g. IRSA).",
-        None, "dns")
-    watch_namespaces: tuple[str, ...] = _env("WATCH_NAMESPACES", "Comma-separated namespaces to serve; "
-                                             "empty: the whole cluster.", (), "namespaces")
-    poll_interval: float = _env("POLL_INTERVAL", "Seconds between status refreshes (metrics scrape) of a "
-                                "running job.", 5.0, "seconds")
-    scrape_timeout: float = _env("SCRAPE_TIMEOUT", "Seconds to wait for a trainer's metrics endpoint.",
-                                 2.0, "seconds")
-    trainer_metrics_port: int = _env("TRAINER_METRICS_PORT", "Port of the trainer's metrics endpoint.",
-                                     9400, "port")
+        None,
+        "dns",
+    )
+    watch_namespaces: tuple[str, ...] = _env(
+        "WATCH_NAMESPACES", "Comma-separated namespaces to serve; empty: the whole cluster.", (), "namespaces"
+    )
+    poll_interval: float = _env(
+        "POLL_INTERVAL", "Seconds between status refreshes (metrics scrape) of a running job.", 5.0, "seconds"
+    )
+    scrape_timeout: float = _env("SCRAPE_TIMEOUT", "Seconds to wait for a trainer's metrics endpoint.", 2.0, "seconds")
+    trainer_metrics_port: int = _env("TRAINER_METRICS_PORT", "Port of the trainer's metrics endpoint.", 9400, "port")
     termination_grace_seconds: int = _env(
-        "TERMINATION_GRACE_SECONDS", "Trainer pods' terminationGracePeriodSeconds: time for the "
-        "SIGTERM checkpoint on suspend, eviction or deletion.", 300, "count")
+        "TERMINATION_GRACE_SECONDS",
+        "Trainer pods' terminationGracePeriodSeconds: time for the "
+        "SIGTERM checkpoint on suspend, eviction or deletion.",
+        300,
+        "count",
+    )
     trainer_run_as_user: int = _env("TRAINER_RUN_AS_USER", "Non-root UID of trainer pods.", 1000, "uid")
     trainer_service_account: str | None = _env(
-        "TRAINER_SERVICE_ACCOUNT", "ServiceAccount of trainer pods (unset: the namespace default, with "
-        "no token mounted).", None, "dns")
+        "TRAINER_SERVICE_ACCOUNT",
+        "ServiceAccount of trainer pods (unset: the namespace default, with no token mounted).",
+        None,
+        "dns",
+    )
     http_port: int = _env("HTTP_PORT", "Port of /metrics, /healthz and /readyz.", 8080, "port")
     http_host: str = _env("HTTP_HOST", "Address that port binds.", "0.0.0.0")
-    leader_election: bool = _env("LEADER_ELECTION", "Elect one active replica with a coordination.k8s.io "
-                                 "Lease (true/false).", True, "bool")
+    leader_election: bool = _env(
+        "LEADER_ELECTION", "Elect one active replica with a coordination.k8s.io Lease (true/false).", True, "bool"
+    )
     lease_name: str = _env("LEASE_NAME", "Name of the leader-election Lease.", "lora-operator", "dns")
     lease_namespace: str | None = _env(
-        "LEASE_NAMESPACE", "Namespace of the Lease (default: the pod's own namespace, else 'default').",
-        None, "dns")
-    lease_duration: float = _env("LEASE_DURATION", "Seconds a leader's Lease lasts without renewal.",
-                                 15.0, "seconds")
-    identity: str | None = _env("IDENTITY", "This replica's name in the Lease (default: POD_NAME, else "
-                                "hostname-pid).", None)
+        "LEASE_NAMESPACE", "Namespace of the Lease (default: the pod's own namespace, else 'default').", None, "dns"
+    )
+    lease_duration: float = _env("LEASE_DURATION", "Seconds a leader's Lease lasts without renewal.", 15.0, "seconds")
+    identity: str | None = _env(
+        "IDENTITY", "This replica's name in the Lease (default: POD_NAME, else hostname-pid).", None
+    )
     log_level: str = _env("LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.", "INFO", "level")
 
     @property
@@ -82,7 +96,7 @@ class Settings:
         return max(self.lease_duration / 3, 0.5)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         problems: list[str] = []
@@ -105,7 +119,8 @@ class Settings:
             settings = dataclasses.replace(settings, lease_namespace=_own_namespace(environ))
         if settings.identity is None:
             settings = dataclasses.replace(
-                settings, identity=environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}")
+                settings, identity=environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+            )
         return settings
 
     @classmethod
@@ -115,8 +130,7 @@ class Settings:
         for f in dataclasses.fields(cls):
             default = f.default
             shown = ",".join(default) if isinstance(default, tuple) else ("" if default is None else str(default))
-            rows.append((f.metadata["env"], shown.lower() if isinstance(default, bool) else shown,
-                         f.metadata["doc"]))
+            rows.append((f.metadata["env"], shown.lower() if isinstance(default, bool) else shown, f.metadata["doc"]))
         return rows
 
 
@@ -166,6 +180,7 @@ def _int_in(lo: int, hi: int, what: str) -> Callable[[str], int]:
         if not lo <= number <= hi:
             raise ValueError(f"expected {what}")
         return number
+
     return parse
 
 

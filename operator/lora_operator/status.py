@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import copy
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Iterable
+from datetime import UTC, datetime
+from typing import Any
 
 from .pods import (
     PodOutcome,
@@ -40,7 +41,7 @@ class Phase(str, enum.Enum):
         return self in (Phase.SUCCEEDED, Phase.FAILED)
 
     @classmethod
-    def parse(cls, value: Any) -> "Phase":
+    def parse(cls, value: Any) -> Phase:
         try:
             return cls(value)
         except ValueError:
@@ -52,19 +53,24 @@ def is_terminal(status: dict[str, Any] | None) -> bool:
 
 
 CONDITION_TYPES = ("Running", "Succeeded", "Failed", "Suspended")
-PHASE_CONDITION = {Phase.LABELING: "Running", Phase.RUNNING: "Running", Phase.SUCCEEDED: "Succeeded",
-                   Phase.FAILED: "Failed", Phase.SUSPENDED: "Suspended"}
+PHASE_CONDITION = {
+    Phase.LABELING: "Running",
+    Phase.RUNNING: "Running",
+    Phase.SUCCEEDED: "Succeeded",
+    Phase.FAILED: "Failed",
+    Phase.SUSPENDED: "Suspended",
+}
 
 
 def rfc3339(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_time(text: str | None) -> datetime | None:
     if not text:
         return None
     try:
-        return datetime.strptime(text[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=timezone.utc)
+        return datetime.strptime(text[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
     except ValueError:
         return None
 
@@ -105,18 +111,25 @@ def decide(obs: Observed) -> Verdict:
     live = [p for p in pods if not pod_finished(p)]
     if (job.get("spec") or {}).get("suspend"):
         if any(trainer_running(p) for p in live):
-            return Verdict(Phase.RUNNING, Reason.SUSPENDING,
-                           "suspend requested: the trainer is writing its checkpoint before it stops")
-        return Verdict(Phase.SUSPENDED, Reason.SUSPENDED, "suspended; set spec.suspend to false to resume "
-                                                          "from the last checkpoint")
+            return Verdict(
+                Phase.RUNNING,
+                Reason.SUSPENDING,
+                "suspend requested: the trainer is writing its checkpoint before it stops",
+            )
+        return Verdict(
+            Phase.SUSPENDED, Reason.SUSPENDED, "suspended; set spec.suspend to false to resume from the last checkpoint"
+        )
     if live:
         pod = live[-1]
         name = pod["metadata"]["name"]
         if trainer_running(pod):
             labeling = obs.sample.labeling() if obs.sample else None
             if labeling:
-                return Verdict(Phase.LABELING, Reason.LABELING,
-                               f"captioning images before training on pod {name}: {labeling[0]} of {labeling[1]} done")
+                return Verdict(
+                    Phase.LABELING,
+                    Reason.LABELING,
+                    f"captioning images before training on pod {name}: {labeling[0]} of {labeling[1]} done",
+                )
             return Verdict(Phase.RUNNING, Reason.TRAINING, f"training on pod {name}")
         waiting = waiting_reason(pod)
         if waiting:
@@ -124,8 +137,9 @@ def decide(obs: Observed) -> Verdict:
         previous = [p for p in pods if pod_finished(p)]
         if previous:
             outcome = pod_outcome(previous[-1])
-            return Verdict(Phase.PENDING, _retry_reason(outcome), f"retrying after {outcome.message}; "
-                                                                   f"pod {name} is starting")
+            return Verdict(
+                Phase.PENDING, _retry_reason(outcome), f"retrying after {outcome.message}; pod {name} is starting"
+            )
         return Verdict(Phase.PENDING, Reason.POD_PENDING, f"pod {name} is starting")
     finished = [p for p in pods if pod_finished(p)]
     if finished and (finished[-1].get("status") or {}).get("phase") == "Succeeded":
@@ -158,9 +172,11 @@ def _failure(condition: dict[str, Any], pods: list[dict[str, Any]], spec: dict[s
             text += f"; last failure: {pod_outcome(finished[-1]).message}"
         return Verdict(Phase.FAILED, Reason.BACKOFF_LIMIT_EXCEEDED, shorten(text))
     if why == "DeadlineExceeded":
-        return Verdict(Phase.FAILED, Reason.DEADLINE_EXCEEDED,
-                       f"the run was active longer than spec.activeDeadlineSeconds "
-                       f"({spec.get('activeDeadlineSeconds')} s)")
+        return Verdict(
+            Phase.FAILED,
+            Reason.DEADLINE_EXCEEDED,
+            f"the run was active longer than spec.activeDeadlineSeconds ({spec.get('activeDeadlineSeconds')} s)",
+        )
     return Verdict(Phase.FAILED, Reason.JOB_FAILED, shorten(f"{why}: {condition.get('message', '')}"))
 
 
@@ -207,15 +223,18 @@ def conditions(old: list[dict[str, Any]], verdict: Verdict, generation: int, sta
         status = "True" if ctype == active else "False"
         before = by_type.get(ctype) or {}
         changed = before.get("status") != status
-        out.append({
-            "type": ctype,
-            "status": status,
-            "reason": verdict.reason,
-            "message": verdict.message,
-            "observedGeneration": generation,
-            "lastTransitionTime": stamp if changed or not before.get("lastTransitionTime")
-            else before["lastTransitionTime"],
-        })
+        out.append(
+            {
+                "type": ctype,
+                "status": status,
+                "reason": verdict.reason,
+                "message": verdict.message,
+                "observedGeneration": generation,
+                "lastTransitionTime": stamp
+                if changed or not before.get("lastTransitionTime")
+                else before["lastTransitionTime"],
+            }
+        )
     return out
 
 
@@ -241,8 +260,7 @@ def _apply_checkpoint(new: dict[str, Any], ckpt: Any, stamp: str) -> None:
         return
     if current.get("step") == ckpt["step"] and current.get("uri") == ckpt.get("uri"):
         return
-    new["lastCheckpoint"] = {"step": ckpt["step"], "uri": str(ckpt.get("uri") or ""),
-                             "time": ckpt.get("time") or stamp}
+    new["lastCheckpoint"] = {"step": ckpt["step"], "uri": str(ckpt.get("uri") or ""), "time": ckpt.get("time") or stamp}
 
 
 def _apply_exit_progress(new: dict[str, Any], summary: dict[str, Any], stamp: str) -> None:
@@ -271,8 +289,7 @@ def _apply_sample(new: dict[str, Any], sample: ProgressSample, stamp: str) -> No
     if sample.checkpoint_step is not None:
         current = new.get("lastCheckpoint") or {}
         if current.get("step") is None or sample.checkpoint_step > current["step"]:
-            new["lastCheckpoint"] = {"step": sample.checkpoint_step, "uri": sample.checkpoint_uri or "",
-                                     "time": stamp}
+            new["lastCheckpoint"] = {"step": sample.checkpoint_step, "uri": sample.checkpoint_uri or "", "time": stamp}
 
 
 def _apply_final(new: dict[str, Any], summary: dict[str, Any], stamp: str) -> None:

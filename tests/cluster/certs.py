@@ -8,8 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 APISERVER_SANS = (
-    "IP:127.0.0.1", "IP:10.0.0.1", "DNS:localhost", "DNS:kubernetes", "DNS:kubernetes.default",
-    "DNS:kubernetes.default.svc", "DNS:kubernetes.default.svc.cluster.local",
+    "IP:127.0.0.1",
+    "IP:10.0.0.1",
+    "DNS:localhost",
+    "DNS:kubernetes",
+    "DNS:kubernetes.default",
+    "DNS:kubernetes.default.svc",
+    "DNS:kubernetes.default.svc.cluster.local",
 )
 
 
@@ -22,8 +27,8 @@ class KeyPair:
 @dataclass(frozen=True)
 class Pki:
     ca: KeyPair
-    apiserver: KeyPair        # serving certificate of kube-apiserver
-    admin: KeyPair            # system:masters client: kubectl, tests, node agent
+    apiserver: KeyPair  # serving certificate of kube-apiserver
+    admin: KeyPair  # system:masters client: kubectl, tests, node agent
     controller_manager: KeyPair
     apiserver_kubelet_client: KeyPair  # apiserver -> node agent (pods/log)
     service_account_key: Path  # signs service-account tokens (kube-controller-manager, apiserver)
@@ -57,8 +62,9 @@ def _ec_key(path):
 def make_ca(directory, name="lora-test-ca"):
     pair = KeyPair(directory / "ca.crt", directory / "ca.key")
     _ec_key(pair.key)
-    _openssl("req", "-x509", "-new", "-key", str(pair.key), "-out", str(pair.cert), "-days", "3650",
-             "-subj", subject(name))
+    _openssl(
+        "req", "-x509", "-new", "-key", str(pair.key), "-out", str(pair.cert), "-days", "3650", "-subj", subject(name)
+    )
     return pair
 
 
@@ -68,8 +74,23 @@ def make_leaf(directory, name, ca, subj, usage, sans=()):
     _ec_key(pair.key)
     ext.write_text(extensions(usage, sans))
     _openssl("req", "-new", "-key", str(pair.key), "-out", str(csr), "-subj", subj)
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca.cert), "-CAkey", str(ca.key),
-             "-CAcreateserial", "-out", str(pair.cert), "-days", "3650", "-extfile", str(ext))
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca.cert),
+        "-CAkey",
+        str(ca.key),
+        "-CAcreateserial",
+        "-out",
+        str(pair.cert),
+        "-days",
+        "3650",
+        "-extfile",
+        str(ext),
+    )
     return pair
 
 
@@ -82,15 +103,18 @@ def make_pki(directory):
     _openssl("pkey", "-in", str(sa_key), "-pubout", "-out", str(sa_pub))
     return Pki(
         ca=ca,
-        apiserver=make_leaf(directory, "apiserver", ca, subject("kube-apiserver"), "serverAuth",
-                            APISERVER_SANS),
-        admin=make_leaf(directory, "admin", ca, subject("lora-test-admin", "system:masters"),
-                        "clientAuth"),
-        controller_manager=make_leaf(directory, "controller-manager", ca,
-                                     subject("system:kube-controller-manager"), "clientAuth"),
-        apiserver_kubelet_client=make_leaf(directory, "apiserver-kubelet-client", ca,
-                                           subject("kube-apiserver-kubelet-client", "system:masters"),
-                                           "clientAuth"),
+        apiserver=make_leaf(directory, "apiserver", ca, subject("kube-apiserver"), "serverAuth", APISERVER_SANS),
+        admin=make_leaf(directory, "admin", ca, subject("lora-test-admin", "system:masters"), "clientAuth"),
+        controller_manager=make_leaf(
+            directory, "controller-manager", ca, subject("system:kube-controller-manager"), "clientAuth"
+        ),
+        apiserver_kubelet_client=make_leaf(
+            directory,
+            "apiserver-kubelet-client",
+            ca,
+            subject("kube-apiserver-kubelet-client", "system:masters"),
+            "clientAuth",
+        ),
         service_account_key=sa_key,
         service_account_pub=sa_pub,
     )

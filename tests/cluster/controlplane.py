@@ -38,8 +38,7 @@ def find_bin_dir(env=os.environ):
     if env.get("LORA_CONTROLPLANE_BIN"):
         bin_dir = Path(env["LORA_CONTROLPLANE_BIN"])
     else:
-        out = subprocess.run(["bash", str(BUILD_SCRIPT)], check=True, capture_output=True,
-                             text=True, timeout=3600)
+        out = subprocess.run(["bash", str(BUILD_SCRIPT)], check=True, capture_output=True, text=True, timeout=3600)
         bin_dir = Path(out.stdout.strip().splitlines()[-1])
     missing = [t for t in TOOLS if not os.access(bin_dir / t, os.X_OK)]
     if missing:
@@ -120,10 +119,8 @@ def kubeconfig(server, ca_file, cert_file, key_file, user="admin"):
     return {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "lora-test", "cluster": {
-            "server": server, "certificate-authority": str(ca_file)}}],
-        "users": [{"name": user, "user": {
-            "client-certificate": str(cert_file), "client-key": str(key_file)}}],
+        "clusters": [{"name": "lora-test", "cluster": {"server": server, "certificate-authority": str(ca_file)}}],
+        "users": [{"name": user, "user": {"client-certificate": str(cert_file), "client-key": str(key_file)}}],
         "contexts": [{"name": "lora-test", "context": {"cluster": "lora-test", "user": user}}],
         "current-context": "lora-test",
     }
@@ -169,37 +166,49 @@ class KubeCluster:
         port = free_port()
         self.etcd_url = f"http://127.0.0.1:{port}"
         etcd = self._service("etcd", etcd_argv(self.bin_dir, self.workdir / "etcd", port, free_port()))
-        wait_until(lambda: etcd.check_running() or _http_ok(f"{self.etcd_url}/health"),
-                   START_TIMEOUT, "etcd /health")
+        wait_until(lambda: etcd.check_running() or _http_ok(f"{self.etcd_url}/health"), START_TIMEOUT, "etcd /health")
 
     def _start_apiserver(self):
         port = free_port()
         self.server = f"https://127.0.0.1:{port}"
-        apiserver = self._service("kube-apiserver", apiserver_argv(
-            self.bin_dir, self.pki, self.etcd_url, port, self.workdir / "apiserver-certs"))
+        apiserver = self._service(
+            "kube-apiserver",
+            apiserver_argv(self.bin_dir, self.pki, self.etcd_url, port, self.workdir / "apiserver-certs"),
+        )
         self._write_kubeconfig(self.kubeconfig, self.pki.admin, "admin")
         self.api = KubeClient(self.server, self.pki.ca.cert, self.pki.admin.cert, self.pki.admin.key)
-        wait_until(lambda: apiserver.check_running() or self.api.get_raw("/readyz") == "ok",
-                   START_TIMEOUT, "kube-apiserver /readyz")
+        wait_until(
+            lambda: apiserver.check_running() or self.api.get_raw("/readyz") == "ok",
+            START_TIMEOUT,
+            "kube-apiserver /readyz",
+        )
 
     def restart_apiserver(self):
         """Stop kube-apiserver and start it again on the same port (an API outage); waits for /readyz."""
         apiserver = next(s for s in self.services if s.name == "kube-apiserver")
         apiserver.stop(timeout=3)
         apiserver.start()
-        wait_until(lambda: apiserver.check_running() or self.api.get_raw("/readyz") == "ok",
-                   START_TIMEOUT, "kube-apiserver /readyz after restart")
+        wait_until(
+            lambda: apiserver.check_running() or self.api.get_raw("/readyz") == "ok",
+            START_TIMEOUT,
+            "kube-apiserver /readyz after restart",
+        )
 
     def _start_controller_manager(self):
         port = free_port()
         path = self.workdir / "controller-manager.kubeconfig"
         self._write_kubeconfig(path, self.pki.controller_manager, "system:kube-controller-manager")
-        kcm = self._service("kube-controller-manager", controller_manager_argv(
-            self.bin_dir, self.pki, path, port, self.workdir / "controller-manager-certs"))
+        kcm = self._service(
+            "kube-controller-manager",
+            controller_manager_argv(self.bin_dir, self.pki, path, port, self.workdir / "controller-manager-certs"),
+        )
         insecure = ssl.create_default_context()
         insecure.check_hostname, insecure.verify_mode = False, ssl.CERT_NONE  # self-signed serving cert
-        wait_until(lambda: kcm.check_running() or _http_ok(f"https://127.0.0.1:{port}/healthz", insecure),
-                   START_TIMEOUT, "kube-controller-manager /healthz")
+        wait_until(
+            lambda: kcm.check_running() or _http_ok(f"https://127.0.0.1:{port}/healthz", insecure),
+            START_TIMEOUT,
+            "kube-controller-manager /healthz",
+        )
 
     def _service(self, name, argv):
         service = Service(name, argv, self.logs / f"{name}.log").start()
@@ -207,8 +216,7 @@ class KubeCluster:
         return service
 
     def _write_kubeconfig(self, path, pair, user):
-        path.write_text(json.dumps(kubeconfig(self.server, self.pki.ca.cert, pair.cert, pair.key, user),
-                                   indent=2))
+        path.write_text(json.dumps(kubeconfig(self.server, self.pki.ca.cert, pair.cert, pair.key, user), indent=2))
 
     def kubectl(self, *args, check=True, input=None, timeout=60):
         """Run the built kubectl against this cluster; returns CompletedProcess (text, captured)."""

@@ -52,8 +52,7 @@ class KubeClient:
     def _connection(self, timeout):
         return http.client.HTTPSConnection(self.host, self.port, context=self.context, timeout=timeout)
 
-    def request(self, method, path, body=None, query=None, content_type="application/json",
-                timeout=None):
+    def request(self, method, path, body=None, query=None, content_type="application/json", timeout=None):
         """Send one request; returns the decoded JSON body (or text), raises ApiError on >= 400."""
         url = path + ("?" + urllib.parse.urlencode(query) if query else "")
         data = None if body is None else json.dumps(body).encode()
@@ -105,8 +104,9 @@ class KubeClient:
 
         An ERROR event (e.g. 410 Gone: resourceVersion too old) is raised as ApiError.
         """
-        query.update(watch="1", resourceVersion=resource_version, timeoutSeconds=timeout_seconds,
-                     allowWatchBookmarks="true")
+        query.update(
+            watch="1", resourceVersion=resource_version, timeoutSeconds=timeout_seconds, allowWatchBookmarks="true"
+        )
         url = path + "?" + urllib.parse.urlencode(query)
         conn = self._connection(timeout_seconds + 15)  # a silent server cannot hang the caller
         try:
@@ -129,6 +129,7 @@ class KubeClient:
     def wait_for(self, path, predicate, timeout=30, what=None, interval=0.2):
         """GET `path` until predicate(obj) is truthy; returns the object (TimeoutError otherwise)."""
         from tests.cluster.procs import wait_until
+
         found = {}
 
         def check():

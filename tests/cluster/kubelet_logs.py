@@ -24,8 +24,12 @@ class LogServer:
         self.httpd = None
 
     def start(self):
-        pair = certs.make_serving_cert(self.agent.workdir / "kubelet-pki", f"node-agent-{self.agent.name}",
-                                       self.agent.pki.ca, ("IP:127.0.0.1", "DNS:localhost"))
+        pair = certs.make_serving_cert(
+            self.agent.workdir / "kubelet-pki",
+            f"node-agent-{self.agent.name}",
+            self.agent.pki.ca,
+            ("IP:127.0.0.1", "DNS:localhost"),
+        )
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(str(pair.cert), str(pair.key))
         context.load_verify_locations(str(self.agent.pki.ca.cert))

@@ -34,8 +34,13 @@ from tests.cluster.procs import wait_until
 
 IMAGE_PULL_ERROR_ANNOTATION = "node-agent.lora-operator.io/image-pull-error"
 TERMINAL = ("Succeeded", "Failed")
-DEFAULT_ALLOCATABLE = {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "2", "pods": "110",
-                       "ephemeral-storage": "100Gi"}
+DEFAULT_ALLOCATABLE = {
+    "cpu": "16",
+    "memory": "64Gi",
+    "nvidia.com/gpu": "2",
+    "pods": "110",
+    "ephemeral-storage": "100Gi",
+}
 KUBELET_VERSION = "v1.34.4"
 REPO = Path(__file__).resolve().parents[2]
 
@@ -164,9 +169,22 @@ class NodeAgent:
     may mount an emptyDir at /tmp; $LORA_NODE_AGENT_PODS_DIR changes the parent).
     """
 
-    def __init__(self, api, pki, workdir, name="local-node", allocatable=None, labels=None,
-                 taints=None, images=podspec.DEFAULT_IMAGES, image_env=None, backoff=1.0,
-                 backoff_max=10.0, tick=0.2, pods_dir=None):
+    def __init__(
+        self,
+        api,
+        pki,
+        workdir,
+        name="local-node",
+        allocatable=None,
+        labels=None,
+        taints=None,
+        images=podspec.DEFAULT_IMAGES,
+        image_env=None,
+        backoff=1.0,
+        backoff_max=10.0,
+        tick=0.2,
+        pods_dir=None,
+    ):
         self.api = api
         self.pki = pki
         self.workdir = Path(workdir)
@@ -291,8 +309,10 @@ class NodeAgent:
                 continue
             beats += 1
             try:
-                self.api.patch(resource_path("coordination.k8s.io/v1", "leases", "kube-node-lease", self.name),
-                               {"spec": {"renewTime": micro_time(), "holderIdentity": self.name}})
+                self.api.patch(
+                    resource_path("coordination.k8s.io/v1", "leases", "kube-node-lease", self.name),
+                    {"spec": {"renewTime": micro_time(), "holderIdentity": self.name}},
+                )
                 if beats % status_every == 0 and self.node_ready() != "True" and not self.crashed:
                     self.log.info("node was marked %s; posting Ready", self.node_ready())
                     self._post_node_status(ready=True)
@@ -303,11 +323,18 @@ class NodeAgent:
     # node registration and heartbeat
 
     def node_object(self):
-        labels = {"kubernetes.io/hostname": self.name, "kubernetes.io/os": "linux",
-                  "kubernetes.io/arch": "amd64", **self.labels}
-        return {"apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": self.name, "labels": labels},
-                "spec": {"taints": self.taints}}
+        labels = {
+            "kubernetes.io/hostname": self.name,
+            "kubernetes.io/os": "linux",
+            "kubernetes.io/arch": "amd64",
+            **self.labels,
+        }
+        return {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": self.name, "labels": labels},
+            "spec": {"taints": self.taints},
+        }
 
     def node_status(self, ready=True):
         now = runtime.now_rfc3339()
@@ -316,24 +343,43 @@ class NodeAgent:
                 {"type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory"},
                 {"type": "DiskPressure", "status": "False", "reason": "KubeletHasNoDiskPressure"},
                 {"type": "PIDPressure", "status": "False", "reason": "KubeletHasSufficientPID"},
-                {"type": "Ready", "status": "True", "reason": "KubeletReady",
-                 "message": "kubelet is posting ready status"},
+                {
+                    "type": "Ready",
+                    "status": "True",
+                    "reason": "KubeletReady",
+                    "message": "kubelet is posting ready status",
+                },
             ]
         else:
-            conditions = [{"type": t, "status": "Unknown", "reason": "NodeStatusUnknown",
-                           "message": "Kubelet stopped posting node status."}
-                          for t in ("MemoryPressure", "DiskPressure", "PIDPressure", "Ready")]
+            conditions = [
+                {
+                    "type": t,
+                    "status": "Unknown",
+                    "reason": "NodeStatusUnknown",
+                    "message": "Kubelet stopped posting node status.",
+                }
+                for t in ("MemoryPressure", "DiskPressure", "PIDPressure", "Ready")
+            ]
         for c in conditions:
             c.update(lastHeartbeatTime=now, lastTransitionTime=now)
         return {
-            "capacity": self.allocatable, "allocatable": self.allocatable, "conditions": conditions,
-            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
-                          {"type": "Hostname", "address": self.name}],
+            "capacity": self.allocatable,
+            "allocatable": self.allocatable,
+            "conditions": conditions,
+            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": self.name}],
             "daemonEndpoints": {"kubeletEndpoint": {"Port": self.log_server.port}},
-            "nodeInfo": {"kubeletVersion": KUBELET_VERSION, "kubeProxyVersion": "", "operatingSystem": "linux",
-                         "architecture": "amd64", "containerRuntimeVersion": "local://node-agent",
-                         "osImage": "lora-operator test node agent", "kernelVersion": os.uname().release,
-                         "machineID": "", "systemUUID": "", "bootID": ""},
+            "nodeInfo": {
+                "kubeletVersion": KUBELET_VERSION,
+                "kubeProxyVersion": "",
+                "operatingSystem": "linux",
+                "architecture": "amd64",
+                "containerRuntimeVersion": "local://node-agent",
+                "osImage": "lora-operator test node agent",
+                "kernelVersion": os.uname().release,
+                "machineID": "",
+                "systemUUID": "",
+                "bootID": "",
+            },
         }
 
     def _register_node(self):
@@ -343,12 +389,17 @@ class NodeAgent:
         except ApiError as e:
             if e.status != 409:
                 raise
-            self.api.patch(path, {"metadata": {"labels": self.node_object()["metadata"]["labels"]},
-                                  "spec": {"taints": self.taints}})
+            self.api.patch(
+                path,
+                {"metadata": {"labels": self.node_object()["metadata"]["labels"]}, "spec": {"taints": self.taints}},
+            )
         self._post_node_status(ready=True)
-        lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                 "metadata": {"name": self.name, "namespace": "kube-node-lease"},
-                 "spec": {"holderIdentity": self.name, "leaseDurationSeconds": 40, "renewTime": micro_time()}}
+        lease = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": self.name, "namespace": "kube-node-lease"},
+            "spec": {"holderIdentity": self.name, "leaseDurationSeconds": 40, "renewTime": micro_time()},
+        }
         try:
             self.api.create(resource_path("coordination.k8s.io/v1", "leases", "kube-node-lease"), lease)
         except ApiError as e:
@@ -356,8 +407,11 @@ class NodeAgent:
                 raise
 
     def _post_node_status(self, ready):
-        self.api.patch(resource_path("v1", "nodes", name=self.name, subresource="status"),
-                       {"status": self.node_status(ready)}, "strategic")
+        self.api.patch(
+            resource_path("v1", "nodes", name=self.name, subresource="status"),
+            {"status": self.node_status(ready)},
+            "strategic",
+        )
 
     def node(self, max_age=1.0):
         fetched, node = self._node_cache
@@ -378,10 +432,15 @@ class NodeAgent:
     def _schedule(self, pods):
         unbound = {p["metadata"]["uid"] for p in pods if not p["spec"].get("nodeName")}
         self._bound = {uid: r for uid, r in self._bound.items() if uid in unbound}  # cache lag only
-        pending = [p for p in pods if not p["spec"].get("nodeName") and not is_deleting(p)
-                   and p["metadata"]["uid"] not in self._bound
-                   and p.get("status", {}).get("phase", "Pending") == "Pending"
-                   and p["spec"].get("schedulerName", "default-scheduler") == "default-scheduler"]
+        pending = [
+            p
+            for p in pods
+            if not p["spec"].get("nodeName")
+            and not is_deleting(p)
+            and p["metadata"]["uid"] not in self._bound
+            and p.get("status", {}).get("phase", "Pending") == "Pending"
+            and p["spec"].get("schedulerName", "default-scheduler") == "default-scheduler"
+        ]
         if not pending:
             return
         node = self.node()
@@ -403,9 +462,12 @@ class NodeAgent:
 
     def _bind(self, pod):
         ns, name = pod_key(pod)
-        body = {"apiVersion": "v1", "kind": "Binding",
-                "metadata": {"name": name, "namespace": ns, "uid": pod["metadata"]["uid"]},
-                "target": {"apiVersion": "v1", "kind": "Node", "name": self.name}}
+        body = {
+            "apiVersion": "v1",
+            "kind": "Binding",
+            "metadata": {"name": name, "namespace": ns, "uid": pod["metadata"]["uid"]},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": self.name},
+        }
         try:
             self.api.create(resource_path("v1", "pods", ns, name, "binding"), body)
         except ApiError as e:
@@ -413,8 +475,9 @@ class NodeAgent:
                 return False
             raise
         self.log.info("bound %s/%s", ns, name)
-        self._event(pod, "Scheduled", f"Successfully assigned {ns}/{name} to {self.name}",
-                    component="default-scheduler")
+        self._event(
+            pod, "Scheduled", f"Successfully assigned {ns}/{name} to {self.name}", component="default-scheduler"
+        )
         return True
 
     def _mark_unschedulable(self, pod, message):
@@ -422,12 +485,20 @@ class NodeAgent:
         if current.get("reason") == "Unschedulable" and current.get("message") == message:
             return
         ns, name = pod_key(pod)
-        condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                     "message": message, "lastTransitionTime": runtime.now_rfc3339(), "lastProbeTime": None}
+        condition = {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": message,
+            "lastTransitionTime": runtime.now_rfc3339(),
+            "lastProbeTime": None,
+        }
         try:
-            self.api.patch(resource_path("v1", "pods", ns, name, "status"),
-                           {"metadata": {"uid": pod["metadata"]["uid"]}, "status": {"conditions": [condition]}},
-                           "strategic")
+            self.api.patch(
+                resource_path("v1", "pods", ns, name, "status"),
+                {"metadata": {"uid": pod["metadata"]["uid"]}, "status": {"conditions": [condition]}},
+                "strategic",
+            )
         except ApiError as e:
             if e.status not in (404, 409):
                 raise
@@ -514,8 +585,9 @@ class NodeAgent:
             return False
         run.volume_retry_at = time.monotonic() + 0.5
         try:
-            run.volumes = runtime.prepare_volumes(pod, run.dir, self._lookup_bytes,
-                                                  lambda aud, exp: self._token(pod, aud, exp), run.ip)
+            run.volumes = runtime.prepare_volumes(
+                pod, run.dir, self._lookup_bytes, lambda aud, exp: self._token(pod, aud, exp), run.ip
+            )
             return True
         except (podspec.ConfigError, ApiError) as e:
             message = f"MountVolume.SetUp failed: {getattr(e, 'message', None) or e}"
@@ -527,7 +599,11 @@ class NodeAgent:
     def _check_deadline(self, pod, run):
         deadline = pod["spec"].get("activeDeadlineSeconds")
         if deadline and time.monotonic() - run.started_mono > deadline:
-            run.stop_reason = ("DeadlineExceeded", "Pod was active on the node longer than the specified deadline", None)
+            run.stop_reason = (
+                "DeadlineExceeded",
+                "Pod was active on the node longer than the specified deadline",
+                None,
+            )
 
     def _step(self, pod, run, c, policy):
         """Advance one container: notice its exit, restart it after back-off, or start it."""
@@ -549,7 +625,7 @@ class NodeAgent:
         code = c.state["terminated"]["exitCode"]
         restart = policy == "Always" and not c.init or (policy != "Never" and code != 0)
         if restart:
-            delay = min(self.backoff * 2 ** c.restart_count, self.backoff_max)
+            delay = min(self.backoff * 2**c.restart_count, self.backoff_max)
             c.restart_later(delay)
             self._event(pod, "BackOff", f"Back-off restarting failed container {c.name}", "Warning")
 
@@ -557,8 +633,11 @@ class NodeAgent:
         image = c.spec.get("image", "")
         entrypoint = podspec.image_entrypoint(image, self.images)
         if entrypoint is None or (pod["metadata"].get("annotations") or {}).get(IMAGE_PULL_ERROR_ANNOTATION) == "true":
-            c.set_waiting("ErrImagePull", f'failed to pull and unpack image "{image}": not found '
-                                          "(the test node agent has no mapping for this image)")
+            c.set_waiting(
+                "ErrImagePull",
+                f'failed to pull and unpack image "{image}": not found '
+                "(the test node agent has no mapping for this image)",
+            )
             c.failed_pull_at = time.monotonic()
             c.not_before = time.monotonic() + min(self.backoff * 2 ** min(c.pull_failures, 8), self.backoff_max)
             c.pull_failures += 1
@@ -566,8 +645,9 @@ class NodeAgent:
             return
         c.failed_pull_at = None
         try:
-            env = podspec.container_env(pod, c.spec, self._lookup_text, run.ip, base=self._base_env(pod, run),
-                                        node_allocatable=self.allocatable)
+            env = podspec.container_env(
+                pod, c.spec, self._lookup_text, run.ip, base=self._base_env(pod, run), node_allocatable=self.allocatable
+            )
         except (podspec.ConfigError, ApiError) as e:
             message = getattr(e, "message", None) or str(e)
             c.set_waiting("CreateContainerConfigError", message)
@@ -576,13 +656,18 @@ class NodeAgent:
             return
         argv = podspec.container_argv(c.spec, entrypoint, env)
         if not argv or shutil.which(argv[0], path=env.get("PATH")) is None:
-            c.finish(128, "StartError", f'failed to create containerd task: exec: "{argv[0] if argv else ""}": '
-                                        "executable file not found in $PATH")
+            c.finish(
+                128,
+                "StartError",
+                f'failed to create containerd task: exec: "{argv[0] if argv else ""}": '
+                "executable file not found in $PATH",
+            )
             self._after_exit(pod, run, c, policy)
             return
         try:
-            mounts = runtime.container_mounts(c.spec, run.volumes, c.termination_file, self._created_paths,
-                                              self.protected)
+            mounts = runtime.container_mounts(
+                c.spec, run.volumes, c.termination_file, self._created_paths, self.protected
+            )
         except runtime.MountConflict as e:
             c.set_waiting("CreateContainerError", str(e))
             c.not_before = time.monotonic() + self.backoff_max
@@ -600,9 +685,13 @@ class NodeAgent:
         host, port = self.api.host, self.api.port
         return {
             "PATH": f"{self.venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "HOME": str(run.dir / "home"), "TMPDIR": str(run.dir / "tmp"), "LANG": "C.UTF-8",
-            "HOSTNAME": pod["metadata"]["name"], "PYTHONUNBUFFERED": "1",
-            "KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": str(port),
+            "HOME": str(run.dir / "home"),
+            "TMPDIR": str(run.dir / "tmp"),
+            "LANG": "C.UTF-8",
+            "HOSTNAME": pod["metadata"]["name"],
+            "PYTHONUNBUFFERED": "1",
+            "KUBERNETES_SERVICE_HOST": host,
+            "KUBERNETES_SERVICE_PORT": str(port),
             "KUBERNETES_SERVICE_PORT_HTTPS": str(port),
             **self.image_env,
         }
@@ -626,12 +715,16 @@ class NodeAgent:
     def _token(self, pod, audience, expiration):
         ns, name = pod_key(pod)
         sa = pod["spec"].get("serviceAccountName") or "default"
-        spec = {"expirationSeconds": max(int(expiration), 600),
-                "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": name, "uid": pod["metadata"]["uid"]}}
+        spec = {
+            "expirationSeconds": max(int(expiration), 600),
+            "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": name, "uid": pod["metadata"]["uid"]},
+        }
         if audience:
             spec["audiences"] = [audience]
-        answer = self.api.create(resource_path("v1", "serviceaccounts", ns, sa, "token"),
-                                 {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec})
+        answer = self.api.create(
+            resource_path("v1", "serviceaccounts", ns, sa, "token"),
+            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec},
+        )
         return answer["status"]["token"]
 
     # -----------------------------------------------------------------------------------------
@@ -664,7 +757,9 @@ class NodeAgent:
             c.finish(137 if code is None else code, cgroups=self.cgroups)
         for c in run.containers:  # never started, or waiting to restart: what a kubelet reports
             if not c.done:
-                c.finish(137, "ContainerStatusUnknown", "The container could not be located when the pod was terminated")
+                c.finish(
+                    137, "ContainerStatusUnknown", "The container could not be located when the pod was terminated"
+                )
         return True
 
     def _stop_run(self, pod, run):
@@ -708,8 +803,12 @@ class NodeAgent:
         previous = run.transitions.get(ctype)
         if previous is None or previous[0] != status:
             run.transitions[ctype] = (status, runtime.now_rfc3339())
-        condition = {"type": ctype, "status": status, "lastProbeTime": None,
-                     "lastTransitionTime": run.transitions[ctype][1]}
+        condition = {
+            "type": ctype,
+            "status": status,
+            "lastProbeTime": None,
+            "lastTransitionTime": run.transitions[ctype][1],
+        }
         if reason:
             condition["reason"] = reason
         if message:
@@ -724,7 +823,8 @@ class NodeAgent:
         policy = pod["spec"].get("restartPolicy", "Always")
         if phase is None:
             init_failed = policy == "Never" and any(
-                s["state"].get("terminated", {}).get("exitCode", 0) != 0 for s in init_statuses)
+                s["state"].get("terminated", {}).get("exitCode", 0) != 0 for s in init_statuses
+            )
             phase = "Failed" if init_failed else (podspec.pod_phase(policy, statuses) if init_done else "Pending")
         unready = [s["name"] for s in statuses if not s["ready"]]
         completed = phase in TERMINAL
@@ -733,16 +833,26 @@ class NodeAgent:
         incomplete = [s["name"] for s in init_statuses if s["state"].get("terminated", {}).get("exitCode") != 0]
         conditions = [
             self._condition(run, "PodReadyToStartContainers", run.volumes is not None),
-            self._condition(run, "Initialized", init_done, None if init_done else "ContainersNotInitialized",
-                            None if init_done else f"containers with incomplete status: [{' '.join(incomplete)}]"),
+            self._condition(
+                run,
+                "Initialized",
+                init_done,
+                None if init_done else "ContainersNotInitialized",
+                None if init_done else f"containers with incomplete status: [{' '.join(incomplete)}]",
+            ),
             self._condition(run, "Ready", not unready and not completed, ready_reason, ready_message),
             self._condition(run, "ContainersReady", not unready and not completed, ready_reason, ready_message),
         ]
         if extra_condition:
             conditions.append(extra_condition)
         status = {
-            "phase": phase, "conditions": conditions, "hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}],
-            "podIP": run.ip, "podIPs": [{"ip": run.ip}], "startTime": run.start_time,
+            "phase": phase,
+            "conditions": conditions,
+            "hostIP": "127.0.0.1",
+            "hostIPs": [{"ip": "127.0.0.1"}],
+            "podIP": run.ip,
+            "podIPs": [{"ip": run.ip}],
+            "startTime": run.start_time,
             "containerStatuses": statuses,
         }
         if init_statuses:
@@ -759,8 +869,11 @@ class NodeAgent:
             return
         ns, name = pod_key(pod)
         try:
-            self.api.patch(resource_path("v1", "pods", ns, name, "status"),
-                           {"metadata": {"uid": run.uid}, "status": status}, "strategic")
+            self.api.patch(
+                resource_path("v1", "pods", ns, name, "status"),
+                {"metadata": {"uid": run.uid}, "status": status},
+                "strategic",
+            )
             run.reported = status
         except ApiError as e:
             if e.status not in (404, 409):
@@ -775,14 +888,27 @@ class NodeAgent:
             run.events.add(once)
         ns, name = pod_key(pod)
         now = runtime.now_rfc3339()
-        event = {"apiVersion": "v1", "kind": "Event",
-                 "metadata": {"generateName": f"{name}.", "namespace": ns},
-                 "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": ns, "name": name,
-                                    "uid": pod["metadata"]["uid"]},
-                 "reason": reason, "message": message, "type": kind, "count": 1,
-                 "firstTimestamp": now, "lastTimestamp": now,
-                 "source": {"component": component, "host": self.name},
-                 "reportingComponent": component, "reportingInstance": self.name}
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{name}.", "namespace": ns},
+            "involvedObject": {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "namespace": ns,
+                "name": name,
+                "uid": pod["metadata"]["uid"],
+            },
+            "reason": reason,
+            "message": message,
+            "type": kind,
+            "count": 1,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "source": {"component": component, "host": self.name},
+            "reportingComponent": component,
+            "reportingInstance": self.name,
+        }
         try:
             self.api.create(resource_path("v1", "events", ns), event)
         except Exception as e:  # noqa: BLE001 - events are best effort
@@ -794,6 +920,7 @@ class NodeAgent:
     def log_tails(self, lines=60, pods=6):
         """The agent's log and the newest container logs of the pods it runs (failure reports)."""
         from tests.cluster.procs import tail
+
         tails = {"node-agent": tail(self.log_path, lines)}
         with self._lock:
             runs = list(self.runs.values())[-pods:]
@@ -844,11 +971,18 @@ class NodeAgent:
         """
         path = resource_path("v1", "pods", namespace, name)
         if reason == "EvictionByEvictionAPI":
-            self.api.create(path + "/eviction", {"apiVersion": "policy/v1", "kind": "Eviction",
-                                                 "metadata": {"name": name, "namespace": namespace}})
+            self.api.create(
+                path + "/eviction",
+                {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name, "namespace": namespace}},
+            )
             return
-        condition = {"type": "DisruptionTarget", "status": "True", "reason": reason,
-                     "lastTransitionTime": runtime.now_rfc3339(), "lastProbeTime": None}
+        condition = {
+            "type": "DisruptionTarget",
+            "status": "True",
+            "reason": reason,
+            "lastTransitionTime": runtime.now_rfc3339(),
+            "lastProbeTime": None,
+        }
         if reason == "PreemptionByScheduler":
             condition["message"] = message or "default-scheduler: preempting to accommodate a higher priority pod"
             self.api.patch(path + "/status", {"status": {"conditions": [condition]}}, "strategic")
@@ -895,8 +1029,11 @@ class NodeAgent:
                 for c in run.all_containers:
                     if c.lost:
                         c.lost = False
-                        c.finish(137, "ContainerStatusUnknown",
-                                 "The container could not be located when the pod was terminated")
+                        c.finish(
+                            137,
+                            "ContainerStatusUnknown",
+                            "The container could not be located when the pod was terminated",
+                        )
                         pod = self.informer.pods.get(run.uid)
                         if pod is not None:
                             self._after_exit(pod, run, c, pod["spec"].get("restartPolicy", "Always"))

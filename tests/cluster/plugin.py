@@ -66,6 +66,7 @@ def kube_cluster(tmp_path_factory):
     """etcd + kube-apiserver + kube-controller-manager on 127.0.0.1 (binaries: tests/controlplane/build.sh
     or $LORA_CONTROLPLANE_BIN). Logs in kube_cluster.logs."""
     from tests.cluster.controlplane import KubeCluster
+
     yield from _session_service(KubeCluster(tmp_path_factory.mktemp("kube")))
 
 
@@ -79,6 +80,7 @@ def node_agent_options():
 def node_agent(kube_cluster, node_agent_options, tmp_path_factory):
     """The one node of kube_cluster: schedules pods and runs their containers as local processes."""
     from tests.cluster.node_agent import NodeAgent
+
     agent = NodeAgent(kube_cluster.api, kube_cluster.pki, tmp_path_factory.mktemp("node"), **node_agent_options)
     yield from _session_service(agent)
 
@@ -89,8 +91,9 @@ def namespace(kube_cluster, request):
     name = unique_name(request.node.name, "t", 50)
     api = kube_cluster.api
     api.create("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-    wait_until(lambda: api.get(f"/api/v1/namespaces/{name}/serviceaccounts/default"), 30,
-               f"ServiceAccount default in {name}")
+    wait_until(
+        lambda: api.get(f"/api/v1/namespaces/{name}/serviceaccounts/default"), 30, f"ServiceAccount default in {name}"
+    )
     yield name
     try:
         api.delete(f"/api/v1/namespaces/{name}")
@@ -103,6 +106,7 @@ def namespace(kube_cluster, request):
 def s3_server(tmp_path_factory):
     """SeaweedFS S3 on 127.0.0.1 with a static key pair; .stop()/.start() keep port and data."""
     from tests.cluster.s3 import SeaweedS3
+
     yield from _session_service(SeaweedS3(tmp_path_factory.mktemp("s3")))
 
 
@@ -122,6 +126,7 @@ def s3_bucket(s3_server, request):
 def pushgateway(tmp_path_factory):
     """Prometheus Pushgateway on 127.0.0.1 (in memory)."""
     from tests.cluster.prometheus import Pushgateway
+
     yield from _session_service(Pushgateway(tmp_path_factory.mktemp("pushgateway")))
 
 
@@ -129,4 +134,5 @@ def pushgateway(tmp_path_factory):
 def prometheus(pushgateway, tmp_path_factory):
     """Prometheus on 127.0.0.1 scraping every 1 s: job `pods` (set_targets) and job `pushgateway`."""
     from tests.cluster.prometheus import Prometheus
+
     yield from _session_service(Prometheus(tmp_path_factory.mktemp("prometheus"), pushgateway.address))

@@ -15,11 +15,22 @@ from fractions import Fraction
 # Quantities and resources
 
 _SUFFIX = {
-    "n": Fraction(1, 10**9), "u": Fraction(1, 10**6), "m": Fraction(1, 1000), "": Fraction(1),
-    "k": Fraction(10**3), "M": Fraction(10**6), "G": Fraction(10**9), "T": Fraction(10**12),
-    "P": Fraction(10**15), "E": Fraction(10**18),
-    "Ki": Fraction(2**10), "Mi": Fraction(2**20), "Gi": Fraction(2**30), "Ti": Fraction(2**40),
-    "Pi": Fraction(2**50), "Ei": Fraction(2**60),
+    "n": Fraction(1, 10**9),
+    "u": Fraction(1, 10**6),
+    "m": Fraction(1, 1000),
+    "": Fraction(1),
+    "k": Fraction(10**3),
+    "M": Fraction(10**6),
+    "G": Fraction(10**9),
+    "T": Fraction(10**12),
+    "P": Fraction(10**15),
+    "E": Fraction(10**18),
+    "Ki": Fraction(2**10),
+    "Mi": Fraction(2**20),
+    "Gi": Fraction(2**30),
+    "Ti": Fraction(2**40),
+    "Pi": Fraction(2**50),
+    "Ei": Fraction(2**60),
 }
 _QUANTITY = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+))(?:[eE]([+-]?\d+))?([a-zA-Z]*)")
 
@@ -80,18 +91,21 @@ def add_requests(total, requests):
 # ---------------------------------------------------------------------------------------------
 # Scheduling: taints, tolerations, node selection
 
+
 def tolerates(toleration, taint):
     if toleration.get("effect") and toleration["effect"] != taint.get("effect"):
         return False
     if toleration.get("operator", "Equal") == "Exists":
         return not toleration.get("key") or toleration["key"] == taint.get("key")
-    return (toleration.get("key") == taint.get("key")
-            and (toleration.get("value") or "") == (taint.get("value") or ""))
+    return toleration.get("key") == taint.get("key") and (toleration.get("value") or "") == (taint.get("value") or "")
 
 
 def untolerated_taints(tolerations, taints, effects=("NoSchedule", "NoExecute")):
-    return [t for t in taints or [] if t.get("effect") in effects
-            and not any(tolerates(tol, t) for tol in tolerations or [])]
+    return [
+        t
+        for t in taints or []
+        if t.get("effect") in effects and not any(tolerates(tol, t) for tol in tolerations or [])
+    ]
 
 
 def _match_expression(expr, values_by_key):
@@ -120,14 +134,16 @@ def matches_node_selector(spec, node):
     labels = node.get("metadata", {}).get("labels") or {}
     if any(labels.get(k) != v for k, v in (spec.get("nodeSelector") or {}).items()):
         return False
-    required = (((spec.get("affinity") or {}).get("nodeAffinity") or {})
-                .get("requiredDuringSchedulingIgnoredDuringExecution"))
+    required = ((spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    )
     if not required:
         return True
     fields = {"metadata.name": node["metadata"]["name"]}
     for term in required.get("nodeSelectorTerms") or []:
-        if (all(_match_expression(e, labels) for e in term.get("matchExpressions") or [])
-                and all(_match_expression(e, fields) for e in term.get("matchFields") or [])):
+        if all(_match_expression(e, labels) for e in term.get("matchExpressions") or []) and all(
+            _match_expression(e, fields) for e in term.get("matchFields") or []
+        ):
             return True
     return False
 
@@ -143,7 +159,8 @@ def unschedulable_reasons(pod, node, used):
     """
     spec = pod["spec"]
     if node.get("spec", {}).get("unschedulable") and untolerated_taints(
-            spec.get("tolerations"), [{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]):
+        spec.get("tolerations"), [{"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]
+    ):
         return ["node(s) were unschedulable"]
     taints = untolerated_taints(spec.get("tolerations"), node.get("spec", {}).get("taints"))
     if taints:
@@ -170,9 +187,16 @@ def unschedulable_message(reasons, nodes=1):
 DEFAULT_IMAGES = (
     ("*lora-operator*trainer*", ["lora-train"]),
     ("*lora-operator*", ["lora-operator"]),
-    ("python", ["python"]), ("python:*", ["python"]), ("python@*", ["python"]),
-    ("*/python", ["python"]), ("*/python:*", ["python"]), ("*/python@*", ["python"]),
-    ("busybox", ["sh"]), ("busybox:*", ["sh"]), ("*/busybox", ["sh"]), ("*/busybox:*", ["sh"]),
+    ("python", ["python"]),
+    ("python:*", ["python"]),
+    ("python@*", ["python"]),
+    ("*/python", ["python"]),
+    ("*/python:*", ["python"]),
+    ("*/python@*", ["python"]),
+    ("busybox", ["sh"]),
+    ("busybox:*", ["sh"]),
+    ("*/busybox", ["sh"]),
+    ("*/busybox:*", ["sh"]),
 )
 
 
@@ -189,11 +213,13 @@ _VAR_REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 
 def expand(text, env):
     """Kubernetes $(VAR) expansion: defined vars are replaced, $$ escapes, the rest stays as-is."""
+
     def replace(match):
         if match.group(0) == "$$":
             return "$"
         name = match.group(1)
         return env[name] if name in env else match.group(0)
+
     return _VAR_REF.sub(replace, text)
 
 
@@ -205,6 +231,7 @@ def container_argv(container, entrypoint, env):
 
 # ---------------------------------------------------------------------------------------------
 # Environment
+
 
 class ConfigError(Exception):
     """A container cannot start yet: CreateContainerConfigError, with the kubelet's message."""
@@ -222,8 +249,10 @@ def field_value(pod, path, pod_ip, host_ip):
         "metadata.uid": meta.get("uid", ""),
         "spec.nodeName": spec.get("nodeName", ""),
         "spec.serviceAccountName": spec.get("serviceAccountName", ""),
-        "status.podIP": pod_ip, "status.podIPs": pod_ip,
-        "status.hostIP": host_ip, "status.hostIPs": host_ip,
+        "status.podIP": pod_ip,
+        "status.podIPs": pod_ip,
+        "status.hostIP": host_ip,
+        "status.hostIPs": host_ip,
     }
     if path not in values:
         raise ConfigError(f"unsupported fieldRef {path!r}")
@@ -266,8 +295,7 @@ def decode_secret(secret):
     return data
 
 
-def container_env(pod, container, lookup, pod_ip, host_ip="127.0.0.1", base=None,
-                  node_allocatable=None):
+def container_env(pod, container, lookup, pod_ip, host_ip="127.0.0.1", base=None, node_allocatable=None):
     """The environment a container's process gets.
 
     `lookup(kind, namespace, name)` returns a ConfigMap's or Secret's data as {key: text}, or None
@@ -277,8 +305,9 @@ def container_env(pod, container, lookup, pod_ip, host_ip="127.0.0.1", base=None
     namespace = pod["metadata"]["namespace"]
     env = dict(base or {})
     for source in container.get("envFrom") or []:
-        kind, ref = (("ConfigMap", source["configMapRef"]) if "configMapRef" in source
-                     else ("Secret", source["secretRef"]))
+        kind, ref = (
+            ("ConfigMap", source["configMapRef"]) if "configMapRef" in source else ("Secret", source["secretRef"])
+        )
         data = lookup(kind, namespace, ref["name"])
         if data is None:
             if ref.get("optional"):
@@ -307,6 +336,7 @@ def container_env(pod, container, lookup, pod_ip, host_ip="127.0.0.1", base=None
 
 # ---------------------------------------------------------------------------------------------
 # Pod phase
+
 
 def pod_phase(restart_policy, statuses):
     """The pod phase from container statuses, by the kubelet's rules (getPhase).

@@ -92,8 +92,11 @@ class Service:
             log.flush()
             self.proc = subprocess.Popen(
                 launcher_argv(self.argv, cwd=self.cwd),
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=self.env, start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
             )
         _live.add(self)
         return self
@@ -105,8 +108,7 @@ class Service:
     def check_running(self):
         """Raise with the log's tail when the process has exited (used inside readiness waits)."""
         if self.proc is not None and self.proc.poll() is not None:
-            raise RuntimeError(
-                f"{self.name} exited with code {self.proc.returncode}; log tail:\n{tail(self.log_path)}")
+            raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}; log tail:\n{tail(self.log_path)}")
 
     def stop(self, timeout=10):
         """SIGTERM the process group, SIGKILL it after `timeout` seconds."""

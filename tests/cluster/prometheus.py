@@ -20,29 +20,37 @@ from tests.cluster.procs import Service, free_port, wait_until
 def find_binary(name, env_var, env=os.environ):
     path = env.get(env_var) or shutil.which(name)
     if not path:
-        raise FileNotFoundError(f"{name} not found: run scripts/test-services.sh (apt-get install "
-                                f"prometheus prometheus-pushgateway) or set {env_var}")
+        raise FileNotFoundError(
+            f"{name} not found: run scripts/test-services.sh (apt-get install "
+            f"prometheus prometheus-pushgateway) or set {env_var}"
+        )
     return path
 
 
 def scrape_config(targets_file, pushgateway=None, interval="1s"):
     """The prometheus.yml document (a dict)."""
-    jobs = [{
-        "job_name": "pods",
-        "scrape_interval": interval,
-        "scrape_timeout": interval,
-        "file_sd_configs": [{"files": [str(targets_file)], "refresh_interval": interval}],
-    }]
-    if pushgateway:
-        jobs.append({
-            "job_name": "pushgateway",
-            "honor_labels": True,
+    jobs = [
+        {
+            "job_name": "pods",
             "scrape_interval": interval,
             "scrape_timeout": interval,
-            "static_configs": [{"targets": [pushgateway]}],
-        })
-    return {"global": {"scrape_interval": interval, "scrape_timeout": interval, "evaluation_interval": interval},
-            "scrape_configs": jobs}
+            "file_sd_configs": [{"files": [str(targets_file)], "refresh_interval": interval}],
+        }
+    ]
+    if pushgateway:
+        jobs.append(
+            {
+                "job_name": "pushgateway",
+                "honor_labels": True,
+                "scrape_interval": interval,
+                "scrape_timeout": interval,
+                "static_configs": [{"targets": [pushgateway]}],
+            }
+        )
+    return {
+        "global": {"scrape_interval": interval, "scrape_timeout": interval, "evaluation_interval": interval},
+        "scrape_configs": jobs,
+    }
 
 
 def file_sd(targets, labels=None):
@@ -71,8 +79,12 @@ class Pushgateway:
         self.service = None
 
     def start(self, timeout=60):
-        argv = [find_binary("prometheus-pushgateway", "LORA_PUSHGATEWAY_BIN"),
-                f"--web.listen-address={self.address}", "--persistence.file=", "--log.level=info"]
+        argv = [
+            find_binary("prometheus-pushgateway", "LORA_PUSHGATEWAY_BIN"),
+            f"--web.listen-address={self.address}",
+            "--persistence.file=",
+            "--log.level=info",
+        ]
         self.service = Service("pushgateway", argv, self.workdir / "pushgateway.log").start()
         wait_until(lambda: self.service.check_running() or _ready(f"{self.url}/-/ready"), timeout, "pushgateway ready")
         return self
@@ -102,9 +114,15 @@ class Prometheus:
         self.set_targets([])
         config = self.workdir / "prometheus.yml"
         config.write_text(json.dumps(scrape_config(self.targets_file, self.pushgateway, self.interval), indent=2))
-        argv = [find_binary("prometheus", "LORA_PROMETHEUS_BIN"), f"--config.file={config}",
-                f"--storage.tsdb.path={self.workdir / 'data'}", f"--web.listen-address={self.address}",
-                "--storage.tsdb.retention.time=1d", "--web.enable-lifecycle", "--log.level=info"]
+        argv = [
+            find_binary("prometheus", "LORA_PROMETHEUS_BIN"),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={self.workdir / 'data'}",
+            f"--web.listen-address={self.address}",
+            "--storage.tsdb.retention.time=1d",
+            "--web.enable-lifecycle",
+            "--log.level=info",
+        ]
         self.service = Service("prometheus", argv, self.workdir / "prometheus.log").start()
         wait_until(lambda: self.service.check_running() or _ready(f"{self.url}/-/ready"), timeout, "prometheus ready")
         return self

@@ -35,6 +35,7 @@ def now_rfc3339():
 # ---------------------------------------------------------------------------------------------
 # Volumes
 
+
 def _write_tree(directory, files, mode):
     """Write {relative path: bytes} under `directory` (replacing what was there)."""
     for rel, content in files.items():
@@ -63,8 +64,11 @@ def _key_files(data, items, name, kind, optional):
 
 
 def _downward_files(pod, items, pod_ip):
-    return {item["path"]: podspec.field_value(pod, item["fieldRef"]["fieldPath"], pod_ip, "127.0.0.1").encode()
-            for item in items or [] if "fieldRef" in item}
+    return {
+        item["path"]: podspec.field_value(pod, item["fieldRef"]["fieldPath"], pod_ip, "127.0.0.1").encode()
+        for item in items or []
+        if "fieldRef" in item
+    }
 
 
 def volume_files(pod, volume, lookup_bytes, request_token, pod_ip):
@@ -72,12 +76,22 @@ def volume_files(pod, volume, lookup_bytes, request_token, pod_ip):
     namespace = pod["metadata"]["namespace"]
     if "configMap" in volume:
         src = volume["configMap"]
-        return _key_files(lookup_bytes("ConfigMap", namespace, src["name"]), src.get("items"),
-                          src["name"], "ConfigMap", src.get("optional"))
+        return _key_files(
+            lookup_bytes("ConfigMap", namespace, src["name"]),
+            src.get("items"),
+            src["name"],
+            "ConfigMap",
+            src.get("optional"),
+        )
     if "secret" in volume:
         src = volume["secret"]
-        return _key_files(lookup_bytes("Secret", namespace, src["secretName"]), src.get("items"),
-                          src["secretName"], "Secret", src.get("optional"))
+        return _key_files(
+            lookup_bytes("Secret", namespace, src["secretName"]),
+            src.get("items"),
+            src["secretName"],
+            "Secret",
+            src.get("optional"),
+        )
     if "downwardAPI" in volume:
         return _downward_files(pod, volume["downwardAPI"].get("items"), pod_ip)
     files = {}
@@ -106,8 +120,14 @@ def prepare_volumes(pod, pod_dir, lookup_bytes, request_token, pod_ip):
                 target.mkdir(parents=True, exist_ok=True)
         elif any(k in volume for k in ("configMap", "secret", "downwardAPI", "projected")):
             files = volume_files(pod, volume, lookup_bytes, request_token, pod_ip)
-            mode = next((volume[k].get("defaultMode") for k in ("configMap", "secret", "downwardAPI", "projected")
-                         if k in volume and volume[k].get("defaultMode") is not None), 0o644)
+            mode = next(
+                (
+                    volume[k].get("defaultMode")
+                    for k in ("configMap", "secret", "downwardAPI", "projected")
+                    if k in volume and volume[k].get("defaultMode") is not None
+                ),
+                0o644,
+            )
             shutil.rmtree(target, ignore_errors=True)
             target.mkdir(parents=True)
             _write_tree(target, files, mode)
@@ -170,8 +190,10 @@ def container_mounts(container, volume_paths, termination_file, created, protect
     for m in container.get("volumeMounts") or []:
         hidden = hides(m["mountPath"], protected)
         if hidden:
-            raise MountConflict(f"mountPath {m['mountPath']} would hide {hidden}, which the test node agent "
-                                "runs containers from; mount the volume somewhere else")
+            raise MountConflict(
+                f"mountPath {m['mountPath']} would hide {hidden}, which the test node agent "
+                "runs containers from; mount the volume somewhere else"
+            )
         source = Path(volume_paths[m["name"]])
         if m.get("subPath"):
             source = source / m["subPath"]
@@ -221,6 +243,7 @@ def reap_stale(pods_parent, cgroup_parents=None):
 
 # ---------------------------------------------------------------------------------------------
 # Memory cgroups (limits.memory and reason OOMKilled)
+
 
 class MemoryCgroups:
     """Per-container memory cgroups below the agent's own cgroup; inert where none can be made."""
@@ -298,6 +321,7 @@ class MemoryCgroups:
 # ---------------------------------------------------------------------------------------------
 # Containers
 
+
 class ContainerRun:
     """One container of a pod on this node: its process and the status the kubelet reports."""
 
@@ -338,16 +362,27 @@ class ContainerRun:
         self.termination_file.parent.mkdir(parents=True, exist_ok=True)
         self.termination_file.write_bytes(b"")
         limit = (self.spec.get("resources") or {}).get("limits", {}).get("memory")
-        self.cgroup = cgroups.create(f"{self.pod_dir.name}_{self.name}",
-                                     podspec.parse_quantity(limit) if limit else None)
+        self.cgroup = cgroups.create(
+            f"{self.pod_dir.name}_{self.name}", podspec.parse_quantity(limit) if limit else None
+        )
         log = self.log_path()
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
-                [unshare, "--mount", "--propagation", "private", "--",
-                 *launcher_argv(argv, cwd=cwd, mounts=mounts, cgroup=str(self.cgroup) if self.cgroup else None)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-                start_new_session=True)
+                [
+                    unshare,
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "--",
+                    *launcher_argv(argv, cwd=cwd, mounts=mounts, cgroup=str(self.cgroup) if self.cgroup else None),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         self.state = {"running": {"startedAt": now_rfc3339()}}
 
     def poll(self):

@@ -31,28 +31,45 @@ def find_weed(env=os.environ):
 
 def identities_config(access_key, secret_key):
     """The S3 identities file: one admin identity with a static key pair."""
-    return {"identities": [{
-        "name": "lora-test",
-        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-    }]}
+    return {
+        "identities": [
+            {
+                "name": "lora-test",
+                "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+    }
 
 
 def weed_argv(weed, data_dir, ports, s3_config, socket_dir):
     """`weed server` with master, volume, filer and S3 bound to 127.0.0.1 on the given ports."""
     return [
-        weed, "server",
+        weed,
+        "server",
         f"-dir={data_dir}",
-        "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-master.port={ports['master']}", f"-master.port.grpc={ports['master_grpc']}",
-        "-master.telemetry=false", "-master.volumeSizeLimitMB=64",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={ports['master']}",
+        f"-master.port.grpc={ports['master_grpc']}",
+        "-master.telemetry=false",
+        "-master.volumeSizeLimitMB=64",
         # A restart elects the single master at once instead of after a 10 s election timeout.
-        "-master.electionTimeout=1s", "-master.resumeState=false",
-        f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume_grpc']}", "-volume.max=0",
-        "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filer_grpc']}",
+        "-master.electionTimeout=1s",
+        "-master.resumeState=false",
+        f"-volume.port={ports['volume']}",
+        f"-volume.port.grpc={ports['volume_grpc']}",
+        "-volume.max=0",
+        "-filer",
+        f"-filer.port={ports['filer']}",
+        f"-filer.port.grpc={ports['filer_grpc']}",
         f"-filer.localSocket={socket_dir}/filer.sock",
-        "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3_grpc']}",
-        "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.localSocket={socket_dir}/s3.sock",
+        "-s3",
+        f"-s3.port={ports['s3']}",
+        f"-s3.port.grpc={ports['s3_grpc']}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-s3.localSocket={socket_dir}/s3.sock",
         f"-s3.config={s3_config}",
     ]
 
@@ -91,6 +108,7 @@ class SeaweedS3:
 
     def _healthy(self):
         from botocore.exceptions import ClientError
+
         client = self.client(retries=0)
         try:
             client.head_bucket(Bucket=HEALTH_BUCKET)
@@ -121,16 +139,32 @@ class SeaweedS3:
         """A boto3 S3 client for this endpoint (path-style addressing, bounded timeouts)."""
         import boto3
         from botocore.config import Config
-        config = Config(s3={"addressing_style": "path"}, connect_timeout=5, read_timeout=30,
-                        retries={"max_attempts": retries + 1, "mode": "standard"})
-        return boto3.client("s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key,
-                            aws_secret_access_key=self.secret_key, region_name=self.region, config=config)
+
+        config = Config(
+            s3={"addressing_style": "path"},
+            connect_timeout=5,
+            read_timeout=30,
+            retries={"max_attempts": retries + 1, "mode": "standard"},
+        )
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=self.region,
+            config=config,
+        )
 
     def env(self):
         """AWS_* variables that point an S3 SDK (boto3, the trainer) at this endpoint."""
-        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-                "AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ENDPOINT_URL_S3": self.endpoint_url,
-                "AWS_DEFAULT_REGION": self.region, "AWS_REGION": self.region}
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ENDPOINT_URL_S3": self.endpoint_url,
+            "AWS_DEFAULT_REGION": self.region,
+            "AWS_REGION": self.region,
+        }
 
     def delete_bucket(self, name):
         """Delete a bucket and everything in it (missing bucket: nothing to do)."""

@@ -28,11 +28,15 @@ def operator_kubeconfig(kube_cluster, lora_crd, tmp_path_factory):
 @pytest.fixture(scope="session")
 def operator(kube_cluster, node_agent, s3_server, operator_kubeconfig, tmp_path_factory):
     """lora-operator, running and leading; restarted after a test that stopped it."""
-    op = env.OperatorProcess(operator_kubeconfig, tmp_path_factory.mktemp("operator-run"), env={
-        "LORA_OPERATOR_S3_ENDPOINT": s3_server.endpoint_url,
-        "LORA_OPERATOR_S3_REGION": s3_server.region,
-        "LORA_OPERATOR_S3_CREDENTIALS_SECRET": env.S3_SECRET,
-    })
+    op = env.OperatorProcess(
+        operator_kubeconfig,
+        tmp_path_factory.mktemp("operator-run"),
+        env={
+            "LORA_OPERATOR_S3_ENDPOINT": s3_server.endpoint_url,
+            "LORA_OPERATOR_S3_REGION": s3_server.region,
+            "LORA_OPERATOR_S3_CREDENTIALS_SECRET": env.S3_SECRET,
+        },
+    )
     op.repair = op.ensure_running
     op.start()
     plugin._running.append(op)  # log tails in failure reports, restarted between tests
@@ -66,17 +70,30 @@ class Jobs:
         return (self.get(name) or {}).get("status") or {}
 
     def wait(self, name, predicate, timeout, what):
-        return env.wait_until(lambda: (lambda s: s if predicate(s) else None)(self.status(name)), timeout,
-                              f"{self.namespace}/{name}: {what}")
+        return env.wait_until(
+            lambda: (lambda s: s if predicate(s) else None)(self.status(name)),
+            timeout,
+            f"{self.namespace}/{name}: {what}",
+        )
 
     def wait_phase(self, name, phase, timeout=300, reason=None):
-        return self.wait(name, lambda s: s.get("phase") == phase and (reason is None or s.get("reason") == reason),
-                         timeout, f"phase {phase}" + (f"/{reason}" if reason else ""))
+        return self.wait(
+            name,
+            lambda s: s.get("phase") == phase and (reason is None or s.get("reason") == reason),
+            timeout,
+            f"phase {phase}" + (f"/{reason}" if reason else ""),
+        )
 
     def wait_condition(self, name, condition, timeout=300):
         """`kubectl wait --for=condition=...`, as a CI pipeline would."""
-        return self.kubectl("wait", f"--for=condition={condition}", f"ltj/{name}", f"--timeout={timeout}s",
-                            timeout=timeout + 30, check=False)
+        return self.kubectl(
+            "wait",
+            f"--for=condition={condition}",
+            f"ltj/{name}",
+            f"--timeout={timeout}s",
+            timeout=timeout + 30,
+            check=False,
+        )
 
     def pods(self, name):
         out = self.kubectl("get", "pods", "-l", f"lora-operator.io/job-name={name}", "-o", "json")
@@ -91,8 +108,14 @@ class Jobs:
         return None
 
     def events(self, name):
-        out = self.kubectl("get", "events", "--field-selector",
-                           f"involvedObject.kind=LoRATrainingJob,involvedObject.name={name}", "-o", "json")
+        out = self.kubectl(
+            "get",
+            "events",
+            "--field-selector",
+            f"involvedObject.kind=LoRATrainingJob,involvedObject.name={name}",
+            "-o",
+            "json",
+        )
         return json.loads(out.stdout)["items"]
 
     def s3_keys(self, prefix):
@@ -103,7 +126,7 @@ class Jobs:
         return keys
 
     def s3_bytes(self, uri):
-        bucket, _, key = uri[len("s3://"):].partition("/")
+        bucket, _, key = uri[len("s3://") :].partition("/")
         return self.s3.client().get_object(Bucket=bucket, Key=key)["Body"].read()
 
 

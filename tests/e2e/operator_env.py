@@ -41,9 +41,16 @@ def wait_until(predicate, timeout, what, interval=0.5):
 def install_crd(cluster):
     cluster.kubectl("apply", "-f", CRD)
     jsonpath = '{.status.conditions[?(@.type=="Established")].status}'
-    wait_until(lambda: cluster.kubectl("get", "crd", "loratrainingjobs.lora-operator.io", "-o",
-                                       f"jsonpath={jsonpath}", check=False).stdout == "True",
-               60, "the LoRATrainingJob CRD to be established")
+    wait_until(
+        lambda: (
+            cluster.kubectl(
+                "get", "crd", "loratrainingjobs.lora-operator.io", "-o", f"jsonpath={jsonpath}", check=False
+            ).stdout
+            == "True"
+        ),
+        60,
+        "the LoRATrainingJob CRD to be established",
+    )
 
 
 def install_rbac(cluster, namespace=OPERATOR_NAMESPACE):
@@ -57,7 +64,8 @@ def service_account_kubeconfig(cluster, path, namespace=OPERATOR_NAMESPACE, name
     token = cluster.kubectl("create", "token", name, "-n", namespace, "--duration=24h").stdout.strip()
     admin = yaml.safe_load(Path(cluster.kubeconfig).read_text())
     config = {
-        "apiVersion": "v1", "kind": "Config",
+        "apiVersion": "v1",
+        "kind": "Config",
         "clusters": admin["clusters"],
         "users": [{"name": name, "user": {"token": token}}],
         "contexts": [{"name": name, "context": {"cluster": admin["clusters"][0]["name"], "user": name}}],
@@ -95,18 +103,20 @@ class OperatorProcess:
 
     def environment(self):
         env = {k: v for k, v in os.environ.items() if not k.startswith("LORA_OPERATOR_")}
-        env.update({
-            "KUBECONFIG": str(self.kubeconfig),
-            "LORA_OPERATOR_HTTP_HOST": "127.0.0.1",
-            "LORA_OPERATOR_HTTP_PORT": str(self.port),
-            "LORA_OPERATOR_LEASE_NAMESPACE": OPERATOR_NAMESPACE,
-            "LORA_OPERATOR_IDENTITY": self.identity,
-            "LORA_OPERATOR_TRAINER_IMAGE": TRAINER_IMAGE,
-            "LORA_OPERATOR_POLL_INTERVAL": "1",
-            "LORA_OPERATOR_LEASE_DURATION": "6",
-            "LORA_OPERATOR_TERMINATION_GRACE_SECONDS": "60",
-            **self.extra_env,
-        })
+        env.update(
+            {
+                "KUBECONFIG": str(self.kubeconfig),
+                "LORA_OPERATOR_HTTP_HOST": "127.0.0.1",
+                "LORA_OPERATOR_HTTP_PORT": str(self.port),
+                "LORA_OPERATOR_LEASE_NAMESPACE": OPERATOR_NAMESPACE,
+                "LORA_OPERATOR_IDENTITY": self.identity,
+                "LORA_OPERATOR_TRAINER_IMAGE": TRAINER_IMAGE,
+                "LORA_OPERATOR_POLL_INTERVAL": "1",
+                "LORA_OPERATOR_LEASE_DURATION": "6",
+                "LORA_OPERATOR_TERMINATION_GRACE_SECONDS": "60",
+                **self.extra_env,
+            }
+        )
         return env
 
     def start(self, wait_ready=True, timeout=90):
@@ -114,9 +124,14 @@ class OperatorProcess:
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             log.write(f"\n===== start {self.starts} =====\n".encode())
             log.flush()
-            self.proc = subprocess.Popen([sys.executable, "-m", "lora_operator.main"], env=self.environment(),
-                                         stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "lora_operator.main"],
+                env=self.environment(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                start_new_session=True,
+            )
         if wait_ready:
             self.wait_ready(timeout)
         return self
@@ -130,6 +145,7 @@ class OperatorProcess:
                     return r.status == 200 and self.metric("lora_operator_leader") == 1
             except OSError:  # not listening yet
                 return False
+
         wait_until(ready, timeout, "lora-operator to become ready and lead")
 
     @property
@@ -187,15 +203,23 @@ def upload_sample_data(s3_client, bucket, prefix="data"):
 
 
 def create_s3_secret(cluster, namespace, s3_server, name=S3_SECRET):
-    cluster.kubectl("create", "secret", "generic", name, "-n", namespace,
-                    f"--from-literal=AWS_ACCESS_KEY_ID={s3_server.access_key}",
-                    f"--from-literal=AWS_SECRET_ACCESS_KEY={s3_server.secret_key}")
+    cluster.kubectl(
+        "create",
+        "secret",
+        "generic",
+        name,
+        "-n",
+        namespace,
+        f"--from-literal=AWS_ACCESS_KEY_ID={s3_server.access_key}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={s3_server.secret_key}",
+    )
 
 
 def sd_manifest(name, bucket, steps=12, save_steps=4, **spec):
     """A tiny text-to-image job on the bundled images (CPU)."""
     body = {
-        "apiVersion": "lora-operator.io/v1alpha1", "kind": "LoRATrainingJob",
+        "apiVersion": "lora-operator.io/v1alpha1",
+        "kind": "LoRATrainingJob",
         "metadata": {"name": name},
         "spec": {
             "task": "text-to-image",
@@ -212,7 +236,8 @@ def sd_manifest(name, bucket, steps=12, save_steps=4, **spec):
 def llm_manifest(name, bucket, steps=8, save_steps=4, **spec):
     """A tiny text-generation job on the bundled JSONL (CPU)."""
     body = {
-        "apiVersion": "lora-operator.io/v1alpha1", "kind": "LoRATrainingJob",
+        "apiVersion": "lora-operator.io/v1alpha1",
+        "kind": "LoRATrainingJob",
         "metadata": {"name": name},
         "spec": {
             "task": "text-generation",
@@ -249,7 +274,10 @@ def find_trainer_pids(namespace, pod_name):
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if (f"POD_NAME={pod_name}".encode() in env and f"LORA_JOB_NAMESPACE={namespace}".encode() in env
-                and b"lora-train" in cmdline):
+        if (
+            f"POD_NAME={pod_name}".encode() in env
+            and f"LORA_JOB_NAMESPACE={namespace}".encode() in env
+            and b"lora-train" in cmdline
+        ):
             pids.append(int(entry.name))
     return pids

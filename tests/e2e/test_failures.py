@@ -13,6 +13,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 def kill_trainer(jobs, name, when=lambda status: True, timeout=300):
     """SIGKILL the trainer process of the job's running pod once `when(status)` holds; returns the pod name."""
+
     def target():
         pod = jobs.running_pod(name)
         if pod is None or not when(jobs.status(name)):
@@ -43,8 +44,9 @@ def final_weights(jobs, status):
 
 
 def test_invalid_dataset_fails_at_once_without_retry(jobs):
-    jobs.apply(env.sd_manifest("no-data", jobs.bucket, dataset={"uri": f"s3://{jobs.bucket}/nothing-here"},
-                               backoffLimit=3))
+    jobs.apply(
+        env.sd_manifest("no-data", jobs.bucket, dataset={"uri": f"s3://{jobs.bucket}/nothing-here"}, backoffLimit=3)
+    )
     waited = jobs.wait_condition("no-data", "Failed", 300)
     assert waited.returncode == 0, waited.stderr
     status = jobs.status("no-data")
@@ -61,8 +63,13 @@ def test_killed_trainer_resumes_from_its_checkpoint_with_the_same_final_weights(
     jobs.apply(env.sd_manifest("reference", jobs.bucket, steps=steps, save_steps=save))
     jobs.apply(env.sd_manifest("killed", jobs.bucket, steps=steps, save_steps=save, backoffLimit=2))
     manifest_key = f"out/killed/checkpoints/state_step_{save}/manifest.json"
-    first = kill_trainer(jobs, "killed", lambda s: (s.get("progress") or {}).get("step", 0) > save
-                         and manifest_key in jobs.s3_keys("out/killed/checkpoints/"))
+    first = kill_trainer(
+        jobs,
+        "killed",
+        lambda s: (
+            (s.get("progress") or {}).get("step", 0) > save and manifest_key in jobs.s3_keys("out/killed/checkpoints/")
+        ),
+    )
     env.wait_until(lambda: (terminated(jobs, first) or {}).get("exitCode") == 137, 60, "exit code 137")
     assert jobs.wait_condition("killed", "Succeeded", 500).returncode == 0
     assert jobs.wait_condition("reference", "Succeeded", 300).returncode == 0
@@ -85,8 +92,13 @@ def test_killed_trainer_resumes_from_its_checkpoint_with_the_same_final_weights(
 
 def test_eviction_does_not_count_against_backoff_limit(jobs, node_agent):
     jobs.apply(env.sd_manifest("evicted", jobs.bucket, steps=96, save_steps=32, backoffLimit=0))
-    pod = env.wait_until(lambda: (lambda p: p if p and (jobs.status("evicted").get("progress") or {}).get("step", 0) >= 2
-                                  else None)(jobs.running_pod("evicted")), 300, "training to be under way")
+    pod = env.wait_until(
+        lambda: (lambda p: p if p and (jobs.status("evicted").get("progress") or {}).get("step", 0) >= 2 else None)(
+            jobs.running_pod("evicted")
+        ),
+        300,
+        "training to be under way",
+    )
     node_agent.evict(jobs.namespace, pod["metadata"]["name"])
     assert jobs.wait_condition("evicted", "Succeeded", 500).returncode == 0
     status = jobs.status("evicted")
@@ -137,9 +149,17 @@ def test_image_that_cannot_be_pulled_is_reported(jobs):
 
 def test_config_the_trainer_refuses_fails_before_any_pod(jobs):
     # valid for the CRD, invalid for the trainer's cross-field check (resolution outside the bucket range)
-    jobs.apply(env.sd_manifest("mis-bucketed", jobs.bucket, dataset={
-        "uri": f"s3://{jobs.bucket}/data/images", "resolution": 32,
-        "bucketing": {"enabled": True, "minResolution": 64, "maxResolution": 128}}))
+    jobs.apply(
+        env.sd_manifest(
+            "mis-bucketed",
+            jobs.bucket,
+            dataset={
+                "uri": f"s3://{jobs.bucket}/data/images",
+                "resolution": 32,
+                "bucketing": {"enabled": True, "minResolution": 64, "maxResolution": 128},
+            },
+        )
+    )
     status = jobs.wait_phase("mis-bucketed", "Failed", 60, reason="ConfigInvalid")
     assert "resolution" in status["message"] and "min_bucket_reso" in status["message"]
     assert jobs.pods("mis-bucketed") == [] and jobs.get("mis-bucketed-train", kind="job") is None

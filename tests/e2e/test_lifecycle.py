@@ -107,8 +107,9 @@ def test_retain_policy_keeps_outputs_and_adds_no_finalizer(jobs):
 
 
 def test_two_replicas_never_both_act(jobs, operator, operator_kubeconfig, tmp_path):
-    standby = env.OperatorProcess(operator_kubeconfig, tmp_path, identity="operator-standby", env={
-        k: v for k, v in operator.extra_env.items()})
+    standby = env.OperatorProcess(
+        operator_kubeconfig, tmp_path, identity="operator-standby", env={k: v for k, v in operator.extra_env.items()}
+    )
     standby.start(wait_ready=False)
     try:
         env.wait_until(lambda: "waits for the leader lease" in standby.log_tail(), 60, "the standby to wait")

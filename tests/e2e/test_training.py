@@ -27,10 +27,13 @@ def check_success(jobs, name, steps, save_steps, formats):
         assert hashlib.sha256(jobs.s3_bytes(artifact["uri"])).hexdigest() == artifact["sha256"]
     # the output layout of docs/architecture.md
     keys = {k.removeprefix(f"out/{name}/") for k in jobs.s3_keys(f"out/{name}/")}
-    for required in ("pytorch_lora_weights.safetensors", "config_backup.yaml",
-                     "checkpoints/pytorch_lora_weights_final.safetensors",
-                     f"checkpoints/pytorch_lora_weights_step_{save_steps}.safetensors",
-                     f"checkpoints/state_step_{save_steps}/manifest.json"):
+    for required in (
+        "pytorch_lora_weights.safetensors",
+        "config_backup.yaml",
+        "checkpoints/pytorch_lora_weights_final.safetensors",
+        f"checkpoints/pytorch_lora_weights_step_{save_steps}.safetensors",
+        f"checkpoints/state_step_{save_steps}/manifest.json",
+    ):
         assert required in keys, f"{required} missing from {sorted(keys)}"
     assert any(k.startswith("logs/") and "tfevents" in k for k in keys)
     # last checkpoint and events
@@ -62,8 +65,11 @@ def watch_progress(jobs, name, timeout=400):
 def test_text_to_image_job_succeeds(jobs, prometheus):
     # long enough (several seconds on CPU) for the operator's 1 s poll to see it mid-run more than once
     steps, save = 48, 16
-    jobs.apply(env.sd_manifest("sd-tiny", jobs.bucket, steps=steps, save_steps=save,
-                               output={"formats": ["diffusers", "kohya"]}))
+    jobs.apply(
+        env.sd_manifest(
+            "sd-tiny", jobs.bucket, steps=steps, save_steps=save, output={"formats": ["diffusers", "kohya"]}
+        )
+    )
     pod = env.wait_until(lambda: jobs.running_pod("sd-tiny"), 240, "a running trainer pod")
     prometheus.set_targets([f"{pod['status']['podIP']}:9400"], labels={"namespace": jobs.namespace})
     seen, checkpoints = watch_progress(jobs, "sd-tiny")
@@ -91,9 +97,20 @@ def test_auto_label_shows_as_the_labeling_phase_then_trains(jobs):
         image = io.BytesIO()
         Image.effect_noise((48, 48), 20 + i).convert("RGB").save(image, format="PNG")
         client.put_object(Bucket=jobs.bucket, Key=f"raw/img{i:02d}.png", Body=image.getvalue())
-    jobs.apply(env.sd_manifest("labeled", jobs.bucket, steps=4, save_steps=4,
-                               dataset={"uri": f"s3://{jobs.bucket}/raw", "resolution": 32, "autoLabel": True,
-                                        "labelModel": "preset:tiny-blip"}))
+    jobs.apply(
+        env.sd_manifest(
+            "labeled",
+            jobs.bucket,
+            steps=4,
+            save_steps=4,
+            dataset={
+                "uri": f"s3://{jobs.bucket}/raw",
+                "resolution": 32,
+                "autoLabel": True,
+                "labelModel": "preset:tiny-blip",
+            },
+        )
+    )
     labeling = jobs.wait_phase("labeled", "Labeling", 240)
     assert labeling["reason"] == "Labeling" and "of 40 done" in labeling["message"], labeling
     assert {c["type"]: c["status"] for c in labeling["conditions"]}["Running"] == "True"
@@ -126,15 +143,19 @@ def test_each_family_example_manifest_trains_tiny_through_the_operator(jobs, fam
 
     import yaml
 
-    example = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / f"loratrainingjob-{family}.yaml")
-                             .read_text())
+    example = yaml.safe_load(
+        (Path(__file__).resolve().parents[2] / "examples" / f"loratrainingjob-{family}.yaml").read_text()
+    )
     name = f"example-{family}"
-    tiny = {"baseModel": f"preset:tiny-{family}",
-            "dataset": {"uri": f"s3://{jobs.bucket}/data/images", "resolution": 16, "bucketing": None},
-            "training": {"steps": 4, "batchSize": 2, "learningRate": 1e-3},
-            "validation": {"inferenceSteps": 2},
-            "output": {"uri": f"s3://{jobs.bucket}/out/{name}", "saveSteps": 2},
-            "resources": {"gpus": 0, "cpu": "1", "memory": "4Gi"}, "s3": None}
+    tiny = {
+        "baseModel": f"preset:tiny-{family}",
+        "dataset": {"uri": f"s3://{jobs.bucket}/data/images", "resolution": 16, "bucketing": None},
+        "training": {"steps": 4, "batchSize": 2, "learningRate": 1e-3},
+        "validation": {"inferenceSteps": 2},
+        "output": {"uri": f"s3://{jobs.bucket}/out/{name}", "saveSteps": 2},
+        "resources": {"gpus": 0, "cpu": "1", "memory": "4Gi"},
+        "s3": None,
+    }
     manifest = env._merge({**example, "metadata": {"name": name}}, {"spec": tiny})
     jobs.apply(manifest)
     assert jobs.wait_condition(name, "Succeeded", 400).returncode == 0, jobs.status(name)

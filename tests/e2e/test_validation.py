@@ -45,33 +45,56 @@ BAD = [
     ("unknown-scheduler", manifest(training={"lrScheduler": "warp"}), ["spec.training.lrScheduler", "cosine"]),
     ("unknown-precision", manifest(training={"precision": "fp8"}), ["spec.training.precision"]),
     # an unquoted `precision: no` reaches the API server as false (docs/operator.md says to quote it)
-    ("precision-bare-no", manifest(training={"precision": False}),
-     ["spec.training.precision", "must be of type string"]),
+    (
+        "precision-bare-no",
+        manifest(training={"precision": False}),
+        ["spec.training.precision", "must be of type string"],
+    ),
     ("steps-as-text", manifest(training={"steps": "many"}), ["spec.training.steps", "integer"]),
-    ("warmup-beyond-steps", manifest(training={"steps": 10, "warmupSteps": 20}),
-     ["spec.training.warmupSteps", "must not exceed spec.training.steps"]),
-    ("text-encoder-for-llm", env.llm_manifest("bad", "bucket", training={"trainTextEncoder": True}),
-     ["spec.training.trainTextEncoder", "text-to-image only"]),
-    ("fp16-without-gpu", manifest(training={"precision": "fp16"}, resources={"gpus": 0}),
-     ["spec.training.precision", "needs a GPU"]),
+    (
+        "warmup-beyond-steps",
+        manifest(training={"steps": 10, "warmupSteps": 20}),
+        ["spec.training.warmupSteps", "must not exceed spec.training.steps"],
+    ),
+    (
+        "text-encoder-for-llm",
+        env.llm_manifest("bad", "bucket", training={"trainTextEncoder": True}),
+        ["spec.training.trainTextEncoder", "text-to-image only"],
+    ),
+    (
+        "fp16-without-gpu",
+        manifest(training={"precision": "fp16"}, resources={"gpus": 0}),
+        ["spec.training.precision", "needs a GPU"],
+    ),
     ("memory-not-a-quantity", manifest(resources={"memory": "lots"}), ["spec.resources.memory"]),
     ("cpu-negative", manifest(resources={"cpu": -2}), ["spec.resources.cpu", "must not be negative"]),
     ("too-many-gpus", manifest(resources={"gpus": 1000}), ["spec.resources.gpus", "less than or equal to 64"]),
-    ("toleration-exists-with-value", manifest(resources={"tolerations": [
-        {"key": "gpu", "operator": "Exists", "value": "x"}]}), ["spec.resources.tolerations[0]", "Exists"]),
+    (
+        "toleration-exists-with-value",
+        manifest(resources={"tolerations": [{"key": "gpu", "operator": "Exists", "value": "x"}]}),
+        ["spec.resources.tolerations[0]", "Exists"],
+    ),
     ("unknown-format", manifest(output={"formats": ["ckpt"]}), ["spec.output.formats[0]", "diffusers"]),
-    ("same-input-and-output", manifest(dataset={"uri": "s3://bucket/x"}, output={"uri": "s3://bucket/x"}),
-     ["spec.output.uri", "must differ from spec.dataset.uri"]),
-    ("delete-a-whole-bucket", manifest(output={"uri": "s3://bucket"}, cleanupPolicy="DeleteOutputs"),
-     ["spec.cleanupPolicy", "prefix below the bucket"]),
+    (
+        "same-input-and-output",
+        manifest(dataset={"uri": "s3://bucket/x"}, output={"uri": "s3://bucket/x"}),
+        ["spec.output.uri", "must differ from spec.dataset.uri"],
+    ),
+    (
+        "delete-a-whole-bucket",
+        manifest(output={"uri": "s3://bucket"}, cleanupPolicy="DeleteOutputs"),
+        ["spec.cleanupPolicy", "prefix below the bucket"],
+    ),
     ("unknown-cleanup-policy", manifest(cleanupPolicy="Shred"), ["spec.cleanupPolicy", "Retain"]),
     ("endpoint-not-a-url", manifest(s3={"endpoint": "minio:9000"}), ["spec.s3.endpoint"]),
     ("negative-backoff", manifest(backoffLimit=-1), ["spec.backoffLimit"]),
     ("deadline-zero", manifest(activeDeadlineSeconds=0), ["spec.activeDeadlineSeconds"]),
     ("unknown-field", manifest(training={"learning_rate": 1e-4}), ['unknown field "spec.training.learning_rate"']),
-    ("bucketing-min-above-max", manifest(dataset={"uri": "s3://bucket/data",
-                                                  "bucketing": {"minResolution": 1024, "maxResolution": 256}}),
-     ["spec.dataset.bucketing.minResolution"]),
+    (
+        "bucketing-min-above-max",
+        manifest(dataset={"uri": "s3://bucket/data", "bucketing": {"minResolution": 1024, "maxResolution": 256}}),
+        ["spec.dataset.bucketing.minResolution"],
+    ),
 ]
 
 
@@ -92,11 +115,20 @@ def test_a_good_manifest_gets_its_defaults(kube_cluster, lora_crd, namespace):
     del body["spec"]["training"]
     del body["spec"]["output"]["saveSteps"]
     kube_cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=yaml.safe_dump(body))
-    out = kube_cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-o", "yaml", "-f", "-",
-                               input=yaml.safe_dump(body))
+    out = kube_cluster.kubectl(
+        "apply", "--dry-run=server", "-n", namespace, "-o", "yaml", "-f", "-", input=yaml.safe_dump(body)
+    )
     spec = yaml.safe_load(out.stdout)["spec"]
-    assert spec["training"] == {"rank": 16, "batchSize": 1, "gradientAccumulationSteps": 1, "epochs": 1,
-                                "learningRate": 0.0001, "lrScheduler": "constant", "precision": "no", "seed": 42}
+    assert spec["training"] == {
+        "rank": 16,
+        "batchSize": 1,
+        "gradientAccumulationSteps": 1,
+        "epochs": 1,
+        "learningRate": 0.0001,
+        "lrScheduler": "constant",
+        "precision": "no",
+        "seed": 42,
+    }
     assert spec["backoffLimit"] == 3 and spec["suspend"] is False and spec["cleanupPolicy"] == "Retain"
     assert spec["output"]["saveSteps"] == 500
 
@@ -109,8 +141,12 @@ def test_short_names_and_category(kube_cluster, lora_crd, namespace):
 def test_started_job_is_immutable_but_suspend_is_not(jobs):
     body = env.sd_manifest("frozen", jobs.bucket, suspend=True)  # the operator creates a suspended Job
     jobs.apply(body)
-    jobs.wait(body["metadata"]["name"], lambda s: s.get("startTime") and s.get("phase") == "Suspended", 60,
-              "the job to start suspended")
+    jobs.wait(
+        body["metadata"]["name"],
+        lambda s: s.get("startTime") and s.get("phase") == "Suspended",
+        60,
+        "the job to start suspended",
+    )
     changed = copy.deepcopy(body)
     changed["spec"]["training"]["rank"] = 8
     out = jobs.apply(changed, check=False)

@@ -30,20 +30,30 @@ CRD = {
         "group": GROUP,
         "scope": "Namespaced",
         "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
-        "versions": [{
-            "name": "v1", "served": True, "storage": True,
-            "subresources": {"status": {}},
-            "schema": {"openAPIV3Schema": {
-                "type": "object",
-                "properties": {
-                    "spec": {"type": "object", "required": ["size"], "properties": {
-                        "size": {"type": "integer", "minimum": 1},
-                        "mode": {"type": "string", "enum": ["fast", "slow"]},
-                    }},
-                    "status": {"type": "object", "properties": {"phase": {"type": "string"}}},
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "schema": {
+                    "openAPIV3Schema": {
+                        "type": "object",
+                        "properties": {
+                            "spec": {
+                                "type": "object",
+                                "required": ["size"],
+                                "properties": {
+                                    "size": {"type": "integer", "minimum": 1},
+                                    "mode": {"type": "string", "enum": ["fast", "slow"]},
+                                },
+                            },
+                            "status": {"type": "object", "properties": {"phase": {"type": "string"}}},
+                        },
+                    }
                 },
-            }},
-        }],
+            }
+        ],
     },
 }
 
@@ -51,11 +61,16 @@ CRD = {
 # ------------------------------------------------------------------------------------------------
 # helpers
 
+
 def pod_manifest(name, command, restart_policy="Never", image="python:3.12", **container_fields):
     pod_spec = container_fields.pop("pod_spec", {})
     container = {"name": "main", "image": image, "command": command, **container_fields}
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
-            "spec": {"restartPolicy": restart_policy, "containers": [container], **pod_spec}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {"restartPolicy": restart_policy, "containers": [container], **pod_spec},
+    }
 
 
 def python_pod(name, code, **kwargs):
@@ -93,6 +108,7 @@ def widget_crd(kube_cluster):
 # ------------------------------------------------------------------------------------------------
 # control plane
 
+
 def test_apiserver_reports_the_pinned_kubernetes_release(kube_cluster):
     pinned = re.search(r"k8s\.io/kubernetes (v\S+)", (REPO / "tests/controlplane/go.mod").read_text()).group(1)
     assert kube_cluster.api.get("/version")["gitVersion"] == pinned
@@ -110,8 +126,12 @@ def test_servers_listen_on_loopback_only(kube_cluster, node_agent, s3_server, pu
 
 
 def test_crd_schema_rejects_a_bad_object_with_the_apiservers_message(kube_cluster, widget_crd, namespace):
-    bad = {"apiVersion": f"{GROUP}/v1", "kind": "Widget", "metadata": {"name": "bad", "namespace": namespace},
-           "spec": {"size": 0, "mode": "sideways"}}
+    bad = {
+        "apiVersion": f"{GROUP}/v1",
+        "kind": "Widget",
+        "metadata": {"name": "bad", "namespace": namespace},
+        "spec": {"size": 0, "mode": "sideways"},
+    }
     out = kube_cluster.kubectl("apply", "-f", "-", input=json.dumps(bad), check=False)
     assert out.returncode != 0
     assert 'The Widget "bad" is invalid' in out.stderr
@@ -121,8 +141,16 @@ def test_crd_schema_rejects_a_bad_object_with_the_apiservers_message(kube_cluste
 
 def test_crd_prunes_unknown_fields(kube_cluster, widget_crd, namespace):
     path = f"{widget_crd}/namespaces/{namespace}/widgets"
-    kube_cluster.api.create(path, {"apiVersion": f"{GROUP}/v1", "kind": "Widget", "metadata": {"name": "w"},
-                                   "spec": {"size": 2, "color": "red"}, "extra": True})
+    kube_cluster.api.create(
+        path,
+        {
+            "apiVersion": f"{GROUP}/v1",
+            "kind": "Widget",
+            "metadata": {"name": "w"},
+            "spec": {"size": 2, "color": "red"},
+            "extra": True,
+        },
+    )
     stored = kube_cluster.api.get(f"{path}/w")
     assert stored["spec"] == {"size": 2}
     assert "extra" not in stored
@@ -130,8 +158,9 @@ def test_crd_prunes_unknown_fields(kube_cluster, widget_crd, namespace):
 
 def test_status_subresource_leaves_spec_and_generation_alone(kube_cluster, widget_crd, namespace):
     api, path = kube_cluster.api, f"{widget_crd}/namespaces/{namespace}/widgets"
-    created = api.create(path, {"apiVersion": f"{GROUP}/v1", "kind": "Widget", "metadata": {"name": "w"},
-                                "spec": {"size": 1}})
+    created = api.create(
+        path, {"apiVersion": f"{GROUP}/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": {"size": 1}}
+    )
     assert created["metadata"]["generation"] == 1
     updated = api.patch(f"{path}/w/status", {"spec": {"size": 5}, "status": {"phase": "Running"}})
     assert updated["status"] == {"phase": "Running"}
@@ -145,8 +174,9 @@ def test_status_subresource_leaves_spec_and_generation_alone(kube_cluster, widge
 
 def test_stale_resource_version_gets_409(kube_cluster, widget_crd, namespace):
     api, path = kube_cluster.api, f"{widget_crd}/namespaces/{namespace}/widgets"
-    stale = api.create(path, {"apiVersion": f"{GROUP}/v1", "kind": "Widget", "metadata": {"name": "w"},
-                              "spec": {"size": 1}})
+    stale = api.create(
+        path, {"apiVersion": f"{GROUP}/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": {"size": 1}}
+    )
     api.patch(f"{path}/w", {"spec": {"size": 2}})
     stale["spec"]["size"] = 3
     with pytest.raises(ApiError) as err:
@@ -160,9 +190,19 @@ def test_garbage_collector_deletes_children_of_a_deleted_owner(kube_cluster, nam
     api = kube_cluster.api
     cms = resource_path("v1", "configmaps", namespace)
     owner = api.create(cms, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "owner"}})
-    api.create(cms, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
-        "name": "child", "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner",
-                                              "uid": owner["metadata"]["uid"]}]}})
+    api.create(
+        cms,
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": "child",
+                "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner["metadata"]["uid"]}
+                ],
+            },
+        },
+    )
     api.delete(f"{cms}/owner")
     api.wait_gone(f"{cms}/child", timeout=30)
 
@@ -177,14 +217,31 @@ def test_default_service_account_and_root_ca_exist_in_new_namespaces(kube_cluste
 # ------------------------------------------------------------------------------------------------
 # node agent
 
+
 def test_job_completes_through_the_job_controller(kube_cluster, node_agent, namespace):
-    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "hello"},
-           "spec": {"backoffLimit": 0, "template": {"spec": {"restartPolicy": "Never", "containers": [
-               {"name": "main", "image": "python:3.12", "command": ["python", "-c", "print('job says hi')"]}]}}}}
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "hello"},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [
+                        {"name": "main", "image": "python:3.12", "command": ["python", "-c", "print('job says hi')"]}
+                    ],
+                }
+            },
+        },
+    }
     api = kube_cluster.api
     api.create(resource_path("batch/v1", "jobs", namespace), job)
-    done = api.wait_for(resource_path("batch/v1", "jobs", namespace, "hello"),
-                        lambda j: (condition(j, "Complete") or {}).get("status") == "True", timeout=60)
+    done = api.wait_for(
+        resource_path("batch/v1", "jobs", namespace, "hello"),
+        lambda j: (condition(j, "Complete") or {}).get("status") == "True",
+        timeout=60,
+    )
     assert done["status"]["succeeded"] == 1
     pods = api.get(resource_path("v1", "pods", namespace), labelSelector="job-name=hello")["items"]
     assert [p["status"]["phase"] for p in pods] == ["Succeeded"]
@@ -193,14 +250,25 @@ def test_job_completes_through_the_job_controller(kube_cluster, node_agent, name
 
 def test_env_from_secret_configmap_fieldref_and_mounted_configmap(kube_cluster, node_agent, namespace):
     api = kube_cluster.api
-    api.create(resource_path("v1", "configmaps", namespace), {"apiVersion": "v1", "kind": "ConfigMap",
-               "metadata": {"name": "cfg"}, "data": {"greeting": "hello", "train.yaml": "lora_rank: 4\n"}})
-    api.create(resource_path("v1", "secrets", namespace), {"apiVersion": "v1", "kind": "Secret",
-               "metadata": {"name": "creds"}, "stringData": {"key": "s3cr3t"}})
-    code = ("import json, os; print(json.dumps({**{k: os.environ.get(k) for k in "
-            "['GREETING', 'KEY', 'POD_NAME', 'POD_NAMESPACE', 'POD_IP', 'COMBINED']}, "
-            "'config': open('/etc/lora/train.yaml').read(), 'token': os.path.exists("
-            "'/var/run/secrets/kubernetes.io/serviceaccount/token')}))")
+    api.create(
+        resource_path("v1", "configmaps", namespace),
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "cfg"},
+            "data": {"greeting": "hello", "train.yaml": "lora_rank: 4\n"},
+        },
+    )
+    api.create(
+        resource_path("v1", "secrets", namespace),
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"}, "stringData": {"key": "s3cr3t"}},
+    )
+    code = (
+        "import json, os; print(json.dumps({**{k: os.environ.get(k) for k in "
+        "['GREETING', 'KEY', 'POD_NAME', 'POD_NAMESPACE', 'POD_IP', 'COMBINED']}, "
+        "'config': open('/etc/lora/train.yaml').read(), 'token': os.path.exists("
+        "'/var/run/secrets/kubernetes.io/serviceaccount/token')}))"
+    )
     env = [
         {"name": "GREETING", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "greeting"}}},
         {"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "key"}}},
@@ -209,15 +277,30 @@ def test_env_from_secret_configmap_fieldref_and_mounted_configmap(kube_cluster, 
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "COMBINED", "value": "$(GREETING)-$(POD_NAME)"},
     ]
-    create_pod(api, namespace, python_pod(
-        "envpod", code, env=env, volumeMounts=[{"name": "cfg", "mountPath": "/etc/lora", "readOnly": True}],
-        pod_spec={"volumes": [{"name": "cfg", "configMap": {"name": "cfg"}}]}))
+    create_pod(
+        api,
+        namespace,
+        python_pod(
+            "envpod",
+            code,
+            env=env,
+            volumeMounts=[{"name": "cfg", "mountPath": "/etc/lora", "readOnly": True}],
+            pod_spec={"volumes": [{"name": "cfg", "configMap": {"name": "cfg"}}]},
+        ),
+    )
     pod = api.wait_for(pod_path(namespace, "envpod"), phase_is("Succeeded", "Failed"), timeout=60)
     assert pod["status"]["phase"] == "Succeeded"
     seen = json.loads(kube_cluster.kubectl("logs", "-n", namespace, "envpod").stdout)
-    assert seen == {"GREETING": "hello", "KEY": "s3cr3t", "POD_NAME": "envpod", "POD_NAMESPACE": namespace,
-                    "POD_IP": pod["status"]["podIP"], "COMBINED": "hello-envpod",
-                    "config": "lora_rank: 4\n", "token": True}
+    assert seen == {
+        "GREETING": "hello",
+        "KEY": "s3cr3t",
+        "POD_NAME": "envpod",
+        "POD_NAMESPACE": namespace,
+        "POD_IP": pod["status"]["podIP"],
+        "COMBINED": "hello-envpod",
+        "config": "lora_rank: 4\n",
+        "token": True,
+    }
     assert re.fullmatch(r"127\.0\.0\.\d+", pod["status"]["podIP"]) and pod["status"]["podIP"] != "127.0.0.1"
     assert not Path("/etc/lora/train.yaml").exists()  # the mount was private to the pod
 
@@ -226,8 +309,10 @@ def test_missing_secret_is_create_container_config_error(kube_cluster, node_agen
     api = kube_cluster.api
     env = [{"name": "KEY", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "k"}}}]
     create_pod(api, namespace, python_pod("nosecret", "print(1)", env=env))
-    pod = api.wait_for(pod_path(namespace, "nosecret"),
-                       lambda p: container_state(p).get("waiting", {}).get("reason") == "CreateContainerConfigError")
+    pod = api.wait_for(
+        pod_path(namespace, "nosecret"),
+        lambda p: container_state(p).get("waiting", {}).get("reason") == "CreateContainerConfigError",
+    )
     assert container_state(pod)["waiting"]["message"] == 'secret "absent" not found'
     assert pod["status"]["phase"] == "Pending"
 
@@ -245,12 +330,22 @@ def test_exit_code_and_termination_message_are_reported(kube_cluster, node_agent
 
 def test_restart_policy_on_failure_restarts_until_success(kube_cluster, node_agent, namespace):
     api = kube_cluster.api
-    code = ("import os, sys; m = '/tmp/marker'\n"
-            "if not os.path.exists(m): open(m, 'w').close(); sys.exit(1)\n"
-            "print('second run')")
-    create_pod(api, namespace, python_pod(
-        "flaky", code, restart_policy="OnFailure", volumeMounts=[{"name": "work", "mountPath": "/tmp"}],
-        pod_spec={"volumes": [{"name": "work", "emptyDir": {}}]}))
+    code = (
+        "import os, sys; m = '/tmp/marker'\n"
+        "if not os.path.exists(m): open(m, 'w').close(); sys.exit(1)\n"
+        "print('second run')"
+    )
+    create_pod(
+        api,
+        namespace,
+        python_pod(
+            "flaky",
+            code,
+            restart_policy="OnFailure",
+            volumeMounts=[{"name": "work", "mountPath": "/tmp"}],
+            pod_spec={"volumes": [{"name": "work", "emptyDir": {}}]},
+        ),
+    )
     pod = api.wait_for(pod_path(namespace, "flaky"), phase_is("Succeeded", "Failed"), timeout=60)
     assert pod["status"]["phase"] == "Succeeded"
     status = pod["status"]["containerStatuses"][0]
@@ -263,9 +358,11 @@ def test_restart_policy_on_failure_restarts_until_success(kube_cluster, node_age
 def test_restart_policy_always_restarts_with_back_off(kube_cluster, node_agent, namespace):
     api = kube_cluster.api
     create_pod(api, namespace, python_pod("looper", "print('tick')", restart_policy="Always"))
-    pod = api.wait_for(pod_path(namespace, "looper"),
-                       lambda p: (p["status"].get("containerStatuses") or [{}])[0].get("restartCount", 0) >= 2,
-                       timeout=30)
+    pod = api.wait_for(
+        pod_path(namespace, "looper"),
+        lambda p: (p["status"].get("containerStatuses") or [{}])[0].get("restartCount", 0) >= 2,
+        timeout=30,
+    )
     status = pod["status"]["containerStatuses"][0]
     assert pod["status"]["phase"] == "Running"
     assert status["lastState"]["terminated"]["exitCode"] == 0
@@ -274,12 +371,20 @@ def test_restart_policy_always_restarts_with_back_off(kube_cluster, node_agent, 
 
 def test_init_container_runs_first_and_shares_an_empty_dir(kube_cluster, node_agent, namespace):
     api = kube_cluster.api
-    manifest = python_pod("initialized", "print(open('/shared/ready').read())",
-                          volumeMounts=[{"name": "shared", "mountPath": "/shared"}],
-                          pod_spec={"volumes": [{"name": "shared", "emptyDir": {}}]})
-    manifest["spec"]["initContainers"] = [{
-        "name": "prepare", "image": "python:3.12", "volumeMounts": [{"name": "shared", "mountPath": "/shared"}],
-        "command": ["python", "-c", "open('/shared/ready', 'w').write('prepared by init')"]}]
+    manifest = python_pod(
+        "initialized",
+        "print(open('/shared/ready').read())",
+        volumeMounts=[{"name": "shared", "mountPath": "/shared"}],
+        pod_spec={"volumes": [{"name": "shared", "emptyDir": {}}]},
+    )
+    manifest["spec"]["initContainers"] = [
+        {
+            "name": "prepare",
+            "image": "python:3.12",
+            "volumeMounts": [{"name": "shared", "mountPath": "/shared"}],
+            "command": ["python", "-c", "open('/shared/ready', 'w').write('prepared by init')"],
+        }
+    ]
     create_pod(api, namespace, manifest)
     pod = api.wait_for(pod_path(namespace, "initialized"), phase_is("Succeeded", "Failed"), timeout=60)
     assert pod["status"]["phase"] == "Succeeded"
@@ -297,11 +402,19 @@ def test_active_deadline_fails_the_pod(kube_cluster, node_agent, namespace):
 
 def test_mount_over_the_python_environment_is_a_create_container_error(kube_cluster, node_agent, namespace):
     import sys
-    manifest = python_pod("shadow", "print(1)", volumeMounts=[{"name": "v", "mountPath": sys.prefix}],
-                          pod_spec={"volumes": [{"name": "v", "emptyDir": {}}]})
+
+    manifest = python_pod(
+        "shadow",
+        "print(1)",
+        volumeMounts=[{"name": "v", "mountPath": sys.prefix}],
+        pod_spec={"volumes": [{"name": "v", "emptyDir": {}}]},
+    )
     create_pod(kube_cluster.api, namespace, manifest)
-    pod = kube_cluster.api.wait_for(pod_path(namespace, "shadow"), lambda p: container_state(p).get(
-        "waiting", {}).get("reason") == "CreateContainerError", timeout=30)
+    pod = kube_cluster.api.wait_for(
+        pod_path(namespace, "shadow"),
+        lambda p: container_state(p).get("waiting", {}).get("reason") == "CreateContainerError",
+        timeout=30,
+    )
     assert f"mountPath {sys.prefix} would hide" in container_state(pod)["waiting"]["message"]
 
 
@@ -320,18 +433,26 @@ def test_unknown_image_waits_in_image_pull_errors(kube_cluster, node_agent, name
 
 def test_pod_annotation_forces_image_pull_failure(kube_cluster, node_agent, namespace):
     from tests.cluster.node_agent import IMAGE_PULL_ERROR_ANNOTATION
+
     manifest = python_pod("forced", "print(1)")
     manifest["metadata"]["annotations"] = {IMAGE_PULL_ERROR_ANNOTATION: "true"}
     create_pod(kube_cluster.api, namespace, manifest)
-    kube_cluster.api.wait_for(pod_path(namespace, "forced"), lambda p: container_state(p).get("waiting", {}).get(
-        "reason") in ("ErrImagePull", "ImagePullBackOff"), timeout=30)
+    kube_cluster.api.wait_for(
+        pod_path(namespace, "forced"),
+        lambda p: container_state(p).get("waiting", {}).get("reason") in ("ErrImagePull", "ImagePullBackOff"),
+        timeout=30,
+    )
 
 
-@pytest.mark.parametrize("resources, pod_spec, message", [
-    ({"limits": {"nvidia.com/gpu": "3"}}, {}, "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."),
-    ({"requests": {"cpu": "64"}}, {}, "0/1 nodes are available: 1 Insufficient cpu."),
-    ({}, {"nodeSelector": {"gpu": "a100"}}, "0/1 nodes are available: 1 node(s) didn't match Node selector."),
-], ids=["gpu", "cpu", "selector"])
+@pytest.mark.parametrize(
+    "resources, pod_spec, message",
+    [
+        ({"limits": {"nvidia.com/gpu": "3"}}, {}, "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."),
+        ({"requests": {"cpu": "64"}}, {}, "0/1 nodes are available: 1 Insufficient cpu."),
+        ({}, {"nodeSelector": {"gpu": "a100"}}, "0/1 nodes are available: 1 node(s) didn't match Node selector."),
+    ],
+    ids=["gpu", "cpu", "selector"],
+)
 def test_unschedulable_pod_stays_pending(kube_cluster, node_agent, namespace, resources, pod_spec, message):
     api = kube_cluster.api
     create_pod(api, namespace, python_pod("big", "print(1)", resources=resources, pod_spec=pod_spec))
@@ -358,12 +479,14 @@ def test_gpus_are_accounted_across_pods(kube_cluster, node_agent, namespace):
 def test_pod_gets_sigterm_on_deletion(kube_cluster, node_agent, namespace, tmp_path):
     api = kube_cluster.api
     marker = tmp_path / "sigterm.txt"
-    code = ("import signal, sys, time\n"
-            "def bye(sig, frame):\n"
-            f"    open({str(marker)!r}, 'w').write('got SIGTERM'); sys.exit(0)\n"
-            "signal.signal(signal.SIGTERM, bye)\n"
-            "print('ready', flush=True)\n"
-            "time.sleep(120)")
+    code = (
+        "import signal, sys, time\n"
+        "def bye(sig, frame):\n"
+        f"    open({str(marker)!r}, 'w').write('got SIGTERM'); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, bye)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(120)"
+    )
     create_pod(api, namespace, python_pod("graceful", code))
     wait_until(lambda: "ready" in node_agent.container_log(namespace, "graceful"), 30, "handler installed")
     started = time.monotonic()
@@ -428,14 +551,20 @@ def test_node_crash_kills_processes_and_marks_the_node_not_ready(kube_cluster, n
     node = api.get(resource_path("v1", "nodes", name=node_agent.name))
     assert condition(node, "Ready")["status"] == "Unknown"
     assert condition(node, "Ready")["reason"] == "NodeStatusUnknown"
-    api.wait_for(resource_path("v1", "nodes", name=node_agent.name), lambda n: any(
-        t["key"] == "node.kubernetes.io/unreachable" for t in n["spec"].get("taints") or []), timeout=30)
+    api.wait_for(
+        resource_path("v1", "nodes", name=node_agent.name),
+        lambda n: any(t["key"] == "node.kubernetes.io/unreachable" for t in n["spec"].get("taints") or []),
+        timeout=30,
+    )
     api.wait_for(pod_path(namespace, "doomed"), lambda p: condition(p, "Ready")["status"] == "False", timeout=30)
     node_agent.recover()
     pod = api.wait_for(pod_path(namespace, "doomed"), phase_is("Failed"), timeout=30)
     assert container_state(pod)["terminated"]["reason"] == "ContainerStatusUnknown"
-    api.wait_for(resource_path("v1", "nodes", name=node_agent.name), lambda n: not any(
-        t["key"].startswith("node.kubernetes.io/") for t in n["spec"].get("taints") or []), timeout=30)
+    api.wait_for(
+        resource_path("v1", "nodes", name=node_agent.name),
+        lambda n: not any(t["key"].startswith("node.kubernetes.io/") for t in n["spec"].get("taints") or []),
+        timeout=30,
+    )
 
 
 def test_node_agent_reconnects_after_an_apiserver_restart(kube_cluster, node_agent, namespace):
@@ -450,6 +579,7 @@ def test_node_agent_reconnects_after_an_apiserver_restart(kube_cluster, node_age
 # ------------------------------------------------------------------------------------------------
 # S3
 
+
 def test_s3_put_get_list(s3_server, s3_bucket):
     s3 = s3_server.client()
     s3.put_object(Bucket=s3_bucket, Key="datasets/a/metadata.csv", Body=b"file_name,text\n")
@@ -463,8 +593,14 @@ def test_s3_put_get_list(s3_server, s3_bucket):
 def test_s3_rejects_wrong_credentials(s3_server, s3_bucket):
     import boto3
     from botocore.exceptions import ClientError
-    bad = boto3.client("s3", endpoint_url=s3_server.endpoint_url, aws_access_key_id="nobody",
-                       aws_secret_access_key="wrong", region_name=s3_server.region)
+
+    bad = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        aws_access_key_id="nobody",
+        aws_secret_access_key="wrong",
+        region_name=s3_server.region,
+    )
     with pytest.raises(ClientError) as err:
         bad.list_objects_v2(Bucket=s3_bucket)
     assert err.value.response["Error"]["Code"] == "InvalidAccessKeyId"
@@ -472,6 +608,7 @@ def test_s3_rejects_wrong_credentials(s3_server, s3_bucket):
 
 def test_s3_stop_and_restart_keep_port_and_data(s3_server, s3_bucket):
     from botocore.exceptions import EndpointConnectionError
+
     s3_server.client().put_object(Bucket=s3_bucket, Key="ckpt/step_10.safetensors", Body=b"weights")
     endpoint = s3_server.endpoint_url
     s3_server.stop()
@@ -485,6 +622,7 @@ def test_s3_stop_and_restart_keep_port_and_data(s3_server, s3_bucket):
 
 # ------------------------------------------------------------------------------------------------
 # Prometheus and Pushgateway
+
 
 class _Metrics(BaseHTTPRequestHandler):
     body = b"# TYPE lora_envtest_value gauge\nlora_envtest_value 42\n"
@@ -514,12 +652,14 @@ def test_prometheus_scrapes_a_local_target(prometheus):
 
 
 def test_prometheus_scrapes_a_pod_on_its_pod_ip(kube_cluster, node_agent, namespace, prometheus):
-    code = ("import http.server, os\n"
-            "class H(http.server.BaseHTTPRequestHandler):\n"
-            "    def do_GET(self):\n"
-            "        self.send_response(200); self.end_headers()\n"
-            "        self.wfile.write(b'lora_train_step{job_name=\"demo\"} 7\\n')\n"
-            "http.server.HTTPServer((os.environ['POD_IP'], 9400), H).serve_forever()")
+    code = (
+        "import http.server, os\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        self.send_response(200); self.end_headers()\n"
+        "        self.wfile.write(b'lora_train_step{job_name=\"demo\"} 7\\n')\n"
+        "http.server.HTTPServer((os.environ['POD_IP'], 9400), H).serve_forever()"
+    )
     env = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
     create_pod(kube_cluster.api, namespace, python_pod("metrics", code, env=env))
     kube_cluster.api.wait_for(pod_path(namespace, "metrics"), phase_is("Running"), timeout=30)
@@ -535,8 +675,9 @@ def test_prometheus_scrapes_a_pod_on_its_pod_ip(kube_cluster, node_agent, namesp
 
 def test_pushgateway_metric_is_queryable(prometheus, pushgateway):
     body = b"# TYPE lora_envtest_pushed gauge\nlora_envtest_pushed 3.5\n"
-    request = urllib.request.Request(f"{pushgateway.url}/metrics/job/envtest-batch/instance/run1",
-                                     data=body, method="PUT")
+    request = urllib.request.Request(
+        f"{pushgateway.url}/metrics/job/envtest-batch/instance/run1", data=body, method="PUT"
+    )
     with urllib.request.urlopen(request, timeout=10) as answer:
         assert answer.status == 200
     result = prometheus.wait_for('lora_envtest_pushed{job="envtest-batch"}', timeout=30)

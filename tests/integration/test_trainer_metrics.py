@@ -19,15 +19,25 @@ def pushed_samples(pushgateway_url: str, job_name: str) -> dict[str, float]:
     """name -> value of the samples the Pushgateway holds for this trainer job."""
     with urllib.request.urlopen(f"{pushgateway_url}/metrics", timeout=10) as response:
         text = response.read().decode()
-    return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
-            if s.labels.get("job_name") == job_name and s.labels.get("job") == "lora-train"
-            and "le" not in s.labels}
+    return {
+        s.name: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.labels.get("job_name") == job_name and s.labels.get("job") == "lora-train" and "le" not in s.labels
+    }
 
 
 def test_prometheus_scrapes_the_trainer_and_the_pushgateway_keeps_the_final_metrics(tmp_path, prometheus, pushgateway):
     job, namespace, port = f"cats-{uuid.uuid4().hex[:6]}", "team-a", free_port()
-    config = sd_config(tmp_path, None, max_train_steps=50, save_steps=25, logging_steps=5, metrics_port=port,
-                       pushgateway_url=pushgateway.url)
+    config = sd_config(
+        tmp_path,
+        None,
+        max_train_steps=50,
+        save_steps=25,
+        logging_steps=5,
+        metrics_port=port,
+        pushgateway_url=pushgateway.url,
+    )
     env = {"POD_IP": "127.0.0.1", "LORA_JOB_NAME": job, "LORA_JOB_NAMESPACE": namespace}
     prometheus.set_targets([f"127.0.0.1:{port}"])
     run = TrainerProcess(tmp_path, config, env, "metrics")
@@ -53,5 +63,8 @@ def test_prometheus_scrapes_the_trainer_and_the_pushgateway_keeps_the_final_metr
     assert final["lora_train_loss"] == pytest.approx(termination_message(config)["loss"], abs=1e-5)
     assert "lora_train_checkpoint_seconds" in final and "lora_train_gpu_memory_bytes" in final
     pushed = f'lora_train_step{{job="lora-train",job_name="{job}",namespace="{namespace}"}}'
-    wait_until(lambda: prometheus.query(pushed) and float(prometheus.query(pushed)[0]["value"][1]) == 50, 30,
-               "Prometheus to scrape the pushed final step")
+    wait_until(
+        lambda: prometheus.query(pushed) and float(prometheus.query(pushed)[0]["value"][1]) == 50,
+        30,
+        "Prometheus to scrape the pushed final step",
+    )

@@ -71,15 +71,16 @@ def assert_same_weights(a: bytes, b: bytes) -> None:
 
 def seconds_per_step(log: str) -> float:
     """The median time between two step lines (logging_steps=1) of a trainer log."""
-    times = [sum(int(x) * f for x, f in zip(m.group(1).split(":"), (3600, 60, 1)))
-             for m in re.finditer(r"^(\d\d:\d\d:\d\d) lora-train INFO step \d+/", log, re.M)]
+    times = [
+        sum(int(x) * f for x, f in zip(m.group(1).split(":"), (3600, 60, 1)))
+        for m in re.finditer(r"^(\d\d:\d\d:\d\d) lora-train INFO step \d+/", log, re.M)
+    ]
     gaps = sorted(b - a for a, b in zip(times, times[1:]))
     return float(gaps[len(gaps) // 2]) + 1.0 if gaps else 1.0  # +1: the log has whole seconds
 
 
 # -- a run in S3
-def test_a_run_reads_its_dataset_from_s3_and_writes_every_output_to_s3(tmp_path, s3_server, s3_bucket, s3_env,
-                                                                         dataset):
+def test_a_run_reads_its_dataset_from_s3_and_writes_every_output_to_s3(tmp_path, s3_server, s3_bucket, s3_env, dataset):
     client = s3_server.client()
     config = sd_config(tmp_path, s3_bucket, max_train_steps=6, save_steps=2, keep_checkpoints=1)
     code, message = run_inprocess(tmp_path, config)
@@ -89,10 +90,14 @@ def test_a_run_reads_its_dataset_from_s3_and_writes_every_output_to_s3(tmp_path,
     local = files_under(tmp_path / "cache" / "runs" / s3_bucket / "runs" / "shapes")  # the working copy
     events = {k for k in remote if k.startswith("logs/events.out.tfevents.")}
     required = {
-        "config_backup.yaml", "pytorch_lora_weights.safetensors",
-        "checkpoints/pytorch_lora_weights_final.safetensors", "checkpoints/pytorch_lora_weights_step_4.safetensors",
-        "checkpoints/state_step_4/manifest.json", "checkpoints/state_step_4/optimizer.safetensors",
-        "checkpoints/state_step_4/rng.safetensors", "checkpoints/state_step_4/state.json",
+        "config_backup.yaml",
+        "pytorch_lora_weights.safetensors",
+        "checkpoints/pytorch_lora_weights_final.safetensors",
+        "checkpoints/pytorch_lora_weights_step_4.safetensors",
+        "checkpoints/state_step_4/manifest.json",
+        "checkpoints/state_step_4/optimizer.safetensors",
+        "checkpoints/state_step_4/rng.safetensors",
+        "checkpoints/state_step_4/state.json",
     }
     assert len(events) == 1 and required <= remote
     assert remote == local  # every output reached S3, and nothing else did: no step 2 (keep 1), no temp files
@@ -123,8 +128,7 @@ def test_a_run_reads_its_dataset_from_s3_and_writes_every_output_to_s3(tmp_path,
     assert "NOTES.md" in after and not {k for k in after if k.startswith("checkpoints/state_step_")}
 
 
-def test_auto_label_of_an_s3_dataset_keeps_its_captions_in_the_output_on_s3(tmp_path, s3_server, s3_bucket,
-                                                                           s3_env):
+def test_auto_label_of_an_s3_dataset_keeps_its_captions_in_the_output_on_s3(tmp_path, s3_server, s3_bucket, s3_env):
     client = s3_server.client()
     uncaptioned = tmp_path / "images"
     shutil.copytree(SAMPLE / "images", uncaptioned)
@@ -132,8 +136,9 @@ def test_auto_label_of_an_s3_dataset_keeps_its_captions_in_the_output_on_s3(tmp_
     (uncaptioned / "red_square.txt").write_text("my own caption, kept\n")
     upload_folder(client, s3_bucket, "datasets/shapes", uncaptioned)
     dataset_keys = list_keys(client, s3_bucket, "datasets/shapes")
-    config = sd_config(tmp_path, s3_bucket, max_train_steps=2, save_steps=0, auto_label=True,
-                       label_model="preset:tiny-blip")
+    config = sd_config(
+        tmp_path, s3_bucket, max_train_steps=2, save_steps=0, auto_label=True, label_model="preset:tiny-blip"
+    )
     code, message = run_inprocess(tmp_path, config)
     assert code == ExitCode.OK, message
 
@@ -156,13 +161,18 @@ def test_auto_label_of_an_s3_dataset_keeps_its_captions_in_the_output_on_s3(tmp_
     assert get_bytes(client, f"s3://{s3_bucket}/runs/shapes/metadata.csv").decode() == captions
 
 
-def test_sigterm_uploads_a_checkpoint_and_a_new_pod_resumes_from_s3_bit_for_bit(tmp_path, s3_server, s3_bucket,
-                                                                              s3_env, dataset):
+def test_sigterm_uploads_a_checkpoint_and_a_new_pod_resumes_from_s3_bit_for_bit(
+    tmp_path, s3_server, s3_bucket, s3_env, dataset
+):
     client = s3_server.client()
     # 30 steps: a couple of seconds left after step 2 for the SIGTERM to land mid-run
     settings = dict(max_train_steps=30, save_steps=10, logging_steps=1, sigterm_grace_seconds=20)
-    straight = TrainerProcess(tmp_path, sd_config(tmp_path / "pod0", s3_bucket, output_dir=f"s3://{s3_bucket}/straight",
-                                                  **settings), s3_env, "straight")
+    straight = TrainerProcess(
+        tmp_path,
+        sd_config(tmp_path / "pod0", s3_bucket, output_dir=f"s3://{s3_bucket}/straight", **settings),
+        s3_env,
+        "straight",
+    )
     first = sd_config(tmp_path / "pod1", s3_bucket, **settings)
     stopped = TrainerProcess(tmp_path, first, s3_env, "first")
     try:
@@ -192,15 +202,15 @@ def test_sigterm_uploads_a_checkpoint_and_a_new_pod_resumes_from_s3_bit_for_bit(
         resumed.kill()
     assert f"at step {step}" in resumed.output() and "resumed from" in resumed.output()
     assert termination_message(second)["status"] == "succeeded"
-    assert_same_weights(get_bytes(client, f"s3://{s3_bucket}/runs/shapes/pytorch_lora_weights.safetensors"),
-                        get_bytes(client, f"s3://{s3_bucket}/straight/pytorch_lora_weights.safetensors"))
+    assert_same_weights(
+        get_bytes(client, f"s3://{s3_bucket}/runs/shapes/pytorch_lora_weights.safetensors"),
+        get_bytes(client, f"s3://{s3_bucket}/straight/pytorch_lora_weights.safetensors"),
+    )
 
 
-def test_sigterm_during_an_s3_outage_exits_within_the_grace_period(tmp_path, s3_server, s3_bucket, s3_env,
-                                                                    dataset):
+def test_sigterm_during_an_s3_outage_exits_within_the_grace_period(tmp_path, s3_server, s3_bucket, s3_env, dataset):
     client = s3_server.client()
-    config = sd_config(tmp_path, s3_bucket, max_train_steps=200, save_steps=2, logging_steps=1,
-                       sigterm_grace_seconds=5)
+    config = sd_config(tmp_path, s3_bucket, max_train_steps=200, save_steps=2, logging_steps=1, sigterm_grace_seconds=5)
     run = TrainerProcess(tmp_path, config, s3_env, "grace")
     try:
         deadline = time.monotonic() + 300
@@ -295,8 +305,11 @@ class _Forward(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.parametrize("key", ["DOTDOT/DOTDOT/escaped.png", "%2e%2e/%2e%2e/escaped.png", "\uff0e\uff0e/escaped.png"],
-                         ids=["dot-dot", "percent-encoded", "fullwidth"])
+@pytest.mark.parametrize(
+    "key",
+    ["DOTDOT/DOTDOT/escaped.png", "%2e%2e/%2e%2e/escaped.png", "\uff0e\uff0e/escaped.png"],
+    ids=["dot-dot", "percent-encoded", "fullwidth"],
+)
 def test_a_dataset_key_that_would_escape_the_cache_is_refused(tmp_path, s3_server, s3_bucket, s3_env, dataset, key):
     client = s3_server.client()
     with pytest.raises(ClientError):  # SeaweedFS refuses a literal `..` key; AWS S3 stores it
@@ -313,14 +326,16 @@ def test_a_dataset_key_that_would_escape_the_cache_is_refused(tmp_path, s3_serve
     assert "refusing object key" in message["error"] and "Nothing was downloaded" in message["error"]
     assert [p for p in tmp_path.rglob("*") if p.is_file() and "escaped" in p.name] == []
     assert not (tmp_path / "pod" / "cache" / "s3").exists() or not any(
-        p.is_file() for p in (tmp_path / "pod" / "cache" / "s3").rglob("*"))  # not one object fetched
+        p.is_file() for p in (tmp_path / "pod" / "cache" / "s3").rglob("*")
+    )  # not one object fetched
     assert list_keys(client, s3_bucket, "runs/shapes") == set()  # and no output started
 
 
 # -- credentials
 @pytest.mark.parametrize("problem", ["wrong-secret", "missing-bucket"])
-def test_wrong_credentials_or_a_missing_bucket_fail_fast_and_permanently(tmp_path, s3_bucket, s3_env, dataset,
-                                                                         monkeypatch, caplog, problem):
+def test_wrong_credentials_or_a_missing_bucket_fail_fast_and_permanently(
+    tmp_path, s3_bucket, s3_env, dataset, monkeypatch, caplog, problem
+):
     secret = "not-the-secret-Zq93kdL"
     if problem == "wrong-secret":
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
@@ -346,8 +361,12 @@ def test_downloads_are_verified_incremental_and_survive_a_restart_half_way(tmp_p
         client.put_object(Bucket=s3_bucket, Key=key, Body=body)
     big = os.urandom(12 * 1024 * 1024 + 5)
     (tmp_path / "big").write_bytes(big)
-    client.upload_file(str(tmp_path / "big"), s3_bucket, "data/big.safetensors",
-                       Config=TransferConfig(multipart_threshold=5 * 2**20, multipart_chunksize=5 * 2**20))
+    client.upload_file(
+        str(tmp_path / "big"),
+        s3_bucket,
+        "data/big.safetensors",
+        Config=TransferConfig(multipart_threshold=5 * 2**20, multipart_chunksize=5 * 2**20),
+    )
     blobs["data/big.safetensors"] = big
     assert client.head_object(Bucket=s3_bucket, Key="data/big.safetensors")["ETag"].endswith('-3"')
     uri, cache = S3Uri.parse(f"s3://{s3_bucket}/data"), tmp_path / "cache"
@@ -388,8 +407,9 @@ def test_downloads_are_verified_incremental_and_survive_a_restart_half_way(tmp_p
 def test_large_files_upload_multipart_and_come_back_intact(tmp_path, s3_server, s3_bucket):
     body = os.urandom(11 * 1024 * 1024)
     (tmp_path / "w.safetensors").write_bytes(body)
-    store = Store(s3_server.client(), Retry(seconds=10), concurrency=4, multipart_threshold=5 * 2**20,
-                  part_size=5 * 2**20)
+    store = Store(
+        s3_server.client(), Retry(seconds=10), concurrency=4, multipart_threshold=5 * 2**20, part_size=5 * 2**20
+    )
     target = S3Uri.parse(f"s3://{s3_bucket}/out/w.safetensors")
     store.put_files([(tmp_path / "w.safetensors", target)])
     store.close()

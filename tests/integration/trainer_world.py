@@ -19,8 +19,15 @@ SAMPLE = REPO / "trainer_image" / "lora_trainer" / "sample_data"
 def sd_config(tmp_path: Path, bucket: str | None, **overrides) -> dict:
     """A tiny text-to-image run on the bundled images, reading and writing S3 when `bucket` is given."""
     config = {
-        "base_model": "preset:tiny-sd", "resolution": 16, "lora_rank": 4, "batch_size": 2, "learning_rate": 1e-3,
-        "seed": 7, "max_train_steps": 6, "save_steps": 2, "metrics_port": 0,
+        "base_model": "preset:tiny-sd",
+        "resolution": 16,
+        "lora_rank": 4,
+        "batch_size": 2,
+        "learning_rate": 1e-3,
+        "seed": 7,
+        "max_train_steps": 6,
+        "save_steps": 2,
+        "metrics_port": 0,
         "train_data_dir": f"s3://{bucket}/datasets/shapes" if bucket else str(SAMPLE / "images"),
         "output_dir": f"s3://{bucket}/runs/shapes" if bucket else str(tmp_path / "out"),
         "s3_cache_dir": str(tmp_path / "cache"),
@@ -53,18 +60,21 @@ def upload_folder(client, bucket: str, prefix: str, folder: Path) -> list[str]:
 def list_keys(client, bucket: str, prefix: str) -> set[str]:
     """Keys under prefix/, relative to it."""
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.rstrip("/") + "/")
-    return {o["Key"][len(prefix.rstrip("/")) + 1:] for page in pages for o in page.get("Contents", [])}
+    return {o["Key"][len(prefix.rstrip("/")) + 1 :] for page in pages for o in page.get("Contents", [])}
 
 
 def get_bytes(client, uri: str) -> bytes:
-    bucket, _, key = uri[len("s3://"):].partition("/")
+    bucket, _, key = uri[len("s3://") :].partition("/")
     return client.get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 def files_under(folder: Path) -> set[str]:
     """Relative paths of the non-hidden files under folder (what a run produced locally)."""
-    return {p.relative_to(folder).as_posix() for p in folder.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+    return {
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    }
 
 
 class TrainerProcess:
@@ -76,8 +86,13 @@ class TrainerProcess:
         self.log = self.log_path.open("w")
         # one intra-op thread: on a small shared machine, spinning OpenMP threads of parallel runs starve each other
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **env}
-        self.proc = subprocess.Popen([sys.executable, "-m", "lora_trainer.cli", "--config", str(self.config_path)],
-                                     stdout=self.log, stderr=subprocess.STDOUT, env=full_env, cwd=str(REPO))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lora_trainer.cli", "--config", str(self.config_path)],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=str(REPO),
+        )
 
     def output(self) -> str:
         return self.log_path.read_text()

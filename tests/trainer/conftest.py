@@ -82,8 +82,14 @@ def generate(pipe):
     """Two denoising steps at 32 px with a fixed seed: a cheap, exactly repeatable image tensor."""
     import torch
 
-    return pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="pt",
-                generator=torch.Generator().manual_seed(0)).images
+    return pipe(
+        "a red circle",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
 
 
 def final_weights(folder: Path):

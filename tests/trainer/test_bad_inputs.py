@@ -105,8 +105,9 @@ def test_folder_that_is_not_a_model(tmp_path, capsys):
 
 
 def test_diverging_loss_stops_the_run_naming_the_step(tmp_path, capsys):
-    exit_code, err = run_cli(tmp_path, capsys, SD_BASE, learning_rate=1e12, max_grad_norm=0, max_train_steps=20,
-                             save_steps=0)
+    exit_code, err = run_cli(
+        tmp_path, capsys, SD_BASE, learning_rate=1e12, max_grad_norm=0, max_train_steps=20, save_steps=0
+    )
     assert exit_code == ExitCode.TRAINING_DIVERGED == 5
     assert re.search(r"loss became (nan|inf|-inf) at step \d+ \(epoch \d+\)", err), err
     assert_not_finished(tmp_path)
@@ -121,8 +122,9 @@ def test_invalid_config_exit_code(tmp_path, capsys):
 def can_mount_tmpfs() -> bool:
     if not shutil.which("unshare") or os.geteuid() != 0:
         return False
-    probe = subprocess.run(["unshare", "--mount", "sh", "-c", "mount -t tmpfs -o size=16k tmpfs /mnt"],
-                           capture_output=True)
+    probe = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", "mount -t tmpfs -o size=16k tmpfs /mnt"], capture_output=True
+    )
     return probe.returncode == 0
 
 
@@ -133,9 +135,11 @@ def test_disk_full_is_a_clear_error_and_leaves_no_finished_run(tmp_path):
     cfg = {**SD_BASE, "output_dir": str(out), "max_train_steps": 4, "save_steps": 2}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     # 100 KiB: the config backup and step weights fit, the optimizer state does not
-    script = (f"mount -t tmpfs -o size=100k tmpfs {out} && {sys.executable} -m lora_trainer.cli "
-              f"--config {tmp_path / 'cfg.yaml'}; code=$?; echo TOP $(ls -A {out}); "
-              f"echo CHECKPOINTS $(ls -A {out}/checkpoints); exit $code")
+    script = (
+        f"mount -t tmpfs -o size=100k tmpfs {out} && {sys.executable} -m lora_trainer.cli "
+        f"--config {tmp_path / 'cfg.yaml'}; code=$?; echo TOP $(ls -A {out}); "
+        f"echo CHECKPOINTS $(ls -A {out}/checkpoints); exit $code"
+    )
     proc = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == ExitCode.OUTPUT_FAILED == 7, proc.stderr[-2000:]
     assert "disk full while writing" in proc.stderr and "OutputFailed" in proc.stderr
@@ -157,8 +161,12 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(tmp_path, workers, whole_grou
     out = tmp_path / "out"
     cfg = {**SD_BASE, "output_dir": str(out), "max_train_steps": 100000, "save_steps": 0, "num_workers": workers}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "lora_trainer.cli", "--config", str(tmp_path / "cfg.yaml")],
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lora_trainer.cli", "--config", str(tmp_path / "cfg.yaml")],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list((out / "logs").glob("events.*")) if out.exists() else True:
         time.sleep(0.5)
@@ -182,8 +190,10 @@ def test_read_only_output_is_an_output_error_not_a_crash(tmp_path):
     (out / "checkpoints").mkdir(parents=True)
     cfg = {**SD_BASE, "output_dir": str(out), "max_train_steps": 2, "save_steps": 0}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    script = (f"mount --bind {out} {out} && mount -o remount,bind,ro {out} && "
-              f"{sys.executable} -m lora_trainer.cli --config {tmp_path / 'cfg.yaml'}")
+    script = (
+        f"mount --bind {out} {out} && mount -o remount,bind,ro {out} && "
+        f"{sys.executable} -m lora_trainer.cli --config {tmp_path / 'cfg.yaml'}"
+    )
     proc = subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode in (ExitCode.OUTPUT_FAILED, ExitCode.CONFIG_INVALID), proc.stderr[-2000:]
     assert "read-only" in proc.stderr or "is not writable" in proc.stderr

@@ -20,8 +20,16 @@ from lora_trainer.observers import BaseObserver
 
 from .conftest import LLM_BASE, SAMPLE, SD_BASE, run
 
-SECTIONS = ["## Purpose", "## Dataset", "## Parameters", "## Command", "## Hardware", "## Training",
-            "## Outputs", "## Problems"]
+SECTIONS = [
+    "## Purpose",
+    "## Dataset",
+    "## Parameters",
+    "## Command",
+    "## Hardware",
+    "## Training",
+    "## Outputs",
+    "## Problems",
+]
 
 
 def field(text: str, name: str) -> str:
@@ -50,8 +58,15 @@ def train_with_cli(tmp_path, monkeypatch, base: dict, **overrides) -> int:
 
 
 def test_record_of_a_finished_run_matches_its_tensorboard_scalars(tmp_path, monkeypatch):
-    code = train_with_cli(tmp_path, monkeypatch, SD_BASE, max_train_steps=6, save_steps=2, output_name="shapes",
-                          description="Can a rank-4 LoRA learn eight coloured shapes?")
+    code = train_with_cli(
+        tmp_path,
+        monkeypatch,
+        SD_BASE,
+        max_train_steps=6,
+        save_steps=2,
+        output_name="shapes",
+        description="Can a rank-4 LoRA learn eight coloured shapes?",
+    )
     assert code == ExitCode.OK
     out = tmp_path / "out"
     text = (out / "EXPERIMENT.md").read_text()
@@ -142,13 +157,16 @@ def test_an_interrupted_run_says_so(tmp_path):
     assert field((tmp_path / "EXPERIMENT.md").read_text(), "Status").startswith("Interrupted at step 2")
 
 
-@pytest.mark.parametrize("losses, seconds, spikes, stalls", [
-    ([1.0] * 12, [0.1] * 12, [], []),
-    ([1.0] * 12 + [5.0], [0.1] * 13, [13], []),  # 5x the median: a spike
-    ([1.0] * 12 + [3.0], [0.1] * 13, [], []),  # 3x: noise in diffusion losses, not a spike
-    ([1.0] * 5 + [9.0], [0.1] * 6, [], []),  # too little history to judge
-    ([1.0] * 12, [0.1] * 11 + [2.0], [], [12]),  # a step 20x slower than usual: a stall
-])
+@pytest.mark.parametrize(
+    "losses, seconds, spikes, stalls",
+    [
+        ([1.0] * 12, [0.1] * 12, [], []),
+        ([1.0] * 12 + [5.0], [0.1] * 13, [13], []),  # 5x the median: a spike
+        ([1.0] * 12 + [3.0], [0.1] * 13, [], []),  # 3x: noise in diffusion losses, not a spike
+        ([1.0] * 5 + [9.0], [0.1] * 6, [], []),  # too little history to judge
+        ([1.0] * 12, [0.1] * 11 + [2.0], [], [12]),  # a step 20x slower than usual: a stall
+    ],
+)
 def test_spikes_and_stalls(losses, seconds, spikes, stalls):
     problems = RunProblems()
     for step, (loss, sec) in enumerate(zip(losses, seconds), start=1):
@@ -156,12 +174,15 @@ def test_spikes_and_stalls(losses, seconds, spikes, stalls):
     assert [s for s, _, _ in problems.spikes] == spikes and [s for s, _, _ in problems.stalls] == stalls
 
 
-@pytest.mark.parametrize("values, flat", [
-    ([1.0 - i / 100 for i in range(40)], False),
-    ([0.5] * 40, True),
-    ([0.5 + i / 100 for i in range(40)], True),
-    ([0.5] * 10, False),  # too short to say
-])
+@pytest.mark.parametrize(
+    "values, flat",
+    [
+        ([1.0 - i / 100 for i in range(40)], False),
+        ([0.5] * 40, True),
+        ([0.5 + i / 100 for i in range(40)], True),
+        ([0.5] * 10, False),  # too short to say
+    ],
+)
 def test_loss_not_falling(values, flat):
     assert (loss_not_falling(list(enumerate(values, start=1))) is not None) == flat
 
@@ -176,6 +197,13 @@ def test_record_shows_validation_losses_and_samples(tmp_path):
     validation = scalars(tmp_path / "llm", "loss/validation")
     assert [s for s, _ in validation] == [2, 4]
     assert close(field(text, "Final validation loss"), validation[-1][1])
-    run(SD_BASE, tmp_path / "sd", max_train_steps=2, save_steps=0, validation_prompts=["a red circle"],
-        validation_steps=2, validation_inference_steps=2)
+    run(
+        SD_BASE,
+        tmp_path / "sd",
+        max_train_steps=2,
+        save_steps=0,
+        validation_prompts=["a red circle"],
+        validation_steps=2,
+        validation_inference_steps=2,
+    )
     assert "Validation samples: 1 image(s) under `samples/`" in (tmp_path / "sd" / "EXPERIMENT.md").read_text()

@@ -31,9 +31,17 @@ FAMILY_IDS = sorted(FAMILIES)
 
 def base(family: str, **overrides) -> dict:
     return {
-        "base_model": FAMILIES[family][0], "train_data_dir": str(SAMPLE / "images"), "resolution": 16,
-        "lora_rank": 4, "network_alpha": 8, "batch_size": 2, "max_train_steps": 4, "learning_rate": 1e-3,
-        "save_steps": 2, "seed": 7, **overrides,
+        "base_model": FAMILIES[family][0],
+        "train_data_dir": str(SAMPLE / "images"),
+        "resolution": 16,
+        "lora_rank": 4,
+        "network_alpha": 8,
+        "batch_size": 2,
+        "max_train_steps": 4,
+        "learning_rate": 1e-3,
+        "save_steps": 2,
+        "seed": 7,
+        **overrides,
     }
 
 
@@ -59,24 +67,30 @@ def fixed_loss(recipe, lora: bool) -> float:
 def test_loss_falls_when_overfitting_a_tiny_set(tmp_path, family):
     """Rank 4 on the default (mostly attention) targets of random tiny models: measured falls after 60 steps
     were 7% (qwen-image) to 18% (flux2), on the same noise, so 4% is a real signal, not luck."""
-    recipe = run(base(family), tmp_path, max_train_steps=60, learning_rate=1e-2, save_steps=0, center_crop=True,
-                 cache_latents=True, cache_dir=str(tmp_path / "cache"))
+    recipe = run(
+        base(family),
+        tmp_path,
+        max_train_steps=60,
+        learning_rate=1e-2,
+        save_steps=0,
+        center_crop=True,
+        cache_latents=True,
+        cache_dir=str(tmp_path / "cache"),
+    )
     before, after = fixed_loss(recipe, lora=False), fixed_loss(recipe, lora=True)
     assert after < 0.96 * before, (before, after)
     assert recipe.summary.data_summary["model_family"] == family
 
 
 def test_resume_is_exact(tmp_path, family):
-    assert_resumes_exactly(base(family), tmp_path, max_train_steps=6, save_steps=2,
-                           cache_dir=str(tmp_path / "cache"))
+    assert_resumes_exactly(base(family), tmp_path, max_train_steps=6, save_steps=2, cache_dir=str(tmp_path / "cache"))
 
 
 def test_every_saved_key_is_a_transformer_lora_key_with_its_config(tmp_path, family):
     run(base(family), tmp_path, max_train_steps=1, save_steps=0)
     with safe_open(str(tmp_path / "pytorch_lora_weights.safetensors"), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
-    assert keys and all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
-                        for k in keys)
+    assert keys and all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
     adapter = json.loads(meta["lora_adapter_metadata"])
     assert (adapter["transformer.r"], adapter["transformer.lora_alpha"]) == (4, 8.0)
     assert meta["model_family"] == family
@@ -116,8 +130,14 @@ def test_cached_and_uncached_prompt_embeddings_train_alike(tmp_path, family):
 
 
 def test_validation_images_come_from_the_trained_model(tmp_path, family):
-    run(base(family), tmp_path, max_train_steps=2, save_steps=0, validation_prompts=["a red circle"],
-        validation_inference_steps=2)
+    run(
+        base(family),
+        tmp_path,
+        max_train_steps=2,
+        save_steps=0,
+        validation_prompts=["a red circle"],
+        validation_inference_steps=2,
+    )
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["prompts.txt", "step_2_0.png"]
 
 
@@ -171,7 +191,10 @@ def test_lora_merge_bakes_either_file_into_the_pipeline(tmp_path, family):
     batch = recipe.task.collate([recipe.dataset[(0, 0)], recipe.dataset[(1, 0)]])
     with torch.no_grad():
         latents = fam.latents(fam.encode_images(batch["pixel_values"]), torch.Generator().manual_seed(0))
-        merged_pipe, loaded_pipe = pipeline.from_pretrained(tmp_path / "main"), pipeline.from_pretrained(preset_path(preset))
+        merged_pipe, loaded_pipe = (
+            pipeline.from_pretrained(tmp_path / "main"),
+            pipeline.from_pretrained(preset_path(preset)),
+        )
         loaded_pipe.load_lora_weights(str(out / "pytorch_lora_weights.safetensors"))
         predictions = []
         for pipe in (merged_pipe, loaded_pipe):
@@ -184,8 +207,15 @@ def test_the_example_manifest_runs_locally_on_the_tiny_preset(tmp_path, family):
     from lora_trainer.cli import main
 
     example = SAMPLE.parents[2] / "examples" / f"loratrainingjob-{family}.yaml"
-    overrides = {"base_model": FAMILIES[family][0], "train_data_dir": str(SAMPLE / "images"), "resolution": 16,
-                 "enable_bucket": False, "max_train_steps": 2, "save_steps": 0, "validation_inference_steps": 2,
-                 "output_dir": str(tmp_path / "out")}
+    overrides = {
+        "base_model": FAMILIES[family][0],
+        "train_data_dir": str(SAMPLE / "images"),
+        "resolution": 16,
+        "enable_bucket": False,
+        "max_train_steps": 2,
+        "save_steps": 0,
+        "validation_inference_steps": 2,
+        "output_dir": str(tmp_path / "out"),
+    }
     assert main(["--config", str(example), *(f"--set={k}={v}" for k, v in overrides.items())]) == 0
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()

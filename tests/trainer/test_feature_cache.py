@@ -41,8 +41,9 @@ def test_cached_run_trains_like_the_uncached_one(tmp_path, base):
 def test_cache_is_reused_across_runs_and_follows_content(tmp_path):
     data = tmp_path / "data"
     shutil.copytree(SAMPLE / "images", data)
-    settings = dict(train_data_dir=str(data), cache_dir=str(tmp_path / "cache"), max_train_steps=2, save_steps=0,
-                    **CACHED)
+    settings = dict(
+        train_data_dir=str(data), cache_dir=str(tmp_path / "cache"), max_train_steps=2, save_steps=0, **CACHED
+    )
     run(SD_BASE, tmp_path / "one", **settings)
     first = entries(tmp_path / "cache")
     run(SD_BASE, tmp_path / "two", **settings)
@@ -70,16 +71,19 @@ def test_a_torn_cache_entry_is_recomputed(tmp_path, caplog):
 
 
 def test_cached_run_resumes_bit_for_bit(tmp_path):
-    assert_resumes_exactly(SD_BASE, tmp_path, cache_dir=str(tmp_path / "cache"), max_train_steps=6, save_steps=2,
-                           **CACHED)
+    assert_resumes_exactly(
+        SD_BASE, tmp_path, cache_dir=str(tmp_path / "cache"), max_train_steps=6, save_steps=2, **CACHED
+    )
 
 
 @pytest.mark.parametrize(
     "settings, message",
     [
         (dict(cache_latents=True), "'cache_latents' needs center_crop: true"),
-        (dict(cache_text_encoder_outputs=True, train_text_encoder=True),
-         "'cache_text_encoder_outputs' cannot be used with train_text_encoder"),
+        (
+            dict(cache_text_encoder_outputs=True, train_text_encoder=True),
+            "'cache_text_encoder_outputs' cannot be used with train_text_encoder",
+        ),
     ],
 )
 def test_cache_settings_that_would_be_stale_are_refused(tmp_path, settings, message):

@@ -20,24 +20,47 @@ from lora_trainer.presets import preset_path
 from .conftest import SD_BASE, generate, run, tiny_sd_pipeline
 
 # LoRA on attention, feed-forward, projections and ResNet convs (3x3: kohya's LoCon "conv_dim" keys)
-WIDE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                "conv1", "conv2", "conv_shortcut", "time_emb_proj"]
+WIDE_TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "time_emb_proj",
+]
 
 
 # -- configs of real UNet layouts (no weights needed: only names)
 def sd15_unet_config() -> dict:
-    return {"down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "layers_per_block": 2,
-            "mid_block_type": "UNetMidBlock2DCrossAttn"}
+    return {
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        "layers_per_block": 2,
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+    }
 
 
 def sdxl_unet_config() -> dict:
-    return {"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "layers_per_block": 2,
-            "mid_block_type": "UNetMidBlock2DCrossAttn", "block_out_channels": [320, 640, 1280],
-            "transformer_layers_per_block": [1, 2, 10], "attention_head_dim": [5, 10, 20],
-            "cross_attention_dim": 2048, "use_linear_projection": True, "addition_embed_type": "text_time",
-            "projection_class_embeddings_input_dim": 2816, "addition_time_embed_dim": 256}
+    return {
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "layers_per_block": 2,
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "block_out_channels": [320, 640, 1280],
+        "transformer_layers_per_block": [1, 2, 10],
+        "attention_head_dim": [5, 10, 20],
+        "cross_attention_dim": 2048,
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "projection_class_embeddings_input_dim": 2816,
+        "addition_time_embed_dim": 256,
+    }
 
 
 def tiny_unet_config() -> dict:
@@ -61,28 +84,51 @@ def lora_modules(model) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
 
 
-@pytest.mark.parametrize("component, path, ldm, expected", [
-    ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", False,
-     "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"),
-    ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", True,
-     "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"),
-    ("unet", "down_blocks.1.attentions.1.proj_in", True, "lora_unet_input_blocks_5_1_proj_in"),
-    ("unet", "down_blocks.1.resnets.0.conv1", True, "lora_unet_input_blocks_4_0_in_layers_2"),
-    ("unet", "down_blocks.1.resnets.0.time_emb_proj", True, "lora_unet_input_blocks_4_0_emb_layers_1"),
-    ("unet", "down_blocks.1.resnets.0.conv_shortcut", True, "lora_unet_input_blocks_4_0_skip_connection"),
-    ("unet", "down_blocks.2.downsamplers.0.conv", True, "lora_unet_input_blocks_9_0_op"),
-    ("unet", "mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0", True,
-     "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_out_0"),
-    ("unet", "mid_block.resnets.1.conv2", True, "lora_unet_middle_block_2_out_layers_3"),
-    ("unet", "up_blocks.0.upsamplers.0.conv", True, "lora_unet_output_blocks_2_1_conv"),
-    ("unet", "up_blocks.1.attentions.2.transformer_blocks.0.ff.net.0.proj", True,
-     "lora_unet_output_blocks_5_1_transformer_blocks_0_ff_net_0_proj"),
-    ("unet", "up_blocks.1.upsamplers.0.conv", True, "lora_unet_output_blocks_5_2_conv"),
-    ("unet", "up_blocks.3.resnets.2.conv1", True, "lora_unet_output_blocks_11_0_in_layers_2"),
-    ("text_encoder", "encoder.layers.11.self_attn.q_proj", False,
-     "lora_te_text_model_encoder_layers_11_self_attn_q_proj"),
-    ("text_encoder", "text_model.encoder.layers.0.mlp.fc1", False, "lora_te_text_model_encoder_layers_0_mlp_fc1"),
-])
+@pytest.mark.parametrize(
+    "component, path, ldm, expected",
+    [
+        (
+            "unet",
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+            False,
+            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+        ),
+        (
+            "unet",
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+            True,
+            "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q",
+        ),
+        ("unet", "down_blocks.1.attentions.1.proj_in", True, "lora_unet_input_blocks_5_1_proj_in"),
+        ("unet", "down_blocks.1.resnets.0.conv1", True, "lora_unet_input_blocks_4_0_in_layers_2"),
+        ("unet", "down_blocks.1.resnets.0.time_emb_proj", True, "lora_unet_input_blocks_4_0_emb_layers_1"),
+        ("unet", "down_blocks.1.resnets.0.conv_shortcut", True, "lora_unet_input_blocks_4_0_skip_connection"),
+        ("unet", "down_blocks.2.downsamplers.0.conv", True, "lora_unet_input_blocks_9_0_op"),
+        (
+            "unet",
+            "mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0",
+            True,
+            "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_out_0",
+        ),
+        ("unet", "mid_block.resnets.1.conv2", True, "lora_unet_middle_block_2_out_layers_3"),
+        ("unet", "up_blocks.0.upsamplers.0.conv", True, "lora_unet_output_blocks_2_1_conv"),
+        (
+            "unet",
+            "up_blocks.1.attentions.2.transformer_blocks.0.ff.net.0.proj",
+            True,
+            "lora_unet_output_blocks_5_1_transformer_blocks_0_ff_net_0_proj",
+        ),
+        ("unet", "up_blocks.1.upsamplers.0.conv", True, "lora_unet_output_blocks_5_2_conv"),
+        ("unet", "up_blocks.3.resnets.2.conv1", True, "lora_unet_output_blocks_11_0_in_layers_2"),
+        (
+            "text_encoder",
+            "encoder.layers.11.self_attn.q_proj",
+            False,
+            "lora_te_text_model_encoder_layers_11_self_attn_q_proj",
+        ),
+        ("text_encoder", "text_model.encoder.layers.0.mlp.fc1", False, "lora_te_text_model_encoder_layers_0_mlp_fc1"),
+    ],
+)
 def test_kohya_names_for_sd15(component, path, ldm, expected):
     """The names A1111/ComfyUI/kohya use for real SD 1.5 LoRAs."""
     config = sd15_unet_config() if ldm else None
@@ -92,7 +138,9 @@ def test_kohya_names_for_sd15(component, path, ldm, expected):
 
 
 def test_two_text_encoders_use_te1_and_te2():
-    assert kohya_name("text_encoder", "encoder.layers.0.self_attn.q_proj", two_text_encoders=True).startswith("lora_te1_")
+    assert kohya_name("text_encoder", "encoder.layers.0.self_attn.q_proj", two_text_encoders=True).startswith(
+        "lora_te1_"
+    )
     assert kohya_name("text_encoder_2", "encoder.layers.0.self_attn.q_proj").startswith("lora_te2_")
     assert parse_kohya_name("lora_te2_text_model_encoder_layers_0_mlp_fc2")[0] == "text_encoder_2"
 
@@ -152,8 +200,17 @@ def test_lycoris_and_dora_files_are_refused(tmp_path):
 def trained(tmp_path_factory):
     """A run with alpha != rank, the text encoder and conv layers trained: everything a converter can get wrong."""
     out = tmp_path_factory.mktemp("kohya") / "run"
-    recipe = run(SD_BASE, out, network_alpha=2, train_text_encoder=True, target_modules=WIDE_TARGETS,
-                 learning_rate=5e-2, max_train_steps=2, save_steps=0, output_name="my_lora")
+    recipe = run(
+        SD_BASE,
+        out,
+        network_alpha=2,
+        train_text_encoder=True,
+        target_modules=WIDE_TARGETS,
+        learning_rate=5e-2,
+        max_train_steps=2,
+        save_steps=0,
+        output_name="my_lora",
+    )
     return recipe, out
 
 
@@ -178,7 +235,10 @@ def test_every_run_writes_a_kohya_file_with_the_real_alpha(trained):
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "2"}
     assert (meta["ss_base_model_version"], meta["modelspec.architecture"]) == ("sd_v1", "stable-diffusion-v1/lora")
     assert (meta["ss_output_name"], meta["ss_sd_model_name"], meta["modelspec.resolution"]) == (
-        "my_lora", "preset:tiny-sd", "16x16")
+        "my_lora",
+        "preset:tiny-sd",
+        "16x16",
+    )
     assert meta["modelspec.sai_model_spec"] == "1.0.0" and meta["modelspec.date"]
 
 
@@ -197,8 +257,6 @@ def test_kohya_to_diffusers_to_kohya_is_the_identity(trained, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with safe_open(str(original), "pt") as f1, safe_open(str(tmp_path / "k.safetensors"), "pt") as f2:
         assert f1.metadata() == f2.metadata()
-
-
 
 
 def test_diffusers_kohya_loader_reads_the_kohya_file_like_the_diffusers_file(trained):
@@ -233,8 +291,10 @@ def test_ldm_spelled_file_loads_in_diffusers_given_the_unet_config(trained, tmp_
     ldm.load_lora_weights(tmp_path, weight_name="ldm.safetensors", unet_config=ldm.unet.config)
     reference.load_lora_weights(out, weight_name="pytorch_lora_weights.safetensors")
     assert torch.equal(generate(ldm), generate(reference))
-    assert read_lora(tmp_path / "ldm.safetensors", config).loras.keys() == read_lora(
-        out / "my_lora.kohya.safetensors").loras.keys()
+    assert (
+        read_lora(tmp_path / "ldm.safetensors", config).loras.keys()
+        == read_lora(out / "my_lora.kohya.safetensors").loras.keys()
+    )
 
 
 def test_the_diffusers_file_spells_every_module_alike(trained):
@@ -261,8 +321,17 @@ def test_sdxl_kohya_file_uses_ldm_names_and_loads_like_the_diffusers_file(tmp_pa
     diffusers' SDXL loader maps them back with the UNet config."""
     from diffusers import StableDiffusionXLPipeline
 
-    run({**SD_BASE, "base_model": "preset:tiny-sdxl"}, tmp_path, train_text_encoder=True, network_alpha=2,
-        target_modules=WIDE_TARGETS, learning_rate=5e-2, max_train_steps=2, save_steps=0, output_name="xl")
+    run(
+        {**SD_BASE, "base_model": "preset:tiny-sdxl"},
+        tmp_path,
+        train_text_encoder=True,
+        network_alpha=2,
+        target_modules=WIDE_TARGETS,
+        learning_rate=5e-2,
+        max_train_steps=2,
+        save_steps=0,
+        output_name="xl",
+    )
     with safe_open(str(tmp_path / "xl.kohya.safetensors"), "pt") as handle:
         names, meta = {k.split(".")[0] for k in handle.keys()}, handle.metadata()  # noqa: SIM118 - safe_open is not iterable
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
@@ -280,8 +349,13 @@ def test_sdxl_kohya_file_uses_ldm_names_and_loads_like_the_diffusers_file(tmp_pa
     added = {"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]])}
     ids = a.tokenizer_2("a red circle", padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
-        assert torch.allclose(a.unet(sample, t, states, added_cond_kwargs=added).sample,
-                              b.unet(sample, t, states, added_cond_kwargs=added).sample, atol=1e-5)
+        assert torch.allclose(
+            a.unet(sample, t, states, added_cond_kwargs=added).sample,
+            b.unet(sample, t, states, added_cond_kwargs=added).sample,
+            atol=1e-5,
+        )
         assert torch.equal(a.text_encoder(ids)[0], b.text_encoder(ids)[0])
-        assert torch.equal(a.text_encoder_2(ids, output_hidden_states=True).hidden_states[-2],
-                           b.text_encoder_2(ids, output_hidden_states=True).hidden_states[-2])
+        assert torch.equal(
+            a.text_encoder_2(ids, output_hidden_states=True).hidden_states[-2],
+            b.text_encoder_2(ids, output_hidden_states=True).hidden_states[-2],
+        )

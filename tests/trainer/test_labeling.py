@@ -43,13 +43,16 @@ def reference() -> dict[str, str]:
     return {p.name: model.caption([load_image(p)])[0] for p in list_images(SAMPLE / "images")}
 
 
-@pytest.mark.parametrize("caption, prefix, suffix, expected", [
-    ("a dog", "", "", "a dog"),
-    ("a dog", "sks", "", "sks, a dog"),
-    ("a dog", "", "photo", "a dog, photo"),
-    ("sks, a dog", "sks", "", "sks, a dog"),  # never twice
-    ("  a dog ", "sks", "best quality", "sks, a dog, best quality"),
-])
+@pytest.mark.parametrize(
+    "caption, prefix, suffix, expected",
+    [
+        ("a dog", "", "", "a dog"),
+        ("a dog", "sks", "", "sks, a dog"),
+        ("a dog", "", "photo", "a dog, photo"),
+        ("sks, a dog", "sks", "", "sks, a dog"),  # never twice
+        ("  a dog ", "sks", "best quality", "sks, a dog, best quality"),
+    ],
+)
 def test_compose(caption, prefix, suffix, expected):
     assert compose(caption, prefix, suffix) == expected
 
@@ -87,8 +90,22 @@ def test_a_second_run_captions_nothing_and_never_loads_a_model(images, capsys):
 
 def test_overwrite_recaptions_everything(images, reference, capsys):
     (images / "blue_circle.png").unlink()
-    assert main(["--input", str(images), "--model", BLIP, "--overwrite", "--suffix", "tiny",
-                 "--output", str(images / "captions.csv")]) == ExitCode.OK
+    assert (
+        main(
+            [
+                "--input",
+                str(images),
+                "--model",
+                BLIP,
+                "--overwrite",
+                "--suffix",
+                "tiny",
+                "--output",
+                str(images / "captions.csv"),
+            ]
+        )
+        == ExitCode.OK
+    )
     rows = read_metadata_csv(images / "captions.csv", "file_name", "text")
     assert rows["red_square.png"] == f"{reference['red_square.png']}, tiny"
     assert "7 captioned, 0 kept" in capsys.readouterr().out
@@ -114,11 +131,26 @@ def build_tiny_git(folder: Path) -> None:
     tokenizer = write_tiny_bert_tokenizer(folder)
     ids = tokenizer.convert_tokens_to_ids
     config = GitConfig(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8, initializer_range=0.2),
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=64, bos_token_id=ids("[CLS]"), eos_token_id=ids("[SEP]"),
-        pad_token_id=ids("[PAD]"), initializer_range=0.2)
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            initializer_range=0.2,
+        ),
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=ids("[CLS]"),
+        eos_token_id=ids("[SEP]"),
+        pad_token_id=ids("[PAD]"),
+        initializer_range=0.2,
+    )
     torch.manual_seed(0)
     model = GitForCausalLM(config)
     with torch.no_grad():
@@ -137,14 +169,25 @@ def test_another_captioning_model_by_flag(images, tmp_path):
     assert type(model.model).__name__ == "GitForCausalLM"
 
 
-@pytest.mark.parametrize("setup, args, code, message", [
-    (lambda d: [p.unlink() for p in d.iterdir()], [], ExitCode.DATASET_INVALID, "holds no images"),
-    (lambda d: None, ["--model", "no-org/no-such-captioner"], ExitCode.MODEL_INVALID,
-     "cannot load the captioning model no-org/no-such-captioner"),
-    (lambda d: None, ["--batch-size", "0"], ExitCode.CONFIG_INVALID, "--batch-size must be"),
-    (lambda d: [p.write_bytes(b"junk") for p in d.glob("*.png")], ["--model", BLIP], ExitCode.DATASET_INVALID,
-     "could be captioned"),
-])
+@pytest.mark.parametrize(
+    "setup, args, code, message",
+    [
+        (lambda d: [p.unlink() for p in d.iterdir()], [], ExitCode.DATASET_INVALID, "holds no images"),
+        (
+            lambda d: None,
+            ["--model", "no-org/no-such-captioner"],
+            ExitCode.MODEL_INVALID,
+            "cannot load the captioning model no-org/no-such-captioner",
+        ),
+        (lambda d: None, ["--batch-size", "0"], ExitCode.CONFIG_INVALID, "--batch-size must be"),
+        (
+            lambda d: [p.write_bytes(b"junk") for p in d.glob("*.png")],
+            ["--model", BLIP],
+            ExitCode.DATASET_INVALID,
+            "could be captioned",
+        ),
+    ],
+)
 def test_bad_labeling_runs_name_the_problem(images, capsys, monkeypatch, setup, args, code, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (images / "red_square.txt").unlink()
@@ -182,16 +225,35 @@ def test_a_failing_batch_is_retried_one_image_at_a_time(tmp_path):
 
 # -- auto_label in a training run
 def test_manifest_maps_auto_label():
-    spec = {"dataset": {"uri": "s3://b/d", "autoLabel": True, "labelModel": "m", "captionPrefix": "sks",
-                        "captionSuffix": "s"}}
+    spec = {
+        "dataset": {
+            "uri": "s3://b/d",
+            "autoLabel": True,
+            "labelModel": "m",
+            "captionPrefix": "sks",
+            "captionSuffix": "s",
+        }
+    }
     assert {k: v for k, v in config_from_spec(spec).items() if "label" in k or "caption_" in k} == {
-        "auto_label": True, "label_model": "m", "caption_prefix": "sks", "caption_suffix": "s"}
+        "auto_label": True,
+        "label_model": "m",
+        "caption_prefix": "sks",
+        "caption_suffix": "s",
+    }
 
 
 def test_auto_label_captions_only_what_is_missing_then_trains(images, reference, tmp_path):
     (images / "blue_circle.png").unlink()
-    recipe = run(SD_BASE, tmp_path / "out", train_data_dir=str(images), auto_label=True, label_model=BLIP,
-                 caption_prefix="sks", max_train_steps=2, save_steps=0)
+    recipe = run(
+        SD_BASE,
+        tmp_path / "out",
+        train_data_dir=str(images),
+        auto_label=True,
+        label_model=BLIP,
+        caption_prefix="sks",
+        max_train_steps=2,
+        save_steps=0,
+    )
     rows = read_metadata_csv(images / "metadata.csv", "file_name", "text")
     assert len(rows) == 7 and rows["red_square.png"] == "my own caption, kept"
     assert rows["green_circle.png"] == f"sks, {reference['green_circle.png']}"
@@ -201,8 +263,15 @@ def test_auto_label_captions_only_what_is_missing_then_trains(images, reference,
     assert "auto_label: 6 captioned" in (tmp_path / "out" / "EXPERIMENT.md").read_text()
     # a second run finds every caption in place: nothing to caption, metadata.csv unchanged
     before = (images / "metadata.csv").read_bytes()
-    again = run(SD_BASE, tmp_path / "again", train_data_dir=str(images), auto_label=True,
-                label_model="no-org/never-loaded", max_train_steps=1, save_steps=0)
+    again = run(
+        SD_BASE,
+        tmp_path / "again",
+        train_data_dir=str(images),
+        auto_label=True,
+        label_model="no-org/never-loaded",
+        max_train_steps=1,
+        save_steps=0,
+    )
     assert again.summary.data_summary["caption_source"] == "metadata.csv"
     assert (images / "metadata.csv").read_bytes() == before
 
@@ -218,16 +287,33 @@ def test_auto_label_progress_reaches_the_observers_before_training(images, tmp_p
         def on_start(self, info):
             heard.append("training")
 
-    run(SD_BASE, tmp_path / "out", observers=[Recorder()], train_data_dir=str(images), auto_label=True,
-        label_model=BLIP, label_batch_size=4, max_train_steps=1, save_steps=0)
+    run(
+        SD_BASE,
+        tmp_path / "out",
+        observers=[Recorder()],
+        train_data_dir=str(images),
+        auto_label=True,
+        label_model=BLIP,
+        label_batch_size=4,
+        max_train_steps=1,
+        save_steps=0,
+    )
     assert heard == [(0, 6), (4, 6), (6, 6), "training"]  # 0 first: the model is still loading then
 
 
 def test_dataset_read_only_keeps_auto_label_out_of_a_writable_dataset(images, reference, tmp_path):
     (images / "blue_circle.png").unlink()
     before = sorted(p.name for p in images.iterdir())
-    recipe = run(SD_BASE, tmp_path / "out", train_data_dir=str(images), auto_label=True, label_model=BLIP,
-                 dataset_read_only=True, max_train_steps=1, save_steps=0)
+    recipe = run(
+        SD_BASE,
+        tmp_path / "out",
+        train_data_dir=str(images),
+        auto_label=True,
+        label_model=BLIP,
+        dataset_read_only=True,
+        max_train_steps=1,
+        save_steps=0,
+    )
     assert sorted(p.name for p in images.iterdir()) == before
     rows = read_metadata_csv(tmp_path / "out" / "metadata.csv", "file_name", "text")
     assert len(rows) == 7 and rows["red_circle.png"] == reference["red_circle.png"]
@@ -235,29 +321,36 @@ def test_dataset_read_only_keeps_auto_label_out_of_a_writable_dataset(images, re
 
 
 def can_mount_read_only() -> bool:
-    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                            "mount --bind -o ro /tmp /tmp && true"], capture_output=True)
+    probe = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", "mount --bind -o ro /tmp /tmp && true"],
+        capture_output=True,
+    )
     return probe.returncode == 0
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None or not can_mount_read_only(),
-                    reason="needs unshare and mount (a private mount namespace) to make a read-only folder")
+@pytest.mark.skipif(
+    shutil.which("unshare") is None or not can_mount_read_only(),
+    reason="needs unshare and mount (a private mount namespace) to make a read-only folder",
+)
 def test_auto_label_writes_into_output_dir_when_the_dataset_is_read_only(images, reference, tmp_path):
     """The dataset is mounted read-only (root ignores permission bits, so chmod would prove nothing)."""
     (images / "blue_circle.png").unlink()
     out = tmp_path / "out"
     out.mkdir()
-    config = {**SD_BASE, "train_data_dir": str(images), "output_dir": str(out), "auto_label": True,
-              "label_model": BLIP}
+    config = {**SD_BASE, "train_data_dir": str(images), "output_dir": str(out), "auto_label": True, "label_model": BLIP}
     script = textwrap.dedent(f"""
         from lora_trainer.config import build_config
         from lora_trainer.labeling.auto import scan_captioned_folder
         print(scan_captioned_folder(build_config({config!r})).caption_source)
     """)
-    command = f"mount --bind -o ro {images} {images} && exec {sys.executable} -c \"$SCRIPT\""
-    result = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", command],
-                            env={**__import__("os").environ, "SCRIPT": script}, capture_output=True, text=True,
-                            timeout=300)
+    command = f'mount --bind -o ro {images} {images} && exec {sys.executable} -c "$SCRIPT"'
+    result = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", command],
+        env={**__import__("os").environ, "SCRIPT": script},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert not (images / "metadata.csv").exists()
     rows = read_metadata_csv(out / "metadata.csv", "file_name", "text")

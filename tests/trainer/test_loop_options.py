@@ -39,21 +39,44 @@ def test_fp16_needs_a_gpu(tmp_path):
 
 
 def test_accumulation_warmup_schedule_and_clipping(tmp_path):
-    recipe = run(SD_BASE, tmp_path, max_train_steps=4, save_steps=0, gradient_accumulation_steps=3,
-                 lr_scheduler="linear", lr_warmup_steps=2, learning_rate=1e-3, max_grad_norm=1e-6)
+    recipe = run(
+        SD_BASE,
+        tmp_path,
+        max_train_steps=4,
+        save_steps=0,
+        gradient_accumulation_steps=3,
+        lr_scheduler="linear",
+        lr_warmup_steps=2,
+        learning_rate=1e-3,
+        max_grad_norm=1e-6,
+    )
     # 8 images / batch 2 = 4 batches per epoch -> 2 optimizer steps per epoch (groups of 3 and 1)
     assert recipe.plan.step_groups() == [3, 1] and recipe.epochs == 2
     assert recipe.summary.samples == 2 * 8
     lrs = [g["lr"] for g in recipe.optimizer.param_groups]
     assert lrs == [0.0]  # linear decay reaches 0 at the last step
-    total = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in recipe.params if p.grad is not None)) \
-        if any(p.grad is not None for p in recipe.params) else torch.tensor(0.0)
+    total = (
+        torch.sqrt(sum((p.grad.float() ** 2).sum() for p in recipe.params if p.grad is not None))
+        if any(p.grad is not None for p in recipe.params)
+        else torch.tensor(0.0)
+    )
     assert float(total) == 0.0  # gradients are cleared after each step
 
 
 def stats(step: int) -> StepStats:
-    return StepStats(step=step, total_steps=20, epoch=1, epochs=2, loss=0.1234, learning_rate=1e-4, grad_norm=0.5,
-                     samples=4, tokens=0, step_seconds=0.5, eta_seconds=65)
+    return StepStats(
+        step=step,
+        total_steps=20,
+        epoch=1,
+        epochs=2,
+        loss=0.1234,
+        learning_rate=1e-4,
+        grad_norm=0.5,
+        samples=4,
+        tokens=0,
+        step_seconds=0.5,
+        eta_seconds=65,
+    )
 
 
 class Collect(logging.Handler):

@@ -23,12 +23,28 @@ from .test_kohya_format import WIDE_TARGETS
 def sd_loras(tmp_path_factory):
     """Two different LoRAs: attention + text encoder (alpha 2), and conv/ff layers (alpha 8)."""
     root = tmp_path_factory.mktemp("sd_loras")
-    run(SD_BASE, root / "a", network_alpha=2, train_text_encoder=True, learning_rate=5e-2, max_train_steps=2,
-        save_steps=0, output_name="a")
-    run(SD_BASE, root / "b", network_alpha=8, target_modules=WIDE_TARGETS, learning_rate=5e-2, max_train_steps=2,
-        save_steps=0, seed=3, output_name="b")
+    run(
+        SD_BASE,
+        root / "a",
+        network_alpha=2,
+        train_text_encoder=True,
+        learning_rate=5e-2,
+        max_train_steps=2,
+        save_steps=0,
+        output_name="a",
+    )
+    run(
+        SD_BASE,
+        root / "b",
+        network_alpha=8,
+        target_modules=WIDE_TARGETS,
+        learning_rate=5e-2,
+        max_train_steps=2,
+        save_steps=0,
+        seed=3,
+        output_name="b",
+    )
     return root
-
 
 
 def outputs(pipe) -> list[torch.Tensor]:
@@ -55,8 +71,10 @@ def test_merged_sd_equals_base_plus_each_lora_at_its_scale(sd_loras, tmp_path):
     a = sd_loras / "a" / "a.kohya.safetensors"  # a kohya file merges like a diffusers one
     b = sd_loras / "b" / "pytorch_lora_weights.safetensors"
     out = tmp_path / "merged"
-    assert main(["merge", "--base", "preset:tiny-sd", "--lora", f"{a}:0.8", "--lora", f"{b}:0.5",
-                 "--output", str(out)]) == 0
+    assert (
+        main(["merge", "--base", "preset:tiny-sd", "--lora", f"{a}:0.8", "--lora", f"{b}:0.5", "--output", str(out)])
+        == 0
+    )
     reference = tiny_sd_pipeline()  # diffusers' own LoRA layers, two adapters with their weights
     reference.load_lora_weights(sd_loras / "a", weight_name="pytorch_lora_weights.safetensors", adapter_name="a")
     reference.load_lora_weights(sd_loras / "b", weight_name="pytorch_lora_weights.safetensors", adapter_name="b")
@@ -74,7 +92,9 @@ def test_single_file_checkpoint_loads_back_with_from_single_file(sd_loras, tmp_p
     lora = sd_loras / "b" / "pytorch_lora_weights.safetensors"
     assert main(["merge", "--base", "preset:tiny-sd", "--lora", f"{lora}:0.7", "--output", str(tmp_path / "m")]) == 0
     for name in ("m.safetensors", "again.safetensors"):
-        assert main(["merge", "--base", "preset:tiny-sd", "--lora", f"{lora}:0.7", "--output", str(tmp_path / name)]) == 0
+        assert (
+            main(["merge", "--base", "preset:tiny-sd", "--lora", f"{lora}:0.7", "--output", str(tmp_path / name)]) == 0
+        )
     assert (tmp_path / "m.safetensors").read_bytes() == (tmp_path / "again.safetensors").read_bytes()  # reproducible
     with safe_open(str(tmp_path / "m.safetensors"), "pt") as handle:
         keys, meta = set(handle.keys()), handle.metadata()
@@ -82,8 +102,9 @@ def test_single_file_checkpoint_loads_back_with_from_single_file(sd_loras, tmp_p
     assert "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight" in keys
     assert "first_stage_model.decoder.mid.attn_1.q.weight" in keys
     assert json.loads(meta["lora_merge"])["loras"][0]["scale"] == 0.7
-    single = StableDiffusionPipeline.from_single_file(str(tmp_path / "m.safetensors"),
-                                                      config=str(preset_path("preset:tiny-sd")), local_files_only=True)
+    single = StableDiffusionPipeline.from_single_file(
+        str(tmp_path / "m.safetensors"), config=str(preset_path("preset:tiny-sd")), local_files_only=True
+    )
     folder = tiny_sd_pipeline(tmp_path / "m")
     for name in ("unet", "vae", "text_encoder"):
         a, b = getattr(single, name).state_dict(), getattr(folder, name).state_dict()
@@ -94,8 +115,16 @@ def test_sdxl_single_file_checkpoint_has_both_text_encoders_and_loads_back(tmp_p
     """SDXL's layout: CLIP-L in the transformers layout, OpenCLIP bigG in its own (fused q/k/v, projection)."""
     from diffusers import StableDiffusionXLPipeline
 
-    run({**SD_BASE, "base_model": "preset:tiny-sdxl"}, tmp_path / "lora", train_text_encoder=True, network_alpha=2,
-        learning_rate=5e-2, max_train_steps=2, save_steps=0, output_name="xl")
+    run(
+        {**SD_BASE, "base_model": "preset:tiny-sdxl"},
+        tmp_path / "lora",
+        train_text_encoder=True,
+        network_alpha=2,
+        learning_rate=5e-2,
+        max_train_steps=2,
+        save_steps=0,
+        output_name="xl",
+    )
     lora = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
     for output in ("m", "m.safetensors"):
         args = ["merge", "--base", "preset:tiny-sdxl", "--lora", f"{lora}:0.7", "--output", str(tmp_path / output)]
@@ -104,10 +133,14 @@ def test_sdxl_single_file_checkpoint_has_both_text_encoders_and_loads_back(tmp_p
         keys = set(handle.keys())
     assert "model.diffusion_model.label_emb.0.0.weight" in keys  # SDXL's size/crop conditioning
     assert "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight" in keys
-    assert {"conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight",
-            "conditioner.embedders.1.model.text_projection", "conditioner.embedders.1.model.positional_embedding"} <= keys
-    single = StableDiffusionXLPipeline.from_single_file(str(tmp_path / "m.safetensors"), local_files_only=True,
-                                                        config=str(preset_path("preset:tiny-sdxl")))
+    assert {
+        "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight",
+        "conditioner.embedders.1.model.text_projection",
+        "conditioner.embedders.1.model.positional_embedding",
+    } <= keys
+    single = StableDiffusionXLPipeline.from_single_file(
+        str(tmp_path / "m.safetensors"), local_files_only=True, config=str(preset_path("preset:tiny-sdxl"))
+    )
     folder = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "m"))
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         a, b = getattr(single, name).state_dict(), getattr(folder, name).state_dict()
@@ -121,8 +154,14 @@ def test_trainer_trains_from_a_single_file_checkpoint(tmp_path):
     """base_model: <file>.safetensors with base_model_config trains exactly as the diffusers folder does."""
     single = tmp_path / "tiny-sd.safetensors"
     assert main(["merge", "--base", "preset:tiny-sd", "--output", str(single)]) == 0
-    from_file = run(SD_BASE, tmp_path / "file", base_model=str(single),
-                    base_model_config=str(preset_path("preset:tiny-sd")), max_train_steps=3, save_steps=0)
+    from_file = run(
+        SD_BASE,
+        tmp_path / "file",
+        base_model=str(single),
+        base_model_config=str(preset_path("preset:tiny-sd")),
+        max_train_steps=3,
+        save_steps=0,
+    )
     from_folder = run(SD_BASE, tmp_path / "folder", max_train_steps=3, save_steps=0)
     assert from_file.summary.losses == from_folder.summary.losses
     a, b = (load_file(p / "pytorch_lora_weights.safetensors") for p in (tmp_path / "file", tmp_path / "folder"))
@@ -133,8 +172,16 @@ def test_trainer_trains_from_a_single_file_checkpoint(tmp_path):
 def llm_loras(tmp_path_factory):
     root = tmp_path_factory.mktemp("llm_loras")
     run(LLM_BASE, root / "a", learning_rate=5e-2, max_train_steps=2, save_steps=0, network_alpha=8)
-    run(LLM_BASE, root / "b", learning_rate=5e-2, max_train_steps=2, save_steps=0, seed=3, network_alpha=16,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"])
+    run(
+        LLM_BASE,
+        root / "b",
+        learning_rate=5e-2,
+        max_train_steps=2,
+        save_steps=0,
+        seed=3,
+        network_alpha=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+    )
     return root
 
 
@@ -150,10 +197,25 @@ def test_merged_llm_equals_peft_adapters_at_their_scales(llm_loras, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "merged"
-    assert main(["merge", "--base", "preset:tiny-llm", "--lora", f"{llm_loras / 'a'}:0.8",
-                 "--lora", f"{llm_loras / 'b' / 'pytorch_lora_weights.safetensors'}:0.5", "--output", str(out)]) == 0
-    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(preset_path("preset:tiny-llm")),
-                                          llm_loras / "a", adapter_name="a")
+    assert (
+        main(
+            [
+                "merge",
+                "--base",
+                "preset:tiny-llm",
+                "--lora",
+                f"{llm_loras / 'a'}:0.8",
+                "--lora",
+                f"{llm_loras / 'b' / 'pytorch_lora_weights.safetensors'}:0.5",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(preset_path("preset:tiny-llm")), llm_loras / "a", adapter_name="a"
+    )
     reference.load_adapter(llm_loras / "b", adapter_name="b")
     reference.base_model.set_adapter(["a", "b"])
     for module in reference.modules():
@@ -176,31 +238,68 @@ def test_convert_cli_both_ways(sd_loras, tmp_path, capsys):
     # the trainer and the converter both spell CLIP paths 'text_model.encoder...': an exact round trip
     assert set(back) == set(original) and any(k.startswith("text_encoder.text_model.") for k in back)
     assert all(torch.equal(back[k], original[k]) for k in back)
-    assert main(["convert", "--to", "kohya", "--unet-names", "ldm", "--base-config", "preset:tiny-sd", str(src),
-                 str(tmp_path / "ldm.safetensors")]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--to",
+                "kohya",
+                "--unet-names",
+                "ldm",
+                "--base-config",
+                "preset:tiny-sd",
+                str(src),
+                str(tmp_path / "ldm.safetensors"),
+            ]
+        )
+        == 0
+    )
     assert any(k.startswith("lora_unet_input_blocks_") for k in load_file(tmp_path / "ldm.safetensors"))
-    assert main(["convert", "--to", "diffusers", str(tmp_path / "ldm.safetensors"), str(tmp_path / "x.safetensors")]) \
+    assert (
+        main(["convert", "--to", "diffusers", str(tmp_path / "ldm.safetensors"), str(tmp_path / "x.safetensors")])
         == ExitCode.MODEL_INVALID
+    )
     assert "needs the UNet config (--base-config)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args, code, message", [
-    (["merge", "--base", "preset:tiny-sd", "--lora", "{llm}", "--output", "{tmp}/o"], ExitCode.MODEL_INVALID,
-     "peft"),
-    (["merge", "--base", "preset:tiny-llm", "--lora", "{sd}", "--output", "{tmp}/o"], ExitCode.MODEL_INVALID,
-     "an LLM takes a peft adapter"),
-    (["merge", "--base", "preset:tiny-llm", "--lora", "{llm}", "--output", "{tmp}/o.safetensors"],
-     ExitCode.MODEL_INVALID, "transformers folder"),
-    (["merge", "--base", "{tmp}/nothing", "--output", "{tmp}/o"], ExitCode.MODEL_INVALID, "does not exist"),
-    (["merge", "--base", "{tmp}/m.safetensors", "--output", "{tmp}/o"], ExitCode.CONFIG_INVALID,
-     "needs --base-config"),
-    (["merge", "--base", "preset:tiny-sd", "--output", "{tmp}"], ExitCode.CONFIG_INVALID, "already exists"),
-    (["convert", "--to", "kohya", "--unet-names", "ldm", "{sd}", "{tmp}/k.safetensors"], ExitCode.CONFIG_INVALID,
-     "needs --base-config"),
-])
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (
+            ["merge", "--base", "preset:tiny-sd", "--lora", "{llm}", "--output", "{tmp}/o"],
+            ExitCode.MODEL_INVALID,
+            "peft",
+        ),
+        (
+            ["merge", "--base", "preset:tiny-llm", "--lora", "{sd}", "--output", "{tmp}/o"],
+            ExitCode.MODEL_INVALID,
+            "an LLM takes a peft adapter",
+        ),
+        (
+            ["merge", "--base", "preset:tiny-llm", "--lora", "{llm}", "--output", "{tmp}/o.safetensors"],
+            ExitCode.MODEL_INVALID,
+            "transformers folder",
+        ),
+        (["merge", "--base", "{tmp}/nothing", "--output", "{tmp}/o"], ExitCode.MODEL_INVALID, "does not exist"),
+        (
+            ["merge", "--base", "{tmp}/m.safetensors", "--output", "{tmp}/o"],
+            ExitCode.CONFIG_INVALID,
+            "needs --base-config",
+        ),
+        (["merge", "--base", "preset:tiny-sd", "--output", "{tmp}"], ExitCode.CONFIG_INVALID, "already exists"),
+        (
+            ["convert", "--to", "kohya", "--unet-names", "ldm", "{sd}", "{tmp}/k.safetensors"],
+            ExitCode.CONFIG_INVALID,
+            "needs --base-config",
+        ),
+    ],
+)
 def test_bad_merges_name_the_problem(sd_loras, llm_loras, tmp_path, capsys, args, code, message):
     (tmp_path / "m.safetensors").write_bytes(b"")
-    fill = {"tmp": str(tmp_path), "sd": str(sd_loras / "a" / "pytorch_lora_weights.safetensors"),
-            "llm": str(llm_loras / "a")}
+    fill = {
+        "tmp": str(tmp_path),
+        "sd": str(sd_loras / "a" / "pytorch_lora_weights.safetensors"),
+        "llm": str(llm_loras / "a"),
+    }
     assert main([a.format(**fill) for a in args]) == code
     assert message in capsys.readouterr().err

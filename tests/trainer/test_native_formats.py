@@ -43,27 +43,45 @@ def flux1_double(i: int) -> dict:  # BFL: double_blocks.N.{img,txt}_{attn.qkv, a
 
 EXPECTED = {  # kohya module -> (lora_down shape, lora_up shape, alpha)
     # FLUX.1: inner width 32, MLP 128; single_blocks.N.linear1 = q | k | v | mlp, only q, k, v trained
-    "flux1": {**flux1_double(0), **flux1_double(1),
-              **qkv("lora_unet_single_blocks_0_linear1", 32, extra_rows=128),
-              **qkv("lora_unet_single_blocks_1_linear1", 32, extra_rows=128)},
+    "flux1": {
+        **flux1_double(0),
+        **flux1_double(1),
+        **qkv("lora_unet_single_blocks_0_linear1", 32, extra_rows=128),
+        **qkv("lora_unet_single_blocks_1_linear1", 32, extra_rows=128),
+    },
     # SD3: SAI's joint_blocks.N.{x_block,context_block}.attn.{qkv,proj}; the last context block has no proj
-    "sd3": {**qkv("lora_unet_joint_blocks_0_x_block_attn_qkv", 32), **plain("lora_unet_joint_blocks_0_x_block_attn_proj", 32, 32),
-            **qkv("lora_unet_joint_blocks_0_context_block_attn_qkv", 32),
-            **plain("lora_unet_joint_blocks_0_context_block_attn_proj", 32, 32),
-            **qkv("lora_unet_joint_blocks_1_x_block_attn_qkv", 32), **plain("lora_unet_joint_blocks_1_x_block_attn_proj", 32, 32),
-            **qkv("lora_unet_joint_blocks_1_context_block_attn_qkv", 32)},
+    "sd3": {
+        **qkv("lora_unet_joint_blocks_0_x_block_attn_qkv", 32),
+        **plain("lora_unet_joint_blocks_0_x_block_attn_proj", 32, 32),
+        **qkv("lora_unet_joint_blocks_0_context_block_attn_qkv", 32),
+        **plain("lora_unet_joint_blocks_0_context_block_attn_proj", 32, 32),
+        **qkv("lora_unet_joint_blocks_1_x_block_attn_qkv", 32),
+        **plain("lora_unet_joint_blocks_1_x_block_attn_proj", 32, 32),
+        **qkv("lora_unet_joint_blocks_1_context_block_attn_qkv", 32),
+    },
     # Qwen-Image: the original names are diffusers' (musubi-tuner's lora_unet_transformer_blocks_N_attn_to_q)
-    "qwen-image": {f"lora_unet_transformer_blocks_{i}_attn_{m}": ((R, 32), (32, R), ALPHA)
-                   for i in (0, 1) for m in ("to_q", "to_k", "to_v", "to_out_0")},
+    "qwen-image": {
+        f"lora_unet_transformer_blocks_{i}_attn_{m}": ((R, 32), (32, R), ALPHA)
+        for i in (0, 1)
+        for m in ("to_q", "to_k", "to_v", "to_out_0")
+    },
     # Z-Image: ComfyUI's layers.N.attention.{qkv,out} (musubi's converter), refiners included
-    "z-image": {k: v for block in ("layers_0", "layers_1", "noise_refiner_0", "context_refiner_0")
-                for k, v in {**qkv(f"lora_unet_{block}_attention_qkv", 32),
-                             **plain(f"lora_unet_{block}_attention_out", 32, 32)}.items()},
+    "z-image": {
+        k: v
+        for block in ("layers_0", "layers_1", "noise_refiner_0", "context_refiner_0")
+        for k, v in {
+            **qkv(f"lora_unet_{block}_attention_qkv", 32),
+            **plain(f"lora_unet_{block}_attention_out", 32, 32),
+        }.items()
+    },
     # FLUX.2: double_blocks.N.img_attn.{qkv,proj}; single_blocks.N.linear1 (fused q|k|v|gated MLP: 3*32 + 2*96
     # rows) and linear2 (in: 32 + 96), both one Linear in diffusers too
-    "flux2": {**qkv("lora_unet_double_blocks_0_img_attn_qkv", 32), **plain("lora_unet_double_blocks_0_img_attn_proj", 32, 32),
-              **{f"lora_unet_single_blocks_{i}_linear1": ((R, 32), (288, R), ALPHA) for i in (0, 1)},
-              **{f"lora_unet_single_blocks_{i}_linear2": ((R, 128), (32, R), ALPHA) for i in (0, 1)}},
+    "flux2": {
+        **qkv("lora_unet_double_blocks_0_img_attn_qkv", 32),
+        **plain("lora_unet_double_blocks_0_img_attn_proj", 32, 32),
+        **{f"lora_unet_single_blocks_{i}_linear1": ((R, 32), (288, R), ALPHA) for i in (0, 1)},
+        **{f"lora_unet_single_blocks_{i}_linear2": ((R, 128), (32, R), ALPHA) for i in (0, 1)},
+    },
 }
 
 
@@ -101,8 +119,10 @@ def test_the_kohya_file_reads_back_to_the_trained_weights(trained, family):
     from lora_trainer.formats.native import from_native
 
     folder, recipe = trained[family]
-    main = from_diffusers(load_file(folder / "pytorch_lora_weights.safetensors"),
-                          safe_open(str(folder / "pytorch_lora_weights.safetensors"), "pt").metadata())
+    main = from_diffusers(
+        load_file(folder / "pytorch_lora_weights.safetensors"),
+        safe_open(str(folder / "pytorch_lora_weights.safetensors"), "pt").metadata(),
+    )
     layout = native_layout(recipe.task.family)
     back = from_native(load_file(folder / f"{folder.name}.kohya.safetensors"), layout)
     assert back.keys() == main.keys()
@@ -153,13 +173,23 @@ def test_diffusers_reads_a_full_width_flux1_kohya_file_as_the_same_lora():
 
     config = SimpleNamespace(num_attention_heads=24, attention_head_dim=128, num_layers=1, num_single_layers=1)
     generator = torch.Generator().manual_seed(0)
-    shapes = {"transformer_blocks.0.attn.to_q": (3072, 3072), "transformer_blocks.0.attn.to_k": (3072, 3072),
-              "transformer_blocks.0.attn.to_v": (3072, 3072), "transformer_blocks.0.attn.to_out.0": (3072, 3072),
-              "transformer_blocks.0.ff.net.0.proj": (12288, 3072),
-              "single_transformer_blocks.0.attn.to_q": (3072, 3072), "single_transformer_blocks.0.attn.to_k": (3072, 3072),
-              "single_transformer_blocks.0.attn.to_v": (3072, 3072), "single_transformer_blocks.0.proj_mlp": (12288, 3072)}
-    ours = {("transformer", p): LoraWeight(torch.randn(R, i, generator=generator), torch.randn(o, R, generator=generator),
-                                           ALPHA) for p, (o, i) in shapes.items()}
+    shapes = {
+        "transformer_blocks.0.attn.to_q": (3072, 3072),
+        "transformer_blocks.0.attn.to_k": (3072, 3072),
+        "transformer_blocks.0.attn.to_v": (3072, 3072),
+        "transformer_blocks.0.attn.to_out.0": (3072, 3072),
+        "transformer_blocks.0.ff.net.0.proj": (12288, 3072),
+        "single_transformer_blocks.0.attn.to_q": (3072, 3072),
+        "single_transformer_blocks.0.attn.to_k": (3072, 3072),
+        "single_transformer_blocks.0.attn.to_v": (3072, 3072),
+        "single_transformer_blocks.0.proj_mlp": (12288, 3072),
+    }
+    ours = {
+        ("transformer", p): LoraWeight(
+            torch.randn(R, i, generator=generator), torch.randn(o, R, generator=generator), ALPHA
+        )
+        for p, (o, i) in shapes.items()
+    }
     converted = _convert_kohya_flux_lora_to_diffusers(to_native(ours, bfl_layout(config)))
     for (_, path), weight in ours.items():
         a, b = converted[f"transformer.{path}.lora_A.weight"], converted[f"transformer.{path}.lora_B.weight"]

@@ -37,8 +37,15 @@ BUCKETS = dict(enable_bucket=True, resolution=32, min_bucket_reso=16, max_bucket
 def test_sdxl_lora_on_unet_and_both_text_encoders_loads_in_diffusers(tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    recipe = run(SDXL_BASE, tmp_path, train_text_encoder=True, network_alpha=2, learning_rate=5e-2,
-                 max_train_steps=3, save_steps=0)
+    recipe = run(
+        SDXL_BASE,
+        tmp_path,
+        train_text_encoder=True,
+        network_alpha=2,
+        learning_rate=5e-2,
+        max_train_steps=3,
+        save_steps=0,
+    )
     with safe_open(tmp_path / "pytorch_lora_weights.safetensors", "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
     assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
@@ -50,8 +57,11 @@ def test_sdxl_lora_on_unet_and_both_text_encoders_loads_in_diffusers(tmp_path):
     added = {"text_embeds": torch.randn(1, 32), "time_ids": torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]])}
     trained = recipe.task.family.parts.denoiser.eval()
     with torch.no_grad():
-        assert torch.allclose(pipe.unet(sample, t, text, added_cond_kwargs=added).sample,
-                              trained(sample, t, text, added_cond_kwargs=added).sample, atol=1e-5)
+        assert torch.allclose(
+            pipe.unet(sample, t, text, added_cond_kwargs=added).sample,
+            trained(sample, t, text, added_cond_kwargs=added).sample,
+            atol=1e-5,
+        )
         ids = pipe.tokenizer_2("a red circle", padding="max_length", max_length=77, return_tensors="pt").input_ids
         loaded_te2 = pipe.text_encoder_2(ids, output_hidden_states=True).hidden_states[-2]
         trained_te2 = recipe.task.family.parts.text_encoders[1].eval()(ids, output_hidden_states=True).hidden_states[-2]
@@ -59,8 +69,16 @@ def test_sdxl_lora_on_unet_and_both_text_encoders_loads_in_diffusers(tmp_path):
 
 
 def test_sdxl_time_ids_carry_original_size_and_crop(tmp_path, mixed_shapes):
-    recipe = run(SDXL_BASE, tmp_path, train_data_dir=str(mixed_shapes), max_train_steps=1, save_steps=0,
-                 center_crop=True, batch_size=8, resolution=32)
+    recipe = run(
+        SDXL_BASE,
+        tmp_path,
+        train_data_dir=str(mixed_shapes),
+        max_train_steps=1,
+        save_steps=0,
+        center_crop=True,
+        batch_size=8,
+        resolution=32,
+    )
     task = recipe.task
     dataset = task.dataset()
     batch = task.collate([dataset[(i, 0)] for i in range(len(dataset))])
@@ -93,8 +111,16 @@ def test_buckets_keep_shapes_and_batches_never_mix(tmp_path, mixed_shapes):
         def on_start(self, info):
             sizes.append(info.data_summary["buckets"])
 
-    recipe = run(SD_BASE, tmp_path, train_data_dir=str(mixed_shapes), max_train_steps=4, save_steps=0,
-                 batch_size=2, observers=[Spy()], **BUCKETS)
+    recipe = run(
+        SD_BASE,
+        tmp_path,
+        train_data_dir=str(mixed_shapes),
+        max_train_steps=4,
+        save_steps=0,
+        batch_size=2,
+        observers=[Spy()],
+        **BUCKETS,
+    )
     task = recipe.task
     assert task.sizes[0] == (40, 24) and task.sizes[1] == (24, 40) and task.sizes[2] == (32, 32)
     assert sizes == ["24x40: 2, 32x32: 3, 40x24: 3"]
@@ -105,8 +131,15 @@ def test_buckets_keep_shapes_and_batches_never_mix(tmp_path, mixed_shapes):
 
 
 def test_bucketed_sdxl_run_resumes_bit_for_bit(tmp_path, mixed_shapes):
-    assert_resumes_exactly(SDXL_BASE, tmp_path, train_data_dir=str(mixed_shapes), max_train_steps=6, save_steps=2,
-                           random_flip=True, **BUCKETS)
+    assert_resumes_exactly(
+        SDXL_BASE,
+        tmp_path,
+        train_data_dir=str(mixed_shapes),
+        max_train_steps=6,
+        save_steps=2,
+        random_flip=True,
+        **BUCKETS,
+    )
 
 
 def test_sizes_that_the_vae_cannot_halve_are_refused(tmp_path):

@@ -21,10 +21,12 @@ def files_under(folder) -> set[str]:
 
 def test_output_folder_has_exactly_the_documented_files(tmp_path):
     out = tmp_path / "run"
-    recipe = run(SD_BASE, out, max_train_steps=6, save_steps=2, keep_checkpoints=2,
-                 save_formats=["diffusers"])
-    state = {f"checkpoints/state_step_{s}/{n}" for s in (2, 4)
-             for n in ("manifest.json", "optimizer.safetensors", "rng.safetensors", "state.json")}
+    recipe = run(SD_BASE, out, max_train_steps=6, save_steps=2, keep_checkpoints=2, save_formats=["diffusers"])
+    state = {
+        f"checkpoints/state_step_{s}/{n}"
+        for s in (2, 4)
+        for n in ("manifest.json", "optimizer.safetensors", "rng.safetensors", "state.json")
+    }
     assert files_under(out) == {
         "pytorch_lora_weights.safetensors",
         "config_backup.yaml",
@@ -44,15 +46,23 @@ def test_every_saved_key_is_a_lora_key_with_metadata(tmp_path):
     run(SD_BASE, tmp_path, network_alpha=2, train_text_encoder=True, max_train_steps=2)
     with safe_open(tmp_path / "pytorch_lora_weights.safetensors", "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
-    lora_suffixes = (".lora.down.weight", ".lora.up.weight",  # UNet, as diffusers' scripts write
-                     ".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight")  # CLIP, likewise
+    lora_suffixes = (
+        ".lora.down.weight",
+        ".lora.up.weight",  # UNet, as diffusers' scripts write
+        ".lora_linear_layer.down.weight",
+        ".lora_linear_layer.up.weight",
+    )  # CLIP, likewise
     assert keys and all(k.endswith(lora_suffixes) for k in keys)
     assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder"}
     assert any(".to_q." in k for k in keys) and any(".q_proj." in k for k in keys)
     # the classic spelling transformers < 5.6 stacks load (transformers >= 5.6 flattens CLIP's modules)
     assert all(k.startswith("text_encoder.text_model.encoder.layers.") for k in keys if k.startswith("text_encoder"))
-    assert (meta["rank"], meta["alpha"], meta["base_model"], meta["task_type"]) == ("4", "2", "preset:tiny-sd",
-                                                                                   "text-to-image")
+    assert (meta["rank"], meta["alpha"], meta["base_model"], meta["task_type"]) == (
+        "4",
+        "2",
+        "preset:tiny-sd",
+        "text-to-image",
+    )
     adapter = json.loads(meta["lora_adapter_metadata"])
     assert (adapter["unet.r"], adapter["unet.lora_alpha"], adapter["text_encoder.lora_alpha"]) == (4, 2.0, 2.0)
 
@@ -63,8 +73,6 @@ def test_tensorboard_has_the_documented_scalars(tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"loss/train", "learning_rate", "grad_norm"} <= tags
     assert [e.step for e in events.Scalars("loss/train")] == [1, 2, 3]
-
-
 
 
 def test_diffusers_load_lora_weights_loads_the_file_and_changes_the_output(tmp_path):
@@ -82,7 +90,18 @@ def test_diffusers_load_lora_weights_loads_the_file_and_changes_the_output(tmp_p
 
 
 # attention, feed-forward and ResNet convs: enough capacity to overfit eight images on a random UNet
-WIDE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+WIDE_TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+]
 
 
 def fixed_eval_loss(recipe) -> float:
@@ -95,8 +114,16 @@ def fixed_eval_loss(recipe) -> float:
 
 
 def test_loss_falls_when_overfitting_a_tiny_set(tmp_path):
-    cfg_overrides = dict(max_train_steps=60, learning_rate=1e-2, lora_rank=8, batch_size=8, save_steps=0,
-                         center_crop=True, resolution=16, target_modules=WIDE_TARGETS)
+    cfg_overrides = dict(
+        max_train_steps=60,
+        learning_rate=1e-2,
+        lora_rank=8,
+        batch_size=8,
+        save_steps=0,
+        center_crop=True,
+        resolution=16,
+        target_modules=WIDE_TARGETS,
+    )
     from lora_trainer.recipe import TrainingRecipe
 
     cfg = make_config(SD_BASE, tmp_path, **cfg_overrides)

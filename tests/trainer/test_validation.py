@@ -10,15 +10,24 @@ from lora_trainer.errors import ConfigError
 from .conftest import LLM_BASE, SD_BASE, run
 from .test_sdxl_and_buckets import SDXL_BASE
 
-PROMPTS = dict(validation_prompts=["a red circle", "a blue square"], validation_steps=2,
-               validation_inference_steps=2, validation_guidance_scale=3.0)
+PROMPTS = dict(
+    validation_prompts=["a red circle", "a blue square"],
+    validation_steps=2,
+    validation_inference_steps=2,
+    validation_guidance_scale=3.0,
+)
 
 
 def test_samples_for_fixed_prompts_are_saved_and_logged(tmp_path):
     run(SD_BASE, tmp_path / "a", max_train_steps=4, save_steps=0, learning_rate=5e-2, **PROMPTS)
     samples = tmp_path / "a" / "samples"
     assert sorted(p.name for p in samples.iterdir()) == [
-        "prompts.txt", "step_2_0.png", "step_2_1.png", "step_4_0.png", "step_4_1.png"]
+        "prompts.txt",
+        "step_2_0.png",
+        "step_2_1.png",
+        "step_4_0.png",
+        "step_4_1.png",
+    ]
     assert (samples / "prompts.txt").read_text() == "0: a red circle\n1: a blue square\n"
     assert (samples / "step_2_0.png").read_bytes() != (samples / "step_4_0.png").read_bytes()  # it learned
     events = EventAccumulator(str(tmp_path / "a" / "logs"), size_guidance={"images": 0}).Reload()
@@ -37,14 +46,28 @@ def test_validation_does_not_change_training(tmp_path):
 
 
 def test_sdxl_samples(tmp_path):
-    run(SDXL_BASE, tmp_path, max_train_steps=2, save_steps=0, resolution=32,
-        **{**PROMPTS, "validation_prompts": ["a green square"]})
+    run(
+        SDXL_BASE,
+        tmp_path,
+        max_train_steps=2,
+        save_steps=0,
+        resolution=32,
+        **{**PROMPTS, "validation_prompts": ["a green square"]},
+    )
     assert (tmp_path / "samples" / "step_2_0.png").is_file()
 
 
 def test_held_out_loss_for_text_generation(tmp_path):
-    recipe = run(LLM_BASE, tmp_path, max_train_steps=6, save_steps=0, learning_rate=1e-2, validation_split=0.25,
-                 validation_steps=3, target_modules=["q_proj", "v_proj", "lm_head"])
+    recipe = run(
+        LLM_BASE,
+        tmp_path,
+        max_train_steps=6,
+        save_steps=0,
+        learning_rate=1e-2,
+        validation_split=0.25,
+        validation_steps=3,
+        target_modules=["q_proj", "v_proj", "lm_head"],
+    )
     summary = recipe.summary.data_summary
     assert summary["validation_examples"] == 13 and summary["examples"] == 39
     events = EventAccumulator(str(tmp_path / "logs")).Reload()
@@ -54,8 +77,14 @@ def test_held_out_loss_for_text_generation(tmp_path):
 
 
 def test_validation_data_file(tmp_path):
-    recipe = run(LLM_BASE, tmp_path, max_train_steps=2, save_steps=0, validation_steps=1,
-                 validation_data=LLM_BASE["train_data_dir"] + "/chat.jsonl")
+    recipe = run(
+        LLM_BASE,
+        tmp_path,
+        max_train_steps=2,
+        save_steps=0,
+        validation_steps=1,
+        validation_data=LLM_BASE["train_data_dir"] + "/chat.jsonl",
+    )
     assert recipe.summary.data_summary["validation_examples"] == 4
 
 

@@ -12,14 +12,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 ARCHITECTURE = (REPO / "docs" / "architecture.md").read_text()
-PACKAGES = {"lora_trainer": REPO / "trainer_image" / "lora_trainer", "lora_operator": REPO / "operator" / "lora_operator"}
+PACKAGES = {
+    "lora_trainer": REPO / "trainer_image" / "lora_trainer",
+    "lora_operator": REPO / "operator" / "lora_operator",
+}
 
 
 def test_the_dependency_direction_holds():
     """import-linter with the contracts in pyproject.toml: layers of the trainer, torch-free modules, the operator."""
     lint = Path(sys.executable).parent / "lint-imports"
-    out = subprocess.run([str(lint), "--config", str(REPO / "pyproject.toml")], cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [str(lint), "--config", str(REPO / "pyproject.toml")], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert re.search(r"Contracts: [1-9]\d* kept, 0 broken", out.stdout), out.stdout[-2000:]
 
@@ -32,8 +36,13 @@ TEXT_SUFFIXES = {".py", ".md", ".sh", ".yaml", ".yml", ".toml", ".txt", ""}
 
 
 def tracked_text_files() -> list[Path]:
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.split()
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     return [REPO / f for f in listed if Path(f).suffix in TEXT_SUFFIXES and (REPO / f).is_file()]
 
 
@@ -49,8 +58,11 @@ def missing_paths(path: Path) -> list[str]:
         if not any(c.exists() for c in candidates):
             missing.append(token)
     if path.suffix == ".md":
-        missing += [f"link {m.group(1)}" for m in LINK.finditer(text)
-                    if not m.group(1).startswith(("http://", "https://", "mailto:")) and not (path.parent / m.group(1)).exists()]
+        missing += [
+            f"link {m.group(1)}"
+            for m in LINK.finditer(text)
+            if not m.group(1).startswith(("http://", "https://", "mailto:")) and not (path.parent / m.group(1)).exists()
+        ]
     return missing
 
 

@@ -15,9 +15,14 @@ def flags(argv):
     return dict(a.split("=", 1) for a in argv[1:] if a.startswith("--") and "=" in a)
 
 
-PKI = certs.Pki(*(certs.KeyPair(Path(f"/p/{n}.crt"), Path(f"/p/{n}.key")) for n in
-                  ("ca", "apiserver", "admin", "kcm", "kubelet-client")),
-                service_account_key=Path("/p/sa.key"), service_account_pub=Path("/p/sa.pub"))
+PKI = certs.Pki(
+    *(
+        certs.KeyPair(Path(f"/p/{n}.crt"), Path(f"/p/{n}.key"))
+        for n in ("ca", "apiserver", "admin", "kcm", "kubelet-client")
+    ),
+    service_account_key=Path("/p/sa.key"),
+    service_account_pub=Path("/p/sa.pub"),
+)
 
 
 def test_etcd_listens_on_loopback_only():
@@ -75,11 +80,14 @@ def test_certificate_extensions():
     assert certs.subject("admin", "system:masters") == "/CN=admin/O=system:masters"
 
 
-@pytest.mark.parametrize("args, path", [
-    (("v1", "pods", "ns", "p", "status"), "/api/v1/namespaces/ns/pods/p/status"),
-    (("v1", "nodes"), "/api/v1/nodes"),
-    (("batch/v1", "jobs", "ns"), "/apis/batch/v1/namespaces/ns/jobs"),
-])
+@pytest.mark.parametrize(
+    "args, path",
+    [
+        (("v1", "pods", "ns", "p", "status"), "/api/v1/namespaces/ns/pods/p/status"),
+        (("v1", "nodes"), "/api/v1/nodes"),
+        (("batch/v1", "jobs", "ns"), "/apis/batch/v1/namespaces/ns/jobs"),
+    ],
+)
 def test_resource_path(args, path):
     assert kubeapi.resource_path(*args) == path
 
@@ -97,7 +105,8 @@ def test_scrape_config_targets_a_file_and_the_pushgateway_with_honor_labels():
 
 def test_file_sd():
     assert prometheus.file_sd(["127.0.0.12:9090"], {"namespace": "ns"}) == [
-        {"targets": ["127.0.0.12:9090"], "labels": {"namespace": "ns"}}]
+        {"targets": ["127.0.0.12:9090"], "labels": {"namespace": "ns"}}
+    ]
     assert prometheus.file_sd([]) == []
 
 
@@ -130,10 +139,17 @@ def test_launcher_argv_carries_a_json_spec():
     assert json.loads(argv[2]) == {"argv": ["echo", "hi"], "cwd": "/w", "mounts": [["/a", "/b", True]], "cgroup": None}
 
 
-@pytest.mark.parametrize("mount_path, hidden", [
-    ("/work", "/work/main/.venv"), ("/work/main/.venv", "/work/main/.venv"), ("/", "/work/main/.venv"),
-    ("/workspace", None), ("/tmp", None), ("/data", None),
-])
+@pytest.mark.parametrize(
+    "mount_path, hidden",
+    [
+        ("/work", "/work/main/.venv"),
+        ("/work/main/.venv", "/work/main/.venv"),
+        ("/", "/work/main/.venv"),
+        ("/workspace", None),
+        ("/tmp", None),
+        ("/data", None),
+    ],
+)
 def test_mounts_that_would_hide_the_environment(mount_path, hidden):
     assert runtime.hides(mount_path, ["/work/main/.venv"]) == hidden
 
@@ -142,13 +158,20 @@ def test_container_mounts_order_parents_first_and_create_nested_mountpoints(tmp_
     vol_a, vol_b, term = tmp_path / "a", tmp_path / "b", tmp_path / "term"
     vol_a.mkdir(), vol_b.mkdir(), term.write_text("")
     target = tmp_path / "root" / "data"
-    container = {"volumeMounts": [{"name": "b", "mountPath": f"{target}/config", "readOnly": True},
-                                  {"name": "a", "mountPath": str(target)}],
-                 "terminationMessagePath": str(tmp_path / "root" / "termination-log")}
+    container = {
+        "volumeMounts": [
+            {"name": "b", "mountPath": f"{target}/config", "readOnly": True},
+            {"name": "a", "mountPath": str(target)},
+        ],
+        "terminationMessagePath": str(tmp_path / "root" / "termination-log"),
+    }
     created = []
     mounts = runtime.container_mounts(container, {"a": vol_a, "b": vol_b}, term, created)
-    assert mounts == [(str(vol_a), str(target), False), (str(term), str(tmp_path / "root" / "termination-log"), False),
-                      (str(vol_b), f"{target}/config", True)]
+    assert mounts == [
+        (str(vol_a), str(target), False),
+        (str(term), str(tmp_path / "root" / "termination-log"), False),
+        (str(vol_b), f"{target}/config", True),
+    ]
     assert (vol_a / "config").is_dir()  # nested mount point made inside the parent volume
     assert target.is_dir() and (tmp_path / "root" / "termination-log").is_file()
     assert created[0] == tmp_path / "root"
@@ -161,21 +184,30 @@ def secret(data):
 
 
 def test_volume_files_for_configmap_secret_projected_and_downward_api():
-    objects = {("ConfigMap", "ns", "cfg"): {"train.yaml": b"rank: 4\n", "other": b"x"},
-               ("Secret", "ns", "creds"): runtime.decode_data(secret({"key": b"s3cr3t"}), "Secret")}
+    objects = {
+        ("ConfigMap", "ns", "cfg"): {"train.yaml": b"rank: 4\n", "other": b"x"},
+        ("Secret", "ns", "creds"): runtime.decode_data(secret({"key": b"s3cr3t"}), "Secret"),
+    }
     lookup = lambda kind, ns, name: objects.get((kind, ns, name))  # noqa: E731
     pod = {"metadata": {"name": "p", "namespace": "ns"}, "spec": {}}
     token = lambda audience, seconds: f"token-for-{audience}"  # noqa: E731
     cfg = {"configMap": {"name": "cfg", "items": [{"key": "train.yaml", "path": "conf/train.yaml"}]}}
     assert runtime.volume_files(pod, cfg, lookup, token, "127.0.0.9") == {"conf/train.yaml": b"rank: 4\n"}
     assert runtime.volume_files(pod, {"secret": {"secretName": "creds"}}, lookup, token, "ip") == {"key": b"s3cr3t"}
-    projected = {"projected": {"sources": [
-        {"serviceAccountToken": {"path": "token", "audience": "api"}},
-        {"configMap": {"name": "cfg", "items": [{"key": "other", "path": "ca.crt"}]}},
-        {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
-    ]}}
+    projected = {
+        "projected": {
+            "sources": [
+                {"serviceAccountToken": {"path": "token", "audience": "api"}},
+                {"configMap": {"name": "cfg", "items": [{"key": "other", "path": "ca.crt"}]}},
+                {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
+            ]
+        }
+    }
     assert runtime.volume_files(pod, projected, lookup, token, "ip") == {
-        "token": b"token-for-api", "ca.crt": b"x", "namespace": b"ns"}
+        "token": b"token-for-api",
+        "ca.crt": b"x",
+        "namespace": b"ns",
+    }
     with pytest.raises(ConfigError, match='configmap "absent" not found'):
         runtime.volume_files(pod, {"configMap": {"name": "absent"}}, lookup, token, "ip")
     assert runtime.volume_files(pod, {"configMap": {"name": "absent", "optional": True}}, lookup, token, "ip") == {}
@@ -197,6 +229,7 @@ def test_oom_kill_is_read_from_the_cgroup(tmp_path):
 
 def test_reap_stale_removes_only_dirs_of_dead_agents(tmp_path):
     import os
+
     dead = subprocess_pid_that_exited()
     (tmp_path / f"lora-node-agent-{dead}-abc123" / "pod").mkdir(parents=True)
     (tmp_path / f"lora-node-agent-{os.getpid()}-def456").mkdir()
@@ -207,6 +240,7 @@ def test_reap_stale_removes_only_dirs_of_dead_agents(tmp_path):
 
 def subprocess_pid_that_exited():
     import subprocess
+
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid

@@ -8,10 +8,21 @@ from tests.cluster import podspec
 from tests.cluster.podspec import ConfigError
 
 
-@pytest.mark.parametrize("text, value", [
-    ("100m", Fraction(1, 10)), ("2", 2), (3, 3), ("1.5", Fraction(3, 2)), ("64Gi", 64 * 2**30),
-    ("500M", 500 * 10**6), ("1e3", 1000), ("1E", 10**18), ("128Ki", 131072), ("0.5Gi", 2**29),
-])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("100m", Fraction(1, 10)),
+        ("2", 2),
+        (3, 3),
+        ("1.5", Fraction(3, 2)),
+        ("64Gi", 64 * 2**30),
+        ("500M", 500 * 10**6),
+        ("1e3", 1000),
+        ("1E", 10**18),
+        ("128Ki", 131072),
+        ("0.5Gi", 2**29),
+    ],
+)
 def test_parse_quantity(text, value):
     assert podspec.parse_quantity(text) == value
 
@@ -30,8 +41,7 @@ def test_pod_requests_sum_containers_default_to_limits_and_cover_init_containers
         ],
         "initContainers": [{"resources": {"requests": {"memory": "3Gi", "cpu": "100m"}}}],
     }
-    assert podspec.pod_requests(spec) == {"cpu": Fraction(3, 4), "memory": 3 * 2**30,
-                                          "nvidia.com/gpu": 1, "pods": 1}
+    assert podspec.pod_requests(spec) == {"cpu": Fraction(3, 4), "memory": 3 * 2**30, "nvidia.com/gpu": 1, "pods": 1}
 
 
 NODE = {
@@ -42,49 +52,59 @@ NODE = {
 
 
 def pod(requests=None, **spec):
-    return {"metadata": {"name": "p", "namespace": "ns"},
-            "spec": {"containers": [{"name": "main", "resources": {"requests": requests or {}}}], **spec}}
+    return {
+        "metadata": {"name": "p", "namespace": "ns"},
+        "spec": {"containers": [{"name": "main", "resources": {"requests": requests or {}}}], **spec},
+    }
 
 
-@pytest.mark.parametrize("the_pod, used, reasons", [
-    (pod({"nvidia.com/gpu": "2"}), {}, []),
-    (pod({"nvidia.com/gpu": "3"}), {}, ["Insufficient nvidia.com/gpu"]),
-    (pod({"nvidia.com/gpu": "1"}), {"nvidia.com/gpu": 2}, ["Insufficient nvidia.com/gpu"]),
-    (pod({"cpu": "20", "memory": "100Gi"}), {}, ["Insufficient cpu", "Insufficient memory"]),
-    (pod({"example.com/fpga": "1"}), {}, ["Insufficient example.com/fpga"]),
-    (pod(nodeSelector={"gpu": "a100"}), {}, []),
-    (pod(nodeSelector={"gpu": "h100"}), {}, ["node(s) didn't match Node selector"]),
-    (pod(), {"pods": 110}, ["Too many pods"]),
-], ids=["fits", "gpu", "gpu-used", "cpu+memory", "unknown-resource", "selector", "selector-miss", "pods"])
+@pytest.mark.parametrize(
+    "the_pod, used, reasons",
+    [
+        (pod({"nvidia.com/gpu": "2"}), {}, []),
+        (pod({"nvidia.com/gpu": "3"}), {}, ["Insufficient nvidia.com/gpu"]),
+        (pod({"nvidia.com/gpu": "1"}), {"nvidia.com/gpu": 2}, ["Insufficient nvidia.com/gpu"]),
+        (pod({"cpu": "20", "memory": "100Gi"}), {}, ["Insufficient cpu", "Insufficient memory"]),
+        (pod({"example.com/fpga": "1"}), {}, ["Insufficient example.com/fpga"]),
+        (pod(nodeSelector={"gpu": "a100"}), {}, []),
+        (pod(nodeSelector={"gpu": "h100"}), {}, ["node(s) didn't match Node selector"]),
+        (pod(), {"pods": 110}, ["Too many pods"]),
+    ],
+    ids=["fits", "gpu", "gpu-used", "cpu+memory", "unknown-resource", "selector", "selector-miss", "pods"],
+)
 def test_unschedulable_reasons(the_pod, used, reasons):
     assert podspec.unschedulable_reasons(the_pod, NODE, {k: Fraction(v) for k, v in used.items()}) == reasons
 
 
 def test_message_matches_kube_scheduler_wording():
-    assert (podspec.unschedulable_message(["Insufficient nvidia.com/gpu"])
-            == "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.")
+    assert (
+        podspec.unschedulable_message(["Insufficient nvidia.com/gpu"])
+        == "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
+    )
 
 
 TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
 
 
-@pytest.mark.parametrize("toleration, ok", [
-    ({"key": "nvidia.com/gpu", "operator": "Exists"}, True),
-    ({"key": "nvidia.com/gpu", "operator": "Equal", "value": "present"}, True),
-    ({"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}, True),
-    ({"key": "nvidia.com/gpu", "value": "absent"}, False),
-    ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoExecute"}, False),
-    ({"operator": "Exists"}, True),
-    ({"key": "other", "operator": "Exists"}, False),
-])
+@pytest.mark.parametrize(
+    "toleration, ok",
+    [
+        ({"key": "nvidia.com/gpu", "operator": "Exists"}, True),
+        ({"key": "nvidia.com/gpu", "operator": "Equal", "value": "present"}, True),
+        ({"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}, True),
+        ({"key": "nvidia.com/gpu", "value": "absent"}, False),
+        ({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoExecute"}, False),
+        ({"operator": "Exists"}, True),
+        ({"key": "other", "operator": "Exists"}, False),
+    ],
+)
 def test_tolerations(toleration, ok):
     assert podspec.tolerates(toleration, TAINT) is ok
 
 
 def test_untolerated_taint_blocks_scheduling_with_its_name():
     node = {**NODE, "spec": {"taints": [TAINT, {"key": "soft", "effect": "PreferNoSchedule"}]}}
-    assert podspec.unschedulable_reasons(pod(), node, {}) == [
-        "node(s) had untolerated taint {nvidia.com/gpu: present}"]
+    assert podspec.unschedulable_reasons(pod(), node, {}) == ["node(s) had untolerated taint {nvidia.com/gpu: present}"]
     tolerated = pod(tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists"}])
     assert podspec.unschedulable_reasons(tolerated, node, {}) == []
 
@@ -94,39 +114,57 @@ def test_unschedulable_node():
     assert podspec.unschedulable_reasons(pod(), node, {}) == ["node(s) were unschedulable"]
 
 
-@pytest.mark.parametrize("terms, ok", [
-    ([{"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["a100", "h100"]}]}], True),
-    ([{"matchExpressions": [{"key": "gpu", "operator": "NotIn", "values": ["a100"]}]}], False),
-    ([{"matchExpressions": [{"key": "zone", "operator": "Exists"}]},
-      {"matchExpressions": [{"key": "zone", "operator": "DoesNotExist"}]}], True),
-    ([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["other"]}]}], False),
-])
+@pytest.mark.parametrize(
+    "terms, ok",
+    [
+        ([{"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["a100", "h100"]}]}], True),
+        ([{"matchExpressions": [{"key": "gpu", "operator": "NotIn", "values": ["a100"]}]}], False),
+        (
+            [
+                {"matchExpressions": [{"key": "zone", "operator": "Exists"}]},
+                {"matchExpressions": [{"key": "zone", "operator": "DoesNotExist"}]},
+            ],
+            True,
+        ),
+        ([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["other"]}]}], False),
+    ],
+)
 def test_required_node_affinity(terms, ok):
-    spec = {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-        "nodeSelectorTerms": terms}}}}
+    spec = {
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}}
+    }
     assert podspec.matches_node_selector(spec, NODE) is ok
 
 
-@pytest.mark.parametrize("image, entrypoint", [
-    ("ghcr.io/acme/lora-operator-trainer:0.1.0", ["lora-train"]),
-    ("lora-operator/trainer:dev", ["lora-train"]),
-    ("ghcr.io/acme/lora-operator:0.1.0", ["lora-operator"]),
-    ("python:3.12-slim", ["python"]),
-    ("docker.io/library/python:3.11", ["python"]),
-    ("busybox:1.36", ["sh"]),
-    ("nvidia/cuda:12.4.0-runtime", None),
-    ("pythonista:1", None),
-])
+@pytest.mark.parametrize(
+    "image, entrypoint",
+    [
+        ("ghcr.io/acme/lora-operator-trainer:0.1.0", ["lora-train"]),
+        ("lora-operator/trainer:dev", ["lora-train"]),
+        ("ghcr.io/acme/lora-operator:0.1.0", ["lora-operator"]),
+        ("python:3.12-slim", ["python"]),
+        ("docker.io/library/python:3.11", ["python"]),
+        ("busybox:1.36", ["sh"]),
+        ("nvidia/cuda:12.4.0-runtime", None),
+        ("pythonista:1", None),
+    ],
+)
 def test_image_entrypoint(image, entrypoint):
     assert podspec.image_entrypoint(image) == entrypoint
 
 
-@pytest.mark.parametrize("container, argv", [
-    ({"command": ["python", "-c", "x"]}, ["python", "-c", "x"]),
-    ({"args": ["--config", "/etc/lora/train.yaml"]}, ["lora-train", "--config", "/etc/lora/train.yaml"]),
-    ({}, ["lora-train"]),
-    ({"command": ["echo"], "args": ["$(NAME)", "$$(NAME)", "$(MISSING)"]}, ["echo", "job", "$(NAME)", "$(MISSING)"]),
-])
+@pytest.mark.parametrize(
+    "container, argv",
+    [
+        ({"command": ["python", "-c", "x"]}, ["python", "-c", "x"]),
+        ({"args": ["--config", "/etc/lora/train.yaml"]}, ["lora-train", "--config", "/etc/lora/train.yaml"]),
+        ({}, ["lora-train"]),
+        (
+            {"command": ["echo"], "args": ["$(NAME)", "$$(NAME)", "$(MISSING)"]},
+            ["echo", "job", "$(NAME)", "$(MISSING)"],
+        ),
+    ],
+)
 def test_container_argv(container, argv):
     assert podspec.container_argv(container, ["lora-train"], {"NAME": "job"}) == argv
 
@@ -141,8 +179,10 @@ def lookup(kind, namespace, name):
     return SOURCES.get((kind, namespace, name))
 
 
-POD = {"metadata": {"name": "p", "namespace": "ns", "uid": "u-1", "labels": {"app": "lora"}},
-       "spec": {"nodeName": "local-node", "serviceAccountName": "default"}}
+POD = {
+    "metadata": {"name": "p", "namespace": "ns", "uid": "u-1", "labels": {"app": "lora"}},
+    "spec": {"nodeName": "local-node", "serviceAccountName": "default"},
+}
 
 
 def test_container_env_resolves_every_source_in_kubelet_order():
@@ -163,17 +203,29 @@ def test_container_env_resolves_every_source_in_kubelet_order():
     }
     env = podspec.container_env(POD, container, lookup, "127.0.0.12", base={"PATH": "/bin", "GREETING": "base"})
     assert env == {
-        "PATH": "/bin", "CFG_greeting": "hello", "CFG_LEVEL": "debug", "key": "s3cr3t",
-        "GREETING": "hello", "PASSWORD": "s3cr3t", "POD_NAME": "p", "POD_NAMESPACE": "ns",
-        "POD_IP": "127.0.0.12", "APP": "lora", "URL": "http://127.0.0.12:9090", "CPUS": "2",
+        "PATH": "/bin",
+        "CFG_greeting": "hello",
+        "CFG_LEVEL": "debug",
+        "key": "s3cr3t",
+        "GREETING": "hello",
+        "PASSWORD": "s3cr3t",
+        "POD_NAME": "p",
+        "POD_NAMESPACE": "ns",
+        "POD_IP": "127.0.0.12",
+        "APP": "lora",
+        "URL": "http://127.0.0.12:9090",
+        "CPUS": "2",
     }
 
 
-@pytest.mark.parametrize("var, message", [
-    ({"secretKeyRef": {"name": "nope", "key": "k"}}, 'secret "nope" not found'),
-    ({"configMapKeyRef": {"name": "cfg", "key": "absent"}}, "couldn't find key absent in ConfigMap ns/cfg"),
-    ({"fieldRef": {"fieldPath": "spec.bogus"}}, "unsupported fieldRef 'spec.bogus'"),
-])
+@pytest.mark.parametrize(
+    "var, message",
+    [
+        ({"secretKeyRef": {"name": "nope", "key": "k"}}, 'secret "nope" not found'),
+        ({"configMapKeyRef": {"name": "cfg", "key": "absent"}}, "couldn't find key absent in ConfigMap ns/cfg"),
+        ({"fieldRef": {"fieldPath": "spec.bogus"}}, "unsupported fieldRef 'spec.bogus'"),
+    ],
+)
 def test_container_env_errors_like_the_kubelet(var, message):
     with pytest.raises(ConfigError, match=message):
         podspec.container_env(POD, {"env": [{"name": "X", "valueFrom": var}]}, lookup, "127.0.0.12")
@@ -195,17 +247,20 @@ def creating():
     return {"state": {"waiting": {"reason": "ContainerCreating"}}}
 
 
-@pytest.mark.parametrize("policy, statuses, phase", [
-    ("Never", [creating()], "Pending"),
-    ("Never", [running()], "Running"),
-    ("Never", [exited(0)], "Succeeded"),
-    ("Never", [exited(1)], "Failed"),
-    ("Never", [exited(0), running()], "Running"),
-    ("Never", [exited(0), exited(2)], "Failed"),
-    ("OnFailure", [backing_off(1)], "Running"),
-    ("OnFailure", [exited(0)], "Succeeded"),
-    ("Always", [backing_off(0)], "Running"),
-    ("Always", [exited(0)], "Running"),
-])
+@pytest.mark.parametrize(
+    "policy, statuses, phase",
+    [
+        ("Never", [creating()], "Pending"),
+        ("Never", [running()], "Running"),
+        ("Never", [exited(0)], "Succeeded"),
+        ("Never", [exited(1)], "Failed"),
+        ("Never", [exited(0), running()], "Running"),
+        ("Never", [exited(0), exited(2)], "Failed"),
+        ("OnFailure", [backing_off(1)], "Running"),
+        ("OnFailure", [exited(0)], "Succeeded"),
+        ("Always", [backing_off(0)], "Running"),
+        ("Always", [exited(0)], "Running"),
+    ],
+)
 def test_pod_phase(policy, statuses, phase):
     assert podspec.pod_phase(policy, statuses) == phase

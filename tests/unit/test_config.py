@@ -29,18 +29,20 @@ def problems_of(raw: dict) -> str:
 
 
 def test_lora_scripts_config_with_aliases_maps_onto_canonical_keys():
-    cfg = build_config({
-        "pretrained_model_name_or_path": "runwayml/stable-diffusion-v1-5",
-        "data_dir": "./train/images",
-        "network_dim": 32,
-        "lora_alpha": 16,
-        "train_batch_size": 2,
-        "num_train_epochs": 10,
-        "learning_rate": "1e-4",  # PyYAML reads this as a string
-        "lr_scheduler_type": "cosine",
-        "save_total_limit": 3,
-        "dataloader_num_workers": 2,
-    })
+    cfg = build_config(
+        {
+            "pretrained_model_name_or_path": "runwayml/stable-diffusion-v1-5",
+            "data_dir": "./train/images",
+            "network_dim": 32,
+            "lora_alpha": 16,
+            "train_batch_size": 2,
+            "num_train_epochs": 10,
+            "learning_rate": "1e-4",  # PyYAML reads this as a string
+            "lr_scheduler_type": "cosine",
+            "save_total_limit": 3,
+            "dataloader_num_workers": 2,
+        }
+    )
     assert (cfg.base_model, cfg.train_data_dir) == ("runwayml/stable-diffusion-v1-5", "./train/images")
     assert (cfg.lora_rank, cfg.network_alpha, cfg.batch_size, cfg.epochs) == (32, 16.0, 2, 10)
     assert cfg.learning_rate == pytest.approx(1e-4)
@@ -69,8 +71,10 @@ def test_lora_scripts_config_with_aliases_maps_onto_canonical_keys():
         ({"lora_rank": 4, "rank": 8}, "'rank' sets 'lora_rank' a second time"),
         ({"max_train_steps": 10, "lr_warmup_steps": 20}, "'lr_warmup_steps' (20) exceeds 'max_train_steps' (10)"),
         ({"save_formats": ["onnx"]}, "'save_formats': 'onnx' is not one of diffusers, kohya"),
-        ({"task_type": "text-generation", "auto_label": True},
-         "'auto_label' applies to text-to-image only (task_type is text-generation)"),
+        (
+            {"task_type": "text-generation", "auto_label": True},
+            "'auto_label' applies to text-to-image only (task_type is text-generation)",
+        ),
         ({"task_type": "text-generation", "model_family": "flux1"}, "'model_family' applies to text-to-image only"),
         ({"dataset_format": "chat"}, "'dataset_format' applies to text-generation only (task_type is text-to-image)"),
         ({"model_family": "flux3"}, "'model_family': 'flux3' is not one of auto, sd, sdxl, flux1, flux2, sd3"),
@@ -167,8 +171,15 @@ MANIFEST = {
         "task": "text-to-image",
         "baseModel": "preset:tiny-sd",
         "dataset": {"uri": "s3://datasets/cats", "resolution": 64},
-        "training": {"rank": 8, "alpha": 4, "batchSize": 2, "steps": 100, "learningRate": 1e-4,
-                     "precision": "bf16", "targetModules": ["to_q", "to_v"]},
+        "training": {
+            "rank": 8,
+            "alpha": 4,
+            "batchSize": 2,
+            "steps": 100,
+            "learningRate": 1e-4,
+            "precision": "bf16",
+            "targetModules": ["to_q", "to_v"],
+        },
         "output": {"uri": "s3://loras/cats", "saveSteps": 25, "keepCheckpoints": 2},
         "resources": {"gpus": 1},
         "backoffLimit": 3,

@@ -30,7 +30,10 @@ def test_metadata_csv_captions(tmp_path):
     make_images(tmp_path)
     write_csv(tmp_path, ["a.png,a red thing", 'b.jpg,"a blue, big thing"'])
     scan = scan_image_folder(tmp_path)
-    assert [(r.path.name, r.caption) for r in scan.records] == [("a.png", "a red thing"), ("b.jpg", "a blue, big thing")]
+    assert [(r.path.name, r.caption) for r in scan.records] == [
+        ("a.png", "a red thing"),
+        ("b.jpg", "a blue, big thing"),
+    ]
     assert scan.caption_source == "metadata.csv" and scan.sizes == [(40, 24), (40, 24)]
 
 
@@ -47,16 +50,32 @@ def test_txt_captions_beside_images(tmp_path):
     [
         (lambda d: None, "does not exist"),
         (lambda d: d.mkdir(), "holds no images"),
-        (lambda d: (make_images(d), (d / "a.txt").write_text("x")), r"1 of 2 image\(s\) have no caption in .txt files: b.jpg"),
-        (lambda d: (make_images(d), write_csv(d, ["a.png,x", "c.png,y"])), r"lists 1 image\(s\) that do not exist: c.png"),
+        (
+            lambda d: (make_images(d), (d / "a.txt").write_text("x")),
+            r"1 of 2 image\(s\) have no caption in .txt files: b.jpg",
+        ),
+        (
+            lambda d: (make_images(d), write_csv(d, ["a.png,x", "c.png,y"])),
+            r"lists 1 image\(s\) that do not exist: c.png",
+        ),
         (lambda d: (make_images(d), write_csv(d, ["a.png,x"], header="image,caption")), "missing column"),
         (lambda d: (make_images(d), write_csv(d, ["../secret.png,x"])), "outside train_data_dir"),
         (lambda d: (make_images(d), write_csv(d, ["a.png,x", "b.jpg,"])), "have no caption in metadata.csv: b.jpg"),
-        (lambda d: (make_images(d), write_csv(d, ["a.png,x", "b.jpg,y"]), (d / "b.jpg").write_bytes(b"not a jpeg")),
-         r"1 image\(s\) cannot be read: b.jpg"),
+        (
+            lambda d: (make_images(d), write_csv(d, ["a.png,x", "b.jpg,y"]), (d / "b.jpg").write_bytes(b"not a jpeg")),
+            r"1 image\(s\) cannot be read: b.jpg",
+        ),
     ],
-    ids=["missing-dir", "empty", "txt-missing", "csv-missing-file", "csv-columns", "escape", "csv-empty-caption",
-         "corrupt-image"],
+    ids=[
+        "missing-dir",
+        "empty",
+        "txt-missing",
+        "csv-missing-file",
+        "csv-columns",
+        "escape",
+        "csv-empty-caption",
+        "corrupt-image",
+    ],
 )
 def test_bad_image_folders(tmp_path, setup, message):
     folder = tmp_path / "data"
@@ -86,7 +105,7 @@ def test_resize_and_crop_are_seeded():
 
 @pytest.mark.parametrize(
     "size, target, top_left",
-    [((80, 40), (32, 32), (0, 16)), ((40, 80), (32, 32), (16, 0)), ((64, 32), (48, 24), (0, 0))]  # scale, then center,
+    [((80, 40), (32, 32), (0, 16)), ((40, 80), (32, 32), (16, 0)), ((64, 32), (48, 24), (0, 0))],  # scale, then center,
 )
 def test_center_crop_corner_and_rectangular_targets(size, target, top_left):
     image, crop = resize_and_crop(Image.new("RGB", size), target, center_crop=True, flip=False, rng=random.Random(0))
@@ -126,11 +145,15 @@ def test_prompt_completion_trains_on_the_completion_only(tmp_path, llm_tokenizer
 
 
 def test_chat_trains_on_assistant_turns_only(tmp_path, llm_tokenizer):
-    record = {"messages": [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"},
-        {"role": "assistant", "content": "ciao"},
-    ]}
+    record = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "bye"},
+            {"role": "assistant", "content": "ciao"},
+        ]
+    }
     data = tokenize_dataset(write_jsonl(tmp_path / "c.jsonl", [record]), llm_tokenizer, "chat", 256)
     assert decoded_labels(llm_tokenizer, data.examples[0]) == "hello<|im_end|>\nciao<|im_end|>\n"
 

@@ -36,8 +36,12 @@ def normalized(name: str) -> str:
 
 
 def test_every_locked_package_has_hashes():
-    unhashed = [p["name"] for p in LOCK["package"] if p["name"] != PROJECT
-                and not all("hash" in w for w in p.get("wheels", []) + ([p["sdist"]] if "sdist" in p else []))]
+    unhashed = [
+        p["name"]
+        for p in LOCK["package"]
+        if p["name"] != PROJECT
+        and not all("hash" in w for w in p.get("wheels", []) + ([p["sdist"]] if "sdist" in p else []))
+    ]
     assert unhashed == []
 
 

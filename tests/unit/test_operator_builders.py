@@ -11,8 +11,13 @@ from lora_operator.names import OWNER_UID_ANNOTATION, Children, child_name
 from lora_operator.settings import Settings
 from lora_trainer.config import build_config
 
-SETTINGS = Settings(trainer_image="registry.example/lora-operator/trainer:1.0", s3_endpoint="http://minio:9000",
-                    s3_region="eu-west-1", s3_credentials_secret="default-s3", termination_grace_seconds=120)
+SETTINGS = Settings(
+    trainer_image="registry.example/lora-operator/trainer:1.0",
+    s3_endpoint="http://minio:9000",
+    s3_region="eu-west-1",
+    s3_credentials_secret="default-s3",
+    termination_grace_seconds=120,
+)
 
 
 def ltj(**spec_overrides):
@@ -28,10 +33,18 @@ def ltj(**spec_overrides):
         "cleanupPolicy": "Retain",
     }
     spec.update(spec_overrides)
-    return {"apiVersion": "lora-operator.io/v1alpha1", "kind": "LoRATrainingJob",
-            "metadata": {"name": "cats", "namespace": "team-a", "uid": "uid-123", "generation": 1,
-                         "labels": {"team": "vision"}},
-            "spec": spec}
+    return {
+        "apiVersion": "lora-operator.io/v1alpha1",
+        "kind": "LoRATrainingJob",
+        "metadata": {
+            "name": "cats",
+            "namespace": "team-a",
+            "uid": "uid-123",
+            "generation": 1,
+            "labels": {"team": "vision"},
+        },
+        "spec": spec,
+    }
 
 
 def trainer(job):
@@ -45,10 +58,14 @@ def env_of(container):
 # ---------------------------------------------------------------------------------------------
 # names
 
-@pytest.mark.parametrize("owner,suffix,expected", [
-    ("cats", "train", "cats-train"),
-    ("a" * 57, "train", "a" * 57 + "-train"),
-])
+
+@pytest.mark.parametrize(
+    "owner,suffix,expected",
+    [
+        ("cats", "train", "cats-train"),
+        ("a" * 57, "train", "a" * 57 + "-train"),
+    ],
+)
 def test_child_names_are_plain_when_short(owner, suffix, expected):
     assert child_name(owner, suffix) == expected
 
@@ -67,6 +84,7 @@ def test_children_are_recorded_by_name():
 
 # ---------------------------------------------------------------------------------------------
 # the trainer config
+
 
 def test_config_map_holds_the_spec_mapped_onto_trainer_keys_and_validates():
     cm = builders.build_config_map(ltj(), SETTINGS)
@@ -102,9 +120,11 @@ def test_config_problem_reports_what_the_trainer_would_refuse():
 # ---------------------------------------------------------------------------------------------
 # the training Job
 
+
 def test_job_uses_the_job_controller_for_retries_deadlines_and_cleanup():
-    job = builders.build_training_job(ltj(activeDeadlineSeconds=3600, ttlSecondsAfterFinished=60, backoffLimit=2),
-                                      SETTINGS)
+    job = builders.build_training_job(
+        ltj(activeDeadlineSeconds=3600, ttlSecondsAfterFinished=60, backoffLimit=2), SETTINGS
+    )
     spec = job["spec"]
     assert job["apiVersion"] == "batch/v1" and job["metadata"]["name"] == "cats-train"
     assert spec["backoffLimit"] == 2 and spec["activeDeadlineSeconds"] == 3600
@@ -131,20 +151,32 @@ def test_permanent_exit_codes_match_the_trainer():
 def test_children_are_owned_by_the_job_and_carry_its_labels():
     for child in (builders.build_training_job(ltj(), SETTINGS), builders.build_config_map(ltj(), SETTINGS)):
         (ref,) = child["metadata"]["ownerReferences"]
-        assert ref == {"apiVersion": "lora-operator.io/v1alpha1", "kind": "LoRATrainingJob", "name": "cats",
-                       "uid": "uid-123", "controller": True, "blockOwnerDeletion": True}
+        assert ref == {
+            "apiVersion": "lora-operator.io/v1alpha1",
+            "kind": "LoRATrainingJob",
+            "name": "cats",
+            "uid": "uid-123",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
         assert child["metadata"]["labels"]["lora-operator.io/job-name"] == "cats"
         assert child["metadata"]["labels"]["team"] == "vision"
     template = builders.build_training_job(ltj(), SETTINGS)["spec"]["template"]
     assert template["metadata"]["labels"]["lora-operator.io/job-name"] == "cats"
 
 
-@pytest.mark.parametrize("resources,requests,limits", [
-    ({"gpus": 2, "cpu": "8", "memory": "32Gi"},
-     {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "2"}, {"memory": "32Gi", "nvidia.com/gpu": "2"}),
-    ({"gpus": 0, "cpu": 2}, {"cpu": "2"}, None),
-    ({}, {"nvidia.com/gpu": "1"}, {"nvidia.com/gpu": "1"}),  # one GPU unless told otherwise
-])
+@pytest.mark.parametrize(
+    "resources,requests,limits",
+    [
+        (
+            {"gpus": 2, "cpu": "8", "memory": "32Gi"},
+            {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "2"},
+            {"memory": "32Gi", "nvidia.com/gpu": "2"},
+        ),
+        ({"gpus": 0, "cpu": 2}, {"cpu": "2"}, None),
+        ({}, {"nvidia.com/gpu": "1"}, {"nvidia.com/gpu": "1"}),  # one GPU unless told otherwise
+    ],
+)
 def test_resources(resources, requests, limits):
     container = trainer(builders.build_training_job(ltj(resources=resources), SETTINGS))
     assert container["resources"].get("requests") == requests
@@ -152,8 +184,12 @@ def test_resources(resources, requests, limits):
 
 
 def test_scheduling_fields_pass_through_and_gpu_taints_are_tolerated():
-    resources = {"gpus": 1, "nodeSelector": {"gpu": "a100"}, "priorityClassName": "training",
-                 "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]}
+    resources = {
+        "gpus": 1,
+        "nodeSelector": {"gpu": "a100"},
+        "priorityClassName": "training",
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+    }
     pod = builders.build_training_job(ltj(resources=resources), SETTINGS)["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"gpu": "a100"} and pod["priorityClassName"] == "training"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
@@ -190,14 +226,21 @@ def test_pod_is_hardened_and_reports_through_a_termination_message():
     container = trainer(job)
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 1000
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
     assert pod["automountServiceAccountToken"] is False
     assert pod["terminationGracePeriodSeconds"] == 120
     assert container["terminationMessagePath"] == "/dev/termination-log"
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert container["image"] == "registry.example/lora-operator/trainer:1.0"
-    assert container["command"] == ["lora-train"] and container["args"] == ["--config", "/etc/lora-operator/config.yaml"]
+    assert container["command"] == ["lora-train"] and container["args"] == [
+        "--config",
+        "/etc/lora-operator/config.yaml",
+    ]
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert mounts["/etc/lora-operator"]["readOnly"] is True and "/scratch" in mounts
     assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in container["ports"]
@@ -242,10 +285,19 @@ def test_events_name_the_job_they_are_about():
 
     from lora_operator.events import Transition, build_event
 
-    event = build_event(ltj(), Transition("Warning", "OOMKilled", "pod x ran out of memory"),
-                        datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), "operator-0")
-    assert event["involvedObject"] == {"apiVersion": "lora-operator.io/v1alpha1", "kind": "LoRATrainingJob",
-                                       "name": "cats", "namespace": "team-a", "uid": "uid-123"}
+    event = build_event(
+        ltj(),
+        Transition("Warning", "OOMKilled", "pod x ran out of memory"),
+        datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+        "operator-0",
+    )
+    assert event["involvedObject"] == {
+        "apiVersion": "lora-operator.io/v1alpha1",
+        "kind": "LoRATrainingJob",
+        "name": "cats",
+        "namespace": "team-a",
+        "uid": "uid-123",
+    }
     assert (event["type"], event["reason"], event["message"]) == ("Warning", "OOMKilled", "pod x ran out of memory")
     assert event["metadata"] == {"generateName": "cats.", "namespace": "team-a"}
     assert event["firstTimestamp"] == event["lastTimestamp"] == "2026-01-02T03:04:05Z"

@@ -19,15 +19,24 @@ TEMPLATES = CHART / "templates"
 
 
 def find_helm():
-    candidates = [os.environ.get("LORA_HELM_BIN"), shutil.which("helm"),
-                  *sorted(Path(os.environ.get("LORA_CACHE_DIR", Path.home() / ".cache/lora-operator")).glob("helm/*/helm"))]
+    candidates = [
+        os.environ.get("LORA_HELM_BIN"),
+        shutil.which("helm"),
+        *sorted(Path(os.environ.get("LORA_CACHE_DIR", Path.home() / ".cache/lora-operator")).glob("helm/*/helm")),
+    ]
     return next((str(c) for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
 HELM = find_helm()
-needs_helm = pytest.mark.skipif(HELM is None, reason="no helm binary (run tests/tools/build-helm.sh or set LORA_HELM_BIN)")
-ALL_ON = ["grafana.dashboards.enabled=true", "metrics.serviceMonitor.enabled=true",
-          "metrics.trainerPodMonitor.enabled=true", "podDisruptionBudget.enabled=true"]
+needs_helm = pytest.mark.skipif(
+    HELM is None, reason="no helm binary (run tests/tools/build-helm.sh or set LORA_HELM_BIN)"
+)
+ALL_ON = [
+    "grafana.dashboards.enabled=true",
+    "metrics.serviceMonitor.enabled=true",
+    "metrics.trainerPodMonitor.enabled=true",
+    "podDisruptionBudget.enabled=true",
+]
 
 
 def render(*sets, namespace="lora-system", extra=()):
@@ -48,6 +57,7 @@ def by_kind(docs):
 # ---------------------------------------------------------------------------------------------
 # structure
 
+
 def test_every_value_is_documented():
     """helm-docs style: each value (a leaf, or a mapping documented as a whole) has a '# --' comment."""
     lines = (CHART / "values.yaml").read_text().splitlines()
@@ -65,7 +75,7 @@ def test_every_value_is_documented():
             block.append(lines[j].strip())
             j -= 1
         documented = any(b.startswith("# --") for b in block) or any(d for _, d in stack)
-        following = next((ln for ln in lines[i + 1:] if ln.strip() and not ln.lstrip().startswith("#")), "")
+        following = next((ln for ln in lines[i + 1 :] if ln.strip() and not ln.lstrip().startswith("#")), "")
         deeper = len(following) - len(following.lstrip()) > indent
         is_section = not rest and deeper and not following.lstrip().startswith("- ")
         if not is_section and not documented:
@@ -91,32 +101,51 @@ def test_dashboard_is_valid_json_showing_loss():
 
 
 def test_optional_pieces_are_gated():
-    for name, flag in (("servicemonitor.yaml", ".Values.metrics.serviceMonitor.enabled"),
-                       ("podmonitor-trainers.yaml", ".Values.metrics.trainerPodMonitor.enabled"),
-                       ("grafana-dashboards.yaml", ".Values.grafana.dashboards.enabled"),
-                       ("poddisruptionbudget.yaml", ".Values.podDisruptionBudget.enabled")):
+    for name, flag in (
+        ("servicemonitor.yaml", ".Values.metrics.serviceMonitor.enabled"),
+        ("podmonitor-trainers.yaml", ".Values.metrics.trainerPodMonitor.enabled"),
+        ("grafana-dashboards.yaml", ".Values.grafana.dashboards.enabled"),
+        ("poddisruptionbudget.yaml", ".Values.podDisruptionBudget.enabled"),
+    ):
         assert (TEMPLATES / name).read_text().startswith(f"{{{{- if {flag} }}}}")
 
 
 def test_chart_crd_is_the_repository_crd():
-    assert (CHART / "crds" / "loratrainingjobs.yaml").read_bytes() == (REPO / "crds" / "loratrainingjobs.yaml").read_bytes()
+    assert (CHART / "crds" / "loratrainingjobs.yaml").read_bytes() == (
+        REPO / "crds" / "loratrainingjobs.yaml"
+    ).read_bytes()
 
 
 # ---------------------------------------------------------------------------------------------
 # rendering
 
+
 @needs_helm
 def test_default_render():
     kinds = by_kind(render())
-    assert set(kinds) == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Service",
-                          "Deployment"}
+    assert set(kinds) == {
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "Service",
+        "Deployment",
+    }
     (deploy,) = kinds["Deployment"]
     pod = deploy["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"] == "ghcr.io/lora-operator/operator:0.1.0"
-    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+    assert (
+        pod["securityContext"]["runAsNonRoot"] is True
+        and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    )
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert pod["serviceAccountName"] == kinds["ServiceAccount"][0]["metadata"]["name"]
@@ -124,8 +153,14 @@ def test_default_render():
 
 @needs_helm
 def test_rendered_settings_are_valid_operator_settings():
-    (deploy,) = by_kind(render("s3.endpoint=http://minio:9000", "s3.credentialsSecret=s3", "watchNamespaces={a,b}",
-                               "trainer.serviceAccountName=trainer"))["Deployment"]
+    (deploy,) = by_kind(
+        render(
+            "s3.endpoint=http://minio:9000",
+            "s3.credentialsSecret=s3",
+            "watchNamespaces={a,b}",
+            "trainer.serviceAccountName=trainer",
+        )
+    )["Deployment"]
     env = {e["name"]: e["value"] for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
     settings = Settings.from_env(env)  # raises on any unknown or invalid LORA_OPERATOR_* variable
     assert settings.watch_namespaces == ("a", "b") and settings.s3_endpoint == "http://minio:9000"
@@ -135,12 +170,14 @@ def test_rendered_settings_are_valid_operator_settings():
 @needs_helm
 def test_rbac_matches_deploy_rbac():
     rendered = by_kind(render())["ClusterRole"][0]["rules"]
-    reference = next(d for d in yaml.safe_load_all((REPO / "deploy" / "rbac.yaml").read_text())
-                     if d and d["kind"] == "ClusterRole")["rules"]
+    reference = next(
+        d for d in yaml.safe_load_all((REPO / "deploy" / "rbac.yaml").read_text()) if d and d["kind"] == "ClusterRole"
+    )["rules"]
     assert rendered == reference
     role = by_kind(render())["Role"][0]["rules"]
-    reference_role = next(d for d in yaml.safe_load_all((REPO / "deploy" / "rbac.yaml").read_text())
-                          if d and d["kind"] == "Role")["rules"]
+    reference_role = next(
+        d for d in yaml.safe_load_all((REPO / "deploy" / "rbac.yaml").read_text()) if d and d["kind"] == "Role"
+    )["rules"]
     assert role == reference_role
 
 
@@ -164,13 +201,18 @@ def test_everything_enabled_renders_and_ships_the_dashboard():
 
 @needs_helm
 def test_helm_lint():
-    out = subprocess.run([HELM, "lint", str(CHART), "--kube-version", "1.34.4", "--set", ",".join(ALL_ON)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [HELM, "lint", str(CHART), "--kube-version", "1.34.4", "--set", ",".join(ALL_ON)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 # ---------------------------------------------------------------------------------------------
 # Dockerfile
+
 
 def test_dockerfile_has_both_targets_and_passes_hadolint():
     text = (REPO / "Dockerfile").read_text()
@@ -179,8 +221,9 @@ def test_dockerfile_has_both_targets_and_passes_hadolint():
     operator_build = text.split("AS operator-build", 1)[1].split("FROM ", 1)[0]
     assert "--extra operator" in operator_build and "--extra trainer" not in operator_build  # no torch in the operator
     hadolint = shutil.which("hadolint") or str(Path(os.sys.executable).parent / "hadolint")
-    out = subprocess.run([hadolint, "--failure-threshold", "info", str(REPO / "Dockerfile")],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [hadolint, "--failure-threshold", "info", str(REPO / "Dockerfile")], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     for user in re.findall(r"^USER (\S+)$", text, re.M):
         assert not user.startswith("0") and user != "root"

@@ -56,8 +56,11 @@ def node(spec_schema, path):
 def test_identity(crd, version):
     assert crd["metadata"]["name"] == "loratrainingjobs.lora-operator.io"
     names = crd["spec"]["names"]
-    assert (names["kind"], names["plural"], names["singular"]) == ("LoRATrainingJob", "loratrainingjobs",
-                                                                   "loratrainingjob")
+    assert (names["kind"], names["plural"], names["singular"]) == (
+        "LoRATrainingJob",
+        "loratrainingjobs",
+        "loratrainingjob",
+    )
     assert set(names["shortNames"]) == {"ltj", "lorajob"}
     assert crd["spec"]["scope"] == "Namespaced" and version["name"] == "v1alpha1"
     assert version["subresources"] == {"status": {}}
@@ -156,12 +159,34 @@ def test_only_suspend_and_cleanup_policy_may_change_after_start(version, spec_sc
 
 def test_status_schema_covers_what_the_operator_writes(version):
     status = version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
-    for key in ("phase", "conditions", "progress", "lastCheckpoint", "artifacts", "attempts", "startTime",
-                "completionTime", "observedGeneration", "children", "reason", "message", "currentPod"):
+    for key in (
+        "phase",
+        "conditions",
+        "progress",
+        "lastCheckpoint",
+        "artifacts",
+        "attempts",
+        "startTime",
+        "completionTime",
+        "observedGeneration",
+        "children",
+        "reason",
+        "message",
+        "currentPod",
+    ):
         assert key in status
-    assert set(status["progress"]["properties"]) == {"step", "totalSteps", "epoch", "loss", "learningRate",
-                                                     "samplesPerSecond", "eta", "updatedAt"}
+    assert set(status["progress"]["properties"]) == {
+        "step",
+        "totalSteps",
+        "epoch",
+        "loss",
+        "learningRate",
+        "samplesPerSecond",
+        "eta",
+        "updatedAt",
+    }
     from lora_operator.status import Phase
+
     assert set(status["phase"]["enum"]) == {p.value for p in Phase}
 
 

@@ -21,8 +21,27 @@ def self_signed(folder, name):
     if OPENSSL is None:
         pytest.skip("no openssl binary")
     cert, key = folder / f"{name}.crt", folder / f"{name}.key"
-    subprocess.run([OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={name}",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            OPENSSL,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     return cert.read_bytes(), key.read_bytes()
 
 
@@ -63,8 +82,9 @@ def b64(data):
 
 def test_client_certificate_and_key_data_leave_no_file_behind(pki, temp_dir, loads):
     cert, key = pki["client"]
-    info = kopf.ConnectionInfo(server="https://127.0.0.1:6443", ca_data=b64(cert), certificate_data=b64(cert),
-                               private_key_data=b64(key))  # as a kubeconfig has them: base64 of the PEM
+    info = kopf.ConnectionInfo(
+        server="https://127.0.0.1:6443", ca_data=b64(cert), certificate_data=b64(cert), private_key_data=b64(key)
+    )  # as a kubeconfig has them: base64 of the PEM
     context = kube._ssl_context(info)
     assert isinstance(context, ssl.SSLContext)
     assert list(temp_dir.iterdir()) == []  # no key file, no directory left
@@ -85,8 +105,9 @@ def test_plain_pem_data_loads_too(pki, temp_dir, loads):
 def test_a_key_that_does_not_load_leaves_no_file_behind_either(pki, temp_dir, loads):
     cert, _ = pki["client"]
     _, wrong_key = pki["other"]
-    info = kopf.ConnectionInfo(server="https://127.0.0.1:6443", certificate_data=b64(cert),
-                               private_key_data=b64(wrong_key))
+    info = kopf.ConnectionInfo(
+        server="https://127.0.0.1:6443", certificate_data=b64(cert), private_key_data=b64(wrong_key)
+    )
     with pytest.raises(ssl.SSLError):
         kube._ssl_context(info)
     assert len(loads) == 1 and list(temp_dir.iterdir()) == []
@@ -96,8 +117,11 @@ def test_certificate_and_key_paths_are_used_in_place(pki, tmp_path, temp_dir, lo
     cert, key = pki["client"]
     (tmp_path / "c.pem").write_bytes(cert)
     (tmp_path / "k.pem").write_bytes(key)
-    info = kopf.ConnectionInfo(server="https://127.0.0.1:6443", certificate_path=str(tmp_path / "c.pem"),
-                               private_key_path=str(tmp_path / "k.pem"))
+    info = kopf.ConnectionInfo(
+        server="https://127.0.0.1:6443",
+        certificate_path=str(tmp_path / "c.pem"),
+        private_key_path=str(tmp_path / "k.pem"),
+    )
     kube._ssl_context(info)
     assert [(c["cert"], c["key"]) for c in loads] == [(str(tmp_path / "c.pem"), str(tmp_path / "k.pem"))]
     assert list(temp_dir.iterdir()) == []

@@ -13,13 +13,18 @@ class Clock:
 
 
 def elector(clock):
-    return LeaderElector(api=None, namespace="ns", name="lease", identity="me", duration=15, renew_interval=5,
-                         clock=clock)
+    return LeaderElector(
+        api=None, namespace="ns", name="lease", identity="me", duration=15, renew_interval=5, clock=clock
+    )
 
 
 def spec(holder="other", renew="2026-01-01T00:00:00.000000Z", transitions=0, duration=15):
-    return {"holderIdentity": holder, "renewTime": renew, "leaseTransitions": transitions,
-            "leaseDurationSeconds": duration}
+    return {
+        "holderIdentity": holder,
+        "renewTime": renew,
+        "leaseTransitions": transitions,
+        "leaseDurationSeconds": duration,
+    }
 
 
 def test_a_renewed_lease_never_expires():
@@ -44,6 +49,11 @@ def test_an_unchanged_lease_expires_after_its_duration_regardless_of_clocks():
 
 def test_lease_body():
     body = lease_body("lease", "ns", "me", 6.4, 3, "a", "b")
-    assert body["spec"] == {"holderIdentity": "me", "leaseDurationSeconds": 6, "acquireTime": "a", "renewTime": "b",
-                            "leaseTransitions": 3}
+    assert body["spec"] == {
+        "holderIdentity": "me",
+        "leaseDurationSeconds": 6,
+        "acquireTime": "a",
+        "renewTime": "b",
+        "leaseTransitions": 3,
+    }
     assert micro_time().endswith("Z") and len(micro_time()) == 27

@@ -28,8 +28,14 @@ def test_parse_the_trainer_metrics():
     assert sample.samples_total == 48 and sample.mean_step_seconds == pytest.approx(0.5)
     assert sample.eta() == pytest.approx(14.0)
     assert sample.sps() == pytest.approx(8.0)
-    assert sample.as_status() == {"step": 12, "totalSteps": 40, "loss": 0.4321, "learningRate": 0.0005,
-                                  "samplesPerSecond": 8.0, "eta": "14s"}
+    assert sample.as_status() == {
+        "step": 12,
+        "totalSteps": 40,
+        "loss": 0.4321,
+        "learningRate": 0.0005,
+        "samplesPerSecond": 8.0,
+        "eta": "14s",
+    }
 
 
 def test_parse_the_real_trainer_exposition():
@@ -38,8 +44,20 @@ def test_parse_the_real_trainer_exposition():
 
     m = metrics.TrainerMetrics("cats", "team-a")
     m.on_start(RunInfo(total_steps=50, start_step=0, epochs=1, device="cpu", trainable_parameters=10))
-    m.on_step(StepStats(step=7, total_steps=50, epoch=1, epochs=1, loss=0.25, learning_rate=1e-3, grad_norm=0.1,
-                        samples=4, tokens=0, step_seconds=0.2))
+    m.on_step(
+        StepStats(
+            step=7,
+            total_steps=50,
+            epoch=1,
+            epochs=1,
+            loss=0.25,
+            learning_rate=1e-3,
+            grad_norm=0.1,
+            samples=4,
+            tokens=0,
+            step_seconds=0.2,
+        )
+    )
     sample = parse_metrics(m.render().decode())
     assert (sample.step, sample.total_steps, sample.loss, sample.learning_rate) == (7, 50, 0.25, 1e-3)
     assert sample.samples_total == 4 and sample.eta() == pytest.approx(43 * 0.2)
@@ -67,8 +85,19 @@ def test_rate_between_two_scrapes():
     assert with_rate(first, second, 4.0) is first  # a restarted trainer's counter went down
 
 
-@pytest.mark.parametrize("seconds,text", [(0, "0s"), (59.4, "59s"), (61, "1m1s"), (3725, "1h2m"), (90061, "1d1h"),
-                                          (None, None), (-1, None), (float("inf"), None)])
+@pytest.mark.parametrize(
+    "seconds,text",
+    [
+        (0, "0s"),
+        (59.4, "59s"),
+        (61, "1m1s"),
+        (3725, "1h2m"),
+        (90061, "1d1h"),
+        (None, None),
+        (-1, None),
+        (float("inf"), None),
+    ],
+)
 def test_durations(seconds, text):
     assert format_duration(seconds) == text
 
@@ -81,16 +110,18 @@ def test_settings_defaults():
 
 
 def test_settings_from_env():
-    s = Settings.from_env({
-        "LORA_OPERATOR_TRAINER_IMAGE": "example.com/lora-operator/trainer:2",
-        "LORA_OPERATOR_S3_ENDPOINT": "http://minio.storage:9000",
-        "LORA_OPERATOR_S3_CREDENTIALS_SECRET": "s3-creds",
-        "LORA_OPERATOR_WATCH_NAMESPACES": "team-a, team-b,team-a",
-        "LORA_OPERATOR_POLL_INTERVAL": "2.5",
-        "LORA_OPERATOR_LEADER_ELECTION": "false",
-        "POD_NAMESPACE": "lora-system",
-        "POD_NAME": "lora-operator-abc",
-    })
+    s = Settings.from_env(
+        {
+            "LORA_OPERATOR_TRAINER_IMAGE": "example.com/lora-operator/trainer:2",
+            "LORA_OPERATOR_S3_ENDPOINT": "http://minio.storage:9000",
+            "LORA_OPERATOR_S3_CREDENTIALS_SECRET": "s3-creds",
+            "LORA_OPERATOR_WATCH_NAMESPACES": "team-a, team-b,team-a",
+            "LORA_OPERATOR_POLL_INTERVAL": "2.5",
+            "LORA_OPERATOR_LEADER_ELECTION": "false",
+            "POD_NAMESPACE": "lora-system",
+            "POD_NAME": "lora-operator-abc",
+        }
+    )
     assert s.watch_namespaces == ("team-a", "team-b") and not s.clusterwide
     assert s.poll_interval == 2.5 and s.leader_election is False
     assert s.lease_namespace == "lora-system" and s.identity == "lora-operator-abc"
@@ -99,14 +130,27 @@ def test_settings_from_env():
 
 def test_bad_settings_are_all_named_at_once():
     with pytest.raises(SettingsError) as err:
-        Settings.from_env({"LORA_OPERATOR_POLL_INTERVAL": "soon", "LORA_OPERATOR_HTTP_PORT": "99999",
-                           "LORA_OPERATOR_S3_ENDPOINT": "minio:9000", "LORA_OPERATOR_WATCH_NAMESPACES": "Team_A",
-                           "LORA_OPERATOR_LEADER_ELECTION": "maybe", "LORA_OPERATOR_TRAINER_RUN_AS_USER": "0",
-                           "LORA_OPERATOR_POLL_INTERVALL": "1"})
+        Settings.from_env(
+            {
+                "LORA_OPERATOR_POLL_INTERVAL": "soon",
+                "LORA_OPERATOR_HTTP_PORT": "99999",
+                "LORA_OPERATOR_S3_ENDPOINT": "minio:9000",
+                "LORA_OPERATOR_WATCH_NAMESPACES": "Team_A",
+                "LORA_OPERATOR_LEADER_ELECTION": "maybe",
+                "LORA_OPERATOR_TRAINER_RUN_AS_USER": "0",
+                "LORA_OPERATOR_POLL_INTERVALL": "1",
+            }
+        )
     text = str(err.value)
-    for name in ("LORA_OPERATOR_POLL_INTERVAL:", "LORA_OPERATOR_HTTP_PORT", "LORA_OPERATOR_S3_ENDPOINT",
-                 "LORA_OPERATOR_WATCH_NAMESPACES", "LORA_OPERATOR_LEADER_ELECTION", "LORA_OPERATOR_TRAINER_RUN_AS_USER",
-                 "LORA_OPERATOR_POLL_INTERVALL: unknown setting"):
+    for name in (
+        "LORA_OPERATOR_POLL_INTERVAL:",
+        "LORA_OPERATOR_HTTP_PORT",
+        "LORA_OPERATOR_S3_ENDPOINT",
+        "LORA_OPERATOR_WATCH_NAMESPACES",
+        "LORA_OPERATOR_LEADER_ELECTION",
+        "LORA_OPERATOR_TRAINER_RUN_AS_USER",
+        "LORA_OPERATOR_POLL_INTERVALL: unknown setting",
+    ):
         assert name in text
     assert "'soon'" in text
 
@@ -120,8 +164,10 @@ def test_operator_imports_neither_torch_nor_the_kubernetes_client():
     import subprocess
     import sys
 
-    code = ("import sys, lora_operator.main, lora_operator.handlers, lora_operator.reconcile; "
-            "print(sorted(m for m in ('torch', 'kubernetes', 'diffusers', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys, lora_operator.main, lora_operator.handlers, lora_operator.reconcile; "
+        "print(sorted(m for m in ('torch', 'kubernetes', 'diffusers', 'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

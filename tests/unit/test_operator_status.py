@@ -21,18 +21,36 @@ def job(suspend=False, conditions=(), completion=None):
     status = {"conditions": [{"type": t, "status": "True", "reason": r, "message": m} for t, r, m in conditions]}
     if completion:
         status["completionTime"] = completion
-    return {"metadata": {"name": "cats-train", "uid": "j1", "creationTimestamp": "2026-01-02T03:00:00Z"},
-            "spec": {"suspend": suspend}, "status": status}
+    return {
+        "metadata": {"name": "cats-train", "uid": "j1", "creationTimestamp": "2026-01-02T03:00:00Z"},
+        "spec": {"suspend": suspend},
+        "status": status,
+    }
 
 
-def pod(name="cats-train-aaaaa", created="2026-01-02T03:00:01Z", phase="Running", state=None, conditions=(),
-        reason=None, message=None, ip="10.0.0.5"):
-    status = {"phase": phase, "podIP": ip, "conditions": list(conditions),
-              "containerStatuses": [{"name": "trainer", "state": state or {"running": {}}}]}
+def pod(
+    name="cats-train-aaaaa",
+    created="2026-01-02T03:00:01Z",
+    phase="Running",
+    state=None,
+    conditions=(),
+    reason=None,
+    message=None,
+    ip="10.0.0.5",
+):
+    status = {
+        "phase": phase,
+        "podIP": ip,
+        "conditions": list(conditions),
+        "containerStatuses": [{"name": "trainer", "state": state or {"running": {}}}],
+    }
     if reason:
         status["reason"], status["message"] = reason, message
-    return {"metadata": {"name": name, "creationTimestamp": created},
-            "spec": {"containers": [{"name": "trainer", "image": "trainer:1"}]}, "status": status}
+    return {
+        "metadata": {"name": name, "creationTimestamp": created},
+        "spec": {"containers": [{"name": "trainer", "image": "trainer:1"}]},
+        "status": status,
+    }
 
 
 def exited(code, message="", reason="Error", **kwargs):
@@ -48,63 +66,187 @@ def waiting(reason, message=""):
     return pod(phase="Pending", state={"waiting": {"reason": reason, "message": message}}, ip=None)
 
 
-UNSCHEDULABLE = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                 "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."}
-DISRUPTED = {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
-             "message": "Eviction API: evicting"}
+UNSCHEDULABLE = {
+    "type": "PodScheduled",
+    "status": "False",
+    "reason": "Unschedulable",
+    "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.",
+}
+DISRUPTED = {
+    "type": "DisruptionTarget",
+    "status": "True",
+    "reason": "EvictionByEvictionAPI",
+    "message": "Eviction API: evicting",
+}
 
 CASES = [
     # (id, job, pods, phase, reason, message fragment)
     ("no-job-yet", None, [], Phase.PENDING, Reason.CREATED, "creating"),
     ("no-pod-yet", job(), [], Phase.PENDING, Reason.CREATED, "Job controller"),
     ("pod-starting", job(), [waiting("ContainerCreating")], Phase.PENDING, Reason.POD_PENDING, "starting"),
-    ("unschedulable", job(), [pod(phase="Pending", state={"waiting": {"reason": "ContainerCreating"}},
-                                  conditions=[UNSCHEDULABLE])],
-     Phase.PENDING, Reason.UNSCHEDULABLE, "Insufficient nvidia.com/gpu"),
-    ("image-pull", job(), [waiting("ImagePullBackOff", 'Back-off pulling image "nope:1"')],
-     Phase.PENDING, Reason.IMAGE_PULL_FAILED, "nope:1"),
-    ("err-image-pull", job(), [waiting("ErrImagePull", "not found")], Phase.PENDING, Reason.IMAGE_PULL_FAILED,
-     "not found"),
-    ("missing-secret", job(), [waiting("CreateContainerConfigError", 'secret "s3" not found')],
-     Phase.PENDING, Reason.CONTAINER_CONFIG_ERROR, 'secret "s3" not found'),
+    (
+        "unschedulable",
+        job(),
+        [pod(phase="Pending", state={"waiting": {"reason": "ContainerCreating"}}, conditions=[UNSCHEDULABLE])],
+        Phase.PENDING,
+        Reason.UNSCHEDULABLE,
+        "Insufficient nvidia.com/gpu",
+    ),
+    (
+        "image-pull",
+        job(),
+        [waiting("ImagePullBackOff", 'Back-off pulling image "nope:1"')],
+        Phase.PENDING,
+        Reason.IMAGE_PULL_FAILED,
+        "nope:1",
+    ),
+    (
+        "err-image-pull",
+        job(),
+        [waiting("ErrImagePull", "not found")],
+        Phase.PENDING,
+        Reason.IMAGE_PULL_FAILED,
+        "not found",
+    ),
+    (
+        "missing-secret",
+        job(),
+        [waiting("CreateContainerConfigError", 'secret "s3" not found')],
+        Phase.PENDING,
+        Reason.CONTAINER_CONFIG_ERROR,
+        'secret "s3" not found',
+    ),
     ("running", job(), [pod()], Phase.RUNNING, Reason.TRAINING, "cats-train-aaaaa"),
-    ("trainer-done-job-not-yet", job(), [exited(0, summary("succeeded", 0))], Phase.RUNNING, Reason.COMPLETING,
-     "finished"),
-    ("succeeded", job(conditions=[("SuccessCriteriaMet", "CompletionsReached", ""),
-                                  ("Complete", "CompletionsReached", "")], completion="2026-01-02T03:09:00Z"),
-     [exited(0, summary("succeeded", 0))], Phase.SUCCEEDED, Reason.COMPLETED, "finished"),
-    ("dataset-invalid", job(conditions=[("Failed", "PodFailurePolicy", "Container trainer ... exit code 3")]),
-     [exited(3, summary("failed", 3, error="s3://data/cats holds no images", reason="DatasetInvalid",
-                        permanent=True))],
-     Phase.FAILED, Reason.DATASET_INVALID, "holds no images"),
-    ("config-invalid", job(conditions=[("Failed", "PodFailurePolicy", "exit code 2")]),
-     [exited(2, summary("failed", 2, error="'lora_rank': must be >= 1"))], Phase.FAILED, Reason.CONFIG_INVALID,
-     "lora_rank"),
-    ("storage-invalid-plain-log", job(conditions=[("Failed", "PodFailurePolicy", "exit code 6")]),
-     [exited(6, "botocore: InvalidAccessKeyId")], Phase.FAILED, Reason.STORAGE_INVALID, "InvalidAccessKeyId"),
-    ("backoff-exceeded", job(conditions=[("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")]),
-     [exited(137, "", name="a", created="2026-01-02T03:00:01Z"), exited(137, "", name="b", created="2026-01-02T03:01:01Z"),
-      exited(1, summary("failed", 1, error="RuntimeError: boom"), name="c", created="2026-01-02T03:02:01Z")],
-     Phase.FAILED, Reason.BACKOFF_LIMIT_EXCEEDED, "boom"),
-    ("oom-then-backoff", job(conditions=[("Failed", "BackoffLimitExceeded", "")]),
-     [exited(137, "", reason="OOMKilled")], Phase.FAILED, Reason.BACKOFF_LIMIT_EXCEEDED, "OOMKilled"),
-    ("deadline", job(conditions=[("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")]),
-     [], Phase.FAILED, Reason.DEADLINE_EXCEEDED, "activeDeadlineSeconds (600 s)"),
-    ("crashed-waiting-for-retry", job(), [exited(1, summary("failed", 1, error="CUDA error"))],
-     Phase.PENDING, Reason.RESTARTING, "CUDA error"),
-    ("oom-waiting-for-retry", job(), [exited(137, "", reason="OOMKilled")], Phase.PENDING, Reason.OOM_KILLED,
-     "out of memory"),
-    ("evicted-replacement-starting", job(),
-     [exited(143, summary("interrupted", 143), conditions=[DISRUPTED], name="a"),
-      waiting("ContainerCreating") | {"metadata": {"name": "b", "creationTimestamp": "2026-01-02T03:05:00Z"}}],
-     Phase.PENDING, Reason.EVICTED, "evicted"),
-    ("kubelet-evicted", job(), [exited(137, "", reason="Error") | {"status": {
-        "phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory.",
-        "containerStatuses": []}}], Phase.PENDING, Reason.EVICTED, "low on resource"),
+    (
+        "trainer-done-job-not-yet",
+        job(),
+        [exited(0, summary("succeeded", 0))],
+        Phase.RUNNING,
+        Reason.COMPLETING,
+        "finished",
+    ),
+    (
+        "succeeded",
+        job(
+            conditions=[("SuccessCriteriaMet", "CompletionsReached", ""), ("Complete", "CompletionsReached", "")],
+            completion="2026-01-02T03:09:00Z",
+        ),
+        [exited(0, summary("succeeded", 0))],
+        Phase.SUCCEEDED,
+        Reason.COMPLETED,
+        "finished",
+    ),
+    (
+        "dataset-invalid",
+        job(conditions=[("Failed", "PodFailurePolicy", "Container trainer ... exit code 3")]),
+        [
+            exited(
+                3, summary("failed", 3, error="s3://data/cats holds no images", reason="DatasetInvalid", permanent=True)
+            )
+        ],
+        Phase.FAILED,
+        Reason.DATASET_INVALID,
+        "holds no images",
+    ),
+    (
+        "config-invalid",
+        job(conditions=[("Failed", "PodFailurePolicy", "exit code 2")]),
+        [exited(2, summary("failed", 2, error="'lora_rank': must be >= 1"))],
+        Phase.FAILED,
+        Reason.CONFIG_INVALID,
+        "lora_rank",
+    ),
+    (
+        "storage-invalid-plain-log",
+        job(conditions=[("Failed", "PodFailurePolicy", "exit code 6")]),
+        [exited(6, "botocore: InvalidAccessKeyId")],
+        Phase.FAILED,
+        Reason.STORAGE_INVALID,
+        "InvalidAccessKeyId",
+    ),
+    (
+        "backoff-exceeded",
+        job(conditions=[("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")]),
+        [
+            exited(137, "", name="a", created="2026-01-02T03:00:01Z"),
+            exited(137, "", name="b", created="2026-01-02T03:01:01Z"),
+            exited(1, summary("failed", 1, error="RuntimeError: boom"), name="c", created="2026-01-02T03:02:01Z"),
+        ],
+        Phase.FAILED,
+        Reason.BACKOFF_LIMIT_EXCEEDED,
+        "boom",
+    ),
+    (
+        "oom-then-backoff",
+        job(conditions=[("Failed", "BackoffLimitExceeded", "")]),
+        [exited(137, "", reason="OOMKilled")],
+        Phase.FAILED,
+        Reason.BACKOFF_LIMIT_EXCEEDED,
+        "OOMKilled",
+    ),
+    (
+        "deadline",
+        job(conditions=[("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")]),
+        [],
+        Phase.FAILED,
+        Reason.DEADLINE_EXCEEDED,
+        "activeDeadlineSeconds (600 s)",
+    ),
+    (
+        "crashed-waiting-for-retry",
+        job(),
+        [exited(1, summary("failed", 1, error="CUDA error"))],
+        Phase.PENDING,
+        Reason.RESTARTING,
+        "CUDA error",
+    ),
+    (
+        "oom-waiting-for-retry",
+        job(),
+        [exited(137, "", reason="OOMKilled")],
+        Phase.PENDING,
+        Reason.OOM_KILLED,
+        "out of memory",
+    ),
+    (
+        "evicted-replacement-starting",
+        job(),
+        [
+            exited(143, summary("interrupted", 143), conditions=[DISRUPTED], name="a"),
+            waiting("ContainerCreating") | {"metadata": {"name": "b", "creationTimestamp": "2026-01-02T03:05:00Z"}},
+        ],
+        Phase.PENDING,
+        Reason.EVICTED,
+        "evicted",
+    ),
+    (
+        "kubelet-evicted",
+        job(),
+        [
+            exited(137, "", reason="Error")
+            | {
+                "status": {
+                    "phase": "Failed",
+                    "reason": "Evicted",
+                    "message": "The node was low on resource: memory.",
+                    "containerStatuses": [],
+                }
+            }
+        ],
+        Phase.PENDING,
+        Reason.EVICTED,
+        "low on resource",
+    ),
     ("suspending", job(suspend=True), [pod()], Phase.RUNNING, Reason.SUSPENDING, "checkpoint"),
     ("suspended", job(suspend=True), [], Phase.SUSPENDED, Reason.SUSPENDED, "spec.suspend"),
-    ("suspended-pod-gone-but-listed", job(suspend=True), [exited(143, summary("interrupted", 143))],
-     Phase.SUSPENDED, Reason.SUSPENDED, "resume"),
+    (
+        "suspended-pod-gone-but-listed",
+        job(suspend=True),
+        [exited(143, summary("interrupted", 143))],
+        Phase.SUSPENDED,
+        Reason.SUSPENDED,
+        "resume",
+    ),
 ]
 
 
@@ -117,8 +259,14 @@ def test_transitions(name, the_job, pods, phase, reason, fragment):
     conditions = {c["type"]: c for c in status["conditions"]}
     assert set(conditions) == set(CONDITION_TYPES)
     for ctype, condition in conditions.items():
-        expected = "True" if ctype == {"Running": "Running", "Succeeded": "Succeeded", "Failed": "Failed",
-                                       "Suspended": "Suspended"}.get(phase.value) else "False"
+        expected = (
+            "True"
+            if ctype
+            == {"Running": "Running", "Succeeded": "Succeeded", "Failed": "Failed", "Suspended": "Suspended"}.get(
+                phase.value
+            )
+            else "False"
+        )
         assert condition["status"] == expected
         assert condition["reason"] == reason and condition["observedGeneration"] == 3
 
@@ -154,11 +302,25 @@ def test_nothing_changes_means_no_patch():
 
 
 def test_progress_is_stamped_only_when_it_moves():
-    s1 = ProgressSample(step=5, total_steps=20, loss=0.51234567, learning_rate=1e-3,
-                        step_seconds_sum=10.0, step_seconds_count=5, samples_total=10)
+    s1 = ProgressSample(
+        step=5,
+        total_steps=20,
+        loss=0.51234567,
+        learning_rate=1e-3,
+        step_seconds_sum=10.0,
+        step_seconds_count=5,
+        samples_total=10,
+    )
     first = compute_status(Observed(1, SPEC, {}, job(), [pod()], s1), T0)
-    assert first["progress"] == {"step": 5, "totalSteps": 20, "loss": 0.51235, "learningRate": 0.001,
-                                 "samplesPerSecond": 1.0, "eta": "30s", "updatedAt": "2026-01-02T03:04:05Z"}
+    assert first["progress"] == {
+        "step": 5,
+        "totalSteps": 20,
+        "loss": 0.51235,
+        "learningRate": 0.001,
+        "samplesPerSecond": 1.0,
+        "eta": "30s",
+        "updatedAt": "2026-01-02T03:04:05Z",
+    }
     s2 = ProgressSample(step=6, total_steps=20, loss=0.5, learning_rate=1e-3)
     second = compute_status(Observed(1, SPEC, first, job(), [pod()], s2), T0 + timedelta(seconds=7))
     assert second["progress"]["step"] == 6 and second["progress"]["updatedAt"] == "2026-01-02T03:04:12Z"
@@ -168,30 +330,52 @@ def test_progress_is_stamped_only_when_it_moves():
 
 
 def test_success_records_artifacts_final_progress_and_last_checkpoint():
-    done = summary("succeeded", 0, step=20, totalSteps=20, loss=0.0931,
-                   artifacts=[{"uri": "s3://loras/cats/pytorch_lora_weights.safetensors", "format": "diffusers",
-                               "sha256": SHA, "step": 20},
-                              {"uri": "s3://loras/cats/cats.kohya.safetensors", "format": "kohya",
-                               "sha256": "CD" * 32, "step": 20}],
-                   lastCheckpoint={"step": 20, "uri": "s3://loras/cats/checkpoints/state_step_20"})
+    done = summary(
+        "succeeded",
+        0,
+        step=20,
+        totalSteps=20,
+        loss=0.0931,
+        artifacts=[
+            {
+                "uri": "s3://loras/cats/pytorch_lora_weights.safetensors",
+                "format": "diffusers",
+                "sha256": SHA,
+                "step": 20,
+            },
+            {"uri": "s3://loras/cats/cats.kohya.safetensors", "format": "kohya", "sha256": "CD" * 32, "step": 20},
+        ],
+        lastCheckpoint={"step": 20, "uri": "s3://loras/cats/checkpoints/state_step_20"},
+    )
     the_job = job(conditions=[("Complete", "CompletionsReached", "")], completion="2026-01-02T03:09:00Z")
-    status = compute_status(Observed(1, SPEC, {"progress": {"step": 18, "totalSteps": 20}}, the_job,
-                                     [exited(0, done)]), T0)
+    status = compute_status(
+        Observed(1, SPEC, {"progress": {"step": 18, "totalSteps": 20}}, the_job, [exited(0, done)]), T0
+    )
     assert status["artifacts"] == [
         {"uri": "s3://loras/cats/pytorch_lora_weights.safetensors", "format": "diffusers", "sha256": SHA, "step": 20},
-        {"uri": "s3://loras/cats/cats.kohya.safetensors", "format": "kohya", "sha256": "cd" * 32, "step": 20}]
-    assert status["progress"]["step"] == 20 and status["progress"]["loss"] == 0.0931 and status["progress"]["eta"] == "0s"
+        {"uri": "s3://loras/cats/cats.kohya.safetensors", "format": "kohya", "sha256": "cd" * 32, "step": 20},
+    ]
+    assert (
+        status["progress"]["step"] == 20 and status["progress"]["loss"] == 0.0931 and status["progress"]["eta"] == "0s"
+    )
     assert status["lastCheckpoint"]["step"] == 20
     assert status["completionTime"] == "2026-01-02T03:09:00Z"
 
 
 def test_interrupted_pods_move_the_last_checkpoint_forward_only():
     old = {"lastCheckpoint": {"step": 30, "uri": "s3://x/checkpoints/state_step_30", "time": "2026-01-02T03:00:00Z"}}
-    stale = exited(143, summary("interrupted", 143, lastCheckpoint={"step": 20, "uri": "s3://x/checkpoints/state_step_20"}))
+    stale = exited(
+        143, summary("interrupted", 143, lastCheckpoint={"step": 20, "uri": "s3://x/checkpoints/state_step_20"})
+    )
     assert compute_status(Observed(1, SPEC, old, job(), [stale]), T0)["lastCheckpoint"]["step"] == 30
-    newer = exited(143, summary("interrupted", 143, lastCheckpoint={"step": 40, "uri": "s3://x/checkpoints/state_step_40"}))
+    newer = exited(
+        143, summary("interrupted", 143, lastCheckpoint={"step": 40, "uri": "s3://x/checkpoints/state_step_40"})
+    )
     assert compute_status(Observed(1, SPEC, old, job(), [newer]), T0)["lastCheckpoint"] == {
-        "step": 40, "uri": "s3://x/checkpoints/state_step_40", "time": "2026-01-02T03:04:05Z"}
+        "step": 40,
+        "uri": "s3://x/checkpoints/state_step_40",
+        "time": "2026-01-02T03:04:05Z",
+    }
 
 
 def test_attempts_count_every_pod_once_even_after_it_is_gone():
@@ -212,19 +396,24 @@ def test_start_time_comes_from_the_job():
     assert "startTime" not in compute_status(Observed(1, SPEC, {}, None, []), T0)
 
 
-@pytest.mark.parametrize("text,expected", [
-    ('{"status": "failed", "exitCode": 3}', {"status": "failed", "exitCode": 3}),
-    ('log line\n{"status": "succeeded", "exitCode": 0}\n', {"status": "succeeded", "exitCode": 0}),
-    ("Traceback (most recent call last):\n  ...", None),
-    ('{"not": "a summary"}', None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ('{"status": "failed", "exitCode": 3}', {"status": "failed", "exitCode": 3}),
+        ('log line\n{"status": "succeeded", "exitCode": 0}\n', {"status": "succeeded", "exitCode": 0}),
+        ("Traceback (most recent call last):\n  ...", None),
+        ('{"not": "a summary"}', None),
+        ("", None),
+    ],
+)
 def test_termination_summary(text, expected):
     assert termination_summary(text) == expected
 
 
 def test_pod_outcome_prefers_the_trainers_own_words():
-    outcome = pod_outcome(exited(8, summary("failed", 8, error="S3 unreachable after 300 s", reason="StorageUnavailable")))
+    outcome = pod_outcome(
+        exited(8, summary("failed", 8, error="S3 unreachable after 300 s", reason="StorageUnavailable"))
+    )
     assert outcome.reason == Reason.RESTARTING and "S3 unreachable" in outcome.message and "code 8" in outcome.message
     assert pod_outcome(exited(137, "")).message.endswith("(Killed)")
 
@@ -245,8 +434,10 @@ def test_status_patch_is_a_merge_patch():
     assert status_patch({"a": 1, "b": 2}, {"a": 1, "c": 3}) == {"b": None, "c": 3}
     old = {"progress": {"step": 5, "eta": "1m", "loss": 0.5}, "conditions": [{"type": "Running"}]}
     new = {"progress": {"step": 6, "loss": 0.5}, "conditions": [{"type": "Running"}, {"type": "Failed"}]}
-    assert status_patch(old, new) == {"progress": {"step": 6, "eta": None},
-                                      "conditions": [{"type": "Running"}, {"type": "Failed"}]}
+    assert status_patch(old, new) == {
+        "progress": {"step": 6, "eta": None},
+        "conditions": [{"type": "Running"}, {"type": "Failed"}],
+    }
 
 
 def test_a_trainer_captioning_its_images_is_labeling_then_running():
@@ -272,8 +463,17 @@ def test_a_trainer_still_in_setup_reports_no_progress():
 
 def test_a_stopped_trainer_reports_its_last_step_and_no_eta():
     old = {"progress": {"step": 5, "totalSteps": 30, "loss": 0.9, "eta": "2m", "updatedAt": "2026-01-02T03:00:00Z"}}
-    gone = exited(143, summary("interrupted", 143, step=6, totalSteps=30, loss=0.8,
-                               lastCheckpoint={"step": 6, "uri": "s3://x/checkpoints/state_step_6"}))
+    gone = exited(
+        143,
+        summary(
+            "interrupted",
+            143,
+            step=6,
+            totalSteps=30,
+            loss=0.8,
+            lastCheckpoint={"step": 6, "uri": "s3://x/checkpoints/state_step_6"},
+        ),
+    )
     status = compute_status(Observed(1, SPEC, old, job(suspend=True), [gone]), T0)
     assert status["phase"] == "Suspended"
     assert status["progress"] == {"step": 6, "totalSteps": 30, "loss": 0.8, "updatedAt": "2026-01-02T03:04:05Z"}

@@ -98,8 +98,10 @@ def test_flatten_refuses_objects_it_cannot_store_without_pickle():
 
 def _state(step: int) -> CheckpointState:
     return CheckpointState(
-        trainer={"step": step, "losses": [[1, 0.5]]}, optimizer={"state": {0: {"m": torch.ones(2) * step}}},
-        scheduler={"last_epoch": step}, rng={"torch": torch.get_rng_state()},
+        trainer={"step": step, "losses": [[1, 0.5]]},
+        optimizer={"state": {0: {"m": torch.ones(2) * step}}},
+        scheduler={"last_epoch": step},
+        rng={"torch": torch.get_rng_state()},
     )
 
 
@@ -112,7 +114,7 @@ def test_canonical_safetensors_sorts_metadata_and_keeps_the_tensors():
     assert len(files) == 1  # safetensors alone writes metadata in hash-map order: 5 differing files
     data = files.pop()
     size = int.from_bytes(data[:8], "little")
-    assert size % 8 == 0 and list(json.loads(data[8:8 + size])["__metadata__"]) == sorted(metadata)
+    assert size % 8 == 0 and list(json.loads(data[8 : 8 + size])["__metadata__"]) == sorted(metadata)
     loaded = load(data)
     assert all(loaded[k].equal(v) for k, v in tensors.items())
 
@@ -169,8 +171,12 @@ def test_keep_last_n_prunes_oldest_and_stale_incomplete(tmp_path):
     (tmp_path / "checkpoints/state_step_2/manifest.json").unlink()
     assert prune_checkpoints(tmp_path, keep=2) == [1, 2]
     files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert files == ["pytorch_lora_weights_step_3.safetensors", "pytorch_lora_weights_step_4.safetensors",
-                     "state_step_3", "state_step_4"]
+    assert files == [
+        "pytorch_lora_weights_step_3.safetensors",
+        "pytorch_lora_weights_step_4.safetensors",
+        "state_step_3",
+        "state_step_4",
+    ]
 
 
 def test_run_batches_chain_epochs_from_the_resume_point():

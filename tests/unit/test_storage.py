@@ -24,12 +24,15 @@ from lora_trainer.storage.uri import S3Uri, UnsafeKeyError, check_relative_key, 
 
 
 # -- URIs
-@pytest.mark.parametrize("uri, bucket, key", [
-    ("s3://b/a/b", "b", "a/b"),
-    ("s3://b/a/b/", "b", "a/b"),
-    ("s3://b", "b", ""),
-    ("s3://b/", "b", ""),
-])
+@pytest.mark.parametrize(
+    "uri, bucket, key",
+    [
+        ("s3://b/a/b", "b", "a/b"),
+        ("s3://b/a/b/", "b", "a/b"),
+        ("s3://b", "b", ""),
+        ("s3://b/", "b", ""),
+    ],
+)
 def test_uri_parse(uri, bucket, key):
     parsed = S3Uri.parse(uri)
     assert (parsed.bucket, parsed.key) == (bucket, key)
@@ -49,32 +52,46 @@ def test_uri_children_and_listing_prefix():
 
 
 # -- the key-escape rule
-@pytest.mark.parametrize("key", [
-    "img.png", "a/b/c.png", "...", "a..b/c", "..a", "100%.png", "%41.png", "猫/写真.png", "a b/c d.txt",
-])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "img.png",
+        "a/b/c.png",
+        "...",
+        "a..b/c",
+        "..a",
+        "100%.png",
+        "%41.png",
+        "猫/写真.png",
+        "a b/c d.txt",
+    ],
+)
 def test_safe_keys(key, tmp_path):
     assert safe_local_path(tmp_path, key) == tmp_path / key
 
 
-@pytest.mark.parametrize("key, why", [
-    ("../evil", "'..' path segment"),
-    ("a/../../evil", "'..' path segment"),
-    ("..", "'..' path segment"),
-    ("./a", "'.' path segment"),
-    ("/etc/passwd", "absolute path"),
-    ("a//b", "empty path segment"),
-    ("a\\..\\..\\evil", "backslash"),
-    ("a/b\x00c", "control characters"),
-    ("a/\nb", "control characters"),
-    ("%2e%2e/evil", "decodes to '..'"),
-    ("%2E%2E/evil", "decodes to '..'"),
-    ("%252e%252e/evil", "decodes to '..'"),
-    ("..%2fevil", "decodes to '../evil'"),
-    ("..%5cevil", "'..%5cevil' decodes to"),
-    ("\uff0e\uff0e/evil", "decodes to '..'"),  # fullwidth full stops: NFKC gives '..'
-    ("\u2025/evil", "decodes to '..'"),  # two dot leader
-    ("", "empty"),
-])
+@pytest.mark.parametrize(
+    "key, why",
+    [
+        ("../evil", "'..' path segment"),
+        ("a/../../evil", "'..' path segment"),
+        ("..", "'..' path segment"),
+        ("./a", "'.' path segment"),
+        ("/etc/passwd", "absolute path"),
+        ("a//b", "empty path segment"),
+        ("a\\..\\..\\evil", "backslash"),
+        ("a/b\x00c", "control characters"),
+        ("a/\nb", "control characters"),
+        ("%2e%2e/evil", "decodes to '..'"),
+        ("%2E%2E/evil", "decodes to '..'"),
+        ("%252e%252e/evil", "decodes to '..'"),
+        ("..%2fevil", "decodes to '../evil'"),
+        ("..%5cevil", "'..%5cevil' decodes to"),
+        ("\uff0e\uff0e/evil", "decodes to '..'"),  # fullwidth full stops: NFKC gives '..'
+        ("\u2025/evil", "decodes to '..'"),  # two dot leader
+        ("", "empty"),
+    ],
+)
 def test_unsafe_keys_are_refused(key, why, tmp_path):
     with pytest.raises(UnsafeKeyError, match=re.escape(why)):
         safe_local_path(tmp_path, key)
@@ -91,32 +108,36 @@ def test_a_symlink_inside_the_cache_cannot_lead_outside(tmp_path):
 
 # -- classification
 def client_error(code: str, status: int) -> bx.ClientError:
-    return bx.ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},
-                          "GetObject")
+    return bx.ClientError(
+        {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"
+    )
 
 
-@pytest.mark.parametrize("err, kind", [
-    (client_error("SlowDown", 503), Kind.TRANSIENT),
-    (client_error("InternalError", 500), Kind.TRANSIENT),
-    (client_error("502", 502), Kind.TRANSIENT),
-    (client_error("Throttling", 400), Kind.TRANSIENT),
-    (client_error("RequestTimeout", 400), Kind.TRANSIENT),
-    (client_error("TooManyRequests", 429), Kind.TRANSIENT),
-    (client_error("InvalidAccessKeyId", 403), Kind.PERMANENT),
-    (client_error("SignatureDoesNotMatch", 403), Kind.PERMANENT),
-    (client_error("AccessDenied", 403), Kind.PERMANENT),
-    (client_error("403", 403), Kind.PERMANENT),
-    (client_error("NoSuchBucket", 404), Kind.PERMANENT),
-    (client_error("NoSuchKey", 404), Kind.NOT_FOUND),
-    (client_error("404", 404), Kind.NOT_FOUND),
-    (bx.EndpointConnectionError(endpoint_url="http://x"), Kind.TRANSIENT),
-    (bx.ConnectTimeoutError(endpoint_url="http://x"), Kind.TRANSIENT),
-    (bx.ReadTimeoutError(endpoint_url="http://x"), Kind.TRANSIENT),
-    (bx.ConnectionClosedError(endpoint_url="http://x"), Kind.TRANSIENT),
-    (ConnectionResetError(104, "Connection reset by peer"), Kind.TRANSIENT),
-    (bx.NoCredentialsError(), Kind.PERMANENT),
-    (ValueError("a bug"), None),
-])
+@pytest.mark.parametrize(
+    "err, kind",
+    [
+        (client_error("SlowDown", 503), Kind.TRANSIENT),
+        (client_error("InternalError", 500), Kind.TRANSIENT),
+        (client_error("502", 502), Kind.TRANSIENT),
+        (client_error("Throttling", 400), Kind.TRANSIENT),
+        (client_error("RequestTimeout", 400), Kind.TRANSIENT),
+        (client_error("TooManyRequests", 429), Kind.TRANSIENT),
+        (client_error("InvalidAccessKeyId", 403), Kind.PERMANENT),
+        (client_error("SignatureDoesNotMatch", 403), Kind.PERMANENT),
+        (client_error("AccessDenied", 403), Kind.PERMANENT),
+        (client_error("403", 403), Kind.PERMANENT),
+        (client_error("NoSuchBucket", 404), Kind.PERMANENT),
+        (client_error("NoSuchKey", 404), Kind.NOT_FOUND),
+        (client_error("404", 404), Kind.NOT_FOUND),
+        (bx.EndpointConnectionError(endpoint_url="http://x"), Kind.TRANSIENT),
+        (bx.ConnectTimeoutError(endpoint_url="http://x"), Kind.TRANSIENT),
+        (bx.ReadTimeoutError(endpoint_url="http://x"), Kind.TRANSIENT),
+        (bx.ConnectionClosedError(endpoint_url="http://x"), Kind.TRANSIENT),
+        (ConnectionResetError(104, "Connection reset by peer"), Kind.TRANSIENT),
+        (bx.NoCredentialsError(), Kind.PERMANENT),
+        (ValueError("a bug"), None),
+    ],
+)
 def test_classify(err, kind):
     assert classify(err) is kind
 
@@ -163,7 +184,7 @@ def test_transient_errors_are_retried_with_capped_jittered_backoff():
     op, calls = failing([client_error("SlowDown", 503)] * 8)
     assert retry.call(op, "put x") == "ok"
     assert len(calls) == 9
-    assert all(0 <= s <= min(4, 0.5 * 2 ** i) for i, s in enumerate(t.sleeps))
+    assert all(0 <= s <= min(4, 0.5 * 2**i) for i, s in enumerate(t.sleeps))
     assert len(set(t.sleeps)) == len(t.sleeps)  # jitter: no two waits alike
 
 
@@ -209,7 +230,7 @@ def test_not_found_goes_to_the_callers_handler_and_bugs_pass_through():
 # -- ETags and the cache index
 def test_composite_etag_is_what_s3_gives_a_multipart_upload():
     data = bytes(range(256)) * 1000  # 256 000 bytes in parts of 100 000
-    parts = [hashlib.md5(data[i:i + 100_000]).digest() for i in range(0, len(data), 100_000)]
+    parts = [hashlib.md5(data[i : i + 100_000]).digest() for i in range(0, len(data), 100_000)]
     assert composite_etag(parts) == hashlib.md5(b"".join(parts)).hexdigest() + "-3"
 
 
@@ -286,21 +307,38 @@ def test_an_upload_failure_reaches_the_training_thread():
 
 # -- what goes where
 def test_tree_sync_leaves_step_checkpoints_hidden_files_and_the_finish_marker_out(tmp_path):
-    for rel in ["config_backup.yaml", "EXPERIMENT.md", "logs/events.out.tfevents.1.host.1.0",
-                "checkpoints/pytorch_lora_weights_final.safetensors", "pytorch_lora_weights.safetensors",
-                "checkpoints/pytorch_lora_weights_step_2.safetensors", "checkpoints/state_step_2/manifest.json",
-                ".lora-upload/step_2/checkpoints/state_step_2/state.json", "checkpoints/.x.safetensors.tmp",
-                "me.kohya.safetensors"]:
+    for rel in [
+        "config_backup.yaml",
+        "EXPERIMENT.md",
+        "logs/events.out.tfevents.1.host.1.0",
+        "checkpoints/pytorch_lora_weights_final.safetensors",
+        "pytorch_lora_weights.safetensors",
+        "checkpoints/pytorch_lora_weights_step_2.safetensors",
+        "checkpoints/state_step_2/manifest.json",
+        ".lora-upload/step_2/checkpoints/state_step_2/state.json",
+        "checkpoints/.x.safetensors.tmp",
+        "me.kohya.safetensors",
+    ]:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text("x")
-    assert tree_files(tmp_path) == ["EXPERIMENT.md", "checkpoints/pytorch_lora_weights_final.safetensors",
-                                    "config_backup.yaml", "logs/events.out.tfevents.1.host.1.0",
-                                    "me.kohya.safetensors"]
+    assert tree_files(tmp_path) == [
+        "EXPERIMENT.md",
+        "checkpoints/pytorch_lora_weights_final.safetensors",
+        "config_backup.yaml",
+        "logs/events.out.tfevents.1.host.1.0",
+        "me.kohya.safetensors",
+    ]
 
 
 def test_checkpoint_steps_on_s3_tell_complete_from_present():
-    keys = ["state_step_2/manifest.json", "state_step_2/state.json", "pytorch_lora_weights_step_2.safetensors",
-            "state_step_4/state.json", "pytorch_lora_weights_step_4.safetensors",
-            "pytorch_lora_weights_step_6.safetensors", "pytorch_lora_weights_final.safetensors",
-            "state_step_8/manifest.json.tmp"]
+    keys = [
+        "state_step_2/manifest.json",
+        "state_step_2/state.json",
+        "pytorch_lora_weights_step_2.safetensors",
+        "state_step_4/state.json",
+        "pytorch_lora_weights_step_4.safetensors",
+        "pytorch_lora_weights_step_6.safetensors",
+        "pytorch_lora_weights_final.safetensors",
+        "state_step_8/manifest.json.tmp",
+    ]
     assert checkpoint_steps(keys) == ({2}, {2, 4, 6, 8})

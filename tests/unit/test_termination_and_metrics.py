@@ -29,22 +29,47 @@ def summary(**kw) -> RunSummary:
 
 
 def test_success_message_has_the_documented_shape():
-    message = build_message(ExitCode.OK, summary(), uri_for=lambda p: "s3://loras/cats/" + p.rsplit("/", 1)[-1],
-                            last_checkpoint=(50, "s3://loras/cats/checkpoints/state_step_50"))
+    message = build_message(
+        ExitCode.OK,
+        summary(),
+        uri_for=lambda p: "s3://loras/cats/" + p.rsplit("/", 1)[-1],
+        last_checkpoint=(50, "s3://loras/cats/checkpoints/state_step_50"),
+    )
     assert message == {
-        "status": "succeeded", "exitCode": 0, "step": 100, "totalSteps": 100, "loss": 0.093123,
-        "artifacts": [{"uri": "s3://loras/cats/pytorch_lora_weights.safetensors", "format": "diffusers",
-                       "sha256": "9f" * 32, "step": 100}],
+        "status": "succeeded",
+        "exitCode": 0,
+        "step": 100,
+        "totalSteps": 100,
+        "loss": 0.093123,
+        "artifacts": [
+            {
+                "uri": "s3://loras/cats/pytorch_lora_weights.safetensors",
+                "format": "diffusers",
+                "sha256": "9f" * 32,
+                "step": 100,
+            }
+        ],
         "lastCheckpoint": {"step": 50, "uri": "s3://loras/cats/checkpoints/state_step_50"},
     }
 
 
 def test_failure_and_interruption_messages():
     failed = build_message(ExitCode.STORAGE_INVALID, None, "s3://b: the bucket does not exist", "StorageInvalid", True)
-    assert failed == {"status": "failed", "exitCode": 6, "error": "s3://b: the bucket does not exist",
-                      "reason": "StorageInvalid", "permanent": True}
-    stopped = build_message(ExitCode.INTERRUPTED, summary(step=37), None, "Interrupted", False,
-                            last_checkpoint=(37, "s3://b/r/checkpoints/state_step_37"))
+    assert failed == {
+        "status": "failed",
+        "exitCode": 6,
+        "error": "s3://b: the bucket does not exist",
+        "reason": "StorageInvalid",
+        "permanent": True,
+    }
+    stopped = build_message(
+        ExitCode.INTERRUPTED,
+        summary(step=37),
+        None,
+        "Interrupted",
+        False,
+        last_checkpoint=(37, "s3://b/r/checkpoints/state_step_37"),
+    )
     assert stopped["status"] == "interrupted" and stopped["permanent"] is False and "artifacts" not in stopped
     assert stopped["lastCheckpoint"]["step"] == 37 and "error" not in stopped
 
@@ -72,13 +97,21 @@ def test_report_writes_on_failure_without_secrets(tmp_path, monkeypatch):
     report.write()
     line = (tmp_path / "term").read_text()
     assert line.endswith("\n") and line.count("\n") == 1
-    assert json.loads(line) == {"status": "failed", "exitCode": 6, "error": "bad: ***", "reason": "StorageInvalid",
-                                "permanent": True}
+    assert json.loads(line) == {
+        "status": "failed",
+        "exitCode": 6,
+        "error": "bad: ***",
+        "reason": "StorageInvalid",
+        "permanent": True,
+    }
 
 
 def test_report_names_the_local_checkpoint_after_an_interruption(tmp_path):
-    report = TerminationReport(path=str(tmp_path / "term"), summary=summary(step=7, checkpoints=[4, 7]),
-                               outputs=LocalOutputs(str(tmp_path / "out")))
+    report = TerminationReport(
+        path=str(tmp_path / "term"),
+        summary=summary(step=7, checkpoints=[4, 7]),
+        outputs=LocalOutputs(str(tmp_path / "out")),
+    )
     report.failed(Interrupted("stopped by SIGTERM at step 7"))
     report.write()
     message = json.loads((tmp_path / "term").read_text())
@@ -106,10 +139,24 @@ def test_metrics_use_the_design_names_and_labels():
     ticks = iter([0.0, 5.0, 10.0, 10.5])
     metrics = TrainerMetrics("cats", "team-a", clock=lambda: next(ticks))
     metrics.on_start(RunInfo(total_steps=100, start_step=40, epochs=2, device="cpu", trainable_parameters=1))
-    metrics.on_step(StepStats(step=41, total_steps=100, epoch=1, epochs=2, loss=0.25, learning_rate=1e-4,
-                              grad_norm=1.0, samples=4, tokens=512, step_seconds=0.3, eta_seconds=17.4))
-    metrics.on_checkpoint(41, [Path("out/checkpoints/pytorch_lora_weights_step_41.safetensors"),
-                               Path("out/checkpoints/state_step_41")])
+    metrics.on_step(
+        StepStats(
+            step=41,
+            total_steps=100,
+            epoch=1,
+            epochs=2,
+            loss=0.25,
+            learning_rate=1e-4,
+            grad_norm=1.0,
+            samples=4,
+            tokens=512,
+            step_seconds=0.3,
+            eta_seconds=17.4,
+        )
+    )
+    metrics.on_checkpoint(
+        41, [Path("out/checkpoints/pytorch_lora_weights_step_41.safetensors"), Path("out/checkpoints/state_step_41")]
+    )
     values = parse(metrics)
     labels = (("job_name", "cats"), ("namespace", "team-a"))
     assert values[("lora_train_step", labels)] == 41
@@ -158,13 +205,19 @@ def test_a_metrics_port_in_use_is_a_warning_not_a_failure(caplog):
 
 
 # -- cluster defaults
-@pytest.mark.parametrize("overrides, env, resume", [
-    ({}, {}, None),
-    ({"output_dir": "s3://loras/cats"}, {}, "latest"),
-    ({}, {"LORA_JOB_NAME": "cats"}, "latest"),
-    ({"output_dir": "s3://loras/cats", "resume": "s3://loras/cats/checkpoints/state_step_4"}, {},
-     "s3://loras/cats/checkpoints/state_step_4"),
-])
+@pytest.mark.parametrize(
+    "overrides, env, resume",
+    [
+        ({}, {}, None),
+        ({"output_dir": "s3://loras/cats"}, {}, "latest"),
+        ({}, {"LORA_JOB_NAME": "cats"}, "latest"),
+        (
+            {"output_dir": "s3://loras/cats", "resume": "s3://loras/cats/checkpoints/state_step_4"},
+            {},
+            "s3://loras/cats/checkpoints/state_step_4",
+        ),
+    ],
+)
 def test_resume_defaults_to_latest_where_a_run_may_be_restarted(overrides, env, resume):
     assert with_cluster_defaults(build_config({**BASE, **overrides}), env).resume == resume
 

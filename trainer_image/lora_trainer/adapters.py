@@ -38,4 +38,3 @@ def check_targets_exist(model: torch.nn.Module, targets: list[str], where: str) 
 def _examples(names: list[str]) -> str:
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n and "." in n})
     return ", ".join(leaves[:12])
-

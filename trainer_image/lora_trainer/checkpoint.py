@@ -42,8 +42,12 @@ def flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str = "t") -> Any:
     if isinstance(obj, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in obj):
             return {k: flatten(v, tensors, f"{path}.{k}") for k, v in obj.items()}
-        return {"__items__": [[flatten(k, tensors, f"{path}.k{i}"), flatten(v, tensors, f"{path}.{i}")]
-                              for i, (k, v) in enumerate(obj.items())]}
+        return {
+            "__items__": [
+                [flatten(k, tensors, f"{path}.k{i}"), flatten(v, tensors, f"{path}.{i}")]
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        }
     if isinstance(obj, tuple):
         return {"__tuple__": [flatten(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
     if isinstance(obj, list):
@@ -82,7 +86,7 @@ def canonical_safetensors(data: bytes) -> bytes:
     weights would otherwise give different bytes (and checksums) from run to run."""
     raw = read_safetensors_header(io.BytesIO(data))
     header = _sorted_header(raw)
-    return len(header).to_bytes(8, "little") + header + data[8 + len(raw):]
+    return len(header).to_bytes(8, "little") + header + data[8 + len(raw) :]
 
 
 def sort_safetensors_metadata(path: Path) -> None:
@@ -217,7 +221,9 @@ def load_checkpoint(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], Checkpoi
         raise ConfigError(f"checkpoint {ckpt.state_dir} is corrupt: a file does not match its manifest")
     tree = json.loads((ckpt.state_dir / "state.json").read_text())
     if tree.get("format_version") != FORMAT_VERSION:
-        raise ConfigError(f"checkpoint {ckpt.state_dir} has format {tree.get('format_version')}, expected {FORMAT_VERSION}")
+        raise ConfigError(
+            f"checkpoint {ckpt.state_dir} has format {tree.get('format_version')}, expected {FORMAT_VERSION}"
+        )
     tensors = {**load_file(ckpt.state_dir / "optimizer.safetensors"), **load_file(ckpt.state_dir / "rng.safetensors")}
     state = CheckpointState(
         trainer=tree["trainer"],

@@ -25,8 +25,14 @@ log = logging.getLogger("lora_trainer")
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="lora-train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", "-c", required=True, help="flat YAML config or LoRATrainingJob manifest")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (repeatable); values are YAML")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable); values are YAML",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
     return parser.parse_args(argv)

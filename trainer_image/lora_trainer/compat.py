@@ -33,9 +33,11 @@ class PeftThrough:
         if needed is None or (installed is not None and Version(installed) >= Version(needed)):
             return None
         have = f"peft {installed} is installed" if installed else "peft is not installed"
-        return (f"{self.feature} adds LoRA layers through {self.library} {installed_version(self.library)}, which "
-                f"needs peft>={needed}, but {have}. Install the tested versions (scripts/setup.sh installs "
-                f"uv.lock) or `pip install 'peft>={needed}'`")
+        return (
+            f"{self.feature} adds LoRA layers through {self.library} {installed_version(self.library)}, which "
+            f"needs peft>={needed}, but {have}. Install the tested versions (scripts/setup.sh installs "
+            f"uv.lock) or `pip install 'peft>={needed}'`"
+        )
 
 
 def installed_version(package: str) -> str | None:

@@ -36,10 +36,28 @@ MAX_LISTED = 10
 
 # the settings a reader compares between experiments first; the full config follows in a <details> block
 KEY_PARAMETERS = (
-    "base_model", "task_type", "lora_rank", "network_alpha", "target_modules", "train_text_encoder",
-    "learning_rate", "text_encoder_lr", "lr_scheduler", "lr_warmup_steps", "batch_size",
-    "gradient_accumulation_steps", "epochs", "max_train_steps", "resolution", "max_seq_length",
-    "mixed_precision", "gradient_checkpointing", "max_grad_norm", "snr_gamma", "noise_offset", "seed",
+    "base_model",
+    "task_type",
+    "lora_rank",
+    "network_alpha",
+    "target_modules",
+    "train_text_encoder",
+    "learning_rate",
+    "text_encoder_lr",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "epochs",
+    "max_train_steps",
+    "resolution",
+    "max_seq_length",
+    "mixed_precision",
+    "gradient_checkpointing",
+    "max_grad_norm",
+    "snr_gamma",
+    "noise_offset",
+    "seed",
 )
 TEXT_TO_IMAGE_ONLY = {"train_text_encoder", "text_encoder_lr", "resolution", "snr_gamma", "noise_offset"}
 TEXT_GENERATION_ONLY = {"max_seq_length"}
@@ -75,8 +93,10 @@ def loss_not_falling(losses: list[tuple[int, float]]) -> str | None:
     first = statistics.fmean(v for _, v in losses[:quarter])
     last = statistics.fmean(v for _, v in losses[-quarter:])
     if last >= first:
-        return (f"the loss did not fall: mean {last:.4g} over the last {quarter} steps vs {first:.4g} over "
-                f"the first {quarter} (learning rate too low or too high, or data that cannot be learned?)")
+        return (
+            f"the loss did not fall: mean {last:.4g} over the last {quarter} steps vs {first:.4g} over "
+            f"the first {quarter} (learning rate too low or too high, or data that cannot be learned?)"
+        )
     return None
 
 
@@ -128,14 +148,14 @@ def ema(values: list[float], smoothing: float = 0.9) -> list[float]:
     return out
 
 
-def write_loss_curve(path: Path, losses: list[tuple[int, float]], validation: list[tuple[int, float]],
-                     checkpoints: list[int]) -> Path | None:
+def write_loss_curve(
+    path: Path, losses: list[tuple[int, float]], validation: list[tuple[int, float]], checkpoints: list[int]
+) -> Path | None:
     """A PNG of the training loss (raw and smoothed), validation losses and checkpoint steps; None if no step ran."""
     if not losses:
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
 
     steps, values = [s for s, _ in losses], [v for _, v in losses]
     figure = Figure(figsize=(8, 4.5), dpi=100)
@@ -205,10 +225,15 @@ def hardware_rows(info: RunInfo | None) -> list[tuple[str, str]]:
     rows = [("Device", info.device if info else "(the run stopped before choosing one)")]
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        rows += [("GPU", f"{torch.cuda.device_count()} x {props.name}, {props.total_memory / 2**30:.1f} GiB"),
-                 ("Peak GPU memory", f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")]
-    rows += [("CPU", f"{platform.machine()}, {os.cpu_count()} cores"), ("OS", platform.platform()),
-             ("Python", platform.python_version())]
+        rows += [
+            ("GPU", f"{torch.cuda.device_count()} x {props.name}, {props.total_memory / 2**30:.1f} GiB"),
+            ("Peak GPU memory", f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"),
+        ]
+    rows += [
+        ("CPU", f"{platform.machine()}, {os.cpu_count()} cores"),
+        ("OS", platform.platform()),
+        ("Python", platform.python_version()),
+    ]
     versions = []
     for package in ("torch", "diffusers", "transformers", "peft", "lora-operator"):
         try:
@@ -223,8 +248,10 @@ def parameter_rows(cfg) -> list[tuple[str, Any]]:
     skip = TEXT_GENERATION_ONLY if cfg.task_type == "text-to-image" else TEXT_TO_IMAGE_ONLY
     rows = [(key, getattr(cfg, key)) for key in KEY_PARAMETERS if key not in skip and hasattr(cfg, key)]
     effective = cfg.batch_size * cfg.gradient_accumulation_steps
-    rows.insert(rows.index(("gradient_accumulation_steps", cfg.gradient_accumulation_steps)) + 1,
-                ("effective batch size", effective))
+    rows.insert(
+        rows.index(("gradient_accumulation_steps", cfg.gradient_accumulation_steps)) + 1,
+        ("effective batch size", effective),
+    )
     return [(k, "(unset)" if v is None else v) for k, v in rows]
 
 
@@ -261,8 +288,11 @@ def output_lines(summary: RunSummary, out: Path) -> list[str]:
     lines += ["", f"Checkpoints written at steps: {steps} (under `checkpoints/`)."]
     samples = sorted((out / SAMPLES).glob("*.png")) if (out / SAMPLES).is_dir() else []
     if samples:
-        lines += ["", f"Validation samples: {len(samples)} image(s) under `samples/`, e.g. "
-                      f"![{samples[-1].name}](samples/{samples[-1].name})"]
+        lines += [
+            "",
+            f"Validation samples: {len(samples)} image(s) under `samples/`, e.g. "
+            f"![{samples[-1].name}](samples/{samples[-1].name})",
+        ]
     return lines
 
 
@@ -282,7 +312,8 @@ def render(record: ExperimentRecord, summary: RunSummary, has_curve: bool) -> st
         ("Status", status_line(summary)),
         ("Purpose", cfg.description or "(not given: set `description` in the config)"),
         ("Task", f"{cfg.task_type} on `{cfg.base_model}`"),
-        ("Started", iso(summary.started)), ("Ended", iso(ended)),
+        ("Started", iso(summary.started)),
+        ("Ended", iso(ended)),
         ("Duration", format_duration(ended - summary.started)),
         ("Steps", steps),
         ("Final loss", number(summary.loss)),
@@ -297,24 +328,40 @@ def render(record: ExperimentRecord, summary: RunSummary, has_curve: bool) -> st
         lines += table(list(summary.data_summary.items()), ("property", "value")) + [""]
     else:
         lines += ["The dataset was not summarized: the run ended before its data was read.", ""]
-    lines += ["## Parameters", "", *table(parameter_rows(cfg), ("key", "value")), "",
-              "<details><summary>Full resolved config (config_backup.yaml)</summary>", "", "```yaml",
-              config_yaml.rstrip(), "```", "", "</details>", ""]
+    lines += [
+        "## Parameters",
+        "",
+        *table(parameter_rows(cfg), ("key", "value")),
+        "",
+        "<details><summary>Full resolved config (config_backup.yaml)</summary>",
+        "",
+        "```yaml",
+        config_yaml.rstrip(),
+        "```",
+        "",
+        "</details>",
+        "",
+    ]
     lines += ["## Command", "", "```console", launch_command(record.command), "```", ""]
     job = record.env.get("LORA_JOB_NAME")
     if job:
         lines += [f"LoRATrainingJob `{record.env.get('LORA_JOB_NAMESPACE', 'default')}/{job}`.", ""]
     lines += ["## Hardware", "", *table(hardware_rows(record.info), ("part", "value")), ""]
     lines += ["## Training", ""]
-    rows = [("Final loss", number(summary.loss)), ("Best loss", number(best[1]) if best else "n/a"),
-            ("Final learning rate", number(record.learning_rates[-1][1]) if record.learning_rates else "n/a"),
-            ("Samples seen", summary.samples)]
+    rows = [
+        ("Final loss", number(summary.loss)),
+        ("Best loss", number(best[1]) if best else "n/a"),
+        ("Final learning rate", number(record.learning_rates[-1][1]) if record.learning_rates else "n/a"),
+        ("Samples seen", summary.samples),
+    ]
     if summary.tokens:
         rows.append(("Tokens trained", summary.tokens))
     if training_seconds > 0 and summary.samples:
         rows.append(("Throughput", f"{summary.samples / training_seconds:.2f} samples/s"))
-    rows += [(f"Time in {phase.replace('_', ' ')}", format_duration(seconds))
-             for phase, seconds in sorted(summary.timings.items())]
+    rows += [
+        (f"Time in {phase.replace('_', ' ')}", format_duration(seconds))
+        for phase, seconds in sorted(summary.timings.items())
+    ]
     lines += table(rows, ("metric", "value")) + [""]
     if has_curve:
         lines += [f"![Training loss]({LOSS_CURVE})", ""]

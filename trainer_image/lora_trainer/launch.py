@@ -50,16 +50,18 @@ def with_cluster_defaults(cfg: TrainConfig, env: Mapping[str, str] = os.environ)
 
 
 def start_metrics(cfg: TrainConfig, env: Mapping[str, str] = os.environ) -> TrainerMetrics:
-    metrics = TrainerMetrics(job_name=env.get("LORA_JOB_NAME") or cfg.output_name or "lora",
-                             namespace=env.get("LORA_JOB_NAMESPACE") or "local",
-                             pushgateway_url=cfg.pushgateway_url, every=cfg.logging_steps)
+    metrics = TrainerMetrics(
+        job_name=env.get("LORA_JOB_NAME") or cfg.output_name or "lora",
+        namespace=env.get("LORA_JOB_NAMESPACE") or "local",
+        pushgateway_url=cfg.pushgateway_url,
+        every=cfg.logging_steps,
+    )
     if cfg.metrics_port:
         metrics.serve(cfg.metrics_port, cfg.metrics_bind or env.get("POD_IP") or "127.0.0.1")
     return metrics
 
 
-def launch(cfg: TrainConfig, stop: StopSignal, report: TerminationReport,
-           env: Mapping[str, str] = os.environ) -> Any:
+def launch(cfg: TrainConfig, stop: StopSignal, report: TerminationReport, env: Mapping[str, str] = os.environ) -> Any:
     """Runs the training described by `cfg` (s3:// paths allowed); returns the RunSummary."""
     from .recipe import TrainingRecipe, default_observers
     from .storage.stage import StorageSession
@@ -70,8 +72,9 @@ def launch(cfg: TrainConfig, stop: StopSignal, report: TerminationReport,
     with contextlib.ExitStack() as cleanup:
         metrics = start_metrics(cfg, env)
         cleanup.callback(metrics.close)
-        session = StorageSession(cfg, config_to_yaml(cfg), lambda: stop.grace_deadline(cfg.sigterm_grace_seconds),
-                                 stopping=stop.is_set)
+        session = StorageSession(
+            cfg, config_to_yaml(cfg), lambda: stop.grace_deadline(cfg.sigterm_grace_seconds), stopping=stop.is_set
+        )
         report.outputs = session if session.active else LocalOutputs(cfg.output_dir)
         cleanup.callback(session.close)
         local = session.prepare()

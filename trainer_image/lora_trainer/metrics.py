@@ -46,8 +46,14 @@ def gpu_memory_bytes() -> int:
 
 
 class TrainerMetrics(BaseObserver):
-    def __init__(self, job_name: str, namespace: str, pushgateway_url: str | None = None, every: int = 10,
-                 clock: Callable[[], float] = time.perf_counter):
+    def __init__(
+        self,
+        job_name: str,
+        namespace: str,
+        pushgateway_url: str | None = None,
+        every: int = 10,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
         self.labels = {"job_name": job_name, "namespace": namespace}
         self.pushgateway_url, self.every, self.clock = pushgateway_url, every, clock
         self.registry = CollectorRegistry()
@@ -62,19 +68,26 @@ class TrainerMetrics(BaseObserver):
         self.learning_rate = make(Gauge, "lora_train_learning_rate", "Learning rate of the last step.")
         self.samples = make(Counter, "lora_train_samples", "Training samples seen by this process.")
         self.tokens = make(Counter, "lora_train_tokens", "Training tokens seen by this process (text generation).")
-        self.step_seconds = make(Histogram, "lora_train_step_seconds", "Wall time of one optimizer step.",
-                                 buckets=STEP_BUCKETS)
-        self.checkpoint_seconds = make(Gauge, "lora_train_checkpoint_seconds",
-                                       "Seconds the last checkpoint held training back (save, prune, hand-over).")
+        self.step_seconds = make(
+            Histogram, "lora_train_step_seconds", "Wall time of one optimizer step.", buckets=STEP_BUCKETS
+        )
+        self.checkpoint_seconds = make(
+            Gauge,
+            "lora_train_checkpoint_seconds",
+            "Seconds the last checkpoint held training back (save, prune, hand-over).",
+        )
         self.gpu_memory = make(Gauge, "lora_train_gpu_memory_bytes", "Bytes PyTorch holds on the GPU.")
         self.epoch = make(Gauge, "lora_train_epoch", "Epoch under way (1-based).")
         self.labeling = make(Gauge, "lora_train_labeling_images", "Images auto_label captions before training.")
         self.labeled = make(Gauge, "lora_train_labeled_images", "Of those, the images captioned so far.")
         self.eta = make(Gauge, "lora_train_eta_seconds", "Estimated seconds until the last step (NaN: unknown).")
         self.eta.set(math.nan)
-        self.last_checkpoint = Gauge("lora_train_last_checkpoint_step",
-                                     "Step of the newest checkpoint a resume can use; uri: where it is.",
-                                     [*names, "uri"], registry=self.registry)
+        self.last_checkpoint = Gauge(
+            "lora_train_last_checkpoint_step",
+            "Step of the newest checkpoint a resume can use; uri: where it is.",
+            [*names, "uri"],
+            registry=self.registry,
+        )
         self.checkpoints_are_local = True  # False when an S3 mirror reports uploaded ones (checkpoint_saved)
         self.server = None
         self.step_ended = clock()
@@ -91,8 +104,12 @@ class TrainerMetrics(BaseObserver):
         try:
             self.server, _ = start_http_server(port, addr=addr, registry=self.registry)
         except OSError as err:
-            log.warning("metrics: cannot serve on %s:%d (%s); training goes on without the endpoint",
-                        addr, port, err.strerror or err)
+            log.warning(
+                "metrics: cannot serve on %s:%d (%s); training goes on without the endpoint",
+                addr,
+                port,
+                err.strerror or err,
+            )
             return None
         host, bound = self.server.server_address[:2]
         log.info("metrics: http://%s:%d/metrics", host, bound)
@@ -105,8 +122,9 @@ class TrainerMetrics(BaseObserver):
         if not self.pushgateway_url:
             return False
         try:
-            push_to_gateway(self.pushgateway_url, job=PUSH_JOB, registry=self.registry, grouping_key=self.labels,
-                            timeout=5)
+            push_to_gateway(
+                self.pushgateway_url, job=PUSH_JOB, registry=self.registry, grouping_key=self.labels, timeout=5
+            )
             return True
         except Exception as err:  # noqa: BLE001 - a metrics sink must never end a training run
             level = logging.DEBUG if self._push_warned else logging.WARNING

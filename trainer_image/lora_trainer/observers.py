@@ -151,13 +151,19 @@ class ProgressReporter(BaseObserver):
         for warning in info.warnings:
             log.warning(warning)
         log.info("data: %s", ", ".join(f"{k}={v}" for k, v in info.data_summary.items()))
-        log.info("training %d steps (from step %d) on %s, %d trainable LoRA parameters",
-                 info.total_steps, info.start_step, info.device, info.trainable_parameters)
+        log.info(
+            "training %d steps (from step %d) on %s, %d trainable LoRA parameters",
+            info.total_steps,
+            info.start_step,
+            info.device,
+            info.trainable_parameters,
+        )
         if self.stream.isatty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=info.total_steps, initial=info.start_step, unit="step", file=self.stream,
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=info.total_steps, initial=info.start_step, unit="step", file=self.stream, dynamic_ncols=True
+            )
 
     def on_step(self, stats: StepStats) -> None:
         if self.bar is not None:
@@ -196,7 +202,9 @@ class SampleWriter(BaseObserver):
 
     def on_validation(self, result: ValidationResult) -> None:
         for i, (_, image) in enumerate(result.images):
-            atomic_write(self.folder / sample_name(result.step, i), lambda tmp, image=image: image.save(tmp, format="PNG"))
+            atomic_write(
+                self.folder / sample_name(result.step, i), lambda tmp, image=image: image.save(tmp, format="PNG")
+            )
         if result.images:
             prompts = "".join(f"{i}: {p}\n" for i, (p, _) in enumerate(result.images))
             atomic_write(self.folder / "prompts.txt", lambda tmp: tmp.write_text(prompts))

@@ -9,7 +9,9 @@ import torch
 from .config import TrainConfig
 
 
-def build_optimizer(param_groups: list[dict[str, Any]], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(
+    param_groups: list[dict[str, Any]], cfg: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
         param_groups,
         lr=cfg.learning_rate,

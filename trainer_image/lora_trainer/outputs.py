@@ -25,8 +25,15 @@ from .layout import (
 
 def run_files(cfg: TrainConfig) -> list[str]:
     """Everything a run writes at the top of output_dir (for overwrite)."""
-    return [FINAL_WEIGHTS, CONFIG_BACKUP, EXPERIMENT_RECORD, PEFT_WEIGHTS, PEFT_CONFIG, kohya_name(cfg.output_name),
-            LOSS_CURVE]
+    return [
+        FINAL_WEIGHTS,
+        CONFIG_BACKUP,
+        EXPERIMENT_RECORD,
+        PEFT_WEIGHTS,
+        PEFT_CONFIG,
+        kohya_name(cfg.output_name),
+        LOSS_CURVE,
+    ]
 
 
 def is_finished(output_dir: Path) -> bool:

@@ -102,16 +102,24 @@ def pick_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
 
 def default_observers(cfg: TrainConfig, shown: TrainConfig | None = None) -> list[Observer]:
     """Progress, TensorBoard, EXPERIMENT.md (recording `shown`, the user's config, when given) and samples."""
-    observers = [ProgressReporter(cfg.logging_steps), TensorBoardLogger(cfg.logging_dir),
-                 ExperimentRecord(cfg, shown=shown)]
+    observers = [
+        ProgressReporter(cfg.logging_steps),
+        TensorBoardLogger(cfg.logging_dir),
+        ExperimentRecord(cfg, shown=shown),
+    ]
     if cfg.validation_prompts:
         observers.append(SampleWriter(cfg.output_dir))
     return observers
 
 
 class TrainingRecipe:
-    def __init__(self, cfg: TrainConfig, observers: list[Observer] | None = None,
-                 stop: threading.Event | None = None, profile: bool = False):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        observers: list[Observer] | None = None,
+        stop: threading.Event | None = None,
+        profile: bool = False,
+    ):
         self.cfg = cfg
         self.observers = default_observers(cfg) if observers is None else observers
         self.stop = stop or threading.Event()  # set by the SIGTERM handler
@@ -166,8 +174,15 @@ class TrainingRecipe:
             self.resume(cfg.resume)
         self.summary.total_steps = self.total_steps
         self.task.train_mode()
-        info = RunInfo(self.total_steps, self.step, self.epochs, str(self.device),
-                       sum(p.numel() for p in self.params), report.summary, report.warnings)
+        info = RunInfo(
+            self.total_steps,
+            self.step,
+            self.epochs,
+            str(self.device),
+            sum(p.numel() for p in self.params),
+            report.summary,
+            report.warnings,
+        )
         self._notify("on_start", info)
 
     def resume(self, resume: str) -> None:
@@ -200,9 +215,13 @@ class TrainingRecipe:
             raise ConfigError(f"cannot resume: the checkpoint was made with a different data plan ({'; '.join(diff)})")
 
     def plan_fingerprint(self) -> dict[str, int]:
-        return {"items": self.plan.num_items, "batches_per_epoch": self.plan.batches_per_epoch,
-                "batch_size": self.plan.batch_size, "gradient_accumulation_steps": self.plan.accumulation,
-                "seed": self.cfg.seed}
+        return {
+            "items": self.plan.num_items,
+            "batches_per_epoch": self.plan.batches_per_epoch,
+            "batch_size": self.plan.batch_size,
+            "gradient_accumulation_steps": self.plan.accumulation,
+            "seed": self.cfg.seed,
+        }
 
     # -- the loop
     def train(self) -> None:
@@ -225,9 +244,14 @@ class TrainingRecipe:
         workers = self.num_workers()
         start_batch = self.step_in_epoch * self.plan.accumulation
         return torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=RunBatches(self.plan, self.cfg.seed, self.epochs, self.epoch, start_batch),
-            collate_fn=self.task.collate, num_workers=workers, pin_memory=self.device.type == "cuda",
-            prefetch_factor=4 if workers else None, persistent_workers=False, worker_init_fn=ignore_sigterm,
+            self.dataset,
+            batch_sampler=RunBatches(self.plan, self.cfg.seed, self.epochs, self.epoch, start_batch),
+            collate_fn=self.task.collate,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if workers else None,
+            persistent_workers=False,
+            worker_init_fn=ignore_sigterm,
             # its own generator: a loader drawing its base seed from the global RNG (used by dropout)
             # would shift that stream whenever a resumed run starts part-way
             generator=torch.Generator().manual_seed(self.cfg.seed),
@@ -264,9 +288,17 @@ class TrainingRecipe:
         self.step += 1
         seconds = time.perf_counter() - started
         return StepStats(
-            step=self.step, total_steps=self.total_steps, epoch=self.epoch + 1, epochs=self.epochs, loss=loss_sum,
-            learning_rate=self.scheduler.get_last_lr()[0], grad_norm=grad_norm, samples=samples, tokens=tokens,
-            step_seconds=seconds, eta_seconds=self.eta.update(seconds, self.total_steps - self.step),
+            step=self.step,
+            total_steps=self.total_steps,
+            epoch=self.epoch + 1,
+            epochs=self.epochs,
+            loss=loss_sum,
+            learning_rate=self.scheduler.get_last_lr()[0],
+            grad_norm=grad_norm,
+            samples=samples,
+            tokens=tokens,
+            step_seconds=seconds,
+            eta_seconds=self.eta.update(seconds, self.total_steps - self.step),
         )
 
     def optimizer_step(self) -> float:
@@ -314,12 +346,20 @@ class TrainingRecipe:
             return
         with self.stopwatch.measure("checkpoint"):
             state = CheckpointState(
-                trainer={"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                         "losses": self.summary.losses, "samples": self.summary.samples,
-                         "tokens": self.summary.tokens, "total_steps": self.total_steps,
-                         "plan": self.plan_fingerprint()},
-                optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
-                rng=capture_rng(self.rng), scaler=self.scaler.state_dict() if self.scaler else None,
+                trainer={
+                    "step": self.step,
+                    "epoch": self.epoch,
+                    "step_in_epoch": self.step_in_epoch,
+                    "losses": self.summary.losses,
+                    "samples": self.summary.samples,
+                    "tokens": self.summary.tokens,
+                    "total_steps": self.total_steps,
+                    "plan": self.plan_fingerprint(),
+                },
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(),
+                rng=capture_rng(self.rng),
+                scaler=self.scaler.state_dict() if self.scaler else None,
             )
             ckpt = save_checkpoint(self.out, self.step, self.task.lora_state_dict(), self.weights_metadata(), state)
             prune_checkpoints(self.out, self.cfg.keep_checkpoints)
@@ -329,9 +369,13 @@ class TrainingRecipe:
     def weights_metadata(self) -> dict[str, str]:
         cfg = self.cfg
         meta = {
-            "format": "pt", "rank": str(cfg.lora_rank), "alpha": f"{cfg.network_alpha:g}",
-            "base_model": cfg.base_model, "task_type": cfg.task_type,
-            "train_text_encoder": str(cfg.train_text_encoder).lower(), "step": str(self.step),
+            "format": "pt",
+            "rank": str(cfg.lora_rank),
+            "alpha": f"{cfg.network_alpha:g}",
+            "base_model": cfg.base_model,
+            "task_type": cfg.task_type,
+            "train_text_encoder": str(cfg.train_text_encoder).lower(),
+            "step": str(self.step),
             "lora_operator_version": __version__,
         }
         return {**meta, **self.task.weights_metadata()}

@@ -33,17 +33,28 @@ def status_of(exit_code: int) -> str:
     return "interrupted" if exit_code == ExitCode.INTERRUPTED else "failed"
 
 
-def build_message(exit_code: int, summary: RunSummary | None = None, error: str | None = None, reason: str | None = None,
-                  permanent: bool = False, uri_for: Callable[[str], str] = str,
-                  last_checkpoint: tuple[int, str] | None = None) -> dict[str, Any]:
+def build_message(
+    exit_code: int,
+    summary: RunSummary | None = None,
+    error: str | None = None,
+    reason: str | None = None,
+    permanent: bool = False,
+    uri_for: Callable[[str], str] = str,
+    last_checkpoint: tuple[int, str] | None = None,
+) -> dict[str, Any]:
     """The message of docs/trainer-operator.md, from how the run ended (summary: a RunSummary or None)."""
     message: dict[str, Any] = {"status": status_of(exit_code), "exitCode": int(exit_code)}
     if summary is not None:
-        message.update(step=summary.step or (summary.resumed_from or 0), totalSteps=summary.total_steps,
-                       loss=None if summary.loss is None else round(summary.loss, 6))
+        message.update(
+            step=summary.step or (summary.resumed_from or 0),
+            totalSteps=summary.total_steps,
+            loss=None if summary.loss is None else round(summary.loss, 6),
+        )
         if exit_code == ExitCode.OK:
-            message["artifacts"] = [{"uri": uri_for(a.path), "format": a.format, "sha256": a.sha256, "step": a.step}
-                                    for a in summary.artifacts]
+            message["artifacts"] = [
+                {"uri": uri_for(a.path), "format": a.format, "sha256": a.sha256, "step": a.step}
+                for a in summary.artifacts
+            ]
     if last_checkpoint is not None:
         message["lastCheckpoint"] = {"step": last_checkpoint[0], "uri": last_checkpoint[1]}
     if exit_code != ExitCode.OK:
@@ -55,6 +66,7 @@ def build_message(exit_code: int, summary: RunSummary | None = None, error: str 
 
 def encode(message: dict[str, Any], limit: int = LIMIT) -> str:
     """One line of JSON of at most `limit` UTF-8 bytes: a long error is cut first, then artifacts dropped."""
+
     def dumps(m: dict[str, Any]) -> str:
         return json.dumps(m, separators=(",", ":"), ensure_ascii=False)
 

@@ -112,8 +112,16 @@ def config_from_manifest(doc: dict[str, Any], source: str = "manifest") -> dict[
 
 # Spec sections that configure the cluster, not the trainer; lora-train ignores them when run locally.
 CLUSTER_ONLY_FIELDS = frozenset(
-    {"resources", "image", "s3", "backoffLimit", "activeDeadlineSeconds", "suspend",
-     "ttlSecondsAfterFinished", "cleanupPolicy"}
+    {
+        "resources",
+        "image",
+        "s3",
+        "backoffLimit",
+        "activeDeadlineSeconds",
+        "suspend",
+        "ttlSecondsAfterFinished",
+        "cleanupPolicy",
+    }
 )
 
 

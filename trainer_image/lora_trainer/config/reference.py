@@ -1,6 +1,6 @@
 """Renders docs/config.md from the config declarations, so the reference cannot drift from the code.
 
-    python -m lora_trainer.config.reference > docs/config.md
+python -m lora_trainer.config.reference > docs/config.md
 """
 
 from __future__ import annotations
@@ -65,11 +65,19 @@ def render() -> str:
         fields = [f for f in config_fields() if f.metadata["group"] == group]
         if not fields:
             continue
-        lines += ["", f"## {title}", "", "| key | type | default | allowed | aliases | meaning |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {title}",
+            "",
+            "| key | type | default | allowed | aliases | meaning |",
+            "|---|---|---|---|---|---|",
+        ]
         for f in fields:
             aliases = ", ".join(f"`{a}`" for a in f.metadata["aliases"])
-            lines.append(f"| `{f.name}` | {_type_name(hints[f.name])} | {_default(f)} | {_constraints(f.metadata)} "
-                         f"| {aliases} | {f.metadata['doc']} |")
+            lines.append(
+                f"| `{f.name}` | {_type_name(hints[f.name])} | {_default(f)} | {_constraints(f.metadata)} "
+                f"| {aliases} | {f.metadata['doc']} |"
+            )
     return "\n".join(lines) + "\n"
 
 

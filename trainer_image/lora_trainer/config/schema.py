@@ -82,8 +82,11 @@ class TrainConfig:
     )
     task_type: str = option("text-to-image", "What to train.", aliases=("task",), choices=TASKS, group="model")
     model_family: str = option(
-        "auto", "text-to-image model family; auto detects it from the pipeline class in model_index.json.",
-        choices=MODEL_FAMILIES, group="model", tasks=T2I,
+        "auto",
+        "text-to-image model family; auto detects it from the pipeline class in model_index.json.",
+        choices=MODEL_FAMILIES,
+        group="model",
+        tasks=T2I,
     )
     base_model_config: str | None = option(
         None,
@@ -98,7 +101,8 @@ class TrainConfig:
         None,
         "Captions as a CSV with columns file_name,text (default: <train_data_dir>/metadata.csv, "
         "else .txt files beside the images).",
-        group="data", tasks=T2I,
+        group="data",
+        tasks=T2I,
     )
     caption_column: str = option("text", "Caption column of metadata.csv.", group="data", tasks=T2I)
     image_column: str = option("file_name", "Image file column of metadata.csv.", group="data", tasks=T2I)
@@ -107,53 +111,78 @@ class TrainConfig:
     center_crop: bool = option(False, "Center crop instead of random crop.", group="data", tasks=T2I)
     random_flip: bool = option(False, "Randomly flip images horizontally.", group="data", tasks=T2I)
     enable_bucket: bool = option(
-        False, "Aspect-ratio bucketing: each image trains at the bucket closest to its shape (no subject "
-        "cropped away), batches never mix buckets.", group="data", tasks=T2I,
+        False,
+        "Aspect-ratio bucketing: each image trains at the bucket closest to its shape (no subject "
+        "cropped away), batches never mix buckets.",
+        group="data",
+        tasks=T2I,
     )
     min_bucket_reso: int = option(256, "Smallest bucket side.", min=8, group="data", tasks=T2I)
     max_bucket_reso: int = option(1024, "Largest bucket side.", min=8, group="data", tasks=T2I)
     bucket_reso_steps: int = option(64, "Bucket sides are multiples of this.", min=1, group="data", tasks=T2I)
     cache_latents: bool = option(
-        False, "Encode each image with the VAE once and reuse the result (needs center_crop; flips are "
-        "cached too). Entries are keyed by content and reused across runs.", group="data", tasks=T2I,
+        False,
+        "Encode each image with the VAE once and reuse the result (needs center_crop; flips are "
+        "cached too). Entries are keyed by content and reused across runs.",
+        group="data",
+        tasks=T2I,
     )
     cache_text_encoder_outputs: bool | None = option(
-        None, "Encode each caption once and reuse the result (not with train_text_encoder). Default: on for the "
+        None,
+        "Encode each caption once and reuse the result (not with train_text_encoder). Default: on for the "
         "flow-matching families (their text encoders are then released before training), off for sd/sdxl.",
-        group="data", tasks=T2I,
+        group="data",
+        tasks=T2I,
     )
     cache_dir: str | None = option(
-        None, "Where cached latents and text-encoder outputs live (default: ~/.cache/lora-operator/features).",
+        None,
+        "Where cached latents and text-encoder outputs live (default: ~/.cache/lora-operator/features).",
         group="data",
     )
     dataset_format: str = option(
         "auto",
         "text-generation JSONL format: text, prompt_completion, chat, or auto (read from each record's keys).",
         choices=DATASET_FORMATS,
-        group="data", tasks=LLM,
+        group="data",
+        tasks=LLM,
     )
     max_seq_length: int = option(
-        512, "Token sequences are truncated to this length (reported, never silent).", min=8, group="data", tasks=LLM)
+        512, "Token sequences are truncated to this length (reported, never silent).", min=8, group="data", tasks=LLM
+    )
     num_workers: int | None = option(
-        None, "Data loader worker processes (default: 0 on CPU, up to 8 on a GPU).",
-        aliases=("dataloader_num_workers", "max_data_loader_n_workers"), min=0, group="data",
+        None,
+        "Data loader worker processes (default: 0 on CPU, up to 8 on a GPU).",
+        aliases=("dataloader_num_workers", "max_data_loader_n_workers"),
+        min=0,
+        group="data",
     )
     auto_label: bool = option(
-        False, "Caption the images that have no caption with label_model before training, into metadata.csv "
-        "in train_data_dir (or in output_dir when that folder is read-only).", group="data", tasks=T2I,
+        False,
+        "Caption the images that have no caption with label_model before training, into metadata.csv "
+        "in train_data_dir (or in output_dir when that folder is read-only).",
+        group="data",
+        tasks=T2I,
     )
     dataset_read_only: bool = option(
-        False, "Never write into train_data_dir: auto_label puts its metadata.csv into output_dir instead. "
+        False,
+        "Never write into train_data_dir: auto_label puts its metadata.csv into output_dir instead. "
         "Always on for an s3:// dataset (its local copy is a download cache; the captions reach S3 with the "
-        "outputs).", group="data", tasks=T2I,
+        "outputs).",
+        group="data",
+        tasks=T2I,
     )
     label_model: str = option(
         "Salesforce/blip-image-captioning-base",
-        "Captioning model of auto_label and lora-label: a hub id, local folder or preset:tiny-blip.", group="data", tasks=T2I,
+        "Captioning model of auto_label and lora-label: a hub id, local folder or preset:tiny-blip.",
+        group="data",
+        tasks=T2I,
     )
     caption_prefix: str = option(
-        "", "Put before each new auto_label caption with ', ' (a trigger word: 'sks' -> 'sks, a photo of ...').",
-        aliases=("trigger_word",), group="data", tasks=T2I,
+        "",
+        "Put before each new auto_label caption with ', ' (a trigger word: 'sks' -> 'sks, a photo of ...').",
+        aliases=("trigger_word",),
+        group="data",
+        tasks=T2I,
     )
     caption_suffix: str = option("", "Put after each new auto_label caption with ', '.", group="data", tasks=T2I)
     label_batch_size: int = option(8, "Images per captioning batch.", min=1, group="data", tasks=T2I)
@@ -177,16 +206,18 @@ class TrainConfig:
     )
     train_text_encoder: bool = option(False, "Also train LoRA on the text encoder(s).", group="lora", tasks=T2I)
     text_encoder_lr: float | None = option(
-        None, "Learning rate of the text-encoder LoRA (default: learning_rate).", min=0, group="lora", tasks=T2I)
+        None, "Learning rate of the text-encoder LoRA (default: learning_rate).", min=0, group="lora", tasks=T2I
+    )
 
     # -- optimization
     batch_size: int = option(1, "Samples per step.", aliases=("train_batch_size",), min=1, group="training")
-    gradient_accumulation_steps: int = option(
-        1, "Batches accumulated per optimizer step.", min=1, group="training"
-    )
+    gradient_accumulation_steps: int = option(1, "Batches accumulated per optimizer step.", min=1, group="training")
     epochs: int = option(
-        1, "Passes over the data (ignored when max_train_steps is set).",
-        aliases=("num_train_epochs", "max_train_epochs"), min=1, group="training",
+        1,
+        "Passes over the data (ignored when max_train_steps is set).",
+        aliases=("num_train_epochs", "max_train_epochs"),
+        min=1,
+        group="training",
     )
     max_train_steps: int | None = option(
         None, "Optimizer steps to train; overrides epochs.", aliases=("max_steps",), min=1, group="training"
@@ -205,8 +236,11 @@ class TrainConfig:
     adam_epsilon: float = option(1e-8, "AdamW epsilon.", min=0, min_exclusive=True, group="training")
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).", min=0, group="training")
     mixed_precision: str = option(
-        "no", "Autocast precision: no, fp16 (CUDA only) or bf16.", aliases=("precision",),
-        choices=MIXED_PRECISION, group="training",
+        "no",
+        "Autocast precision: no, fp16 (CUDA only) or bf16.",
+        aliases=("precision",),
+        choices=MIXED_PRECISION,
+        group="training",
     )
     gradient_checkpointing: bool | None = option(
         None, "Trade compute for memory. Default: on for the flow-matching families, off otherwise.", group="training"
@@ -214,65 +248,111 @@ class TrainConfig:
     seed: int = option(42, "Seed of every random choice; same seed, same run.", min=0, group="training")
     device: str = option("auto", "auto (CUDA if present), cpu or cuda.", choices=DEVICES, group="training")
     snr_gamma: float | None = option(
-        None, "Min-SNR loss weighting gamma (5.0 is common); off when unset.", min=0, min_exclusive=True,
-        group="training", tasks=T2I,
+        None,
+        "Min-SNR loss weighting gamma (5.0 is common); off when unset.",
+        min=0,
+        min_exclusive=True,
+        group="training",
+        tasks=T2I,
     )
-    noise_offset: float = option(0.0, "Noise offset (0.05-0.1 helps very dark/bright images).", min=0, group="training", tasks=T2I)
+    noise_offset: float = option(
+        0.0, "Noise offset (0.05-0.1 helps very dark/bright images).", min=0, group="training", tasks=T2I
+    )
     prediction_type: str | None = option(
-        None, "Override the scheduler's prediction type.", choices=PREDICTION_TYPES, group="training", tasks=T2I)
+        None, "Override the scheduler's prediction type.", choices=PREDICTION_TYPES, group="training", tasks=T2I
+    )
 
     # -- flow matching (flux1, flux2, sd3, qwen-image, z-image)
     weighting_scheme: str | None = option(
-        None, "How timesteps are sampled (logit_normal, mode) or weighted (sigma_sqrt, cosmap); none samples them "
+        None,
+        "How timesteps are sampled (logit_normal, mode) or weighted (sigma_sqrt, cosmap); none samples them "
         "uniformly. Default: the family's reference trainer (logit_normal for sd3, none otherwise).",
-        choices=WEIGHTING_SCHEMES, group="flow", tasks=T2I,
+        choices=WEIGHTING_SCHEMES,
+        group="flow",
+        tasks=T2I,
     )
     logit_mean: float = option(0.0, "Mean of logit_normal timestep sampling.", group="flow", tasks=T2I)
-    logit_std: float = option(1.0, "Standard deviation of logit_normal timestep sampling.", min=0,
-                              min_exclusive=True, group="flow", tasks=T2I)
+    logit_std: float = option(
+        1.0, "Standard deviation of logit_normal timestep sampling.", min=0, min_exclusive=True, group="flow", tasks=T2I
+    )
     mode_scale: float = option(1.29, "Scale of mode timestep sampling.", group="flow", tasks=T2I)
     timestep_shift: float | None = option(
-        None, "Shift of the noise levels toward noise: sigma' = s*sigma / (1 + (s-1)*sigma). Default: the static "
+        None,
+        "Shift of the noise levels toward noise: sigma' = s*sigma / (1 + (s-1)*sigma). Default: the static "
         "shift in the model's scheduler config (3.0 for sd3 and z-image; none where the scheduler shifts by "
-        "resolution).", aliases=("discrete_flow_shift", "flow_schedule_shift"), min=0, min_exclusive=True,
-        group="flow", tasks=T2I,
+        "resolution).",
+        aliases=("discrete_flow_shift", "flow_schedule_shift"),
+        min=0,
+        min_exclusive=True,
+        group="flow",
+        tasks=T2I,
     )
     resolution_shift: bool = option(
-        False, "Shift the noise levels by image size as the scheduler does at inference (FLUX's base_shift/"
+        False,
+        "Shift the noise levels by image size as the scheduler does at inference (FLUX's base_shift/"
         "max_shift between base_image_seq_len and max_image_seq_len) instead of a static shift.",
-        aliases=("flow_schedule_auto_shift",), group="flow", tasks=T2I,
+        aliases=("flow_schedule_auto_shift",),
+        group="flow",
+        tasks=T2I,
     )
     guidance_scale: float = option(
-        1.0, "Guidance input of guidance-distilled models (FLUX.1-dev, FLUX.2-dev) during training.", min=0,
-        group="flow", tasks=T2I,
+        1.0,
+        "Guidance input of guidance-distilled models (FLUX.1-dev, FLUX.2-dev) during training.",
+        min=0,
+        group="flow",
+        tasks=T2I,
     )
     max_sequence_length: int | None = option(
-        None, "Longest prompt of the family's main text encoder, in tokens (T5, Qwen, Mistral). Default: the "
-        "reference trainer's (512; 77 for sd3).", min=8, group="flow", tasks=T2I,
+        None,
+        "Longest prompt of the family's main text encoder, in tokens (T5, Qwen, Mistral). Default: the "
+        "reference trainer's (512; 77 for sd3).",
+        min=8,
+        group="flow",
+        tasks=T2I,
     )
 
     # -- validation
     validation_prompts: list[str] | None = option(
-        None, "text-to-image: prompts sampled with a fixed seed every validation_steps and at the end.",
-        aliases=("validation_prompt", "sample_prompts"), comma_list=False, group="validation", tasks=T2I,
+        None,
+        "text-to-image: prompts sampled with a fixed seed every validation_steps and at the end.",
+        aliases=("validation_prompt", "sample_prompts"),
+        comma_list=False,
+        group="validation",
+        tasks=T2I,
     )
     validation_steps: int = option(
-        0, "Validate every N optimizer steps and after the last one (0: only after the last one, if configured).",
-        aliases=("sample_every_n_steps",), min=0, group="validation",
+        0,
+        "Validate every N optimizer steps and after the last one (0: only after the last one, if configured).",
+        aliases=("sample_every_n_steps",),
+        min=0,
+        group="validation",
     )
-    validation_seed: int = option(0, "Seed of the validation samples (same seed, comparable images).", min=0,
-                                  group="validation", tasks=T2I)
+    validation_seed: int = option(
+        0, "Seed of the validation samples (same seed, comparable images).", min=0, group="validation", tasks=T2I
+    )
     validation_inference_steps: int = option(
-        20, "Denoising steps per validation image.", aliases=("sample_steps",), min=1, group="validation", tasks=T2I)
+        20, "Denoising steps per validation image.", aliases=("sample_steps",), min=1, group="validation", tasks=T2I
+    )
     validation_guidance_scale: float | None = option(
-        None, "Guidance of validation images. Default: the family's (7.5 for sd/sdxl, 3.5 for flux1 ...).", min=0,
-        group="validation", tasks=T2I,
+        None,
+        "Guidance of validation images. Default: the family's (7.5 for sd/sdxl, 3.5 for flux1 ...).",
+        min=0,
+        group="validation",
+        tasks=T2I,
     )
     validation_data: str | None = option(
-        None, "text-generation: held-out JSONL whose loss is measured every validation_steps.", group="validation", tasks=LLM)
+        None,
+        "text-generation: held-out JSONL whose loss is measured every validation_steps.",
+        group="validation",
+        tasks=LLM,
+    )
     validation_split: float = option(
-        0.0, "text-generation: fraction of the records held out (seeded) for validation loss instead.",
-        min=0, max=0.5, group="validation", tasks=LLM,
+        0.0,
+        "text-generation: fraction of the records held out (seeded) for validation loss instead.",
+        min=0,
+        max=0.5,
+        group="validation",
+        tasks=LLM,
     )
 
     # -- outputs
@@ -281,52 +361,82 @@ class TrainConfig:
         None, "Base name of the kohya-format file (default: the output_dir folder name).", group="output"
     )
     save_formats: list[str] = option(
-        ["diffusers", "kohya"], "Final weight formats for text-to-image.", choices=SAVE_FORMATS, group="output", tasks=T2I)
+        ["diffusers", "kohya"],
+        "Final weight formats for text-to-image.",
+        choices=SAVE_FORMATS,
+        group="output",
+        tasks=T2I,
+    )
     logging_dir: str | None = option(None, "TensorBoard folder (default: <output_dir>/logs).", group="output")
     save_steps: int = option(
-        500, "Checkpoint every N optimizer steps (0: only the final one).",
-        aliases=("checkpointing_steps", "save_every_n_steps"), min=0, group="output",
+        500,
+        "Checkpoint every N optimizer steps (0: only the final one).",
+        aliases=("checkpointing_steps", "save_every_n_steps"),
+        min=0,
+        group="output",
     )
     keep_checkpoints: int | None = option(
-        None, "Keep only the newest N step checkpoints (default: all).",
-        aliases=("save_total_limit", "checkpoints_total_limit", "save_last_n_steps"), min=1, group="output",
+        None,
+        "Keep only the newest N step checkpoints (default: all).",
+        aliases=("save_total_limit", "checkpoints_total_limit", "save_last_n_steps"),
+        min=1,
+        group="output",
     )
-    logging_steps: int = option(10, "Print a progress line every N steps when not on a terminal.", min=1, group="output")
+    logging_steps: int = option(
+        10, "Print a progress line every N steps when not on a terminal.", min=1, group="output"
+    )
     resume: str | None = option(
-        None, "latest (newest complete checkpoint in output_dir) or a checkpoint folder. Default: latest when "
+        None,
+        "latest (newest complete checkpoint in output_dir) or a checkpoint folder. Default: latest when "
         "output_dir is s3:// or LORA_JOB_NAME is set (in a pod), else none.",
-        aliases=("resume_from_checkpoint",), group="output",
+        aliases=("resume_from_checkpoint",),
+        group="output",
     )
     overwrite: bool = option(False, "Allow replacing a finished or started run in output_dir.", group="output")
 
     # -- storage, metrics and the cluster (docs/trainer-operator.md)
     s3_endpoint_url: str | None = option(
-        None, "S3-compatible endpoint such as http://minio:9000 (default: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, "
+        None,
+        "S3-compatible endpoint such as http://minio:9000 (default: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, "
         "else AWS). Credentials and region always come from the standard AWS environment.",
-        aliases=("s3_endpoint",), group="cluster",
+        aliases=("s3_endpoint",),
+        group="cluster",
     )
     s3_cache_dir: str | None = option(
-        None, "Local folder for s3:// downloads and the working copy of an s3:// output_dir "
-        "(default: $LORA_CACHE_DIR/s3, else ~/.cache/lora-operator/s3).", group="cluster",
+        None,
+        "Local folder for s3:// downloads and the working copy of an s3:// output_dir "
+        "(default: $LORA_CACHE_DIR/s3, else ~/.cache/lora-operator/s3).",
+        group="cluster",
     )
-    s3_max_concurrency: int = option(16, "Parallel S3 requests of downloads and uploads.", min=1, max=256, group="cluster")
+    s3_max_concurrency: int = option(
+        16, "Parallel S3 requests of downloads and uploads.", min=1, max=256, group="cluster"
+    )
     s3_retry_seconds: float = option(
-        300.0, "How long transient S3 errors (5xx, throttling, connection failures) are retried before the run "
-        "stops with exit 8 (retried by the operator).", min=0, group="cluster",
+        300.0,
+        "How long transient S3 errors (5xx, throttling, connection failures) are retried before the run "
+        "stops with exit 8 (retried by the operator).",
+        min=0,
+        group="cluster",
     )
     s3_upload_queue: int = option(
         4, "Checkpoints that may wait for upload before training pauses for S3.", min=1, group="cluster"
     )
     s3_sync_seconds: float = option(
-        60.0, "Upload changed logs and records (TensorBoard, EXPERIMENT.md) at least this often.", min=1,
+        60.0,
+        "Upload changed logs and records (TensorBoard, EXPERIMENT.md) at least this often.",
+        min=1,
         group="cluster",
     )
     sigterm_grace_seconds: float = option(
-        25.0, "After SIGTERM, how long the checkpoint upload may take before the trainer exits (keep it below "
-        "the pod's terminationGracePeriodSeconds).", min=0, group="cluster",
+        25.0,
+        "After SIGTERM, how long the checkpoint upload may take before the trainer exits (keep it below "
+        "the pod's terminationGracePeriodSeconds).",
+        min=0,
+        group="cluster",
     )
-    metrics_port: int = option(9400, "Port of the Prometheus /metrics endpoint (0: off).", min=0, max=65535,
-                               group="cluster")
+    metrics_port: int = option(
+        9400, "Port of the Prometheus /metrics endpoint (0: off).", min=0, max=65535, group="cluster"
+    )
     metrics_bind: str | None = option(
         None, "Address of the metrics endpoint (default: $POD_IP, else 127.0.0.1).", group="cluster"
     )
@@ -334,8 +444,10 @@ class TrainConfig:
         None, "Prometheus Pushgateway that receives the metrics every logging_steps and at exit.", group="cluster"
     )
     termination_message_path: str = option(
-        "/dev/termination-log", "File for the one-line JSON exit summary (the default is written only where it "
-        "exists: in a pod). $LORA_TERMINATION_MESSAGE_PATH overrides the default.", group="cluster",
+        "/dev/termination-log",
+        "File for the one-line JSON exit summary (the default is written only where it "
+        "exists: in a pod). $LORA_TERMINATION_MESSAGE_PATH overrides the default.",
+        group="cluster",
     )
 
 

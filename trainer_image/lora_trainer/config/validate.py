@@ -160,9 +160,7 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
     if cfg.output_name is not None and (not cfg.output_name or "/" in cfg.output_name):
         problems.append(f"'output_name' must be a plain file name without '/', got {cfg.output_name!r}")
     if cfg.max_train_steps is not None and cfg.lr_warmup_steps > cfg.max_train_steps:
-        problems.append(
-            f"'lr_warmup_steps' ({cfg.lr_warmup_steps}) exceeds 'max_train_steps' ({cfg.max_train_steps})"
-        )
+        problems.append(f"'lr_warmup_steps' ({cfg.lr_warmup_steps}) exceeds 'max_train_steps' ({cfg.max_train_steps})")
     if cfg.validation_data and cfg.validation_split:
         problems.append("set 'validation_data' or 'validation_split', not both")
     if cfg.cache_latents and not cfg.center_crop:

@@ -91,8 +91,9 @@ def scan_image_folder(
 ) -> ImageFolderScan:
     folder = Path(folder)
     if not folder.is_dir():
-        raise DatasetError(f"train_data_dir {folder} is not a folder" if folder.exists()
-                           else f"train_data_dir {folder} does not exist")
+        raise DatasetError(
+            f"train_data_dir {folder} is not a folder" if folder.exists() else f"train_data_dir {folder} does not exist"
+        )
     csv_path = Path(metadata_path) if metadata_path else folder / "metadata.csv"
     if metadata_path and not csv_path.is_file():
         raise DatasetError(f"metadata_path {csv_path} does not exist")
@@ -221,8 +222,14 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     tokens, items carry the caption text.
     """
 
-    def __init__(self, records: list[ImageRecord], sizes: list[tuple[int, int]], center_crop: bool,
-                 random_flip: bool, tokens: list[dict[str, torch.Tensor]] | None):
+    def __init__(
+        self,
+        records: list[ImageRecord],
+        sizes: list[tuple[int, int]],
+        center_crop: bool,
+        random_flip: bool,
+        tokens: list[dict[str, torch.Tensor]] | None,
+    ):
         self.records, self.sizes, self.tokens = records, sizes, tokens
         self.center_crop, self.random_flip = center_crop, random_flip
 
@@ -240,8 +247,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             image = load_image(record.path)
         except OSError as err:
             raise DatasetError(f"image {record.path} cannot be read any more: {err}") from None
-        image, crop = resize_and_crop(image, self.sizes[index], self.center_crop, self.random_flip,
-                                      random.Random(seed))
+        image, crop = resize_and_crop(image, self.sizes[index], self.center_crop, self.random_flip, random.Random(seed))
         return {
             "pixel_values": to_tensor(image),  # (3, H, W)
             **conditioning(crop, self.sizes[index]),
@@ -261,5 +267,9 @@ def conditioning(crop: Crop, size: tuple[int, int]) -> dict[str, torch.Tensor]:
 def collate_images(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stacks every tensor field: pixel_values (B, 3, H, W), input_ids (B, L), original_size (B, 2), ...;
     text fields (caption) become lists."""
-    return {key: torch.stack([item[key] for item in items]) if isinstance(items[0][key], torch.Tensor)
-            else [item[key] for item in items] for key in items[0]}
+    return {
+        key: torch.stack([item[key] for item in items])
+        if isinstance(items[0][key], torch.Tensor)
+        else [item[key] for item in items]
+        for key in items[0]
+    }

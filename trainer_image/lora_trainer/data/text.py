@@ -118,7 +118,9 @@ def chat_spans(messages: list[dict[str, str]], render_chat, where: str) -> tuple
         before = render_chat(messages[:i], True) if i else render_chat([], True)
         upto = render_chat(messages[: i + 1], False)
         if not (full.startswith(upto) and upto.startswith(before)):
-            raise DatasetError(f"{where}: the chat template does not render turn by turn; cannot mask non-assistant turns")
+            raise DatasetError(
+                f"{where}: the chat template does not render turn by turn; cannot mask non-assistant turns"
+            )
         spans.append((len(before), len(upto)))
     if not spans:
         raise DatasetError(f"{where}: the conversation has no assistant message to train on")

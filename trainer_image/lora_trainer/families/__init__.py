@@ -37,6 +37,8 @@ def detect_family(cfg: TrainConfig) -> type[ModelFamily]:
     if chosen and detected and chosen != detected:
         raise ModelError(f"base_model {cfg.base_model} is a {pipeline} ({detected}), but model_family is {chosen}")
     if not (chosen or detected):
-        raise ModelError(f"base_model {cfg.base_model} is a {pipeline or 'pipeline of unknown class'}; text-to-image "
-                         f"trains {', '.join(sorted(BY_PIPELINE))} (model_family: {', '.join(FAMILIES)})")
+        raise ModelError(
+            f"base_model {cfg.base_model} is a {pipeline or 'pipeline of unknown class'}; text-to-image "
+            f"trains {', '.join(sorted(BY_PIPELINE))} (model_family: {', '.join(FAMILIES)})"
+        )
     return family_class(chosen or detected)

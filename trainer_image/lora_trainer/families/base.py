@@ -94,13 +94,19 @@ class ModelFamily:
     def check_config(self) -> None:
         """Refuses settings this family cannot honour, before any weight loads."""
         if self.cfg.train_text_encoder and not self.text_encoder_lora:
-            raise ConfigError(f"train_text_encoder is not supported for {self.name}: its text encoders stay frozen "
-                              "(their outputs are cached by default)")
+            raise ConfigError(
+                f"train_text_encoder is not supported for {self.name}: its text encoders stay frozen "
+                "(their outputs are cached by default)"
+            )
 
     def summary(self) -> dict[str, Any]:
         """What EXPERIMENT.md and the logs should know about the family's resolved settings."""
-        return {"model_family": self.name, "target_modules": ",".join(self.targets),
-                "cached_prompt_embeddings": self.cache_prompts, "gradient_checkpointing": self.gradient_checkpointing}
+        return {
+            "model_family": self.name,
+            "target_modules": ",".join(self.targets),
+            "cached_prompt_embeddings": self.cache_prompts,
+            "gradient_checkpointing": self.gradient_checkpointing,
+        }
 
     # -- loading
     def load_tokenizers(self) -> list[Any]:
@@ -132,9 +138,16 @@ class ModelFamily:
         if Path(self.source).is_file():  # a single-file transformer, the rest of the pipeline from its configs
             cls = getattr(diffusers, self.denoiser_class)
             denoiser = load_or_explain(
-                "the single-file transformer", self.cfg.base_model,
-                lambda: cls.from_single_file(self.source, config=self.config_source, subfolder=self.denoiser_prefix,
-                                             torch_dtype=dtype, local_files_only=True))
+                "the single-file transformer",
+                self.cfg.base_model,
+                lambda: cls.from_single_file(
+                    self.source,
+                    config=self.config_source,
+                    subfolder=self.denoiser_prefix,
+                    torch_dtype=dtype,
+                    local_files_only=True,
+                ),
+            )
         else:
             denoiser = self._load_part(self.denoiser_prefix, torch_dtype=dtype)
         vae = self._load_part("vae", torch_dtype=dtype)
@@ -159,8 +172,11 @@ class ModelFamily:
 
         library, class_name = self.model_index()[subfolder]
         cls = getattr(importlib.import_module(library), class_name)
-        return load_or_explain(subfolder, self.cfg.base_model,
-                               lambda: cls.from_pretrained(self.config_source, subfolder=subfolder, **kwargs))
+        return load_or_explain(
+            subfolder,
+            self.cfg.base_model,
+            lambda: cls.from_pretrained(self.config_source, subfolder=subfolder, **kwargs),
+        )
 
     def model_index(self) -> dict[str, Any]:
         return read_model_index(self.cfg)
@@ -174,8 +190,15 @@ class ModelFamily:
         denoiser = self.parts.denoiser
         check_targets_exist(denoiser, self.targets, f"{self.name} {self.denoiser_prefix}")
         cfg = self.cfg
-        denoiser.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.network_alpha, lora_dropout=cfg.lora_dropout,
-                                        init_lora_weights="gaussian", target_modules=self.targets))
+        denoiser.add_adapter(
+            LoraConfig(
+                r=cfg.lora_rank,
+                lora_alpha=cfg.network_alpha,
+                lora_dropout=cfg.lora_dropout,
+                init_lora_weights="gaussian",
+                target_modules=self.targets,
+            )
+        )
         for p in denoiser.parameters():  # LoRA weights train in fp32 whatever the base dtype
             if p.requires_grad:
                 p.data = p.data.float()
@@ -209,7 +232,9 @@ class ModelFamily:
                 raise ModelError(f"checkpoint has no {prefix} LoRA weights")
             result = set_peft_model_state_dict(module, part)
             if getattr(result, "unexpected_keys", []):
-                raise ModelError(f"checkpoint does not match the {prefix} LoRA (unexpected: {result.unexpected_keys[:3]})")
+                raise ModelError(
+                    f"checkpoint does not match the {prefix} LoRA (unexpected: {result.unexpected_keys[:3]})"
+                )
 
     def adapter_metadata(self) -> dict[str, Any]:
         """LoraConfig kwargs under '<prefix>.', as diffusers' load_lora_weights reads them back."""
@@ -265,8 +290,9 @@ class ModelFamily:
         return DiagonalGaussianDistribution(params.to(self.device)).sample(generator=rng).float()
 
     # -- training
-    def loss(self, latents: torch.Tensor, cond: Conditioning, batch: dict[str, Any], rng: torch.Generator
-             ) -> torch.Tensor:
+    def loss(
+        self, latents: torch.Tensor, cond: Conditioning, batch: dict[str, Any], rng: torch.Generator
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def train_mode(self) -> None:
@@ -281,8 +307,11 @@ class ModelFamily:
 
     # -- outputs
     def weights_metadata(self) -> dict[str, str]:
-        return {"lora_adapter_metadata": json.dumps(self.adapter_metadata(), sort_keys=True),
-                "model_family": self.name, "target_modules": ",".join(self.targets)}
+        return {
+            "lora_adapter_metadata": json.dumps(self.adapter_metadata(), sort_keys=True),
+            "model_family": self.name,
+            "target_modules": ",".join(self.targets),
+        }
 
     def extra_files(self, out: Path, weights: dict[str, torch.Tensor], meta: dict[str, str]) -> list[tuple[Path, str]]:
         """The family's kohya/ComfyUI file beside the main one, as (path, format): the transformer's LoRAs in
@@ -305,8 +334,9 @@ class ModelFamily:
     def prepare_sampling(self, prompts: list[str]) -> None:
         """Called while the text encoders are loaded: what sampling these prompts later needs."""
 
-    def sample(self, prompt: str, generator: torch.Generator, width: int, height: int, steps: int,
-               guidance: float | None) -> Any:
+    def sample(
+        self, prompt: str, generator: torch.Generator, width: int, height: int, steps: int, guidance: float | None
+    ) -> Any:
         """One validation image (PIL) for a prompt, with the modules being trained."""
         raise NotImplementedError
 

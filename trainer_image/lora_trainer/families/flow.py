@@ -26,8 +26,15 @@ def sample_u(scheme: str, batch: int, cfg, rng: torch.Generator) -> torch.Tensor
     """u in [0, 1] for each sample, as diffusers' compute_density_for_timestep_sampling draws it."""
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
-    return compute_density_for_timestep_sampling(scheme, batch, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
-                                                 mode_scale=cfg.mode_scale, device=rng.device, generator=rng)
+    return compute_density_for_timestep_sampling(
+        scheme,
+        batch,
+        logit_mean=cfg.logit_mean,
+        logit_std=cfg.logit_std,
+        mode_scale=cfg.mode_scale,
+        device=rng.device,
+        generator=rng,
+    )
 
 
 def grid_sigmas(u: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
@@ -81,8 +88,9 @@ class FlowMatchingFamily(ModelFamily):
     def sample_sigmas(self, latents: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
         """(B,) noise levels in (0, 1]."""
         config = self.parts.scheduler.config
-        sigmas = grid_sigmas(sample_u(self.weighting_scheme, latents.shape[0], self.cfg, rng),
-                             config.num_train_timesteps)
+        sigmas = grid_sigmas(
+            sample_u(self.weighting_scheme, latents.shape[0], self.cfg, rng), config.num_train_timesteps
+        )
         if self.cfg.resolution_shift:
             mu = resolution_mu(self.image_seq_len(latents), dict(config))
             return dynamic_shift(sigmas, mu, config.get("time_shift_type", "exponential"))
@@ -94,8 +102,9 @@ class FlowMatchingFamily(ModelFamily):
         return (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
 
     # -- the objective
-    def loss(self, latents: torch.Tensor, cond: Conditioning, batch: dict[str, Any], rng: torch.Generator
-             ) -> torch.Tensor:
+    def loss(
+        self, latents: torch.Tensor, cond: Conditioning, batch: dict[str, Any], rng: torch.Generator
+    ) -> torch.Tensor:
         from diffusers.training_utils import compute_loss_weighting_for_sd3
 
         noise = torch.randn(latents.shape, generator=rng, device=latents.device)
@@ -108,8 +117,9 @@ class FlowMatchingFamily(ModelFamily):
         weighting = compute_loss_weighting_for_sd3(self.weighting_scheme, s)
         return (weighting.float() * (pred - target) ** 2).reshape(latents.shape[0], -1).mean(1).mean()
 
-    def objective(self, pred: torch.Tensor, noisy: torch.Tensor, noise: torch.Tensor, latents: torch.Tensor,
-                  s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def objective(
+        self, pred: torch.Tensor, noisy: torch.Tensor, noise: torch.Tensor, latents: torch.Tensor, s: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(prediction, target) the loss compares: the velocity noise - x0 by default."""
         return pred, noise - latents
 

@@ -24,9 +24,10 @@ def bfl_layout(config) -> NativeLayout:
     modules = []
     for i in range(config.num_layers):
         b = f"transformer_blocks.{i}"
-        for stream, attn, ff, mod in (("img", ("to_q", "to_k", "to_v"), "ff", "norm1"),
-                                      ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"), "ff_context",
-                                       "norm1_context")):
+        for stream, attn, ff, mod in (
+            ("img", ("to_q", "to_k", "to_v"), "ff", "norm1"),
+            ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"), "ff_context", "norm1_context"),
+        ):
             d = f"double_blocks.{i}.{stream}"
             out = "to_out.0" if stream == "img" else "to_add_out"
             modules += [
@@ -39,18 +40,29 @@ def bfl_layout(config) -> NativeLayout:
     for i in range(config.num_single_layers):
         b, d = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
         modules += [
-            NativeModule(f"{d}.linear1", ((f"{b}.attn.to_q", inner), (f"{b}.attn.to_k", inner),
-                                          (f"{b}.attn.to_v", inner), (f"{b}.proj_mlp", mlp))),
+            NativeModule(
+                f"{d}.linear1",
+                (
+                    (f"{b}.attn.to_q", inner),
+                    (f"{b}.attn.to_k", inner),
+                    (f"{b}.attn.to_v", inner),
+                    (f"{b}.proj_mlp", mlp),
+                ),
+            ),
             NativeModule(f"{d}.linear2", ((f"{b}.proj_out", None),)),
             NativeModule(f"{d}.modulation.lin", ((f"{b}.norm.linear", None),)),
         ]
-    top = [("img_in", "x_embedder"), ("txt_in", "context_embedder"), ("final_layer.linear", "proj_out"),
-           ("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
-           ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
-           ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
-           ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
-           ("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
-           ("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2")]
+    top = [
+        ("img_in", "x_embedder"),
+        ("txt_in", "context_embedder"),
+        ("final_layer.linear", "proj_out"),
+        ("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
+        ("time_in.out_layer", "time_text_embed.timestep_embedder.linear_2"),
+        ("vector_in.in_layer", "time_text_embed.text_embedder.linear_1"),
+        ("vector_in.out_layer", "time_text_embed.text_embedder.linear_2"),
+        ("guidance_in.in_layer", "time_text_embed.guidance_embedder.linear_1"),
+        ("guidance_in.out_layer", "time_text_embed.guidance_embedder.linear_2"),
+    ]
     modules += [NativeModule(name, ((path, None),)) for name, path in top]
     modules.append(NativeModule("final_layer.adaLN_modulation.1", (("norm_out.linear", None),), swap_halves=True))
     return NativeLayout(tuple(modules))
@@ -64,9 +76,20 @@ class Flux1(FlowMatchingFamily):
     tokenizer_subfolders = ("tokenizer", "tokenizer_2")
     # train_dreambooth_lora_flux.py's default: attention and feed-forward of both streams (the single blocks'
     # q/k/v through the suffix match)
-    default_targets = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
-                       "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
-                       "ff_context.net.2")
+    default_targets = (
+        "attn.to_k",
+        "attn.to_q",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_k_proj",
+        "attn.add_q_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "ff_context.net.0.proj",
+        "ff_context.net.2",
+    )
     default_guidance = 3.5
 
     def encoder_pipeline(self):
@@ -74,13 +97,15 @@ class Flux1(FlowMatchingFamily):
 
         t1, t2 = self.parts.text_encoders
         k1, k2 = self.parts.tokenizers
-        return FluxPipeline(scheduler=None, vae=None, text_encoder=t1, tokenizer=k1, text_encoder_2=t2,
-                            tokenizer_2=k2, transformer=None)
+        return FluxPipeline(
+            scheduler=None, vae=None, text_encoder=t1, tokenizer=k1, text_encoder_2=t2, tokenizer_2=k2, transformer=None
+        )
 
     def encode_prompts(self, batch: dict[str, Any]) -> Conditioning:
         """{"prompt_embeds": (B, L, D_t5), "pooled_prompt_embeds": (B, D_clip)}, as FluxPipeline encodes."""
         embeds, pooled, _ = self.encoder_pipeline().encode_prompt(
-            prompt=batch["caption"], prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length())
+            prompt=batch["caption"], prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length()
+        )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -92,12 +117,21 @@ class Flux1(FlowMatchingFamily):
         image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, self.device, transformer.dtype)
         text = cond["prompt_embeds"]
         text_ids = torch.zeros(text.shape[1], 3, device=self.device, dtype=transformer.dtype)
-        guidance = (torch.full((b,), self.cfg.guidance_scale, device=self.device)
-                    if transformer.config.guidance_embeds else None)
-        pred = transformer(hidden_states=packed.to(transformer.dtype), timestep=sigmas.to(transformer.dtype),
-                           guidance=guidance, pooled_projections=cond["pooled_prompt_embeds"].to(transformer.dtype),
-                           encoder_hidden_states=text.to(transformer.dtype), txt_ids=text_ids, img_ids=image_ids,
-                           return_dict=False)[0]
+        guidance = (
+            torch.full((b,), self.cfg.guidance_scale, device=self.device)
+            if transformer.config.guidance_embeds
+            else None
+        )
+        pred = transformer(
+            hidden_states=packed.to(transformer.dtype),
+            timestep=sigmas.to(transformer.dtype),
+            guidance=guidance,
+            pooled_projections=cond["pooled_prompt_embeds"].to(transformer.dtype),
+            encoder_hidden_states=text.to(transformer.dtype),
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            return_dict=False,
+        )[0]
         factor = vae_scale_factor(self.parts.vae)
         return FluxPipeline._unpack_latents(pred, h * factor, w * factor, factor)  # (B, 16, h, w)
 
@@ -105,19 +139,33 @@ class Flux1(FlowMatchingFamily):
         return self.parts.tokenizers[1], self.max_sequence_length()  # T5; CLIP's 77 tokens feed only the pooled vector
 
     # -- sampling
-    def sample(self, prompt: str, generator: torch.Generator, width: int, height: int, steps: int,
-               guidance: float | None):
+    def sample(
+        self, prompt: str, generator: torch.Generator, width: int, height: int, steps: int, guidance: float | None
+    ):
         import diffusers
 
         parts = self.parts
-        pipe = diffusers.FluxPipeline(scheduler=parts.scheduler, vae=parts.vae, text_encoder=None, tokenizer=None,
-                                      text_encoder_2=None, tokenizer_2=None, transformer=parts.denoiser)
+        pipe = diffusers.FluxPipeline(
+            scheduler=parts.scheduler,
+            vae=parts.vae,
+            text_encoder=None,
+            tokenizer=None,
+            text_encoder_2=None,
+            tokenizer_2=None,
+            transformer=parts.denoiser,
+        )
         pipe.set_progress_bar_config(disable=True)
         cond = self.sampling_cond[prompt]
-        return pipe(prompt_embeds=cond["prompt_embeds"][None].to(self.device, self.dtype),
-                    pooled_prompt_embeds=cond["pooled_prompt_embeds"][None].to(self.device, self.dtype),
-                    guidance_scale=self.guidance(guidance), num_inference_steps=steps, height=height, width=width,
-                    generator=generator, max_sequence_length=cond["prompt_embeds"].shape[0]).images[0]
+        return pipe(
+            prompt_embeds=cond["prompt_embeds"][None].to(self.device, self.dtype),
+            pooled_prompt_embeds=cond["pooled_prompt_embeds"][None].to(self.device, self.dtype),
+            guidance_scale=self.guidance(guidance),
+            num_inference_steps=steps,
+            height=height,
+            width=width,
+            generator=generator,
+            max_sequence_length=cond["prompt_embeds"].shape[0],
+        ).images[0]
 
     # -- outputs
     @staticmethod
@@ -126,6 +174,9 @@ class Flux1(FlowMatchingFamily):
 
     def kohya_metadata(self) -> dict[str, str]:
         dev = bool(self.parts.denoiser.config.guidance_embeds)
-        return {"ss_network_module": "networks.lora_flux", "ss_base_model_version": "flux1",
-                "modelspec.architecture": "flux-1-dev/lora" if dev else "flux-1-schnell/lora",
-                "modelspec.implementation": "https://github.com/black-forest-labs/flux"}
+        return {
+            "ss_network_module": "networks.lora_flux",
+            "ss_base_model_version": "flux1",
+            "modelspec.architecture": "flux-1-dev/lora" if dev else "flux-1-schnell/lora",
+            "modelspec.implementation": "https://github.com/black-forest-labs/flux",
+        }

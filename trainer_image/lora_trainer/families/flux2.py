@@ -33,24 +33,31 @@ def bfl_layout(config) -> NativeLayout:
             NativeModule(f"{d}.img_attn.proj", ((f"{b}.attn.to_out.0", None),)),
             NativeModule(f"{d}.img_mlp.0", ((f"{b}.ff.linear_in", None),)),
             NativeModule(f"{d}.img_mlp.2", ((f"{b}.ff.linear_out", None),)),
-            NativeModule(f"{d}.txt_attn.qkv",
-                         tuple((f"{b}.attn.{p}", inner) for p in ("add_q_proj", "add_k_proj", "add_v_proj"))),
+            NativeModule(
+                f"{d}.txt_attn.qkv", tuple((f"{b}.attn.{p}", inner) for p in ("add_q_proj", "add_k_proj", "add_v_proj"))
+            ),
             NativeModule(f"{d}.txt_attn.proj", ((f"{b}.attn.to_add_out", None),)),
             NativeModule(f"{d}.txt_mlp.0", ((f"{b}.ff_context.linear_in", None),)),
             NativeModule(f"{d}.txt_mlp.2", ((f"{b}.ff_context.linear_out", None),)),
         ]
     for i in range(config.num_single_layers):
         b, d = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
-        modules += [NativeModule(f"{d}.linear1", ((f"{b}.attn.to_qkv_mlp_proj", None),)),  # fused in both layouts
-                    NativeModule(f"{d}.linear2", ((f"{b}.attn.to_out", None),))]
-    top = [("double_stream_modulation_img.lin", "double_stream_modulation_img.linear"),
-           ("double_stream_modulation_txt.lin", "double_stream_modulation_txt.linear"),
-           ("single_stream_modulation.lin", "single_stream_modulation.linear"), ("img_in", "x_embedder"),
-           ("txt_in", "context_embedder"), ("final_layer.linear", "proj_out"),
-           ("time_in.in_layer", "time_guidance_embed.timestep_embedder.linear_1"),
-           ("time_in.out_layer", "time_guidance_embed.timestep_embedder.linear_2"),
-           ("guidance_in.in_layer", "time_guidance_embed.guidance_embedder.linear_1"),
-           ("guidance_in.out_layer", "time_guidance_embed.guidance_embedder.linear_2")]
+        modules += [
+            NativeModule(f"{d}.linear1", ((f"{b}.attn.to_qkv_mlp_proj", None),)),  # fused in both layouts
+            NativeModule(f"{d}.linear2", ((f"{b}.attn.to_out", None),)),
+        ]
+    top = [
+        ("double_stream_modulation_img.lin", "double_stream_modulation_img.linear"),
+        ("double_stream_modulation_txt.lin", "double_stream_modulation_txt.linear"),
+        ("single_stream_modulation.lin", "single_stream_modulation.linear"),
+        ("img_in", "x_embedder"),
+        ("txt_in", "context_embedder"),
+        ("final_layer.linear", "proj_out"),
+        ("time_in.in_layer", "time_guidance_embed.timestep_embedder.linear_1"),
+        ("time_in.out_layer", "time_guidance_embed.timestep_embedder.linear_2"),
+        ("guidance_in.in_layer", "time_guidance_embed.guidance_embedder.linear_1"),
+        ("guidance_in.out_layer", "time_guidance_embed.guidance_embedder.linear_2"),
+    ]
     modules += [NativeModule(name, ((path, None),)) for name, path in top]
     modules.append(NativeModule("final_layer.adaLN_modulation.1", (("norm_out.linear", None),), swap_halves=True))
     return NativeLayout(tuple(modules))
@@ -70,8 +77,14 @@ class Flux2(FlowMatchingFamily):
         if self.cfg.target_modules:
             return list(self.cfg.target_modules)
         singles = self.transformer_config()["num_single_layers"]
-        return ["to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj",
-                *(f"single_transformer_blocks.{i}.attn.to_out" for i in range(singles))]
+        return [
+            "to_k",
+            "to_q",
+            "to_v",
+            "to_out.0",
+            "to_qkv_mlp_proj",
+            *(f"single_transformer_blocks.{i}.attn.to_out" for i in range(singles)),
+        ]
 
     def transformer_config(self) -> dict[str, Any]:
         from diffusers import Flux2Transformer2DModel
@@ -85,10 +98,16 @@ class Flux2(FlowMatchingFamily):
 
     def encode_prompts(self, batch: dict[str, Any]) -> Conditioning:
         """{"prompt_embeds": (B, L, 3 * D)}: the pipeline's stacked text layers."""
-        pipe = self.pipeline_type()(scheduler=None, vae=None, text_encoder=self.parts.text_encoders[0],
-                                    tokenizer=self.parts.tokenizers[0], transformer=None)
-        embeds, _ = pipe.encode_prompt(batch["caption"], device=self.device,
-                                       max_sequence_length=self.max_sequence_length())
+        pipe = self.pipeline_type()(
+            scheduler=None,
+            vae=None,
+            text_encoder=self.parts.text_encoders[0],
+            tokenizer=self.parts.tokenizers[0],
+            transformer=None,
+        )
+        embeds, _ = pipe.encode_prompt(
+            batch["caption"], device=self.device, max_sequence_length=self.max_sequence_length()
+        )
         return {"prompt_embeds": embeds}
 
     def normalize(self, latents: torch.Tensor) -> torch.Tensor:
@@ -111,26 +130,45 @@ class Flux2(FlowMatchingFamily):
         packed = Flux2Pipeline._pack_latents(noisy)  # (B, h*w, 4C)
         text = cond["prompt_embeds"].to(transformer.dtype)
         text_ids = Flux2Pipeline._prepare_text_ids(text).to(self.device)
-        guidance = (torch.full((noisy.shape[0],), self.cfg.guidance_scale, device=self.device)
-                    if transformer.config.guidance_embeds else None)
-        pred = transformer(hidden_states=packed.to(transformer.dtype), timestep=sigmas.to(transformer.dtype),
-                           guidance=guidance, encoder_hidden_states=text, txt_ids=text_ids, img_ids=image_ids,
-                           return_dict=False)[0]
+        guidance = (
+            torch.full((noisy.shape[0],), self.cfg.guidance_scale, device=self.device)
+            if transformer.config.guidance_embeds
+            else None
+        )
+        pred = transformer(
+            hidden_states=packed.to(transformer.dtype),
+            timestep=sigmas.to(transformer.dtype),
+            guidance=guidance,
+            encoder_hidden_states=text,
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            return_dict=False,
+        )[0]
         return Flux2Pipeline._unpack_latents_with_ids(pred[:, : packed.shape[1]], image_ids)  # (B, 4C, h, w)
 
     # -- sampling
-    def sample(self, prompt: str, generator: torch.Generator, width: int, height: int, steps: int,
-               guidance: float | None):
+    def sample(
+        self, prompt: str, generator: torch.Generator, width: int, height: int, steps: int, guidance: float | None
+    ):
         parts = self.parts
-        pipe = self.pipeline_type()(scheduler=parts.scheduler, vae=parts.vae, text_encoder=None, tokenizer=None,
-                                    transformer=parts.denoiser)
+        pipe = self.pipeline_type()(
+            scheduler=parts.scheduler, vae=parts.vae, text_encoder=None, tokenizer=None, transformer=parts.denoiser
+        )
         pipe.set_progress_bar_config(disable=True)
-        embeds = {f"{prefix}prompt_embeds": self.sampling_cond[p]["prompt_embeds"][None].to(self.device, self.dtype)
-                  for prefix, p in (("", prompt), ("negative_", ""))}
+        embeds = {
+            f"{prefix}prompt_embeds": self.sampling_cond[p]["prompt_embeds"][None].to(self.device, self.dtype)
+            for prefix, p in (("", prompt), ("negative_", ""))
+        }
         if "negative_prompt_embeds" not in inspect.signature(pipe.__call__).parameters:
             del embeds["negative_prompt_embeds"]  # [dev] is guidance-distilled: no negative prompt
-        return pipe(**embeds, guidance_scale=self.guidance(guidance), num_inference_steps=steps, height=height,
-                    width=width, generator=generator).images[0]
+        return pipe(
+            **embeds,
+            guidance_scale=self.guidance(guidance),
+            num_inference_steps=steps,
+            height=height,
+            width=width,
+            generator=generator,
+        ).images[0]
 
     # -- outputs
     @staticmethod
@@ -139,7 +177,9 @@ class Flux2(FlowMatchingFamily):
 
     def kohya_metadata(self) -> dict[str, str]:
         klein = self.model_index()["_class_name"] == "Flux2KleinPipeline"
-        return {"ss_network_module": "networks.lora_flux_2",
-                "ss_base_model_version": "flux_2_klein" if klein else "flux_2_dev",
-                "modelspec.architecture": "Flux.2-klein/lora" if klein else "Flux.2-dev/lora",
-                "modelspec.implementation": "https://github.com/black-forest-labs/flux2"}
+        return {
+            "ss_network_module": "networks.lora_flux_2",
+            "ss_base_model_version": "flux_2_klein" if klein else "flux_2_dev",
+            "modelspec.architecture": "Flux.2-klein/lora" if klein else "Flux.2-dev/lora",
+            "modelspec.implementation": "https://github.com/black-forest-labs/flux2",
+        }

@@ -44,10 +44,16 @@ class QwenImage(FlowMatchingFamily):
         """{"prompt_embeds": (B, L, D), "prompt_embeds_mask": (B, L)}, as QwenImagePipeline encodes."""
         from diffusers import QwenImagePipeline
 
-        pipe = QwenImagePipeline(scheduler=None, vae=None, text_encoder=self.parts.text_encoders[0],
-                                 tokenizer=self.parts.tokenizers[0], transformer=None)
-        embeds, mask = pipe.encode_prompt(batch["caption"], device=self.device,
-                                          max_sequence_length=self.max_sequence_length())
+        pipe = QwenImagePipeline(
+            scheduler=None,
+            vae=None,
+            text_encoder=self.parts.text_encoders[0],
+            tokenizer=self.parts.tokenizers[0],
+            transformer=None,
+        )
+        embeds, mask = pipe.encode_prompt(
+            batch["caption"], device=self.device, max_sequence_length=self.max_sequence_length()
+        )
         if mask is None:  # the pipeline drops an all-ones mask
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         return {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
@@ -78,30 +84,40 @@ class QwenImage(FlowMatchingFamily):
         b, z, _, h, w = noisy.shape
         packed = QwenImagePipeline._pack_latents(noisy.permute(0, 2, 1, 3, 4), b, z, h, w)  # (B, h/2 * w/2, 4z)
         mask = cond["prompt_embeds_mask"]
-        pred = transformer(hidden_states=packed.to(transformer.dtype),
-                           encoder_hidden_states=cond["prompt_embeds"].to(transformer.dtype),
-                           encoder_hidden_states_mask=None if bool(mask.all()) else mask,
-                           timestep=sigmas.to(transformer.dtype), img_shapes=[(1, h // 2, w // 2)] * b,
-                           return_dict=False)[0]
+        pred = transformer(
+            hidden_states=packed.to(transformer.dtype),
+            encoder_hidden_states=cond["prompt_embeds"].to(transformer.dtype),
+            encoder_hidden_states_mask=None if bool(mask.all()) else mask,
+            timestep=sigmas.to(transformer.dtype),
+            img_shapes=[(1, h // 2, w // 2)] * b,
+            return_dict=False,
+        )[0]
         factor = self.vae_scale_factor()
         return QwenImagePipeline._unpack_latents(pred, h * factor, w * factor, factor)  # (B, z, 1, h, w)
 
     # -- sampling
-    def sample(self, prompt: str, generator: torch.Generator, width: int, height: int, steps: int,
-               guidance: float | None):
+    def sample(
+        self, prompt: str, generator: torch.Generator, width: int, height: int, steps: int, guidance: float | None
+    ):
         import diffusers
 
         parts = self.parts
-        pipe = diffusers.QwenImagePipeline(scheduler=parts.scheduler, vae=parts.vae, text_encoder=None, tokenizer=None,
-                                           transformer=parts.denoiser)
+        pipe = diffusers.QwenImagePipeline(
+            scheduler=parts.scheduler, vae=parts.vae, text_encoder=None, tokenizer=None, transformer=parts.denoiser
+        )
         pipe.set_progress_bar_config(disable=True)
         cond, negative = (self.collate_prompts([self.sampling_cond[p]]) for p in (prompt, ""))
-        return pipe(prompt_embeds=cond["prompt_embeds"].to(self.device, self.dtype),
-                    prompt_embeds_mask=cond["prompt_embeds_mask"].to(self.device),
-                    negative_prompt_embeds=negative["prompt_embeds"].to(self.device, self.dtype),
-                    negative_prompt_embeds_mask=negative["prompt_embeds_mask"].to(self.device),
-                    true_cfg_scale=self.guidance(guidance), num_inference_steps=steps, height=height, width=width,
-                    generator=generator).images[0]
+        return pipe(
+            prompt_embeds=cond["prompt_embeds"].to(self.device, self.dtype),
+            prompt_embeds_mask=cond["prompt_embeds_mask"].to(self.device),
+            negative_prompt_embeds=negative["prompt_embeds"].to(self.device, self.dtype),
+            negative_prompt_embeds_mask=negative["prompt_embeds_mask"].to(self.device),
+            true_cfg_scale=self.guidance(guidance),
+            num_inference_steps=steps,
+            height=height,
+            width=width,
+            generator=generator,
+        ).images[0]
 
     # -- outputs
     @staticmethod
@@ -109,6 +125,9 @@ class QwenImage(FlowMatchingFamily):
         return identity_layout(linear_paths(denoiser))
 
     def kohya_metadata(self) -> dict[str, str]:
-        return {"ss_network_module": "networks.lora_qwen_image", "ss_base_model_version": "qwen_image",
-                "modelspec.architecture": "Qwen-Image/lora",
-                "modelspec.implementation": "https://github.com/QwenLM/Qwen-Image"}
+        return {
+            "ss_network_module": "networks.lora_qwen_image",
+            "ss_base_model_version": "qwen_image",
+            "modelspec.architecture": "Qwen-Image/lora",
+            "modelspec.implementation": "https://github.com/QwenLM/Qwen-Image",
+        }

@@ -23,8 +23,14 @@ UNET_PREFIX = "unet"
 MICRO_CONDITIONING = ("original_size", "crop_top_left", "target_size")  # SDXL's time ids, each (B, 2)
 
 
-def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, scheduler,
-                   prediction_type: str, snr_gamma: float | None) -> torch.Tensor:
+def diffusion_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    scheduler,
+    prediction_type: str,
+    snr_gamma: float | None,
+) -> torch.Tensor:
     """MSE, optionally Min-SNR weighted (Hang et al. 2023) as in the diffusers examples."""
     if snr_gamma is None:
         return F.mse_loss(pred.float(), target.float(), reduction="mean")
@@ -40,8 +46,13 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Te
 def lora_config(cfg, targets: list[str]):
     from peft import LoraConfig
 
-    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.network_alpha, lora_dropout=cfg.lora_dropout,
-                      init_lora_weights="gaussian", target_modules=list(targets))
+    return LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.network_alpha,
+        lora_dropout=cfg.lora_dropout,
+        init_lora_weights="gaussian",
+        target_modules=list(targets),
+    )
 
 
 class StableDiffusion(ModelFamily):
@@ -60,8 +71,11 @@ class StableDiffusion(ModelFamily):
 
         source = self.config_source
         self.parts.tokenizers = [
-            load_or_explain(sub, self.cfg.base_model, lambda sub=sub: CLIPTokenizer.from_pretrained(source, subfolder=sub))
-            for sub in self.tokenizer_subfolders]
+            load_or_explain(
+                sub, self.cfg.base_model, lambda sub=sub: CLIPTokenizer.from_pretrained(source, subfolder=sub)
+            )
+            for sub in self.tokenizer_subfolders
+        ]
         return self.parts.tokenizers
 
     def load_text_encoders(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -77,8 +91,11 @@ class StableDiffusion(ModelFamily):
         self.device, self.dtype = device, dtype
         parts = self.parts
         if parts.denoiser is None:  # a folder: a single file came with everything in load_text_encoders
+
             def part(cls, sub):
-                return load_or_explain(sub, self.cfg.base_model, lambda: cls.from_pretrained(self.config_source, subfolder=sub))
+                return load_or_explain(
+                    sub, self.cfg.base_model, lambda: cls.from_pretrained(self.config_source, subfolder=sub)
+                )
 
             parts.vae, parts.denoiser = part(AutoencoderKL, "vae"), part(UNet2DConditionModel, "unet")
             parts.scheduler = part(DDPMScheduler, "scheduler")
@@ -99,10 +116,17 @@ class StableDiffusion(ModelFamily):
 
         pipeline_class = getattr(diffusers, self.pipeline_class)
         pipe = load_or_explain(
-            "the single-file pipeline", self.source,
-            lambda: pipeline_class.from_single_file(self.source, config=self.config_source, local_files_only=True))
-        self.parts = Components(self.parts.tokenizers, [getattr(pipe, p) for p in self.text_encoder_subfolders],
-                                pipe.unet, pipe.vae, DDPMScheduler.from_config(pipe.scheduler.config))
+            "the single-file pipeline",
+            self.source,
+            lambda: pipeline_class.from_single_file(self.source, config=self.config_source, local_files_only=True),
+        )
+        self.parts = Components(
+            self.parts.tokenizers,
+            [getattr(pipe, p) for p in self.text_encoder_subfolders],
+            pipe.unet,
+            pipe.vae,
+            DDPMScheduler.from_config(pipe.scheduler.config),
+        )
 
     def size_multiple(self) -> tuple[int, str]:
         return vae_scale_factor(self.parts.vae), "the VAE's downscale factor"
@@ -196,10 +220,16 @@ class StableDiffusion(ModelFamily):
 
     def token_tables(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """{"input_ids": (N, L), and "input_ids_2" for SDXL}: the captions tokenized in one call per tokenizer."""
-        return {"input_ids" if i == 0 else f"input_ids_{i + 1}": tokenizer(
-                    captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                    return_tensors="pt").input_ids
-                for i, tokenizer in enumerate(self.parts.tokenizers)}
+        return {
+            "input_ids" if i == 0 else f"input_ids_{i + 1}": tokenizer(
+                captions,
+                max_length=tokenizer.model_max_length,
+                padding="max_length",
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            for i, tokenizer in enumerate(self.parts.tokenizers)
+        }
 
     def prompt_batch(self, captions: list[str]) -> dict[str, Any]:
         return self.token_tables(captions)
@@ -221,16 +251,18 @@ class StableDiffusion(ModelFamily):
         """(cross-attention states, added conditioning) for the UNet."""
         return cond["prompt_embeds"].to(self.device), {}
 
-    def loss(self, latents: torch.Tensor, cond: Conditioning, batch: dict[str, Any], rng: torch.Generator
-             ) -> torch.Tensor:
+    def loss(
+        self, latents: torch.Tensor, cond: Conditioning, batch: dict[str, Any], rng: torch.Generator
+    ) -> torch.Tensor:
         from ..adapters import autocast
 
         cfg, device, scheduler, unet = self.cfg, self.device, self.parts.scheduler, self.parts.denoiser
         noise = torch.randn(latents.shape, generator=rng, device=device)
         if cfg.noise_offset:
             noise += cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=rng, device=device)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=rng,
-                                  device=device)
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=rng, device=device
+        )
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = scheduler.get_velocity(latents, noise, timesteps) if self.prediction_type == "v_prediction" else noise
         with autocast(device, cfg.mixed_precision):
@@ -245,15 +277,20 @@ class StableDiffusion(ModelFamily):
             import diffusers
 
             index = self.model_index()
-            scheduler = getattr(diffusers, index["scheduler"][1]).from_pretrained(self.config_source,
-                                                                                  subfolder="scheduler")
+            scheduler = getattr(diffusers, index["scheduler"][1]).from_pretrained(
+                self.config_source, subfolder="scheduler"
+            )
             if self.cfg.prediction_type:
                 scheduler.register_to_config(prediction_type=self.cfg.prediction_type)
             parts = self.parts
             encoders = parts.text_encoders or [None] * len(self.text_encoder_subfolders)
-            kwargs = {"vae": parts.vae, "unet": parts.denoiser, "scheduler": scheduler,
-                      **dict(zip(self.text_encoder_subfolders, encoders)),
-                      **dict(zip(self.tokenizer_subfolders, parts.tokenizers))}
+            kwargs = {
+                "vae": parts.vae,
+                "unet": parts.denoiser,
+                "scheduler": scheduler,
+                **dict(zip(self.text_encoder_subfolders, encoders)),
+                **dict(zip(self.tokenizer_subfolders, parts.tokenizers)),
+            }
             kwargs.update(self.pipeline_extras())
             self._pipeline = getattr(diffusers, self.pipeline_class)(**kwargs)
             self._pipeline.set_progress_bar_config(disable=True)
@@ -262,10 +299,15 @@ class StableDiffusion(ModelFamily):
     def pipeline_extras(self) -> dict[str, Any]:
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
-    def sample(self, prompt: str, generator: torch.Generator, width: int, height: int, steps: int,
-               guidance: float):
-        return self.pipeline()(prompt, num_inference_steps=steps, guidance_scale=self.guidance(guidance), height=height,
-                               width=width, generator=generator).images[0]
+    def sample(self, prompt: str, generator: torch.Generator, width: int, height: int, steps: int, guidance: float):
+        return self.pipeline()(
+            prompt,
+            num_inference_steps=steps,
+            guidance_scale=self.guidance(guidance),
+            height=height,
+            width=width,
+            generator=generator,
+        ).images[0]
 
     # -- outputs
     def extra_files(self, out: Path, weights: dict[str, torch.Tensor], meta: dict[str, str]) -> list[tuple[Path, str]]:

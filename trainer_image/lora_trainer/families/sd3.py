@@ -33,10 +33,13 @@ def sai_layout(config) -> NativeLayout:
             NativeModule(f"{j}.x_block.mlp.fc1", ((f"{b}.ff.net.0.proj", None),)),
             NativeModule(f"{j}.x_block.mlp.fc2", ((f"{b}.ff.net.2", None),)),
             NativeModule(f"{j}.x_block.adaLN_modulation.1", ((f"{b}.norm1.linear", None),)),
-            NativeModule(f"{j}.context_block.attn.qkv",
-                         tuple((f"{b}.attn.{p}", inner) for p in ("add_q_proj", "add_k_proj", "add_v_proj"))),
-            NativeModule(f"{j}.context_block.adaLN_modulation.1", ((f"{b}.norm1_context.linear", None),),
-                         swap_halves=last),
+            NativeModule(
+                f"{j}.context_block.attn.qkv",
+                tuple((f"{b}.attn.{p}", inner) for p in ("add_q_proj", "add_k_proj", "add_v_proj")),
+            ),
+            NativeModule(
+                f"{j}.context_block.adaLN_modulation.1", ((f"{b}.norm1_context.linear", None),), swap_halves=last
+            ),
         ]
         if not last:
             modules += [
@@ -46,15 +49,19 @@ def sai_layout(config) -> NativeLayout:
             ]
         if i in dual:  # SD3.5-medium's second image attention
             modules += [
-                NativeModule(f"{j}.x_block.attn2.qkv",
-                             tuple((f"{b}.attn2.{p}", inner) for p in ("to_q", "to_k", "to_v"))),
+                NativeModule(
+                    f"{j}.x_block.attn2.qkv", tuple((f"{b}.attn2.{p}", inner) for p in ("to_q", "to_k", "to_v"))
+                ),
                 NativeModule(f"{j}.x_block.attn2.proj", ((f"{b}.attn2.to_out.0", None),)),
             ]
-    top = [("context_embedder", "context_embedder"), ("final_layer.linear", "proj_out"),
-           ("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
-           ("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
-           ("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
-           ("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2")]
+    top = [
+        ("context_embedder", "context_embedder"),
+        ("final_layer.linear", "proj_out"),
+        ("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
+        ("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
+        ("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
+        ("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
+    ]
     modules += [NativeModule(name, ((path, None),)) for name, path in top]
     modules.append(NativeModule("final_layer.adaLN_modulation.1", (("norm_out.linear", None),), swap_halves=True))
     return NativeLayout(tuple(modules))
@@ -66,8 +73,16 @@ class StableDiffusion3(FlowMatchingFamily):
     denoiser_class = "SD3Transformer2DModel"
     text_encoder_subfolders = ("text_encoder", "text_encoder_2", "text_encoder_3")
     tokenizer_subfolders = ("tokenizer", "tokenizer_2", "tokenizer_3")
-    default_targets = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
-                       "attn.to_out.0", "attn.to_q", "attn.to_v")
+    default_targets = (
+        "attn.add_k_proj",
+        "attn.add_q_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "attn.to_k",
+        "attn.to_out.0",
+        "attn.to_q",
+        "attn.to_v",
+    )
     default_weighting = "logit_normal"
     default_sequence_length = 77  # train_dreambooth_lora_sd3.py's (the pipeline samples with 256)
     default_guidance = 7.0
@@ -77,16 +92,28 @@ class StableDiffusion3(FlowMatchingFamily):
 
         encoders, tokenizers = self.parts.text_encoders, self.parts.tokenizers
         return StableDiffusion3Pipeline(
-            transformer=None, scheduler=None, vae=None, text_encoder=encoders[0], tokenizer=tokenizers[0],
-            text_encoder_2=encoders[1], tokenizer_2=tokenizers[1], text_encoder_3=encoders[2],
-            tokenizer_3=tokenizers[2])
+            transformer=None,
+            scheduler=None,
+            vae=None,
+            text_encoder=encoders[0],
+            tokenizer=tokenizers[0],
+            text_encoder_2=encoders[1],
+            tokenizer_2=tokenizers[1],
+            text_encoder_3=encoders[2],
+            tokenizer_3=tokenizers[2],
+        )
 
     def encode_prompts(self, batch: dict[str, Any]) -> Conditioning:
         """{"prompt_embeds": (B, 77 + L, D): both CLIPs' penultimate states (zero-padded to T5's width) then T5's,
         "pooled_prompt_embeds": (B, D_L + D_G)}, as StableDiffusion3Pipeline encodes."""
         embeds, _, pooled, _ = self.encoder_pipeline().encode_prompt(
-            prompt=batch["caption"], prompt_2=None, prompt_3=None, device=self.device,
-            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length())
+            prompt=batch["caption"],
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length(),
+        )
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def size_multiple(self) -> tuple[int, str]:
@@ -96,10 +123,13 @@ class StableDiffusion3(FlowMatchingFamily):
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         transformer = self.parts.denoiser
         timesteps = sigmas * self.parts.scheduler.config.num_train_timesteps  # SD3 takes 0..1000
-        return transformer(hidden_states=noisy.to(transformer.dtype), timestep=timesteps,
-                           encoder_hidden_states=cond["prompt_embeds"].to(transformer.dtype),
-                           pooled_projections=cond["pooled_prompt_embeds"].to(transformer.dtype),
-                           return_dict=False)[0]
+        return transformer(
+            hidden_states=noisy.to(transformer.dtype),
+            timestep=timesteps,
+            encoder_hidden_states=cond["prompt_embeds"].to(transformer.dtype),
+            pooled_projections=cond["pooled_prompt_embeds"].to(transformer.dtype),
+            return_dict=False,
+        )[0]
 
     def objective(self, pred, noisy, noise, latents, s):
         """precondition_outputs: x0 = x_t - sigma * v, compared with the clean latents."""
@@ -113,20 +143,38 @@ class StableDiffusion3(FlowMatchingFamily):
         return self.parts.tokenizers[2], self.max_sequence_length()
 
     # -- sampling
-    def sample(self, prompt: str, generator: torch.Generator, width: int, height: int, steps: int,
-               guidance: float | None):
+    def sample(
+        self, prompt: str, generator: torch.Generator, width: int, height: int, steps: int, guidance: float | None
+    ):
         import diffusers
 
         parts = self.parts
         pipe = diffusers.StableDiffusion3Pipeline(
-            transformer=parts.denoiser, scheduler=parts.scheduler, vae=parts.vae, text_encoder=None, tokenizer=None,
-            text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+            transformer=parts.denoiser,
+            scheduler=parts.scheduler,
+            vae=parts.vae,
+            text_encoder=None,
+            tokenizer=None,
+            text_encoder_2=None,
+            tokenizer_2=None,
+            text_encoder_3=None,
+            tokenizer_3=None,
+        )
         pipe.set_progress_bar_config(disable=True)
         cond, negative = self.sampling_cond[prompt], self.sampling_cond[""]
-        args = {f"{prefix}{k}": v[None].to(self.device, self.dtype)
-                for prefix, c in (("", cond), ("negative_", negative)) for k, v in c.items()}
-        return pipe(**args, guidance_scale=self.guidance(guidance), num_inference_steps=steps, height=height,
-                    width=width, generator=generator).images[0]
+        args = {
+            f"{prefix}{k}": v[None].to(self.device, self.dtype)
+            for prefix, c in (("", cond), ("negative_", negative))
+            for k, v in c.items()
+        }
+        return pipe(
+            **args,
+            guidance_scale=self.guidance(guidance),
+            num_inference_steps=steps,
+            height=height,
+            width=width,
+            generator=generator,
+        ).images[0]
 
     # -- outputs
     @staticmethod
@@ -134,5 +182,9 @@ class StableDiffusion3(FlowMatchingFamily):
         return sai_layout(denoiser.config)
 
     def kohya_metadata(self) -> dict[str, str]:
-        return {"ss_network_module": "networks.lora_sd3", "ss_base_model_version": "medium",
-                "modelspec.architecture": "stable-diffusion-3-medium/lora", "modelspec.implementation": "diffusers"}
+        return {
+            "ss_network_module": "networks.lora_sd3",
+            "ss_base_model_version": "medium",
+            "modelspec.architecture": "stable-diffusion-3-medium/lora",
+            "modelspec.implementation": "diffusers",
+        }

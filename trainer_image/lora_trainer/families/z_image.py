@@ -52,10 +52,19 @@ class ZImage(FlowMatchingFamily):
         unpadded sequences."""
         from diffusers import ZImagePipeline
 
-        pipe = ZImagePipeline(scheduler=None, vae=None, text_encoder=self.parts.text_encoders[0],
-                              tokenizer=self.parts.tokenizers[0], transformer=None)
-        sequences, _ = pipe.encode_prompt(batch["caption"], device=self.device, do_classifier_free_guidance=False,
-                                          max_sequence_length=self.max_sequence_length())
+        pipe = ZImagePipeline(
+            scheduler=None,
+            vae=None,
+            text_encoder=self.parts.text_encoders[0],
+            tokenizer=self.parts.tokenizers[0],
+            transformer=None,
+        )
+        sequences, _ = pipe.encode_prompt(
+            batch["caption"],
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length(),
+        )
         return self.collate_prompts([{"prompt_embeds": s} for s in sequences])
 
     def split_prompts(self, cond: Conditioning, count: int) -> list[Conditioning]:
@@ -76,17 +85,26 @@ class ZImage(FlowMatchingFamily):
         return -torch.stack(out).squeeze(2)  # the model predicts x0 - noise: negated into the velocity
 
     # -- sampling
-    def sample(self, prompt: str, generator: torch.Generator, width: int, height: int, steps: int,
-               guidance: float | None):
+    def sample(
+        self, prompt: str, generator: torch.Generator, width: int, height: int, steps: int, guidance: float | None
+    ):
         import diffusers
 
         parts = self.parts
-        pipe = diffusers.ZImagePipeline(scheduler=parts.scheduler, vae=parts.vae, text_encoder=None, tokenizer=None,
-                                        transformer=parts.denoiser)
+        pipe = diffusers.ZImagePipeline(
+            scheduler=parts.scheduler, vae=parts.vae, text_encoder=None, tokenizer=None, transformer=parts.denoiser
+        )
         pipe.set_progress_bar_config(disable=True)
         cond, negative = (self.sampling_cond[p]["prompt_embeds"].to(self.device, self.dtype) for p in (prompt, ""))
-        return pipe(prompt_embeds=[cond], negative_prompt_embeds=[negative], guidance_scale=self.guidance(guidance),
-                    num_inference_steps=steps, height=height, width=width, generator=generator).images[0]
+        return pipe(
+            prompt_embeds=[cond],
+            negative_prompt_embeds=[negative],
+            guidance_scale=self.guidance(guidance),
+            num_inference_steps=steps,
+            height=height,
+            width=width,
+            generator=generator,
+        ).images[0]
 
     # -- outputs
     @staticmethod
@@ -94,6 +112,9 @@ class ZImage(FlowMatchingFamily):
         return comfy_layout(denoiser)
 
     def kohya_metadata(self) -> dict[str, str]:
-        return {"ss_network_module": "networks.lora_zimage", "ss_base_model_version": "z_image",
-                "modelspec.architecture": "Z-Image/lora",
-                "modelspec.implementation": "https://github.com/Tongyi-MAI/Z-Image"}
+        return {
+            "ss_network_module": "networks.lora_zimage",
+            "ss_base_model_version": "z_image",
+            "modelspec.architecture": "Z-Image/lora",
+            "modelspec.implementation": "https://github.com/Tongyi-MAI/Z-Image",
+        }

@@ -1,8 +1,8 @@
 """LoRA file formats: diffusers (this trainer's main file), kohya/A1111/ComfyUI, peft (LLM adapters).
 
-    read_lora(path)                         -> LoraFile (weights in one form, whatever the format)
-    write_lora(path, lora, "kohya")         writes it in a format
-    write_kohya_file(cfg, out, weights, ...) the kohya file a finished Stable Diffusion run writes
+read_lora(path)                         -> LoraFile (weights in one form, whatever the format)
+write_lora(path, lora, "kohya")         writes it in a format
+write_kohya_file(cfg, out, weights, ...) the kohya file a finished Stable Diffusion run writes
 """
 
 from __future__ import annotations
@@ -118,8 +118,9 @@ def _sibling_adapter_config(path: Path) -> dict[str, Any]:
     return json.loads(sibling.read_text())
 
 
-def encode(lora: LoraFile, fmt: str, unet_config: Mapping[str, Any] | None = None,
-           training: Mapping[str, str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def encode(
+    lora: LoraFile, fmt: str, unet_config: Mapping[str, Any] | None = None, training: Mapping[str, str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of `lora` in format `fmt`."""
     if fmt == "kohya":
         return to_kohya(lora.loras, unet_config), kohya_metadata(lora.loras, lora.metadata, training)
@@ -128,8 +129,13 @@ def encode(lora: LoraFile, fmt: str, unet_config: Mapping[str, Any] | None = Non
     raise ModelError(f"unknown LoRA format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
-def write_lora(path: str | Path, lora: LoraFile, fmt: str, unet_config: Mapping[str, Any] | None = None,
-               training: Mapping[str, str] | None = None) -> Path:
+def write_lora(
+    path: str | Path,
+    lora: LoraFile,
+    fmt: str,
+    unet_config: Mapping[str, Any] | None = None,
+    training: Mapping[str, str] | None = None,
+) -> Path:
     from ..checkpoint import save_safetensors
 
     tensors, metadata = encode(lora, fmt, unet_config, training)
@@ -168,10 +174,15 @@ def training_metadata(cfg) -> dict[str, str]:
     return {k: str(v) for k, v in values.items() if v is not None}
 
 
-def write_kohya_file(cfg, out: Path, weights: dict[str, torch.Tensor], meta: dict[str, str],
-                     unet_config: Mapping[str, Any] | None) -> list[tuple[Path, str]]:
+def write_kohya_file(
+    cfg, out: Path, weights: dict[str, torch.Tensor], meta: dict[str, str], unet_config: Mapping[str, Any] | None
+) -> list[tuple[Path, str]]:
     """<output_name>.kohya.safetensors of a Stable Diffusion run: the run's diffusers weights in kohya's keys
     (LDM UNet names where `unet_config` is given, as kohya writes SDXL). Returns [(path, "kohya")]."""
     lora = LoraFile(from_diffusers(weights, meta), dict(meta), "diffusers")
-    return [(write_lora(out / kohya_name(cfg.output_name), lora, "kohya", unet_config,
-                        training=training_metadata(cfg)), "kohya")]
+    return [
+        (
+            write_lora(out / kohya_name(cfg.output_name), lora, "kohya", unet_config, training=training_metadata(cfg)),
+            "kohya",
+        )
+    ]

@@ -37,16 +37,53 @@ COMPOUND_NAMES = tuple(
     for name in sorted(
         {
             # diffusers UNet
-            "down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "conv_norm_out", "time_embedding",
-            "linear_1", "linear_2", "time_emb_proj", "conv_shortcut", "transformer_blocks", "proj_in", "proj_out",
-            "to_q", "to_k", "to_v", "to_out", "add_k_proj", "add_v_proj", "to_add_out", "add_embedding",
-            "class_embedding", "encoder_hid_proj",
+            "down_blocks",
+            "up_blocks",
+            "mid_block",
+            "conv_in",
+            "conv_out",
+            "conv_norm_out",
+            "time_embedding",
+            "linear_1",
+            "linear_2",
+            "time_emb_proj",
+            "conv_shortcut",
+            "transformer_blocks",
+            "proj_in",
+            "proj_out",
+            "to_q",
+            "to_k",
+            "to_v",
+            "to_out",
+            "add_k_proj",
+            "add_v_proj",
+            "to_add_out",
+            "add_embedding",
+            "class_embedding",
+            "encoder_hid_proj",
             # LDM UNet
-            "input_blocks", "middle_block", "output_blocks", "in_layers", "out_layers", "emb_layers",
-            "skip_connection", "time_embed", "label_emb",
+            "input_blocks",
+            "middle_block",
+            "output_blocks",
+            "in_layers",
+            "out_layers",
+            "emb_layers",
+            "skip_connection",
+            "time_embed",
+            "label_emb",
             # CLIP text encoders
-            "text_model", "token_embedding", "position_embedding", "self_attn", "q_proj", "k_proj", "v_proj",
-            "out_proj", "layer_norm1", "layer_norm2", "final_layer_norm", "text_projection",
+            "text_model",
+            "token_embedding",
+            "position_embedding",
+            "self_attn",
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "out_proj",
+            "layer_norm1",
+            "layer_norm2",
+            "final_layer_norm",
+            "text_projection",
         },
         key=lambda n: (-n.count("_"), n),
     )
@@ -76,8 +113,9 @@ def text_prefixes(two_text_encoders: bool) -> dict[str, str]:
     return {"text_encoder": "lora_te"}
 
 
-def kohya_name(component: str, path: str, two_text_encoders: bool = False,
-               unet_config: Mapping[str, Any] | None = None) -> str:
+def kohya_name(
+    component: str, path: str, two_text_encoders: bool = False, unet_config: Mapping[str, Any] | None = None
+) -> str:
     """('unet', 'down_blocks.1.attentions.0.proj_in') -> 'lora_unet_down_blocks_1_attentions_0_proj_in';
     with unet_config, the UNet name is written in LDM spelling ('lora_unet_input_blocks_4_1_proj_in' for
     SD 1.5). Text-encoder paths always carry 'text_model.', as A1111 and ComfyUI look them up."""
@@ -111,6 +149,7 @@ def parse_kohya_name(name: str, unet_config: Mapping[str, Any] | None = None) ->
 
 def same_module(a: tuple[str, str], b: tuple[str, str]) -> bool:
     """Equal up to the 'text_model.' that transformers >= 5.6 drops from CLIPTextModel paths."""
+
     def norm(key):
         component, path = key
         return component, path.removeprefix("text_model.") if component in TEXT_ENCODERS else path
@@ -131,7 +170,10 @@ def from_kohya(tensors: dict[str, torch.Tensor], unet_config: Mapping[str, Any] 
     for name in sorted(names):
         down, up = tensors.get(f"{name}.lora_down.weight"), tensors.get(f"{name}.lora_up.weight")
         extra = {k for k in tensors if k.startswith(name + ".")} - {
-            f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"}
+            f"{name}.lora_down.weight",
+            f"{name}.lora_up.weight",
+            f"{name}.alpha",
+        }
         if extra:
             raise ModelError(f"unsupported kohya LoRA keys (LoHa/LoKr/DoRA are not LoRA): {sorted(extra)[:3]}")
         if down is None or up is None:
@@ -150,8 +192,10 @@ def to_kohya(loras: LoraSet, unet_config: Mapping[str, Any] | None = None) -> di
         name = kohya_name(component, path, two, unet_config)
         back = parse_kohya_name(name, unet_config)
         if not same_module(back, (component, path)):
-            raise ModelError(f"{component} module {path} cannot be written unambiguously as a kohya name "
-                             f"({name} would read back as {back[1]})")
+            raise ModelError(
+                f"{component} module {path} cannot be written unambiguously as a kohya name "
+                f"({name} would read back as {back[1]})"
+            )
         if name + ".lora_down.weight" in out:
             raise ModelError(f"two modules map to the same kohya name {name}")
         out[name + ".lora_down.weight"] = weight.down.contiguous()
@@ -180,6 +224,7 @@ def base_model_version(loras: LoraSet, family: str | None = None) -> tuple[str, 
 
 def network_shape(loras: LoraSet) -> dict[str, str]:
     """ss_network_dim/alpha for the linear (and 1x1 conv) modules; 3x3 convs are kohya's conv_dim/alpha."""
+
     def is_conv3(w: LoraWeight) -> bool:
         return w.down.dim() == 4 and tuple(w.down.shape[2:]) != (1, 1)
 
@@ -191,14 +236,17 @@ def network_shape(loras: LoraSet) -> dict[str, str]:
         meta["ss_network_alpha"] = f"{_most_common([w.alpha for w in linear]):g}"
     args = {}
     if conv:
-        args = {"conv_dim": str(_most_common([w.rank for w in conv])),
-                "conv_alpha": f"{_most_common([w.alpha for w in conv]):g}"}
+        args = {
+            "conv_dim": str(_most_common([w.rank for w in conv])),
+            "conv_alpha": f"{_most_common([w.alpha for w in conv]):g}",
+        }
     meta["ss_network_args"] = json.dumps(args)
     return meta
 
 
-def kohya_metadata(loras: LoraSet, metadata: Mapping[str, str], training: Mapping[str, str] | None = None,
-                   now: float | None = None) -> dict[str, str]:
+def kohya_metadata(
+    loras: LoraSet, metadata: Mapping[str, str], training: Mapping[str, str] | None = None, now: float | None = None
+) -> dict[str, str]:
     """ss_* (kohya/A1111's additional-networks) and modelspec.* (Stability's model spec) keys.
     Keys already in `metadata` win, so a file converted back and forth keeps its original values."""
     version, architecture, v2 = base_model_version(loras, metadata.get("model_family"))

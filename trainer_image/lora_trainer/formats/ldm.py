@@ -22,8 +22,13 @@ LDM_CLIP_PREFIX = "cond_stage_model.transformer."
 SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # CLIP ViT-L, the transformers layout
 SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # OpenCLIP bigG, OpenCLIP's own layout
 # inside an OpenCLIP residual block: transformers name -> OpenCLIP name (q/k/v are fused into in_proj)
-OPEN_CLIP_LAYER_NAMES = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
-                         "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+OPEN_CLIP_LAYER_NAMES = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
 
 # inside a UNet ResNet block: diffusers name -> LDM name (ResBlock's Sequential indices)
 UNET_RESNET_NAMES = {
@@ -77,8 +82,11 @@ def unet_block_map(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     mid = config.get("mid_block_type") or "UNetMidBlock2DCrossAttn"
     if mid not in SUPPORTED_MID_BLOCKS:
         raise ModelError(f"UNet mid_block_type {mid} has no LDM layout here (supported: {SUPPORTED_MID_BLOCKS})")
-    pairs += [("mid_block.resnets.0", "middle_block.0"), ("mid_block.attentions.0", "middle_block.1"),
-              ("mid_block.resnets.1", "middle_block.2")]
+    pairs += [
+        ("mid_block.resnets.0", "middle_block.0"),
+        ("mid_block.attentions.0", "middle_block.1"),
+        ("mid_block.resnets.1", "middle_block.2"),
+    ]
     ups = config["up_block_types"]
     for b, kind in enumerate(ups):
         for j in range(n + 1):
@@ -134,9 +142,11 @@ def vae_block_map(config: Mapping[str, Any]) -> list[tuple[str, str]]:
     n = config["layers_per_block"]
     pairs = [("encoder.conv_norm_out", "encoder.norm_out"), ("decoder.conv_norm_out", "decoder.norm_out")]
     for side in ("encoder", "decoder"):
-        pairs += [(f"{side}.mid_block.resnets.0", f"{side}.mid.block_1"),
-                  (f"{side}.mid_block.resnets.1", f"{side}.mid.block_2"),
-                  (f"{side}.mid_block.attentions.0", f"{side}.mid.attn_1")]
+        pairs += [
+            (f"{side}.mid_block.resnets.0", f"{side}.mid.block_1"),
+            (f"{side}.mid_block.resnets.1", f"{side}.mid.block_2"),
+            (f"{side}.mid_block.attentions.0", f"{side}.mid.attn_1"),
+        ]
     for i in range(downs):
         for j in range(n):
             pairs.append((f"encoder.down_blocks.{i}.resnets.{j}", f"encoder.down.{i}.block.{j}"))
@@ -182,9 +192,13 @@ def open_clip_state(text_encoder: Mapping[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
-def ldm_checkpoint(unet: dict[str, torch.Tensor], vae: dict[str, torch.Tensor],
-                   text_encoders: list[dict[str, torch.Tensor]], unet_config: Mapping[str, Any],
-                   vae_config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def ldm_checkpoint(
+    unet: dict[str, torch.Tensor],
+    vae: dict[str, torch.Tensor],
+    text_encoders: list[dict[str, torch.Tensor]],
+    unet_config: Mapping[str, Any],
+    vae_config: Mapping[str, Any],
+) -> dict[str, torch.Tensor]:
     """A single-file checkpoint (what A1111, ComfyUI and diffusers' from_single_file read): SD 1.x with one
     text encoder, SDXL with two."""
     out: dict[str, torch.Tensor] = {}

@@ -71,8 +71,14 @@ def adapter_metadata(metadata: dict[str, str] | None) -> dict:
     return parsed if isinstance(parsed, dict) else {}
 
 
-def diffusers_alpha(component: str, path: str, rank: int, tensors: dict[str, torch.Tensor],
-                    adapter: dict, metadata: dict[str, str] | None) -> float:
+def diffusers_alpha(
+    component: str,
+    path: str,
+    rank: int,
+    tensors: dict[str, torch.Tensor],
+    adapter: dict,
+    metadata: dict[str, str] | None,
+) -> float:
     """Alpha as diffusers would apply it: a `.alpha` tensor, then the adapter metadata, then the file's
     `alpha` metadata (this trainer's), else rank (scale 1, diffusers' default)."""
     alpha_key = f"{component}.{path}.alpha"
@@ -110,14 +116,17 @@ def from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | 
             break
     unknown = sorted(set(tensors) - used)
     if unknown:
-        raise ModelError(f"not a diffusers-format LoRA: {len(unknown)} key(s) are not LoRA down/up/alpha "
-                         f"weights, e.g. {unknown[:3]}")
+        raise ModelError(
+            f"not a diffusers-format LoRA: {len(unknown)} key(s) are not LoRA down/up/alpha weights, e.g. {unknown[:3]}"
+        )
     if not out:
         raise ModelError("the file holds no LoRA weights")
     return out
 
 
-def to_diffusers(loras: LoraSet, metadata: dict[str, str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def to_diffusers(
+    loras: LoraSet, metadata: dict[str, str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The keys this trainer writes (what diffusers' own training scripts write), and metadata whose
     lora_adapter_metadata carries rank and alpha per component, so load_lora_weights applies the real alpha."""
     tensors: dict[str, torch.Tensor] = {}
@@ -184,7 +193,6 @@ def adapter_configs(loras: LoraSet) -> dict:
 
 def only(loras: LoraSet, component: str) -> dict[str, LoraWeight]:
     return {path: w for (c, path), w in loras.items() if c == component}
-
 
 
 def diffusers_lora_metadata(prefix: str, rank: int, alpha: float, targets: list[str]) -> dict:

@@ -62,8 +62,9 @@ def to_native(loras: LoraSet, layout: NativeLayout) -> dict[str, torch.Tensor]:
     trained = {path: w for (component, path), w in loras.items() if component == COMPONENT}
     unknown = sorted(set(trained) - set(index))
     if unknown:
-        raise ModelError(f"{len(unknown)} trained module(s) have no name in the original checkpoint layout, "
-                         f"e.g. {unknown[:3]}")
+        raise ModelError(
+            f"{len(unknown)} trained module(s) have no name in the original checkpoint layout, e.g. {unknown[:3]}"
+        )
     out: dict[str, torch.Tensor] = {}
     for module in layout.modules:
         parts = [(trained.get(path), rows) for path, rows in module.parts]
@@ -76,8 +77,10 @@ def fuse(module: NativeModule, parts: list[tuple[LoraWeight | None, int]]) -> di
     present = [w for w, _ in parts if w is not None]
     alphas = {w.alpha / w.rank for w in present}
     if len(alphas) > 1:
-        raise ModelError(f"{module.name}: its parts were trained with different alpha/rank; kohya's one alpha "
-                         "per module cannot hold them")
+        raise ModelError(
+            f"{module.name}: its parts were trained with different alpha/rank; kohya's one alpha "
+            "per module cannot hold them"
+        )
     down = torch.cat([w.down for w in present])  # (n * r, in)
     sizes = [w.up.shape[0] if w is not None else rows for w, rows in parts]
     up = torch.zeros(sum(sizes), down.shape[0], dtype=present[0].up.dtype)
@@ -90,8 +93,11 @@ def fuse(module: NativeModule, parts: list[tuple[LoraWeight | None, int]]) -> di
     if module.swap_halves:
         up = torch.cat(up.chunk(2)[::-1])
     alpha = present[0].alpha * len(present) if len(present) > 1 else present[0].alpha
-    return {f"{module.key}.lora_down.weight": down.contiguous(), f"{module.key}.lora_up.weight": up.contiguous(),
-            f"{module.key}.alpha": torch.tensor(float(alpha), dtype=torch.float32)}
+    return {
+        f"{module.key}.lora_down.weight": down.contiguous(),
+        f"{module.key}.lora_up.weight": up.contiguous(),
+        f"{module.key}.alpha": torch.tensor(float(alpha), dtype=torch.float32),
+    }
 
 
 def from_native(tensors: dict[str, torch.Tensor], layout: NativeLayout) -> LoraSet:
@@ -126,9 +132,12 @@ def split(module: NativeModule, down: torch.Tensor, up: torch.Tensor, alpha: flo
     for parts in (list(range(len(blocks))), trained):  # every part trained (some maybe to zero), or a subset
         if parts and rank % len(parts) == 0 and _block_diagonal(blocks, parts, rank // len(parts)):
             r = rank // len(parts)
-            return {(COMPONENT, module.parts[i][0]): LoraWeight(down[j * r : (j + 1) * r],
-                                                                blocks[i][:, j * r : (j + 1) * r], alpha * r / rank)
-                    for j, i in enumerate(parts)}
+            return {
+                (COMPONENT, module.parts[i][0]): LoraWeight(
+                    down[j * r : (j + 1) * r], blocks[i][:, j * r : (j + 1) * r], alpha * r / rank
+                )
+                for j, i in enumerate(parts)
+            }
     return {(COMPONENT, module.parts[i][0]): LoraWeight(down, blocks[i], alpha) for i in trained}
 
 
@@ -142,8 +151,9 @@ def _block_diagonal(blocks, parts: list[int], r: int) -> bool:
     return True
 
 
-def native_metadata(loras: LoraSet, family_keys: dict[str, str], training: dict[str, str],
-                    now: float | None = None) -> dict[str, str]:
+def native_metadata(
+    loras: LoraSet, family_keys: dict[str, str], training: dict[str, str], now: float | None = None
+) -> dict[str, str]:
     """ss_* and modelspec.* keys as the kohya-style trainers write them (never lora_adapter_metadata, which
     would make diffusers read the file as its own)."""
     weights = list(loras.values())
@@ -161,8 +171,14 @@ def native_metadata(loras: LoraSet, family_keys: dict[str, str], training: dict[
     return meta
 
 
-def write_native_file(cfg, out: Path, weights: dict[str, torch.Tensor], meta: dict[str, str], layout: NativeLayout,
-                      family_keys: dict[str, str]) -> list[tuple[Path, str]]:
+def write_native_file(
+    cfg,
+    out: Path,
+    weights: dict[str, torch.Tensor],
+    meta: dict[str, str],
+    layout: NativeLayout,
+    family_keys: dict[str, str],
+) -> list[tuple[Path, str]]:
     """<output_name>.kohya.safetensors of a diffusion-transformer run. Returns [(path, "kohya")]."""
     from ..checkpoint import save_safetensors
     from . import training_metadata

@@ -37,13 +37,19 @@ def output_captions_path(cfg) -> Path:
     return Path(cfg.output_dir) / CAPTIONS
 
 
-def scan_captioned_folder(cfg, captioner=None, progress: Callable[[int, int], None] | None = None
-                          ) -> ImageFolderScan:
+def scan_captioned_folder(cfg, captioner=None, progress: Callable[[int, int], None] | None = None) -> ImageFolderScan:
     """scan_image_folder with the config's caption settings; with auto_label, captions what is missing first
     (telling `progress(done, total)` as it goes)."""
+
     def scan(metadata_path, allow_missing=False):
-        return scan_image_folder(cfg.train_data_dir, metadata_path, cfg.caption_extension, cfg.image_column,
-                                 cfg.caption_column, allow_missing_captions=allow_missing)
+        return scan_image_folder(
+            cfg.train_data_dir,
+            metadata_path,
+            cfg.caption_extension,
+            cfg.image_column,
+            cfg.caption_column,
+            allow_missing_captions=allow_missing,
+        )
 
     if not cfg.auto_label:
         return scan(cfg.metadata_path)
@@ -61,8 +67,11 @@ def scan_captioned_folder(cfg, captioner=None, progress: Callable[[int, int], No
         rows.update(caption_missing(cfg, todo, folder, captioner, progress))
     target = write_captions(cfg, rows)
     where = f"output_dir/{CAPTIONS}" if target == output_captions_path(cfg) else str(target)
-    source = (f"{first.caption_source} + auto_label: {len(todo)} captioned by {cfg.label_model}"
-              + (f", {len(reused)} from an earlier attempt" if reused else "") + f" (in {where})")
+    source = (
+        f"{first.caption_source} + auto_label: {len(todo)} captioned by {cfg.label_model}"
+        + (f", {len(reused)} from an earlier attempt" if reused else "")
+        + f" (in {where})"
+    )
     return dataclasses.replace(scan(str(target)), caption_source=source)
 
 
@@ -74,16 +83,18 @@ def previous_output_captions(cfg) -> dict[str, str]:
     return {k: v for k, v in read_metadata_csv(path, cfg.image_column, cfg.caption_column).items() if v}
 
 
-def caption_missing(cfg, paths: list[Path], folder: Path, captioner=None,
-                    progress: Callable[[int, int], None] | None = None) -> dict[str, str]:
+def caption_missing(
+    cfg, paths: list[Path], folder: Path, captioner=None, progress: Callable[[int, int], None] | None = None
+) -> dict[str, str]:
     from .captioner import Captioner
 
     log.info("auto_label: captioning %d image(s) with %s", len(paths), cfg.label_model)
     if progress:
         progress(0, len(paths))  # before the model loads, which may take longer than captioning
     model = captioner or Captioner(cfg.label_model)
-    captions, failed = caption_images(paths, model, cfg.label_batch_size, cfg.caption_prefix, cfg.caption_suffix,
-                                      progress)
+    captions, failed = caption_images(
+        paths, model, cfg.label_batch_size, cfg.caption_prefix, cfg.caption_suffix, progress
+    )
     if failed:
         listed = "; ".join(f"{relative_name(p, folder)}: {why}" for p, why in failed[:5])
         raise DatasetError(f"auto_label could not caption {len(failed)} image(s): {listed}")

@@ -40,8 +40,14 @@ def pick_device(device: str):
 class Captioner:
     """caption(images) -> one caption per PIL image, in order."""
 
-    def __init__(self, model: str = DEFAULT_LABEL_MODEL, device: str = "auto", max_new_tokens: int = 40,
-                 num_beams: int = 1, prompt: str | None = None):
+    def __init__(
+        self,
+        model: str = DEFAULT_LABEL_MODEL,
+        device: str = "auto",
+        max_new_tokens: int = 40,
+        num_beams: int = 1,
+        prompt: str | None = None,
+    ):
         self.model_name, self.device_name = model, device
         self.max_new_tokens, self.num_beams, self.prompt = max_new_tokens, num_beams, prompt
         self.model: Any = None
@@ -74,7 +80,8 @@ class Captioner:
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         with torch.no_grad():
-            ids = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams,
-                                      do_sample=False)
+            ids = self.model.generate(
+                **inputs, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=False
+            )
         texts = self.processor.batch_decode(ids, skip_special_tokens=True)
         return [" ".join(text.split()) for text in texts]  # one line each; a prompt BLIP echoes stays

@@ -23,23 +23,46 @@ from .captioner import DEFAULT_LABEL_MODEL
 log = logging.getLogger("lora_trainer")
 
 # trainer config keys lora-label reads from --config (the same keys auto_label uses)
-CONFIG_KEYS = {"label_model": "model", "caption_prefix": "prefix", "caption_suffix": "suffix",
-               "label_batch_size": "batch_size", "caption_extension": "caption_extension",
-               "image_column": "image_column", "caption_column": "caption_column"}
-DEFAULTS = {"model": DEFAULT_LABEL_MODEL, "prefix": "", "suffix": "", "batch_size": 8, "caption_extension": ".txt",
-            "image_column": "file_name", "caption_column": "text"}
+CONFIG_KEYS = {
+    "label_model": "model",
+    "caption_prefix": "prefix",
+    "caption_suffix": "suffix",
+    "label_batch_size": "batch_size",
+    "caption_extension": "caption_extension",
+    "image_column": "image_column",
+    "caption_column": "caption_column",
+}
+DEFAULTS = {
+    "model": DEFAULT_LABEL_MODEL,
+    "prefix": "",
+    "suffix": "",
+    "batch_size": 8,
+    "caption_extension": ".txt",
+    "image_column": "file_name",
+    "caption_column": "text",
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="lora-label", description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", "-i", required=True, help="folder of images (searched recursively)")
     parser.add_argument("--output", "-o", help="captions CSV to write (default: <input>/metadata.csv)")
-    parser.add_argument("--config", "-c", help="a lora-train config: label_model, caption_prefix, caption_suffix, "
-                                               "label_batch_size (flags override it)")
-    parser.add_argument("--model", "-m", help=f"captioning model: hub id, local folder or preset:tiny-blip "
-                                              f"(default {DEFAULT_LABEL_MODEL})")
-    parser.add_argument("--prefix", "--trigger-word", dest="prefix",
-                        help="put before every new caption, comma-separated: 'sks' -> 'sks, a photo of ...'")
+    parser.add_argument(
+        "--config",
+        "-c",
+        help="a lora-train config: label_model, caption_prefix, caption_suffix, label_batch_size (flags override it)",
+    )
+    parser.add_argument(
+        "--model",
+        "-m",
+        help=f"captioning model: hub id, local folder or preset:tiny-blip (default {DEFAULT_LABEL_MODEL})",
+    )
+    parser.add_argument(
+        "--prefix",
+        "--trigger-word",
+        dest="prefix",
+        help="put before every new caption, comma-separated: 'sks' -> 'sks, a photo of ...'",
+    )
     parser.add_argument("--suffix", help="put after every new caption, comma-separated")
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default 8)")
     parser.add_argument("--overwrite", action="store_true", help="caption every image, replacing existing captions")
@@ -91,10 +114,18 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(args.input)
         output = Path(args.output) if args.output else folder / "metadata.csv"
         model = Captioner(settings["model"], args.device, args.max_new_tokens, args.beams, args.prompt)
-        report = label_folder(folder, output, model, overwrite=args.overwrite, batch_size=settings["batch_size"],
-                              prefix=settings["prefix"], suffix=settings["suffix"],
-                              caption_extension=settings["caption_extension"],
-                              image_column=settings["image_column"], caption_column=settings["caption_column"])
+        report = label_folder(
+            folder,
+            output,
+            model,
+            overwrite=args.overwrite,
+            batch_size=settings["batch_size"],
+            prefix=settings["prefix"],
+            suffix=settings["suffix"],
+            caption_extension=settings["caption_extension"],
+            image_column=settings["image_column"],
+            caption_column=settings["caption_column"],
+        )
     except TrainError as err:
         log.error("%s (exit %d, %s)", err, err.exit_code, err.reason)
         return err.exit_code

@@ -54,8 +54,13 @@ def relative_name(path: Path, folder: Path) -> str:
     return path.relative_to(folder).as_posix()
 
 
-def existing_captions(folder: Path, csv_paths: Sequence[Path], caption_extension: str = ".txt",
-                      image_column: str = "file_name", caption_column: str = "text") -> dict[str, str]:
+def existing_captions(
+    folder: Path,
+    csv_paths: Sequence[Path],
+    caption_extension: str = ".txt",
+    image_column: str = "file_name",
+    caption_column: str = "text",
+) -> dict[str, str]:
     """file name -> caption from .txt files beside the images, overridden by the CSVs that exist (later wins)."""
     captions = {}
     for image in list_images(folder):
@@ -75,9 +80,14 @@ def chunks(items: Sequence, size: int) -> list[Sequence]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def caption_images(paths: list[Path], model: CaptionModel, batch_size: int = 8, prefix: str = "",
-                   suffix: str = "", progress: Callable[[int, int], None] | None = None
-                   ) -> tuple[dict[Path, str], list[tuple[Path, str]]]:
+def caption_images(
+    paths: list[Path],
+    model: CaptionModel,
+    batch_size: int = 8,
+    prefix: str = "",
+    suffix: str = "",
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[dict[Path, str], list[tuple[Path, str]]]:
     """(captions, failures). Unreadable images fail alone; a failing batch is retried one image at a time."""
     captions: dict[Path, str] = {}
     failed: list[tuple[Path, str]] = []
@@ -123,8 +133,9 @@ def render_csv(rows: dict[str, str], image_column: str = "file_name", caption_co
     return buffer.getvalue()
 
 
-def write_metadata_csv(path: Path, rows: dict[str, str], image_column: str = "file_name",
-                       caption_column: str = "text") -> Path:
+def write_metadata_csv(
+    path: Path, rows: dict[str, str], image_column: str = "file_name", caption_column: str = "text"
+) -> Path:
     from ..files import atomic_write
 
     text = render_csv(rows, image_column, caption_column)
@@ -132,9 +143,19 @@ def write_metadata_csv(path: Path, rows: dict[str, str], image_column: str = "fi
     return path
 
 
-def label_folder(folder: Path, output: Path, model: CaptionModel, *, overwrite: bool = False, batch_size: int = 8,
-                 prefix: str = "", suffix: str = "", caption_extension: str = ".txt", image_column: str = "file_name",
-                 caption_column: str = "text") -> LabelReport:
+def label_folder(
+    folder: Path,
+    output: Path,
+    model: CaptionModel,
+    *,
+    overwrite: bool = False,
+    batch_size: int = 8,
+    prefix: str = "",
+    suffix: str = "",
+    caption_extension: str = ".txt",
+    image_column: str = "file_name",
+    caption_column: str = "text",
+) -> LabelReport:
     """Captions every image under `folder` that has no caption (all of them with overwrite) into `output`."""
     if not folder.is_dir():
         raise DatasetError(f"--input {folder} is not a folder")
@@ -142,8 +163,9 @@ def label_folder(folder: Path, output: Path, model: CaptionModel, *, overwrite: 
     if not images:
         raise DatasetError(f"{folder} holds no images")
     names = {p: relative_name(p, folder) for p in images}
-    existing = existing_captions(folder, [folder / "metadata.csv", output], caption_extension, image_column,
-                                 caption_column)
+    existing = existing_captions(
+        folder, [folder / "metadata.csv", output], caption_extension, image_column, caption_column
+    )
     stale = sorted(set(existing) - set(names.values()))
     if stale:
         log.warning("dropping %d caption(s) of images that no longer exist: %s", len(stale), ", ".join(stale[:5]))
@@ -161,7 +183,8 @@ def label_folder(folder: Path, output: Path, model: CaptionModel, *, overwrite: 
     report.kept = sorted(set(rows) - set(report.captioned))
     report.failed = sorted((names[p], why) for p, why in failed)
     if todo and not captions and not report.kept:
-        raise DatasetError(f"no image under {folder} could be captioned: " +
-                           "; ".join(f"{n}: {why}" for n, why in report.failed[:5]))
+        raise DatasetError(
+            f"no image under {folder} could be captioned: " + "; ".join(f"{n}: {why}" for n, why in report.failed[:5])
+        )
     write_metadata_csv(output, rows, image_column, caption_column)
     return report

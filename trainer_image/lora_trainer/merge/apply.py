@@ -21,14 +21,17 @@ def find_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
             return model.get_submodule(candidate)
         except AttributeError:
             continue
-    raise ModelError(f"the LoRA adapts module {path}, which the base model does not have "
-                     "(a LoRA for another model architecture?)")
+    raise ModelError(
+        f"the LoRA adapts module {path}, which the base model does not have (a LoRA for another model architecture?)"
+    )
 
 
 def check_shape(path: str, weight: torch.Tensor, delta: torch.Tensor) -> None:
     if weight.shape != delta.shape:
-        raise ModelError(f"LoRA for {path} has shape {tuple(delta.shape)}, the base weight {tuple(weight.shape)} "
-                         "(a LoRA for another base model?)")
+        raise ModelError(
+            f"LoRA for {path} has shape {tuple(delta.shape)}, the base weight {tuple(weight.shape)} "
+            "(a LoRA for another base model?)"
+        )
 
 
 @torch.no_grad()

@@ -28,8 +28,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     merge = sub.add_parser("merge", help="merge LoRAs into the base model and save it")
     merge.add_argument("--base", required=True, help="base model: folder, .safetensors file or preset:<name>")
     merge.add_argument("--base-config", help="for a single-file base: a diffusers folder with the configs")
-    merge.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                       help="a LoRA file (or peft adapter folder) and its scale, default 1 (repeatable)")
+    merge.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="a LoRA file (or peft adapter folder) and its scale, default 1 (repeatable)",
+    )
     merge.add_argument("--output", "-o", required=True, help="output folder, or a .safetensors file (SD 1.x)")
     merge.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="weights as saved")
 
@@ -37,11 +42,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     convert.add_argument("--to", required=True, choices=("kohya", "diffusers"), help="output format")
     convert.add_argument("input", help="LoRA .safetensors file")
     convert.add_argument("output", help="output .safetensors file")
-    convert.add_argument("--unet-names", choices=("diffusers", "ldm"), default="diffusers",
-                         help="kohya UNet names: diffusers blocks (kohya's SD 1.x/2.x files, default) or LDM "
-                              "blocks (input_blocks_..., kohya's SDXL files); ldm needs --base-config")
-    convert.add_argument("--base-config", help="diffusers model folder (or preset:<name>) for its UNet config; "
-                                               "needed to read or write LDM-spelled names")
+    convert.add_argument(
+        "--unet-names",
+        choices=("diffusers", "ldm"),
+        default="diffusers",
+        help="kohya UNet names: diffusers blocks (kohya's SD 1.x/2.x files, default) or LDM "
+        "blocks (input_blocks_..., kohya's SDXL files); ldm needs --base-config",
+    )
+    convert.add_argument(
+        "--base-config",
+        help="diffusers model folder (or preset:<name>) for its UNet config; needed to read or write LDM-spelled names",
+    )
     parser.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
     return parser.parse_args(argv)
 

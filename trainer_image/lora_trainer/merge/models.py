@@ -60,14 +60,17 @@ def base_kind(path: Path) -> str:
         return "sd"
     if (path / "config.json").is_file():
         return "llm"
-    raise ModelError(f"{path} is neither a diffusers pipeline (model_index.json) nor a transformers model (config.json)")
+    raise ModelError(
+        f"{path} is neither a diffusers pipeline (model_index.json) nor a transformers model (config.json)"
+    )
 
 
 def merge_record(base: str, specs: list[LoraSpec]) -> dict[str, Any]:
     """What was merged, so a merged model can always be traced to its LoRA files."""
-    return {"base_model": base,
-            "loras": [{"file": str(s.path), "scale": s.scale, "sha256": sha256_file(_weights_file(s.path))}
-                      for s in specs]}
+    return {
+        "base_model": base,
+        "loras": [{"file": str(s.path), "scale": s.scale, "sha256": sha256_file(_weights_file(s.path))} for s in specs],
+    }
 
 
 def _weights_file(path: Path) -> Path:
@@ -86,7 +89,9 @@ def load_sd(path: Path, base_config: str | None):
             return StableDiffusionPipeline.from_single_file(str(path), config=config, local_files_only=True)
         return DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"cannot load the base model {path}: {str(err).splitlines()[0] if str(err) else err}") from None
+        raise ModelError(
+            f"cannot load the base model {path}: {str(err).splitlines()[0] if str(err) else err}"
+        ) from None
 
 
 PIPELINE_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -111,8 +116,9 @@ def merge_into_sd(pipe, specs: list[LoraSpec]) -> None:
     for spec in specs:
         lora_file = read_lora(spec.path, unet_config, layout)
         if lora_file.format == "peft":
-            raise ModelError(f"{spec.path} is a peft (LLM) adapter; a Stable Diffusion base takes diffusers or "
-                             "kohya LoRA files")
+            raise ModelError(
+                f"{spec.path} is a peft (LLM) adapter; a Stable Diffusion base takes diffusers or kohya LoRA files"
+            )
         lora = lora_file.loras
         unknown = sorted({c for c, _ in lora} - set(modules))
         if unknown:
@@ -137,18 +143,23 @@ def save_single_file(pipe, output: Path, dtype: torch.dtype, record: dict[str, A
     from safetensors.torch import save_file
 
     if getattr(pipe, "unet", None) is None:
-        raise ModelError(f"single-file output is written for SD 1.x and SDXL; a {type(pipe).__name__} is saved as "
-                         "a diffusers folder: give --output a folder name")
+        raise ModelError(
+            f"single-file output is written for SD 1.x and SDXL; a {type(pipe).__name__} is saved as "
+            "a diffusers folder: give --output a folder name"
+        )
     encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
     if len(encoders) == 1 and pipe.text_encoder.config.hidden_act != "quick_gelu":
-        raise ModelError("single-file output is written for SD 1.x and SDXL; SD 2.x (an OpenCLIP ViT-H text "
-                         "encoder alone) is saved as a diffusers folder instead")
+        raise ModelError(
+            "single-file output is written for SD 1.x and SDXL; SD 2.x (an OpenCLIP ViT-H text "
+            "encoder alone) is saved as a diffusers folder instead"
+        )
 
     def state(module) -> dict[str, torch.Tensor]:
         return {k: v.to(dtype) for k, v in module.state_dict().items()}
 
-    tensors = ldm_checkpoint(state(pipe.unet), state(pipe.vae), [state(e) for e in encoders],
-                             dict(pipe.unet.config), dict(pipe.vae.config))
+    tensors = ldm_checkpoint(
+        state(pipe.unet), state(pipe.vae), [state(e) for e in encoders], dict(pipe.unet.config), dict(pipe.vae.config)
+    )
     metadata = {"format": "pt", "lora_merge": json.dumps(record)}
     atomic_write(output, lambda tmp: (save_file(tensors, str(tmp), metadata), sort_safetensors_metadata(tmp)))
     return output
@@ -162,7 +173,9 @@ def load_llm(path: Path):
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"cannot load the base model {path}: {str(err).splitlines()[0] if str(err) else err}") from None
+        raise ModelError(
+            f"cannot load the base model {path}: {str(err).splitlines()[0] if str(err) else err}"
+        ) from None
     return model, tokenizer
 
 
@@ -184,8 +197,7 @@ def save_llm(model, tokenizer, output: Path, dtype: torch.dtype, record: dict[st
     return output
 
 
-def merge(base: str, specs: list[LoraSpec], output: Path, dtype: str = "fp32",
-          base_config: str | None = None) -> Path:
+def merge(base: str, specs: list[LoraSpec], output: Path, dtype: str = "fp32", base_config: str | None = None) -> Path:
     """Loads `base`, adds every LoRA at its scale, saves to `output`. With no LoRA it converts the base
     model (e.g. a diffusers folder into a single-file checkpoint)."""
     path = resolve_base(base)

@@ -25,17 +25,28 @@ def build_tiny_llm(folder: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        additional_special_tokens=specials[3:], model_max_length=1024,
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=specials[3:],
+        model_max_length=1024,
     )
     tokenizer.chat_template = CHATML_TEMPLATE
     tokenizer.save_pretrained(folder)
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=vocab["<s>"],
+        eos_token_id=vocab["</s>"],
+        pad_token_id=vocab["<pad>"],
         tie_word_embeddings=False,
     )
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
@@ -44,8 +55,14 @@ def build_tiny_llm(folder: Path) -> None:
 def llama_1b_config(vocab_size: int) -> dict:
     """TinyLlama-1.1B's shape: 22 layers of 2048 with grouped-query attention."""
     return dict(
-        vocab_size=vocab_size, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-        num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False,
+        vocab_size=vocab_size,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
     )
 
 
@@ -57,6 +74,10 @@ def build_bench_llama_1b(folder: Path) -> None:
     build_tiny_llm(folder)  # tokenizer (and a tiny model, replaced below)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     torch.manual_seed(0)
-    config = LlamaConfig(**llama_1b_config(32000), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        **llama_1b_config(32000),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)

@@ -28,15 +28,37 @@ from ..redaction import redact
 log = logging.getLogger("lora_trainer")
 T = TypeVar("T")
 
-TRANSIENT_CODES = frozenset({
-    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException", "SlowDown",
-    "TooManyRequestsException", "RequestLimitExceeded", "RequestThrottled", "ProvisionedThroughputExceededException",
-    "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable", "PriorRequestNotComplete",
-})
-CREDENTIALS = frozenset({
-    "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "InvalidClientTokenId",
-    "AuthorizationHeaderMalformed", "MissingSecurityHeader", "AccountProblem", "AllAccessDisabled",
-})
+TRANSIENT_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottledException",
+        "SlowDown",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "RequestThrottled",
+        "ProvisionedThroughputExceededException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+        "PriorRequestNotComplete",
+    }
+)
+CREDENTIALS = frozenset(
+    {
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "InvalidToken",
+        "ExpiredToken",
+        "InvalidClientTokenId",
+        "AuthorizationHeaderMalformed",
+        "MissingSecurityHeader",
+        "AccountProblem",
+        "AllAccessDisabled",
+    }
+)
 
 
 class IntegrityError(Exception):
@@ -63,8 +85,7 @@ def make_client(endpoint_url: str | None = None, max_connections: int = 16, env:
     )
     # botocore reads AWS_DEFAULT_REGION only; the operator and most tools set AWS_REGION
     region = env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or None
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, region_name=region,
-                                          config=config)
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, region_name=region, config=config)
 
 
 def error_code(err: BaseException) -> tuple[str, int | None]:
@@ -90,8 +111,18 @@ def classify(err: BaseException) -> Kind | None:
         if code in ("NoSuchKey", "NotFound") or (status == 404 and code in ("404", "")):
             return Kind.NOT_FOUND
         return Kind.PERMANENT
-    if isinstance(err, (bx.ConnectionError, bx.HTTPClientError, bx.ResponseStreamingError, bx.FlexibleChecksumError,
-                        bx.IncompleteReadError, ConnectionError, TimeoutError)):
+    if isinstance(
+        err,
+        (
+            bx.ConnectionError,
+            bx.HTTPClientError,
+            bx.ResponseStreamingError,
+            bx.FlexibleChecksumError,
+            bx.IncompleteReadError,
+            ConnectionError,
+            TimeoutError,
+        ),
+    ):
         return Kind.TRANSIENT
     if isinstance(err, IntegrityError):
         return Kind.TRANSIENT
@@ -106,14 +137,20 @@ def describe(err: BaseException, what: str) -> str:
 
     code, status = error_code(err)
     if isinstance(err, bx.NoCredentialsError):
-        return (f"{what}: no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-                "a profile, or a pod role (IRSA / web identity)")
+        return (
+            f"{what}: no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "a profile, or a pod role (IRSA / web identity)"
+        )
     if code in CREDENTIALS:
-        return (f"{what}: S3 rejected the credentials ({code}); check AWS_ACCESS_KEY_ID / "
-                "AWS_SECRET_ACCESS_KEY (or the pod's role) and the endpoint")
+        return (
+            f"{what}: S3 rejected the credentials ({code}); check AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY (or the pod's role) and the endpoint"
+        )
     if status == 403 and code in ("403", ""):
-        return (f"{what}: S3 refused the request (HTTP 403): wrong credentials or no permission; check "
-                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the pod's role) and the bucket policy")
+        return (
+            f"{what}: S3 refused the request (HTTP 403): wrong credentials or no permission; check "
+            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the pod's role) and the bucket policy"
+        )
     if code == "AccessDenied":
         return f"{what}: access denied; the credentials lack permission for this bucket or prefix"
     if code == "NoSuchBucket" or (status == 404 and code in ("404", "")):
@@ -139,7 +176,7 @@ class Retry:
     rng: random.Random = field(default_factory=random.Random)
 
     def delay(self, attempt: int) -> float:
-        return self.rng.uniform(0, min(self.cap, self.base * 2 ** attempt))
+        return self.rng.uniform(0, min(self.cap, self.base * 2**attempt))
 
     def start(self) -> Backoff:
         return Backoff(self)
@@ -182,6 +219,7 @@ class Backoff:
 
 def probe_bucket(client: Any, bucket: str, retry: Retry) -> None:
     """Fails fast (StorageError) on wrong credentials or a missing bucket, before any work starts."""
+
     def missing(err: BaseException) -> None:
         raise StorageError(f"s3://{bucket}: the bucket does not exist (check the bucket name and endpoint)")
 

@@ -69,6 +69,7 @@ class DownloadStats:
 
 def list_objects(client: Any, uri: S3Uri, retry: Retry) -> list[dict[str, Any]]:
     """Every object under uri's folder prefix (paginated), as S3 lists them."""
+
     def page_all() -> list[dict[str, Any]]:
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=uri.bucket, Prefix=uri.folder_prefix)
         return [obj for page in pages for obj in page.get("Contents", [])]
@@ -84,8 +85,9 @@ def remote_objects(client: Any, uri: S3Uri, retry: Retry, invalid: type[TrainErr
         found = [RemoteObject(o["Key"], uri.relative(o["Key"]), o["Size"], o["ETag"].strip('"')) for o in objects]
         is_folder = True
     else:
-        head = retry.call(lambda: client.head_object(Bucket=uri.bucket, Key=uri.key), f"read {uri}",
-                          missing=lambda err: None)
+        head = retry.call(
+            lambda: client.head_object(Bucket=uri.bucket, Key=uri.key), f"read {uri}", missing=lambda err: None
+        )
         if head is None:
             raise invalid(f"{uri}: no such object or prefix (nothing is listed under it)")
         found = [RemoteObject(uri.key, uri.key, head["ContentLength"], head["ETag"].strip('"'))]
@@ -162,8 +164,10 @@ def fetch_unit(client: Any, bucket: str, unit: Unit, path: Path) -> bytes | None
     finally:
         os.close(fd)
     if offset - unit.offset != unit.length:
-        raise IntegrityError(f"s3://{bucket}/{unit.obj.key}: got {offset - unit.offset} bytes of part {unit.part}, "
-                             f"expected {unit.length}")
+        raise IntegrityError(
+            f"s3://{bucket}/{unit.obj.key}: got {offset - unit.offset} bytes of part {unit.part}, "
+            f"expected {unit.length}"
+        )
     return None if digest is None else digest.digest()
 
 
@@ -194,8 +198,13 @@ class CacheIndex:
         return stat.st_size == obj.size and stat.st_mtime_ns == entry["mtime_ns"]
 
     def add(self, obj: RemoteObject, local: Path) -> None:
-        entry = {"key": obj.key, "relative": obj.relative, "etag": obj.etag, "size": obj.size,
-                 "mtime_ns": local.stat().st_mtime_ns}
+        entry = {
+            "key": obj.key,
+            "relative": obj.relative,
+            "etag": obj.etag,
+            "size": obj.size,
+            "mtime_ns": local.stat().st_mtime_ns,
+        }
         self.entries[obj.key] = entry
         if self._handle is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,8 +237,12 @@ class Downloader:
     def local_path(self, uri: S3Uri) -> Path:
         return self.cache / "s3" / uri.bucket / uri.key if uri.key else self.cache / "s3" / uri.bucket
 
-    def download(self, uri: S3Uri, invalid: type[TrainError] = DatasetError,
-                 on_file: Callable[[RemoteObject], None] | None = None) -> tuple[Path, DownloadStats]:
+    def download(
+        self,
+        uri: S3Uri,
+        invalid: type[TrainError] = DatasetError,
+        on_file: Callable[[RemoteObject], None] | None = None,
+    ) -> tuple[Path, DownloadStats]:
         """The local copy of `uri` (a folder for a prefix, a file for one object) and what it took."""
         started = time.perf_counter()
         is_folder, objects = remote_objects(self.client, uri, self.retry, invalid)
@@ -239,8 +252,10 @@ class Downloader:
             try:
                 targets[obj] = safe_local_path(root, obj.relative)
             except UnsafeKeyError as err:
-                raise invalid(f"{uri}: refusing object key {obj.key!r}: {err}; it would be written outside the "
-                              "download folder. Nothing was downloaded") from None
+                raise invalid(
+                    f"{uri}: refusing object key {obj.key!r}: {err}; it would be written outside the "
+                    "download folder. Nothing was downloaded"
+                ) from None
         index = CacheIndex(self.cache / "index" / (hashlib.sha1(str(uri).encode()).hexdigest() + ".jsonl"))
         stats = DownloadStats()
         try:
@@ -252,13 +267,28 @@ class Downloader:
         finally:
             index.close()
         stats.seconds = time.perf_counter() - started
-        log.info("%s -> %s: %d file(s), %.2f MB downloaded, %d unchanged, %d removed, %.1f s (%.1f MB/s)",
-                 uri, root if is_folder else targets[objects[0]], stats.files, stats.bytes / 1e6, stats.skipped,
-                 stats.removed, stats.seconds, stats.mb_per_second)
+        log.info(
+            "%s -> %s: %d file(s), %.2f MB downloaded, %d unchanged, %d removed, %.1f s (%.1f MB/s)",
+            uri,
+            root if is_folder else targets[objects[0]],
+            stats.files,
+            stats.bytes / 1e6,
+            stats.skipped,
+            stats.removed,
+            stats.seconds,
+            stats.mb_per_second,
+        )
         return (root if is_folder else targets[objects[0]]), stats
 
-    def _fetch(self, uri: S3Uri, todo: list[RemoteObject], targets: dict[RemoteObject, Path], index: CacheIndex,
-               stats: DownloadStats, on_file: Callable[[RemoteObject], None] | None) -> None:
+    def _fetch(
+        self,
+        uri: S3Uri,
+        todo: list[RemoteObject],
+        targets: dict[RemoteObject, Path],
+        index: CacheIndex,
+        stats: DownloadStats,
+        on_file: Callable[[RemoteObject], None] | None,
+    ) -> None:
         """Rounds of parallel unit transfers; failed units are retried with backoff until the deadline."""
         tmp = self.cache / "tmp"
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a killed download
@@ -299,14 +329,18 @@ class Downloader:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _part_sizes(self, pool: ThreadPoolExecutor, bucket: str, objects: list[RemoteObject]) -> dict[RemoteObject, int]:
+    def _part_sizes(
+        self, pool: ThreadPoolExecutor, bucket: str, objects: list[RemoteObject]
+    ) -> dict[RemoteObject, int]:
         """Part sizes of multipart objects (HEAD ?partNumber=1), so their parts download in parallel."""
         multipart = [o for o in objects if MULTIPART_ETAG.match(o.etag) and o.size > 0]
 
         def part_size(obj: RemoteObject) -> int | None:
             try:
-                head = self.retry.call(lambda: self.client.head_object(Bucket=bucket, Key=obj.key, PartNumber=1),
-                                       f"read s3://{bucket}/{obj.key}")
+                head = self.retry.call(
+                    lambda: self.client.head_object(Bucket=bucket, Key=obj.key, PartNumber=1),
+                    f"read s3://{bucket}/{obj.key}",
+                )
             except StorageError:  # a store without part numbers: one stream, checked by checksum or size
                 return None
             parts = int(MULTIPART_ETAG.match(obj.etag).group(1))
@@ -314,8 +348,9 @@ class Downloader:
 
         return {o: size for o, size in zip(multipart, pool.map(part_size, multipart)) if size}
 
-    def _commit(self, bucket: str, obj: RemoteObject, temp: Path, digests: dict[int, bytes | None],
-                target: Path) -> None:
+    def _commit(
+        self, bucket: str, obj: RemoteObject, temp: Path, digests: dict[int, bytes | None], target: Path
+    ) -> None:
         """Checks the finished file against the object's ETag (or checksum), then moves it into place."""
         size = temp.stat().st_size
         if size != obj.size:

@@ -48,7 +48,11 @@ def tree_files(root: Path) -> list[str]:
     found = []
     for path in root.rglob("*"):
         rel = path.relative_to(root).as_posix()
-        if any(part.startswith(".") for part in rel.split("/")) or checkpoint_step(rel) is not None or rel == FINAL_WEIGHTS:
+        if (
+            any(part.startswith(".") for part in rel.split("/"))
+            or checkpoint_step(rel) is not None
+            or rel == FINAL_WEIGHTS
+        ):
             continue
         if path.is_file():
             found.append(rel)
@@ -56,9 +60,19 @@ def tree_files(root: Path) -> list[str]:
 
 
 class S3Mirror(BaseObserver):
-    def __init__(self, local: Path, remote: S3Uri, store: Store, uploader: Uploader, *, keep: int | None = None,
-                 config_yaml: str | None = None, sync_seconds: float = 60.0,
-                 grace_deadline: Callable[[], float | None] = lambda: None, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        local: Path,
+        remote: S3Uri,
+        store: Store,
+        uploader: Uploader,
+        *,
+        keep: int | None = None,
+        config_yaml: str | None = None,
+        sync_seconds: float = 60.0,
+        grace_deadline: Callable[[], float | None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.local, self.remote, self.store, self.uploader = Path(local), remote, store, uploader
         self.keep, self.config_yaml, self.sync_seconds = keep, config_yaml, sync_seconds
         self.grace_deadline, self.clock = grace_deadline, clock
@@ -111,8 +125,11 @@ class S3Mirror(BaseObserver):
         timeout = None if deadline is None else max(0.0, deadline - self.clock())
         if not self.uploader.drain(timeout):
             self.problem = f"uploads to {self.remote} were still running when the SIGTERM grace period ended"
-            log.warning("%s; the newest checkpoint on S3 is step %s", self.problem,
-                        self.uploaded_checkpoints[-1] if self.uploaded_checkpoints else "none")
+            log.warning(
+                "%s; the newest checkpoint on S3 is step %s",
+                self.problem,
+                self.uploaded_checkpoints[-1] if self.uploaded_checkpoints else "none",
+            )
             return
         if self.uploader.failure is not None:
             self.problem = f"uploads to {self.remote} failed: {self.uploader.failure}"
@@ -128,7 +145,7 @@ class S3Mirror(BaseObserver):
         staged = self.local / STAGING / f"step_{step}"
         shutil.rmtree(staged, ignore_errors=True)
         for path in paths:
-            for file in ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())):
+            for file in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
                 link_or_copy(file, staged / file.relative_to(self.local))
         return staged
 
@@ -142,8 +159,12 @@ class S3Mirror(BaseObserver):
         self.uploaded_checkpoints.append(step)
         self.on_uploaded(step, str(self.remote.child(f"{CHECKPOINTS}/{state_dir_name(step)}")))
         pruned = prune_remote(self.store, self.remote, self.keep)
-        log.info("checkpoint %d uploaded to %s%s", step, self.remote.child(CHECKPOINTS),
-                 f"; pruned {pruned}" if pruned else "")
+        log.info(
+            "checkpoint %d uploaded to %s%s",
+            step,
+            self.remote.child(CHECKPOINTS),
+            f"; pruned {pruned}" if pruned else "",
+        )
 
     def sync_tree(self, final: bool = False) -> None:
         self.sync_queued, self.last_sync = False, self.clock()

@@ -61,8 +61,14 @@ def default_cache_dir(env: Mapping[str, str] = os.environ) -> Path:
 class StorageSession:
     """The S3 side of one run. prepare() -> local config; mirrors observe the run; close() at exit."""
 
-    def __init__(self, cfg: TrainConfig, config_yaml: str, grace_deadline: Callable[[], float | None] = lambda: None,
-                 client: Any = None, stopping: Callable[[], bool] = lambda: False):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        config_yaml: str,
+        grace_deadline: Callable[[], float | None] = lambda: None,
+        client: Any = None,
+        stopping: Callable[[], bool] = lambda: False,
+    ):
         self.cfg, self.config_yaml, self.grace_deadline, self.stopping = cfg, config_yaml, grace_deadline, stopping
         self.cache = Path(cfg.s3_cache_dir) if cfg.s3_cache_dir else default_cache_dir()
         self.retry = Retry(seconds=cfg.s3_retry_seconds)
@@ -103,8 +109,10 @@ class StorageSession:
         """A finished run is never overwritten by accident; `overwrite: true` clears the earlier run's files."""
         finished = self.store.exists(out.child(FINAL_WEIGHTS))
         if finished and not self.cfg.overwrite:
-            raise StorageError(f"output_dir {out} holds a finished run ({FINAL_WEIGHTS}); choose another "
-                               "output prefix, or set overwrite: true to replace it")
+            raise StorageError(
+                f"output_dir {out} holds a finished run ({FINAL_WEIGHTS}); choose another "
+                "output prefix, or set overwrite: true to replace it"
+            )
         if self.cfg.overwrite:
             doomed = [key for key in self.store.list(out) if self._is_run_file(out, out.relative(key))]
             self.store.delete(out.bucket, doomed)
@@ -150,8 +158,16 @@ class StorageSession:
         return folder
 
     def mirror(self, local: Path, remote: S3Uri, config_yaml: str | None = None, keep: int | None = None) -> S3Mirror:
-        return S3Mirror(local, remote, self.store, self.uploader, keep=keep, config_yaml=config_yaml,
-                        sync_seconds=self.cfg.s3_sync_seconds, grace_deadline=self.grace_deadline)
+        return S3Mirror(
+            local,
+            remote,
+            self.store,
+            self.uploader,
+            keep=keep,
+            config_yaml=config_yaml,
+            sync_seconds=self.cfg.s3_sync_seconds,
+            grace_deadline=self.grace_deadline,
+        )
 
     def resume_from(self, out: S3Uri, out_local: Path) -> dict[str, str]:
         resume = self.cfg.resume
@@ -162,8 +178,10 @@ class StorageSession:
             if found:  # else the recipe says it starts from step 0
                 fetch_checkpoint(self.store, out, found[0], found[1], out_local)
         elif resume is None and not self.cfg.overwrite and newest_complete(self.store, out):
-            raise StorageError(f"output_dir {out} holds checkpoints of an earlier run; set resume: latest to "
-                               "continue it, or overwrite: true to start over")
+            raise StorageError(
+                f"output_dir {out} holds checkpoints of an earlier run; set resume: latest to "
+                "continue it, or overwrite: true to start over"
+            )
         return {}
 
     def fetch_earlier_captions(self, out: S3Uri, out_local: Path) -> None:
@@ -212,4 +230,4 @@ def _relative_to(path: str | None, parent: str) -> str | None:
     if not path or not parent:
         return None
     parent = parent.rstrip("/") + "/"
-    return path[len(parent):].strip("/") if path.startswith(parent) else None
+    return path[len(parent) :].strip("/") if path.startswith(parent) else None

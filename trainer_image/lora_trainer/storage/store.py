@@ -23,11 +23,18 @@ class Store:
     """Puts, lists and deletes objects with retries. Files under the multipart threshold are read into
     memory first, so a file that grows meanwhile (a TensorBoard event file) uploads as one consistent snapshot."""
 
-    def __init__(self, client: Any, retry: Retry, concurrency: int = 8,
-                 multipart_threshold: int = MULTIPART_THRESHOLD, part_size: int = PART_SIZE):
+    def __init__(
+        self,
+        client: Any,
+        retry: Retry,
+        concurrency: int = 8,
+        multipart_threshold: int = MULTIPART_THRESHOLD,
+        part_size: int = PART_SIZE,
+    ):
         self.client, self.retry, self.threshold = client, retry, multipart_threshold
-        self.config = TransferConfig(multipart_threshold=multipart_threshold, multipart_chunksize=part_size,
-                                     max_request_concurrency=concurrency)
+        self.config = TransferConfig(
+            multipart_threshold=multipart_threshold, multipart_chunksize=part_size, max_request_concurrency=concurrency
+        )
         self._manager: TransferManager | None = None
         self._closed = False
 
@@ -79,28 +86,37 @@ class Store:
 
     def get_bytes(self, uri: S3Uri) -> bytes | None:
         """The object's content, or None if it does not exist."""
-        return self.retry.call(lambda: self.client.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read(),
-                               f"read {uri}", missing=lambda err: None)
+        return self.retry.call(
+            lambda: self.client.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read(),
+            f"read {uri}",
+            missing=lambda err: None,
+        )
 
     def exists(self, uri: S3Uri) -> bool:
-        return self.retry.call(lambda: bool(self.client.head_object(Bucket=uri.bucket, Key=uri.key)),
-                               f"read {uri}", missing=lambda err: False)
+        return self.retry.call(
+            lambda: bool(self.client.head_object(Bucket=uri.bucket, Key=uri.key)),
+            f"read {uri}",
+            missing=lambda err: False,
+        )
 
     def list(self, prefix: S3Uri) -> dict[str, int]:
         """key -> size of every object under prefix's folder."""
+
         def page_all() -> dict[str, int]:
-            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=prefix.bucket,
-                                                                          Prefix=prefix.folder_prefix)
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=prefix.bucket, Prefix=prefix.folder_prefix
+            )
             return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
 
         return self.retry.call(page_all, f"list {prefix}")
 
     def delete(self, bucket: str, keys: list[str]) -> None:
         for start in range(0, len(keys), DELETE_BATCH):
-            batch = [{"Key": k} for k in keys[start:start + DELETE_BATCH]]
-            self.retry.call(lambda batch=batch: self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch,
-                                                                                                 "Quiet": True}),
-                            f"delete {len(batch)} object(s) in s3://{bucket}")
+            batch = [{"Key": k} for k in keys[start : start + DELETE_BATCH]]
+            self.retry.call(
+                lambda batch=batch: self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True}),
+                f"delete {len(batch)} object(s) in s3://{bucket}",
+            )
 
     def close(self) -> None:
         """Cancels what is still queued (only a run cut short has any) and stops the transfer threads."""

@@ -30,7 +30,7 @@ class S3Uri:
     def parse(cls, uri: str) -> S3Uri:
         if not is_s3(uri):
             raise ValueError(f"{uri!r} is not an s3:// URI")
-        bucket, _, key = uri[len(SCHEME):].partition("/")
+        bucket, _, key = uri[len(SCHEME) :].partition("/")
         if not bucket:
             raise ValueError(f"{uri!r} names no bucket")
         return cls(bucket, key.strip("/"))
@@ -49,7 +49,7 @@ class S3Uri:
 
     def relative(self, key: str) -> str:
         """The part of `key` below this prefix (the caller listed with folder_prefix)."""
-        return key[len(self.folder_prefix):]
+        return key[len(self.folder_prefix) :]
 
 
 class UnsafeKeyError(ValueError):

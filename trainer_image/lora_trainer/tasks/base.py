@@ -64,7 +64,8 @@ class Task(Protocol):
 
     def weights_metadata(self) -> dict[str, str]: ...
 
-    def final_files(self, out: Path, final_checkpoint: Path, weights: dict[str, torch.Tensor],
-                    meta: dict[str, str]) -> list[tuple[Path, str]]:
+    def final_files(
+        self, out: Path, final_checkpoint: Path, weights: dict[str, torch.Tensor], meta: dict[str, str]
+    ) -> list[tuple[Path, str]]:
         """Files beside the main weights, as (path, format): what makes the folder loadable (peft's
         adapter_config.json) and the other formats asked for (kohya); written before the main file."""

@@ -36,6 +36,7 @@ DEFAULT_TARGETS = ("q_proj", "v_proj")  # peft's default for Llama-style attenti
 
 class TextGenerationTask:
     weights_format = "peft"
+
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.model = None
@@ -78,8 +79,9 @@ class TextGenerationTask:
             examples = self.data.examples
             count = max(1, round(len(examples) * cfg.validation_split))
             if count >= len(examples):
-                raise DatasetError(f"validation_split={cfg.validation_split} leaves no training example "
-                                   f"out of {len(examples)}")
+                raise DatasetError(
+                    f"validation_split={cfg.validation_split} leaves no training example out of {len(examples)}"
+                )
             order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
             self.validation_examples = [examples[i] for i in order[:count]]
             self.data.examples = [examples[i] for i in sorted(order[count:])]
@@ -103,15 +105,21 @@ class TextGenerationTask:
         cfg = self.cfg
         source = resolve_local_model(cfg)
         model = load_or_explain(
-            "the causal LM", cfg.base_model,
+            "the causal LM",
+            cfg.base_model,
             lambda: AutoModelForCausalLM.from_pretrained(source, dtype=weight_dtype, attn_implementation="sdpa"),
         )
         check_targets_exist(model, self.targets, "model")
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-        lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_rank, lora_alpha=cfg.network_alpha,
-                          lora_dropout=cfg.lora_dropout, target_modules=self.targets)
+        lora = LoraConfig(
+            task_type="CAUSAL_LM",
+            r=cfg.lora_rank,
+            lora_alpha=cfg.network_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=self.targets,
+        )
         model = get_peft_model(model, lora)
         model.peft_config["default"].base_model_name_or_path = cfg.base_model
         for p in model.parameters():
@@ -171,8 +179,9 @@ class TextGenerationTask:
     def weights_metadata(self) -> dict[str, str]:
         return {"target_modules": ",".join(self.targets)}
 
-    def final_files(self, out: Path, final_checkpoint: Path, weights: dict[str, torch.Tensor],
-                    meta: dict[str, str]) -> list[tuple[Path, str]]:
+    def final_files(
+        self, out: Path, final_checkpoint: Path, weights: dict[str, torch.Tensor], meta: dict[str, str]
+    ) -> list[tuple[Path, str]]:
         """adapter_config.json and adapter_model.safetensors (a link to the final checkpoint), so
         PeftModel.from_pretrained(model, output_dir) loads the final weights."""
         self.model.peft_config["default"].save_pretrained(out)

@@ -59,8 +59,11 @@ class TextToImageTask:
     def library_needs(cfg: TrainConfig) -> list[PeftThrough]:
         needs = [PeftThrough("task_type: text-to-image", "diffusers", "diffusers.utils.constants:MIN_PEFT_VERSION")]
         if cfg.train_text_encoder:
-            needs.append(PeftThrough("train_text_encoder: true", "transformers",
-                                     "transformers.integrations.peft:MIN_PEFT_VERSION"))
+            needs.append(
+                PeftThrough(
+                    "train_text_encoder: true", "transformers", "transformers.integrations.peft:MIN_PEFT_VERSION"
+                )
+            )
         return needs
 
     # -- data
@@ -149,10 +152,16 @@ class TextToImageTask:
         family = self.family
         fingerprint = module_fingerprint(family.parts.vae)
         hashes = image_hashes([r.path for r in self.records])
-        keys = [tuple(key_of("latent", h, size, flipped, fingerprint) for flipped in (False, True))
-                for h, size in zip(hashes, self.sizes)]
-        todo = [(i, flipped) for i, pair in enumerate(keys) for flipped in (False, True)
-                if (self.cfg.random_flip or not flipped) and not cache.intact(pair[flipped])]
+        keys = [
+            tuple(key_of("latent", h, size, flipped, fingerprint) for flipped in (False, True))
+            for h, size in zip(hashes, self.sizes)
+        ]
+        todo = [
+            (i, flipped)
+            for i, pair in enumerate(keys)
+            for flipped in (False, True)
+            if (self.cfg.random_flip or not flipped) and not cache.intact(pair[flipped])
+        ]
         log.info("latent cache: %d of %d entries to compute", len(todo), len(keys) * (2 if self.cfg.random_flip else 1))
         for size in dict.fromkeys(self.sizes):
             group = [(i, f) for i, f in todo if self.sizes[i] == size]
@@ -221,8 +230,14 @@ class TextToImageTask:
         for i, prompt in enumerate(cfg.validation_prompts):
             generator = torch.Generator(self.device).manual_seed(cfg.validation_seed + i)
             with torch.no_grad(), autocast(self.device, cfg.mixed_precision):
-                image = self.family.sample(prompt, generator, cfg.resolution, cfg.resolution,
-                                           cfg.validation_inference_steps, cfg.validation_guidance_scale)
+                image = self.family.sample(
+                    prompt,
+                    generator,
+                    cfg.resolution,
+                    cfg.resolution,
+                    cfg.validation_inference_steps,
+                    cfg.validation_guidance_scale,
+                )
             images.append((prompt, image))
         return ValidationResult(step, images=images)
 
@@ -236,8 +251,9 @@ class TextToImageTask:
     def weights_metadata(self) -> dict[str, str]:
         return self.family.weights_metadata()
 
-    def final_files(self, out: Path, final_checkpoint: Path, weights: dict[str, torch.Tensor],
-                    meta: dict[str, str]) -> list[tuple[Path, str]]:
+    def final_files(
+        self, out: Path, final_checkpoint: Path, weights: dict[str, torch.Tensor], meta: dict[str, str]
+    ) -> list[tuple[Path, str]]:
         """The files in save_formats beside the main one (kohya/ComfyUI); a failure there never undoes the run."""
         if "kohya" not in self.cfg.save_formats:
             return []
@@ -265,8 +281,14 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
     prompt embeddings are served under "prompt" (the family collates them).
     """
 
-    def __init__(self, images: ImageCaptionDataset, cache: TensorCache, latent_keys, text_keys,
-                 original_sizes: list[tuple[int, int]]):
+    def __init__(
+        self,
+        images: ImageCaptionDataset,
+        cache: TensorCache,
+        latent_keys,
+        text_keys,
+        original_sizes: list[tuple[int, int]],
+    ):
         self.images, self.cache = images, cache
         self.latent_keys, self.text_keys, self.original_sizes = latent_keys, text_keys, original_sizes
 
@@ -280,10 +302,14 @@ class CachedFeatureDataset(torch.utils.data.Dataset):
             item = images[key]
         else:
             size = images.sizes[index]
-            _, crop, flipped = crop_geometry(self.original_sizes[index], size, images.center_crop,
-                                             images.random_flip, random.Random(seed))
-            item = {**self._entry(self.latent_keys[index][flipped]), **conditioning(crop, size),
-                    **images.caption_inputs(index)}
+            _, crop, flipped = crop_geometry(
+                self.original_sizes[index], size, images.center_crop, images.random_flip, random.Random(seed)
+            )
+            item = {
+                **self._entry(self.latent_keys[index][flipped]),
+                **conditioning(crop, size),
+                **images.caption_inputs(index),
+            }
         if self.text_keys is not None:
             item = {k: v for k, v in item.items() if k not in ("caption",) and not k.startswith("input_ids")}
             item["prompt"] = self._entry(self.text_keys[index])
