@@ -59,8 +59,6 @@ KEY_PARAMETERS = (
     "noise_offset",
     "seed",
 )
-TEXT_TO_IMAGE_ONLY = {"train_text_encoder", "text_encoder_lr", "resolution", "snr_gamma", "noise_offset"}
-TEXT_GENERATION_ONLY = {"max_seq_length"}
 
 
 @dataclass
@@ -245,8 +243,11 @@ def hardware_rows(info: RunInfo | None) -> list[tuple[str, str]]:
 
 
 def parameter_rows(cfg) -> list[tuple[str, Any]]:
-    skip = TEXT_GENERATION_ONLY if cfg.task_type == "text-to-image" else TEXT_TO_IMAGE_ONLY
-    rows = [(key, getattr(cfg, key)) for key in KEY_PARAMETERS if key not in skip and hasattr(cfg, key)]
+    """The key parameters that apply to the run's task (config/schema.py says which keys are task-specific)."""
+    from .config import config_fields
+
+    tasks = {f.name: f.metadata["tasks"] for f in config_fields()}
+    rows = [(key, getattr(cfg, key)) for key in KEY_PARAMETERS if not tasks[key] or cfg.task_type in tasks[key]]
     effective = cfg.batch_size * cfg.gradient_accumulation_steps
     rows.insert(
         rows.index(("gradient_accumulation_steps", cfg.gradient_accumulation_steps)) + 1,

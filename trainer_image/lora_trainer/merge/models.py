@@ -51,13 +51,14 @@ def resolve_base(base: str) -> Path:
 
 
 def base_kind(path: Path) -> str:
-    """'sd' for a diffusers pipeline folder or a single .safetensors checkpoint, 'llm' for a transformers folder."""
+    """'pipeline' for a diffusers pipeline folder (any model family) or a single .safetensors checkpoint, 'llm'
+    for a transformers folder."""
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ModelError(f"{path}: single-file checkpoints are read only as .safetensors (nothing is unpickled)")
-        return "sd"
+        return "pipeline"
     if (path / "model_index.json").is_file():
-        return "sd"
+        return "pipeline"
     if (path / "config.json").is_file():
         return "llm"
     raise ModelError(
@@ -204,7 +205,7 @@ def merge(base: str, specs: list[LoraSpec], output: Path, dtype: str = "fp32", b
     if output.exists() and (output.is_file() or any(output.iterdir())):
         raise ConfigError(f"output {output} already exists; choose a new path")
     record = merge_record(base, specs)
-    if base_kind(path) == "sd":
+    if base_kind(path) == "pipeline":
         pipe = load_sd(path, base_config)
         merge_into_sd(pipe, specs)
         return save_sd(pipe, output, DTYPES[dtype], record)
