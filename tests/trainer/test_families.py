@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from lora_trainer.distributed import BatchRandom
 from lora_trainer.errors import ExitCode, ModelError
 from lora_trainer.presets import preset_path
 
@@ -50,6 +51,11 @@ def family(request) -> str:
     return request.param
 
 
+def draws(seed: int, batch: dict) -> BatchRandom:
+    """Random draws of a whole batch from a fixed seed."""
+    return BatchRandom.whole(torch.Generator().manual_seed(seed), len(batch["original_size"]))
+
+
 def fixed_loss(recipe, lora: bool) -> float:
     """The loss on four images with four fixed draws of noise and noise level: comparable across models."""
     task = recipe.task
@@ -59,7 +65,7 @@ def fixed_loss(recipe, lora: bool) -> float:
     if not lora:
         denoiser.disable_adapters()
     with torch.no_grad():
-        losses = [float(task.loss(batch, torch.Generator().manual_seed(seed))) for seed in range(4)]
+        losses = [float(task.loss(batch, draws(seed, batch))) for seed in range(4)]
     denoiser.enable_adapters()
     return sum(losses) / len(losses)
 
@@ -103,7 +109,7 @@ def test_the_pipeline_loads_the_weights_and_reproduces_the_trained_model(tmp_pat
     fam = recipe.task.family
     batch = recipe.task.collate([recipe.dataset[(0, 0)], recipe.dataset[(1, 0)]])
     with torch.no_grad():
-        latents = fam.latents(fam.encode_images(batch["pixel_values"]), torch.Generator().manual_seed(0))
+        latents = fam.latents(fam.encode_images(batch["pixel_values"]), draws(0, batch))
     sigmas, cond = torch.tensor([0.3, 0.8]), batch["prompt"]
     fam.eval_mode()
     with torch.no_grad():
@@ -190,7 +196,7 @@ def test_lora_merge_bakes_either_file_into_the_pipeline(tmp_path, family):
     fam = recipe.task.family
     batch = recipe.task.collate([recipe.dataset[(0, 0)], recipe.dataset[(1, 0)]])
     with torch.no_grad():
-        latents = fam.latents(fam.encode_images(batch["pixel_values"]), torch.Generator().manual_seed(0))
+        latents = fam.latents(fam.encode_images(batch["pixel_values"]), draws(0, batch))
         merged_pipe, loaded_pipe = (
             pipeline.from_pretrained(tmp_path / "main"),
             pipeline.from_pretrained(preset_path(preset)),

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from lora_trainer.formats.lora import from_diffusers
 
 from .conftest import run
-from .test_families import FAMILIES, base
+from .test_families import FAMILIES, base, draws
 
 R, ALPHA = 4, 8.0
 
@@ -149,7 +149,7 @@ def test_diffusers_loads_the_kohya_file_into_the_same_model_as_the_main_file(tra
     fam = recipe.task.family
     batch = recipe.task.collate([recipe.dataset[(0, 0)], recipe.dataset[(1, 0)]])
     with torch.no_grad():
-        latents = fam.latents(fam.encode_images(batch["pixel_values"]), torch.Generator().manual_seed(0))
+        latents = fam.latents(fam.encode_images(batch["pixel_values"]), draws(0, batch))
     outputs = []
     for file in ("pytorch_lora_weights.safetensors", f"{folder.name}.kohya.safetensors"):
         pipe = getattr(diffusers, FAMILIES[family][1]).from_pretrained(preset_path(FAMILIES[family][0]))

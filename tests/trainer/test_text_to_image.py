@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lora_trainer.config import config_to_yaml
 
 from .conftest import SD_BASE, generate, make_config, run, tiny_sd_pipeline
+from .test_families import draws
 
 
 def files_under(folder) -> set[str]:
@@ -110,7 +111,7 @@ def fixed_eval_loss(recipe) -> float:
     dataset = task.dataset()
     batch = task.collate([dataset[(i, 0)] for i in range(len(dataset))])
     with torch.no_grad():
-        return float(task.loss(batch, torch.Generator().manual_seed(123)))
+        return float(task.loss(batch, draws(123, batch)))
 
 
 def test_loss_falls_when_overfitting_a_tiny_set(tmp_path):

@@ -3,6 +3,7 @@
     lora-train --config cfg.yaml [--set key=value ...]
     lora-train --config job.yaml          # a LoRATrainingJob manifest, run locally
     lora-train --config cfg.yaml --print-config
+    lora-train --config cfg.yaml --nproc-per-node 4   # several processes (elastic.py)
 
 Exit codes: docs/architecture.md, "Exit codes" (0 ok, 2 config, 3 dataset, 4 model, 5 diverged, ... 143 SIGTERM).
 """
@@ -16,6 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
+from . import elastic
 from .errors import ExitCode, Interrupted, TrainError
 from .logs import setup_logging
 
@@ -35,6 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--quiet", "-q", action="store_true", help="only warnings and errors")
+    elastic.add_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -68,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             print(config_to_yaml(cfg), end="")
             return ExitCode.OK
         report.configure(cfg)
+        if elastic.wanted(args):  # the config is valid: start the training processes
+            return elastic.run(args, sys.argv[1:] if argv is None else list(argv), report)
         return train(cfg, report)
     except TrainError as err:
         log.error("%s (exit %d, %s)", redact(str(err)), err.exit_code, err.reason)
@@ -90,10 +95,11 @@ def train(cfg, report=None) -> int:
     stop = StopSignal()
     install_sigterm(stop)
     summary = launch(cfg, stop, report)
-    log.info("done: step %d, loss %.4f; outputs:", summary.step, summary.loss if summary.loss is not None else 0.0)
-    print(list_outputs(Path(report.outputs.local_output_dir)))
-    if report.outputs.local_output_dir != cfg.output_dir:
-        log.info("uploaded to %s", cfg.output_dir)
+    if summary.artifacts:  # the main process wrote the outputs
+        log.info("done: step %d, loss %.4f; outputs:", summary.step, summary.loss if summary.loss is not None else 0.0)
+        print(list_outputs(Path(report.outputs.local_output_dir)))
+        if report.outputs.local_output_dir != cfg.output_dir:
+            log.info("uploaded to %s", cfg.output_dir)
     return report.succeeded()
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from .compat import check_libraries
 from .config import TrainConfig, config_to_yaml
+from .distributed import World
 from .errors import Interrupted
 from .metrics import TrainerMetrics
 from .storage.uri import is_s3
@@ -62,28 +63,39 @@ def start_metrics(cfg: TrainConfig, env: Mapping[str, str] = os.environ) -> Trai
 
 
 def launch(cfg: TrainConfig, stop: StopSignal, report: TerminationReport, env: Mapping[str, str] = os.environ) -> Any:
-    """Runs the training described by `cfg` (s3:// paths allowed); returns the RunSummary."""
-    from .recipe import TrainingRecipe, default_observers
+    """Runs the training described by `cfg` (s3:// paths allowed); returns the RunSummary. With several
+    processes (distributed.py), the main one alone serves metrics, writes and uploads outputs and keeps the
+    record; the first process of each node downloads the inputs before the others find them cached."""
+    from .recipe import TrainingRecipe, default_observers, pick_device
     from .storage.stage import StorageSession
     from .tasks import task_class
 
     cfg = with_cluster_defaults(cfg, env)
     check_libraries(task_class(cfg.task_type).library_needs(cfg))  # before any download or model load
+    world = World.from_env(env)
+    world.start(pick_device(cfg, world)[0].type)
     with contextlib.ExitStack() as cleanup:
-        metrics = start_metrics(cfg, env)
-        cleanup.callback(metrics.close)
+        cleanup.callback(world.stop)
+        metrics = start_metrics(cfg, env) if world.is_main else None
+        if metrics is not None:
+            cleanup.callback(metrics.close)
         session = StorageSession(
-            cfg, config_to_yaml(cfg), lambda: stop.grace_deadline(cfg.sigterm_grace_seconds), stopping=stop.is_set
+            cfg,
+            config_to_yaml(cfg),
+            lambda: stop.grace_deadline(cfg.sigterm_grace_seconds),
+            stopping=stop.is_set,
+            outputs=world.is_main,
         )
         report.outputs = session if session.active else LocalOutputs(cfg.output_dir)
         cleanup.callback(session.close)
-        local = session.prepare()
-        if session.output_mirror is not None:  # a resume needs the checkpoint on S3, not on this disk
+        with world.local_main_first():
+            local = session.prepare()
+        if metrics is not None and session.output_mirror is not None:  # a resume needs the checkpoint on S3
             metrics.checkpoints_are_local = False
             session.output_mirror.on_uploaded = metrics.checkpoint_saved
-        if stop.is_set():
+        if world.any(stop.is_set()):
             raise Interrupted("stopped by SIGTERM before training started; nothing to checkpoint")
-        observers = [*default_observers(local, shown=cfg), *session.mirrors, metrics]
-        recipe = TrainingRecipe(local, observers=observers, stop=stop)
+        observers = [*default_observers(local, shown=cfg), *session.mirrors, metrics] if world.is_main else []
+        recipe = TrainingRecipe(local, observers=observers, stop=stop, world=world)
         report.summary = recipe.summary
         return recipe.run()

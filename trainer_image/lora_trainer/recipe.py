@@ -3,6 +3,10 @@
 The loop reads like the algorithm: for each optimizer step, accumulate gradients over a group of
 micro-batches, clip, step, schedule. Everything else (progress, TensorBoard, metrics, uploads) happens
 in observers; task specifics (SD or LLM) live behind the Task interface.
+
+With several processes (distributed.py) each trains its part of every global batch; the gradients, the
+loss and the counts are summed over them once per optimizer step, and the main process alone writes
+outputs and has observers. The global batch is batch_size x gradient_accumulation_steps x processes.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from .checkpoint import (
     save_safetensors,
 )
 from .config import TrainConfig
-from .data.sampler import EpochPlan, RunBatches
+from .data.sampler import EpochPlan, RunBatches, batch_seed, run_batches
+from .distributed import BatchRandom, World, shard_bounds
 from .errors import ConfigError, DivergedError, Interrupted, TrainError
 from .experiment import ExperimentRecord
 from .files import sha256_file
@@ -66,33 +71,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def capture_rng(generator: torch.Generator) -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "generator": generator.get_state(),
-    }
+def capture_rng() -> dict[str, Any]:
+    """The global generators (dropout draws from torch's); the loss's draws are seeded per batch."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+def restore_rng(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def pick_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
-    """The device, and the dtype of the frozen base weights (LoRA weights always train in fp32)."""
+def pick_device(cfg: TrainConfig, world: World | None = None) -> tuple[torch.device, torch.dtype]:
+    """The device (this process's GPU: its local rank), and the dtype of the frozen base weights (LoRA
+    weights always train in fp32)."""
     cuda = torch.cuda.is_available()
     if cfg.device == "cuda" and not cuda:
         raise ConfigError("device: cuda was asked for, but no CUDA GPU is visible")
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and cuda) else "cpu")
+    on_gpu = cfg.device == "cuda" or (cfg.device == "auto" and cuda)
+    device = torch.device("cuda", (world or World()).local_rank) if on_gpu else torch.device("cpu")
     if cfg.mixed_precision == "fp16" and device.type != "cuda":
         raise ConfigError("mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU")
     if device.type == "cuda" and cfg.mixed_precision != "no":
@@ -119,9 +121,13 @@ class TrainingRecipe:
         observers: list[Observer] | None = None,
         stop: threading.Event | None = None,
         profile: bool = False,
+        world: World | None = None,
     ):
         self.cfg = cfg
-        self.observers = default_observers(cfg) if observers is None else observers
+        self.world = world or World.from_env()
+        if observers is None:
+            observers = default_observers(cfg) if self.world.is_main else []
+        self.observers = observers
         self.stop = stop or threading.Event()  # set by the SIGTERM handler
         self.profile = profile
         self.summary = RunSummary()
@@ -147,19 +153,26 @@ class TrainingRecipe:
 
     # -- setup
     def setup(self) -> None:
-        cfg = self.cfg
-        self.out = prepare_output_dir(cfg)
-        write_config_backup(cfg, self.out)
-        self.summary.output_prepared = True
-        self.device, weight_dtype = pick_device(cfg)
+        cfg, world = self.cfg, self.world
+        self.device, weight_dtype = pick_device(cfg, world)
+        world.start(self.device.type)
+        if world.is_main:
+            self.out = prepare_output_dir(cfg)
+            write_config_backup(cfg, self.out)
+            self.summary.output_prepared = True
         self.task = build_task(cfg)
-        # the dataset is validated before any model loads (and with auto_label, captioned first)
-        report = self.task.prepare_data(labeling=partial(self._notify, "on_labeling"))
+        # the dataset is validated before any model loads (and with auto_label, captioned first); the first
+        # process of each node fills the node's caches (captions, features) before the others read them
+        with world.local_main_first():
+            report = self.task.prepare_data(labeling=partial(self._notify, "on_labeling"))
         self.summary.data_summary, self.summary.warnings = report.summary, list(report.warnings)
         seed_everything(cfg.seed)  # here, so the LoRA init depends on the seed alone, not on what ran before
-        self.task.load(self.device, weight_dtype)
-        self.dataset = self.task.dataset()
-        self.plan = EpochPlan(self.task.item_groups(), cfg.batch_size, cfg.gradient_accumulation_steps)
+        with world.local_main_first():
+            self.task.load(self.device, weight_dtype)
+            self.dataset = self.task.dataset()
+        self.weights = self.task.item_weights()
+        global_batch = cfg.batch_size * world.size
+        self.plan = EpochPlan(self.task.item_groups(), global_batch, cfg.gradient_accumulation_steps)
         self.total_steps = self.plan.total_steps(cfg.epochs, cfg.max_train_steps)
         self.epochs = self.plan.epochs_needed(self.total_steps)
         groups = self.task.param_groups()
@@ -167,7 +180,6 @@ class TrainingRecipe:
         self.optimizer = build_optimizer(groups, cfg, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
-        self.rng = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.stopwatch = Stopwatch(torch.cuda.synchronize if self.profile and self.device.type == "cuda" else None)
         self.eta = EtaEstimator()
         if cfg.resume:
@@ -186,25 +198,30 @@ class TrainingRecipe:
         self._notify("on_start", info)
 
     def resume(self, resume: str) -> None:
-        ckpt = find_resume_checkpoint(self.out, resume)
-        if ckpt is None:
-            log.info("resume: latest found no complete checkpoint in %s; starting from step 0", self.out)
+        """The main process reads the checkpoint (on S3 runs only its node has it) and sends it to the others."""
+        found = None
+        if self.world.is_main:
+            ckpt = find_resume_checkpoint(self.out, resume)
+            found = (ckpt.state_dir, *load_checkpoint(ckpt)) if ckpt is not None else None
+        found = self.world.broadcast(found)
+        if found is None:
+            log.info("resume: latest found no complete checkpoint in %s; starting from step 0", self.cfg.output_dir)
             return
-        weights, state = load_checkpoint(ckpt)
+        state_dir, weights, state = found
         self.check_same_run(state.trainer)
         self.task.load_lora_state_dict({k: v.to(self.device) for k, v in weights.items()})
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         if self.scaler is not None and state.scaler:
             self.scaler.load_state_dict(state.scaler)
-        restore_rng(state.rng, self.rng)
+        restore_rng(state.rng)
         t = state.trainer
         self.step, self.epoch, self.step_in_epoch = t["step"], t["epoch"], t["step_in_epoch"]
         s = self.summary
         s.losses = [tuple(x) for x in t["losses"]]
         s.samples, s.tokens, s.resumed_from = t["samples"], t["tokens"], self.step
         s.best_loss = min((loss for _, loss in s.losses), default=None)
-        log.info("resumed from %s at step %d", ckpt.state_dir, self.step)
+        log.info("resumed from %s at step %d", state_dir, self.step)
 
     def check_same_run(self, trainer: dict[str, Any]) -> None:
         """A checkpoint continues one run: the data plan and seed must be the ones it was made with."""
@@ -215,10 +232,11 @@ class TrainingRecipe:
             raise ConfigError(f"cannot resume: the checkpoint was made with a different data plan ({'; '.join(diff)})")
 
     def plan_fingerprint(self) -> dict[str, int]:
+        """The global plan: a checkpoint resumes with any number of processes that keeps the global batch."""
         return {
             "items": self.plan.num_items,
             "batches_per_epoch": self.plan.batches_per_epoch,
-            "batch_size": self.plan.batch_size,
+            "batch_size": self.plan.batch_size,  # global: per-process batch_size x processes
             "gradient_accumulation_steps": self.plan.accumulation,
             "seed": self.cfg.seed,
         }
@@ -226,13 +244,15 @@ class TrainingRecipe:
     # -- the loop
     def train(self) -> None:
         batches = iter(self.loader())
+        start_batch = self.step_in_epoch * self.plan.accumulation
+        plan = run_batches(self.plan, self.cfg.seed, self.epochs, self.epoch, start_batch)  # the global order
         try:
             for epoch in range(self.epoch, self.epochs):
                 self.epoch = epoch
                 for group in self.plan.step_groups()[self.step_in_epoch :]:
                     if self.step >= self.total_steps:
                         return
-                    stats = self.train_step(batches, group)
+                    stats = self.train_step(batches, plan, group)
                     self.step_in_epoch += 1
                     self.after_step(stats)
                 self.step_in_epoch = 0
@@ -245,7 +265,9 @@ class TrainingRecipe:
         start_batch = self.step_in_epoch * self.plan.accumulation
         return torch.utils.data.DataLoader(
             self.dataset,
-            batch_sampler=RunBatches(self.plan, self.cfg.seed, self.epochs, self.epoch, start_batch),
+            batch_sampler=RunBatches(
+                self.plan, self.cfg.seed, self.epochs, self.epoch, start_batch, self.world, self.cfg.batch_size
+            ),
             collate_fn=self.task.collate,
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
@@ -263,27 +285,40 @@ class TrainingRecipe:
             return self.cfg.num_workers
         return 0 if self.device.type == "cpu" else min(8, os.cpu_count() or 1)
 
-    def train_step(self, batches, group: int) -> StepStats:
+    def train_step(self, batches, plan, group: int) -> StepStats:
         started = time.perf_counter()
         loss_sum, samples, tokens = 0.0, 0, 0
         for _ in range(group):
+            epoch, number, keys = next(plan)
+            lo, hi = shard_bounds(len(keys), self.world, self.cfg.batch_size)
+            if lo == hi:
+                continue  # no item of this short global batch is ours
+            share = self.weight(keys[lo:hi]) / self.weight(keys)  # our part of the global batch's mean loss
             with self.stopwatch.measure("data"):
                 batch = next(batches)
             with self.stopwatch.measure("forward_backward"):
-                loss = self.task.loss(batch, self.rng)
+                draws = BatchRandom(
+                    torch.Generator(self.device).manual_seed(batch_seed(self.cfg.seed, epoch, number)),
+                    lo,
+                    hi,
+                    len(keys),
+                )
+                loss = self.task.loss(batch, draws)
                 value = loss.item()
-                if not math.isfinite(value):
-                    raise DivergedError(
-                        f"loss became {value} at step {self.step + 1} (epoch {self.epoch + 1}); the run stopped. "
-                        f"Lower learning_rate (now {self.cfg.learning_rate:g}), keep max_grad_norm > 0, "
-                        "or train with mixed_precision bf16 or no"
-                    )
-                scaled = loss / group
+                scaled = loss * (share / group)
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            loss_sum += value / group
+            loss_sum += value * share / group
             n, t = self.task.batch_counts(batch)
             samples, tokens = samples + n, tokens + t
+        loss_sum, samples, tokens = self.world.sum_floats(loss_sum, samples, tokens)
+        if not math.isfinite(loss_sum):  # every process sees the summed loss: all stop at the same step
+            raise DivergedError(
+                f"loss became {loss_sum} at step {self.step + 1} (epoch {self.epoch + 1}); the run stopped. "
+                f"Lower learning_rate (now {self.cfg.learning_rate:g}), keep max_grad_norm > 0, "
+                "or train with mixed_precision bf16 or no"
+            )
         with self.stopwatch.measure("optimizer"):
+            self.sum_gradients()
             grad_norm = self.optimizer_step()
         self.step += 1
         seconds = time.perf_counter() - started
@@ -295,11 +330,23 @@ class TrainingRecipe:
             loss=loss_sum,
             learning_rate=self.scheduler.get_last_lr()[0],
             grad_norm=grad_norm,
-            samples=samples,
-            tokens=tokens,
+            samples=int(samples),
+            tokens=int(tokens),
             step_seconds=seconds,
             eta_seconds=self.eta.update(seconds, self.total_steps - self.step),
         )
+
+    def weight(self, keys) -> float:
+        return sum(self.weights[index] for index, _ in keys)
+
+    def sum_gradients(self) -> None:
+        """The gradient of the global batch: each process's (share-weighted) gradients summed over all."""
+        if not self.world.distributed:
+            return
+        for p in self.params:
+            if p.grad is None:  # this process had no item in the step, or the module got no gradient
+                p.grad = torch.zeros_like(p)
+        self.world.sum_([p.grad for p in self.params])
 
     def optimizer_step(self) -> float:
         if self.scaler:
@@ -325,14 +372,17 @@ class TrainingRecipe:
         if every and self.step % every == 0 and self.step < self.total_steps:
             self.validate()
         save_steps = self.cfg.save_steps
-        if self.stop.is_set():
+        if self.world.any(self.stop.is_set()):  # SIGTERM to any process: all checkpoint at this one step
             self.save_checkpoint()
             raise Interrupted(f"stopped by SIGTERM at step {self.step}; checkpoint written")
         if save_steps and self.step % save_steps == 0 and self.step < self.total_steps:
             self.save_checkpoint()
 
     def validate(self) -> None:
-        """Samples or held-out loss. Its own RNG fork: validation never shifts the training stream."""
+        """Samples or held-out loss, on the main process. Its own RNG fork: validation never shifts the
+        training stream."""
+        if not self.world.is_main:
+            return
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), self.stopwatch.measure("validation"):
             result = self.task.validate(self.step)
@@ -342,7 +392,7 @@ class TrainingRecipe:
 
     # -- checkpoints and outputs
     def save_checkpoint(self) -> None:
-        if self.step in self.summary.checkpoints:
+        if self.step in self.summary.checkpoints or not self.world.is_main:
             return
         with self.stopwatch.measure("checkpoint"):
             state = CheckpointState(
@@ -358,7 +408,7 @@ class TrainingRecipe:
                 },
                 optimizer=self.optimizer.state_dict(),
                 scheduler=self.scheduler.state_dict(),
-                rng=capture_rng(self.rng),
+                rng=capture_rng(),
                 scaler=self.scaler.state_dict() if self.scaler else None,
             )
             ckpt = save_checkpoint(self.out, self.step, self.task.lora_state_dict(), self.weights_metadata(), state)
@@ -381,7 +431,9 @@ class TrainingRecipe:
         return {**meta, **self.task.weights_metadata()}
 
     def finish(self) -> None:
-        """Final weights; the main file is written last, so its presence means a finished run."""
+        """Final weights (by the main process); the main file is written last: its presence means a finished run."""
+        if not self.world.is_main:
+            return
         weights, meta = self.task.lora_state_dict(), self.weights_metadata()
         ckpt_final = self.out / CHECKPOINTS / FINAL_CHECKPOINT
         with self.stopwatch.measure("checkpoint"):

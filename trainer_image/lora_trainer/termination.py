@@ -25,6 +25,7 @@ log = logging.getLogger("lora_trainer")
 LIMIT = 4096
 DEFAULT_PATH = "/dev/termination-log"
 ENV_PATH = "LORA_TERMINATION_MESSAGE_PATH"
+WORKER_REPORTS_ENV = "LORA_WORKER_REPORT_DIR"  # set by the launcher (elastic.py): its workers write there
 
 
 def status_of(exit_code: int) -> str:
@@ -122,6 +123,7 @@ class TerminationReport:
     error: str | None = None
     reason: str | None = None
     permanent: bool = False
+    forwarded: dict[str, Any] | None = None  # a worker's message the launcher passes on (elastic.py)
 
     def configure(self, cfg: Any) -> None:
         if cfg.termination_message_path != DEFAULT_PATH:
@@ -144,15 +146,35 @@ class TerminationReport:
         self.error = redact(text, self.env) or None
         return self.exit_code
 
+    def failed_with(self, exit_code: int, reason: str, error: str) -> int:
+        self.exit_code, self.reason, self.error = exit_code, reason, redact(error, self.env)
+        self.permanent = ExitCode(exit_code).permanent
+        return exit_code
+
+    def forward(self, message: dict[str, Any] | None, exit_code: int) -> None:
+        """The launcher's report: a worker's message as it is (or, none written, the bare exit code)."""
+        self.forwarded = message
+        self.exit_code = exit_code
+        if message is None and exit_code:
+            self.reason, self.error = "Crashed", "a training process ended without a report"
+
     def message(self) -> dict[str, Any]:
+        if self.forwarded is not None:
+            return self.forwarded
         outputs = self.outputs
         last = outputs.last_checkpoint(self.summary) if outputs is not None and self.summary is not None else None
         uri_for = outputs.uri_for if outputs is not None else str
-        return build_message(self.exit_code, self.summary, self.error, self.reason, self.permanent, uri_for, last)
+        message = build_message(self.exit_code, self.summary, self.error, self.reason, self.permanent, uri_for, last)
+        world = int(self.env.get("WORLD_SIZE", 1))
+        if world > 1:  # the operator takes artifacts and progress from the main process's message
+            message.update(rank=int(self.env.get("RANK", 0)), worldSize=world)
+        return message
 
     def target(self) -> Path | None:
         """The configured path, else $LORA_TERMINATION_MESSAGE_PATH, else the default file if it exists
         (Kubernetes creates it; outside a pod nothing is written into /dev)."""
+        if self.env.get(WORKER_REPORTS_ENV):
+            return Path(self.env[WORKER_REPORTS_ENV]) / f"rank-{self.env.get('RANK', '0')}.json"
         explicit = self.path or self.env.get(ENV_PATH)
         if explicit:
             return Path(explicit)

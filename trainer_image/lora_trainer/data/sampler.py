@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..distributed import World, shard_bounds
+
 
 @dataclass(frozen=True)
 class EpochPlan:
@@ -85,20 +87,49 @@ class EpochBatches(torch.utils.data.Sampler):
         return self.plan.batches_per_epoch - self.start_batch
 
 
+def batch_seed(seed: int, epoch: int, batch: int) -> int:
+    """The seed of one global micro-batch's random draws (noise, noise levels): every process draws the same
+    numbers for it, and a resumed run draws what an uninterrupted one would."""
+    return (seed * 1_000_003 + epoch * 100_003 + batch * 7_919 + 1) % (2**63)
+
+
+def run_batches(
+    plan: EpochPlan, seed: int, epochs: int, start_epoch: int = 0, start_batch: int = 0
+) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
+    """(epoch, batch number, keys) of every global batch of a run from (start_epoch, start_batch) on."""
+    for epoch in range(start_epoch, epochs):
+        first = start_batch if epoch == start_epoch else 0
+        for offset, keys in enumerate(EpochBatches(plan, seed, epoch, first)):
+            yield epoch, first + offset, keys
+
+
 class RunBatches(torch.utils.data.Sampler):
     """All batches of a run from (start_epoch, start_batch) to the end of `epochs`, so one DataLoader (and
-    its worker processes) serves the whole run."""
+    its worker processes) serves the whole run. With `world`, this process's part of each global batch
+    (distributed.shard_bounds); a process with no part of a short last batch gets nothing for it."""
 
-    def __init__(self, plan: EpochPlan, seed: int, epochs: int, start_epoch: int = 0, start_batch: int = 0):
+    def __init__(
+        self,
+        plan: EpochPlan,
+        seed: int,
+        epochs: int,
+        start_epoch: int = 0,
+        start_batch: int = 0,
+        world: World | None = None,
+        per_process: int | None = None,
+    ):
         self.plan, self.seed, self.epochs = plan, seed, epochs
         self.start_epoch, self.start_batch = start_epoch, start_batch
+        self.world, self.per_process = world or World(), per_process or plan.batch_size
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for epoch in range(self.start_epoch, self.epochs):
-            yield from EpochBatches(self.plan, self.seed, epoch, self.start_batch if epoch == self.start_epoch else 0)
+        for _, _, keys in run_batches(self.plan, self.seed, self.epochs, self.start_epoch, self.start_batch):
+            lo, hi = shard_bounds(len(keys), self.world, self.per_process)
+            if lo < hi:
+                yield keys[lo:hi]
 
     def __len__(self) -> int:
-        return (self.epochs - self.start_epoch) * self.plan.batches_per_epoch - self.start_batch
+        return sum(1 for _ in self)
 
 
 def group_by(keys: Sequence) -> tuple[tuple[int, ...], ...]:

@@ -22,6 +22,7 @@ import torch
 
 from ..base_model import config_source, load_or_explain, resolve_local_model
 from ..config import TrainConfig
+from ..distributed import BatchRandom
 from ..errors import ConfigError, ModelError
 
 log = logging.getLogger("lora_trainer")
@@ -46,6 +47,13 @@ def read_model_index(cfg: TrainConfig) -> dict[str, Any]:
 
     source = config_source(cfg)
     return dict(load_or_explain("model_index.json", cfg.base_model, lambda: DiffusionPipeline.load_config(source)))
+
+
+def sample_posterior(dist, draws: BatchRandom) -> torch.Tensor:
+    """A sample of the VAE's latent distribution, as DiagonalGaussianDistribution.sample draws it."""
+    return dist.mean + dist.std * draws.randn(tuple(dist.mean.shape[1:]), dtype=dist.parameters.dtype).to(
+        dist.mean.device
+    )
 
 
 def vae_scale_factor(vae) -> int:
@@ -283,15 +291,15 @@ class ModelFamily:
         """The VAE's latent distribution parameters (mean and log-variance), what the latent cache stores."""
         return self.parts.vae.encode(pixels.to(self.device, self.parts.vae.dtype)).latent_dist.parameters
 
-    def latents(self, params: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    def latents(self, params: torch.Tensor, draws: BatchRandom) -> torch.Tensor:
         """Normalized latents from the distribution parameters: sampled with the run's generator by default."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        return DiagonalGaussianDistribution(params.to(self.device)).sample(generator=rng).float()
+        return sample_posterior(DiagonalGaussianDistribution(params.to(self.device)), draws).float()
 
     # -- training
     def loss(
-        self, latents: torch.Tensor, cond: Conditioning, batch: dict[str, Any], rng: torch.Generator
+        self, latents: torch.Tensor, cond: Conditioning, batch: dict[str, Any], draws: BatchRandom
     ) -> torch.Tensor:
         raise NotImplementedError
 

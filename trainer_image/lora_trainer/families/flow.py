@@ -16,25 +16,27 @@ from typing import Any, ClassVar
 import torch
 
 from ..adapters import autocast
-from .base import Conditioning, ModelFamily
+from ..distributed import BatchRandom
+from .base import Conditioning, ModelFamily, sample_posterior
 
 # the scheduler config's resolution-dependent shift, where a config leaves them out (FluxPipeline's defaults)
 DYNAMIC_SHIFT_DEFAULTS = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
 
 
-def sample_u(scheme: str, batch: int, cfg, rng: torch.Generator) -> torch.Tensor:
+def sample_u(scheme: str, cfg, draws: BatchRandom) -> torch.Tensor:
     """u in [0, 1] for each sample, as diffusers' compute_density_for_timestep_sampling draws it."""
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
-    return compute_density_for_timestep_sampling(
+    u = compute_density_for_timestep_sampling(
         scheme,
-        batch,
+        draws.total,
         logit_mean=cfg.logit_mean,
         logit_std=cfg.logit_std,
         mode_scale=cfg.mode_scale,
-        device=rng.device,
-        generator=rng,
+        device=draws.device,
+        generator=draws.generator,
     )
+    return draws.cut(u)  # drawn for the whole global batch, as every draw is
 
 
 def grid_sigmas(u: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
@@ -68,11 +70,11 @@ class FlowMatchingFamily(ModelFamily):
     posterior_mode: ClassVar[bool] = False  # FLUX.2 and Z-Image train on the VAE's mean, not a sample
 
     # -- latents
-    def latents(self, params: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    def latents(self, params: torch.Tensor, draws: BatchRandom) -> torch.Tensor:
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         dist = DiagonalGaussianDistribution(params.to(self.device))
-        raw = dist.mode() if self.posterior_mode else dist.sample(generator=rng)
+        raw = dist.mode() if self.posterior_mode else sample_posterior(dist, draws)
         return self.normalize(raw.float())
 
     def normalize(self, latents: torch.Tensor) -> torch.Tensor:
@@ -85,12 +87,10 @@ class FlowMatchingFamily(ModelFamily):
     def weighting_scheme(self) -> str:
         return self.cfg.weighting_scheme or self.default_weighting
 
-    def sample_sigmas(self, latents: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    def sample_sigmas(self, latents: torch.Tensor, draws: BatchRandom) -> torch.Tensor:
         """(B,) noise levels in (0, 1]."""
         config = self.parts.scheduler.config
-        sigmas = grid_sigmas(
-            sample_u(self.weighting_scheme, latents.shape[0], self.cfg, rng), config.num_train_timesteps
-        )
+        sigmas = grid_sigmas(sample_u(self.weighting_scheme, self.cfg, draws), config.num_train_timesteps)
         if self.cfg.resolution_shift:
             mu = resolution_mu(self.image_seq_len(latents), dict(config))
             return dynamic_shift(sigmas, mu, config.get("time_shift_type", "exponential"))
@@ -103,12 +103,12 @@ class FlowMatchingFamily(ModelFamily):
 
     # -- the objective
     def loss(
-        self, latents: torch.Tensor, cond: Conditioning, batch: dict[str, Any], rng: torch.Generator
+        self, latents: torch.Tensor, cond: Conditioning, batch: dict[str, Any], draws: BatchRandom
     ) -> torch.Tensor:
         from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-        noise = torch.randn(latents.shape, generator=rng, device=latents.device)
-        sigmas = self.sample_sigmas(latents, rng).to(latents.device)  # (B,)
+        noise = draws.randn(tuple(latents.shape[1:])).to(latents.device)
+        sigmas = self.sample_sigmas(latents, draws).to(latents.device)  # (B,)
         s = sigmas.view(-1, *[1] * (latents.dim() - 1))
         noisy = (1 - s) * latents + s * noise
         with autocast(self.device, self.cfg.mixed_precision):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..base_model import load_or_explain
+from ..distributed import BatchRandom
 from ..errors import ModelError
 from .base import Components, Conditioning, ModelFamily, vae_scale_factor
 
@@ -244,25 +245,23 @@ class StableDiffusion(ModelFamily):
         return tokenizer, tokenizer.model_max_length
 
     # -- latents and loss
-    def latents(self, params: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-        return super().latents(params, rng) * self.parts.vae.config.scaling_factor  # (B, 4, h, w)
+    def latents(self, params: torch.Tensor, draws: BatchRandom) -> torch.Tensor:
+        return super().latents(params, draws) * self.parts.vae.config.scaling_factor  # (B, 4, h, w)
 
     def denoiser_inputs(self, cond: Conditioning, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         """(cross-attention states, added conditioning) for the UNet."""
         return cond["prompt_embeds"].to(self.device), {}
 
     def loss(
-        self, latents: torch.Tensor, cond: Conditioning, batch: dict[str, Any], rng: torch.Generator
+        self, latents: torch.Tensor, cond: Conditioning, batch: dict[str, Any], draws: BatchRandom
     ) -> torch.Tensor:
         from ..adapters import autocast
 
         cfg, device, scheduler, unet = self.cfg, self.device, self.parts.scheduler, self.parts.denoiser
-        noise = torch.randn(latents.shape, generator=rng, device=device)
+        noise = draws.randn(tuple(latents.shape[1:])).to(device)
         if cfg.noise_offset:
-            noise += cfg.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=rng, device=device)
-        timesteps = torch.randint(
-            0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=rng, device=device
-        )
+            noise += cfg.noise_offset * draws.randn((latents.shape[1], 1, 1)).to(device)
+        timesteps = draws.randint(0, scheduler.config.num_train_timesteps).to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         target = scheduler.get_velocity(latents, noise, timesteps) if self.prediction_type == "v_prediction" else noise
         with autocast(device, cfg.mixed_precision):

@@ -68,8 +68,10 @@ class StorageSession:
         grace_deadline: Callable[[], float | None] = lambda: None,
         client: Any = None,
         stopping: Callable[[], bool] = lambda: False,
+        outputs: bool = True,
     ):
         self.cfg, self.config_yaml, self.grace_deadline, self.stopping = cfg, config_yaml, grace_deadline, stopping
+        self.with_outputs = outputs  # False: a worker process that reads the inputs and writes nothing
         self.cache = Path(cfg.s3_cache_dir) if cfg.s3_cache_dir else default_cache_dir()
         self.retry = Retry(seconds=cfg.s3_retry_seconds)
         self.client = client
@@ -91,12 +93,13 @@ class StorageSession:
         self.store = Store(self.client, self.retry, concurrency=cfg.s3_max_concurrency)
         for bucket in sorted({S3Uri.parse(getattr(cfg, k)).bucket for k in s3_keys(cfg)}):
             probe_bucket(self.client, bucket, self.retry)
-        if is_s3(cfg.output_dir):
+        if is_s3(cfg.output_dir) and self.with_outputs:
             self.check_output(S3Uri.parse(cfg.output_dir))
         local = {key: self.download(key) for key in INPUTS if is_s3(getattr(cfg, key))}
         if "train_data_dir" in local or "metadata_path" in local:
             local["dataset_read_only"] = True  # a download cache that later runs share: auto_label leaves it be
-        local.update(self.outputs())
+        if self.with_outputs:
+            local.update(self.outputs())
         self.local_cfg = dataclasses.replace(cfg, **local)
         return self.local_cfg
 

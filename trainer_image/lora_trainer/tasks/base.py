@@ -11,6 +11,7 @@ import torch
 
 from ..compat import PeftThrough
 from ..config import TrainConfig
+from ..distributed import BatchRandom
 
 
 @dataclass
@@ -49,7 +50,12 @@ class Task(Protocol):
 
     def train_mode(self) -> None: ...
 
-    def loss(self, batch: dict[str, torch.Tensor], rng: torch.Generator) -> torch.Tensor: ...
+    def loss(self, batch: dict[str, torch.Tensor], draws: BatchRandom) -> torch.Tensor:
+        """The mean loss of the micro-batch; its random draws come from `draws` (distributed.py)."""
+
+    def item_weights(self) -> list[float]:
+        """How much each dataset item counts in the mean loss of a batch (1 per image, its trained tokens for
+        text): a process's share of a global batch is the sum of its items' weights."""
 
     def batch_counts(self, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
         """(samples, tokens) in a micro-batch."""

@@ -134,10 +134,14 @@ class TextGenerationTask:
         self.model.train()
 
     # -- one micro-batch
-    def loss(self, batch: dict[str, torch.Tensor], rng: torch.Generator) -> torch.Tensor:
+    def loss(self, batch: dict[str, torch.Tensor], draws=None) -> torch.Tensor:
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with autocast(self.device, self.cfg.mixed_precision):
             return self.model(**batch, use_cache=False).loss
+
+    def item_weights(self) -> list[float]:
+        """The tokens each example trains: the causal LM's loss is their mean (labels shifted by one)."""
+        return [float(sum(1 for label in e.labels[1:] if label != IGNORE_INDEX)) for e in self.data.examples]
 
     def batch_counts(self, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
         return batch["input_ids"].shape[0], int((batch["labels"] != IGNORE_INDEX).sum())

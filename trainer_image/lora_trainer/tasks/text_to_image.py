@@ -32,6 +32,7 @@ from ..data.images import (
     to_tensor,
 )
 from ..data.sampler import group_by
+from ..distributed import BatchRandom
 from ..errors import ConfigError, ModelError
 from ..families import detect_family
 from ..families.base import ModelFamily
@@ -205,17 +206,20 @@ class TextToImageTask:
         return batch
 
     # -- one micro-batch
-    def loss(self, batch: dict[str, Any], rng: torch.Generator) -> torch.Tensor:
+    def loss(self, batch: dict[str, Any], draws: BatchRandom) -> torch.Tensor:
         family, cfg = self.family, self.cfg
         with torch.no_grad():
             params = batch["latent_dist"] if "latent_dist" in batch else family.encode_images(batch["pixel_values"])
-            latents = family.latents(params, rng)
+            latents = family.latents(params, draws)
         if "prompt" in batch:
             cond = batch["prompt"]
         else:
             with autocast(self.device, cfg.mixed_precision), torch.set_grad_enabled(cfg.train_text_encoder):
                 cond = family.encode_prompts(batch)
-        return family.loss(latents, cond, batch, rng)
+        return family.loss(latents, cond, batch, draws)
+
+    def item_weights(self) -> list[float]:
+        return [1.0] * len(self.records)
 
     def batch_counts(self, batch: dict[str, Any]) -> tuple[int, int]:
         return batch["original_size"].shape[0], 0

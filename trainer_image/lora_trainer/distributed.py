@@ -1,0 +1,147 @@
+"""Data-parallel training with torch.distributed: which process this is, and the few collectives a run needs.
+
+Every process trains its shard of the same global batches (data/sampler.py) with a full copy of the model;
+after the micro-batches of an optimizer step, the LoRA gradients are summed over the processes in one
+all-reduce (LoRA gradients are megabytes: DDP's overlap of communication with the backward pass would buy
+nothing, and one explicit reduction keeps gradient accumulation and several trained modules simple).
+Each process weights its loss by its share of the global batch, so the sum is the gradient of the global
+mean: N processes with batch b train exactly like one process with batch N*b.
+
+Launched by torch's elastic launcher (`lora-train --nproc-per-node N`, or torchrun), which sets RANK,
+WORLD_SIZE and LOCAL_RANK; a plain `lora-train` is a world of one, with no process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+# how long a collective waits for the other processes: longer than the slowest step or cache fill between
+# two collectives, short enough that the survivors of a dead process stop (and the group restarts) soon
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """The process that writes outputs, checkpoints and records and serves the metrics."""
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        """The first process of its node: it fills the node's download and feature caches."""
+        return self.local_rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> World:
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+    # -- the process group
+    def start(self, device_type: str) -> None:
+        """Joins the process group (NCCL between GPUs, gloo between CPUs); a world of one has none."""
+        if self.distributed and not torch.distributed.is_initialized():
+            backend = "nccl" if device_type == "cuda" else "gloo"
+            torch.distributed.init_process_group(
+                backend, rank=self.rank, world_size=self.size, timeout=COLLECTIVE_TIMEOUT
+            )
+
+    def stop(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    # -- collectives (no-ops in a world of one)
+    def sum_(self, tensors: list[torch.Tensor]) -> None:
+        """Sums tensors over the processes, in place, in one all-reduce of their concatenation."""
+        if not self.distributed or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def sum_floats(self, *values: float) -> list[float]:
+        if not self.distributed:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64)
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
+    def any(self, flag: bool) -> bool:
+        """Whether any process says so: every process then takes the same branch (stop, checkpoint)."""
+        return bool(self.sum_floats(float(flag))[0]) if self.distributed else flag
+
+    def broadcast(self, value: object) -> object:
+        """The main process's value on every process (trusted: the processes of this run pickle to each other)."""
+        if not self.distributed:
+            return value
+        box = [value if self.is_main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    @contextlib.contextmanager
+    def local_main_first(self) -> Iterator[None]:
+        """The node's first process runs the block (filling a cache) before the others, which then find it full."""
+        if not self.is_local_main:
+            self.barrier()
+        yield
+        if self.is_local_main:
+            self.barrier()
+
+
+def shard_bounds(total: int, world: World, per_process: int) -> tuple[int, int]:
+    """[lo, hi) of a global batch of `total` items that this process trains: consecutive slices of
+    `per_process`; a short last batch leaves the last processes less or nothing."""
+    lo = min(world.rank * per_process, total)
+    return lo, min(lo + per_process, total)
+
+
+class BatchRandom:
+    """The random draws of one micro-batch, made for its whole global batch from the run's generator and
+    then cut to this process's items [lo, hi): an item gets the same noise whichever process trains it,
+    and a world of one draws exactly as a single batch would."""
+
+    def __init__(self, generator: torch.Generator, lo: int = 0, hi: int | None = None, total: int | None = None):
+        self.generator, self.lo = generator, lo
+        self.total = total if total is not None else (hi or 0)
+        self.hi = hi if hi is not None else self.total
+
+    @classmethod
+    def whole(cls, generator: torch.Generator, batch: int) -> BatchRandom:
+        return cls(generator, 0, batch, batch)
+
+    @property
+    def device(self) -> torch.device:
+        return self.generator.device
+
+    def randn(self, item_shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(hi - lo, *item_shape) standard normal."""
+        draw = torch.randn((self.total, *item_shape), generator=self.generator, device=self.device, dtype=dtype)
+        return draw[self.lo : self.hi]
+
+    def randint(self, low: int, high: int) -> torch.Tensor:
+        draw = torch.randint(low, high, (self.total,), generator=self.generator, device=self.device)
+        return draw[self.lo : self.hi]
+
+    def cut(self, draw: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a draw a library made for the global batch (with this generator)."""
+        return draw[self.lo : self.hi]
