@@ -84,6 +84,55 @@ def test_bad_image_folders(tmp_path, setup, message):
         scan_image_folder(folder)
 
 
+def png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG that declares width x height pixels in a few bytes: what a decompression bomb looks like."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+
+
+def test_decompression_bomb_is_a_dataset_error_naming_the_file(tmp_path):
+    make_images(tmp_path, names=("a.png",))
+    png_header_only(tmp_path / "bomb.png", 60_000, 60_000)
+    write_csv(tmp_path, ["a.png,x", "bomb.png,y"])
+    with pytest.raises(DatasetError, match=r"1 image\(s\) cannot be read: bomb.png.*DecompressionBombError"):
+        scan_image_folder(tmp_path)
+
+
+@pytest.mark.parametrize("linked", ["image", "caption"])
+def test_txt_mode_refuses_symlinks_that_leave_the_dataset(tmp_path, linked):
+    outside = tmp_path / "outside"
+    make_images(outside, names=("secret.png",))
+    (outside / "secret.txt").write_text("a private caption")
+    data = tmp_path / "data"
+    make_images(data, names=("a.png",))
+    (data / "a.txt").write_text("alpha")
+    if linked == "image":
+        (data / "b.png").symlink_to(outside / "secret.png")
+        (data / "b.txt").write_text("beta")
+    else:
+        (data / "a.txt").unlink()
+        (data / "a.txt").symlink_to(outside / "secret.txt")
+    with pytest.raises(DatasetError, match="symbolic links lead outside it: (a|b).png"):
+        scan_image_folder(data)
+
+
+def test_txt_mode_follows_symlinks_inside_the_dataset(tmp_path):
+    make_images(tmp_path, names=("a.png",))
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
+    (tmp_path / "b.txt").symlink_to(tmp_path / "a.txt")
+    assert [r.caption for r in scan_image_folder(tmp_path).records] == ["alpha", "alpha"]
+
+
 def test_truncated_image_file_is_reported(tmp_path):
     make_images(tmp_path, names=("a.png",), size=(64, 64))
     data = (tmp_path / "a.png").read_bytes()
@@ -170,6 +219,29 @@ def test_truncation_is_counted_and_reported(tmp_path, llm_tokenizer):
     report = data.truncation_report(20)
     assert "2 of 3 record(s) were longer than max_seq_length=20 tokens" in report
     assert "longest: 101 tokens" in report and "1 of them kept no trainable token" in report
+
+
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path, llm_tokenizer):
+    """U+2028, U+2029, U+0085, form feed are valid inside JSON strings; only "\\n" ends a JSONL line."""
+    text = "one\u2028two\u2029three\x85four\x0cfive\x1cend"
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"text": text}, ensure_ascii=False) + "\r\n" + json.dumps({"text": "b"}) + "\n")
+    assert [record for _, record in read_jsonl(path)] == [{"text": text}, {"text": "b"}]
+
+
+def test_a_huge_record_is_cut_before_tokenizing(tmp_path, llm_tokenizer, monkeypatch):
+    """Memory follows max_seq_length, not the record: the tokenizer never sees the whole 5 MB line."""
+    path = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "p " * 2_500_000, "completion": "c"}, {"text": "short"}])
+    seen = []
+    real_call = type(llm_tokenizer).__call__
+    monkeypatch.setattr(
+        type(llm_tokenizer), "__call__", lambda self, text, **kw: seen.append(len(text)) or real_call(self, text, **kw)
+    )
+    data = tokenize_dataset(path, llm_tokenizer, "auto", 32)
+    longest_token = max(len(t) for t in llm_tokenizer.get_vocab())
+    assert max(seen) <= 33 * longest_token < 100_000
+    assert (data.truncated, data.dropped, len(data.examples)) == (1, 1, 1)
+    assert data.longest > 32 and "1 of 2 record(s) were longer than max_seq_length=32" in data.truncation_report(32)
 
 
 @pytest.mark.parametrize(

@@ -77,8 +77,8 @@ def check_image(path: Path) -> tuple[int, int] | str:
             image.load()
             w, h = image.size
             return (h, w) if image.getexif().get(EXIF_ORIENTATION) in ROTATED else (w, h)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-        return f"{type(err).__name__}: {err}"
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        return f"{type(err).__name__}: {err}"  # a decompression bomb: more pixels than Pillow decodes safely
 
 
 def scan_image_folder(
@@ -109,7 +109,16 @@ def scan_image_folder(
         records = [ImageRecord(p, captions[n]) for n, p in zip(captions, candidates)]
         source = csv_path.name
     else:
-        records = [ImageRecord(p, _read_caption_file(p.with_suffix(caption_extension))) for p in list_images(folder)]
+        images = list_images(folder)
+        escaping = [
+            p.name
+            for p in images
+            for f in (p, p.with_suffix(caption_extension))
+            if (f.exists() or f.is_symlink()) and not _inside(f, folder)
+        ]
+        if escaping:
+            raise DatasetError(f"train_data_dir {folder}: symbolic links lead outside it: {_short_list(escaping)}")
+        records = [ImageRecord(p, _read_caption_file(p.with_suffix(caption_extension))) for p in images]
         source = f"{caption_extension} files"
     if not records:
         raise DatasetError(f"train_data_dir {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")

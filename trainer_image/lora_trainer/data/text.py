@@ -65,7 +65,8 @@ def read_jsonl(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     out = []
     for file in jsonl_files(path):
         try:
-            lines = file.read_text(encoding="utf-8").splitlines()
+            # lines end at "\n" only: JSON strings may hold U+2028 and other characters str.splitlines splits at
+            lines = [line.rstrip("\r") for line in file.read_text(encoding="utf-8").split("\n")]
         except (OSError, UnicodeDecodeError) as err:
             raise DatasetError(f"{file} cannot be read: {err}") from None
         for number, line in enumerate(lines, start=1):
@@ -156,8 +157,10 @@ def tokenize_dataset(path: str | Path, tokenizer, fmt: str, max_seq_length: int)
 
     counts = {f: formats.count(f) for f in dict.fromkeys(formats)}
     out = TokenizedDataset(examples=[], records=len(records), format=", ".join(f"{f}: {n}" for f, n in counts.items()))
+    longest_token = max((len(t) for t in tokenizer.get_vocab()), default=1)
     for (where, record), record_format in zip(records, formats):
         text, spans = loss_spans(record, record_format, where, render_chat)
+        text, spans = bounded(text, spans, (max_seq_length + 1) * longest_token)
         example, length = tokenize_with_spans(text, spans, tokenizer, append_eos=record_format != "chat")
         out.lengths.append(length)
         if length > max_seq_length:
@@ -171,6 +174,15 @@ def tokenize_dataset(path: str | Path, tokenizer, fmt: str, max_seq_length: int)
     if not out.examples:
         raise DatasetError(f"no record of {path} keeps a trainable token within max_seq_length={max_seq_length}")
     return out
+
+
+def bounded(text: str, spans: list[tuple[int, int]], limit: int) -> tuple[str, list[tuple[int, int]]]:
+    """The text cut to `limit` characters: no token past them can be among the first max_seq_length (the
+    limit allows every token the vocabulary's longest), so a record of megabytes is never tokenized whole
+    (memory stays what max_seq_length implies). A cut record is still reported as truncated."""
+    if len(text) <= limit:
+        return text, spans
+    return text[:limit], [(s, min(e, limit)) for s, e in spans if s < limit]
 
 
 def tokenize_with_spans(text: str, spans, tokenizer, append_eos: bool) -> tuple[Example, int]:
