@@ -4,6 +4,7 @@ S3 on a fresh disk, a 60 s outage mid-run, hostile keys, bad credentials, restar
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import http.client
 import io
@@ -11,6 +12,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,7 +25,7 @@ from botocore.exceptions import ClientError
 from safetensors.torch import load as load_safetensors
 
 from lora_trainer.cli import main
-from lora_trainer.errors import ExitCode
+from lora_trainer.errors import ExitCode, OutputError
 from lora_trainer.storage.client import Retry
 from lora_trainer.storage.download import Downloader
 from lora_trainer.storage.store import Store
@@ -30,6 +33,7 @@ from lora_trainer.storage.uri import S3Uri
 from tests.integration.trainer_world import (
     SAMPLE,
     TrainerProcess,
+    can_mount_tmpfs,
     files_under,
     get_bytes,
     list_keys,
@@ -126,6 +130,33 @@ def test_a_run_reads_its_dataset_from_s3_and_writes_every_output_to_s3(tmp_path,
     assert code == ExitCode.OK
     after = list_keys(client, s3_bucket, "runs/shapes")
     assert "NOTES.md" in after and not {k for k in after if k.startswith("checkpoints/state_step_")}
+
+
+def test_validation_data_on_s3_is_downloaded_like_the_training_data(tmp_path, s3_server, s3_bucket, s3_env):
+    upload_folder(s3_server.client(), s3_bucket, "datasets/text", SAMPLE / "text")
+    config = {
+        "task_type": "text-generation",
+        "base_model": "preset:tiny-llm",
+        "train_data_dir": f"s3://{s3_bucket}/datasets/text/arithmetic.jsonl",
+        "validation_data": f"s3://{s3_bucket}/datasets/text/chat.jsonl",
+        "validation_steps": 1,
+        "max_seq_length": 64,
+        "max_train_steps": 2,
+        "save_steps": 0,
+        "output_dir": str(tmp_path / "out"),
+        "s3_cache_dir": str(tmp_path / "cache"),
+        "termination_message_path": str(tmp_path / "termination-log"),
+    }
+    code, message = run_inprocess(tmp_path, config)
+    assert code == ExitCode.OK, message
+    assert (tmp_path / "cache" / "s3" / s3_bucket / "datasets" / "text" / "chat.jsonl").is_file()
+    assert "| Final validation loss |" in (tmp_path / "out" / "EXPERIMENT.md").read_text()
+    backup = yaml.safe_load((tmp_path / "out" / "config_backup.yaml").read_text())
+    assert backup["validation_data"] == config["validation_data"]  # the record names S3, not the cache
+
+    missing = {**config, "validation_data": f"s3://{s3_bucket}/datasets/text/nothing.jsonl", "overwrite": True}
+    code, message = run_inprocess(tmp_path, missing)
+    assert code == ExitCode.DATASET_INVALID and "nothing.jsonl: no such object or prefix" in message["error"]
 
 
 def test_auto_label_of_an_s3_dataset_keeps_its_captions_in_the_output_on_s3(tmp_path, s3_server, s3_bucket, s3_env):
@@ -402,6 +433,57 @@ def test_downloads_are_verified_incremental_and_survive_a_restart_half_way(tmp_p
     assert (stats.files, stats.removed) == (2, 1)
     assert (folder / "part-00.bin").read_bytes() == b"changed" and not (folder / "part-01.bin").exists()
     assert (folder / "part-02.bin").read_bytes() == blobs["data/part-02.bin"]
+
+
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="needs root to mount a small tmpfs in a private mount namespace")
+def test_a_dataset_larger_than_the_disk_fails_before_downloading(tmp_path, s3_server, s3_bucket, s3_env, dataset):
+    s3_server.client().put_object(Bucket=s3_bucket, Key="datasets/shapes/huge.bin", Body=os.urandom(2 << 20))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    config = sd_config(tmp_path, s3_bucket, s3_cache_dir=str(cache))
+    script = f"mount -t tmpfs -o size=1m tmpfs {cache} && {sys.executable} -m lora_trainer.cli --config {{}}"
+    cfg_path = write_config(tmp_path, config)
+    proc = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script.format(cfg_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **s3_env},
+    )
+    assert proc.returncode == ExitCode.OUTPUT_FAILED == 7, proc.stderr[-2000:]
+    message = termination_message(config)
+    assert message["reason"] == "OutputFailed" and message["permanent"] is False
+    assert re.search(
+        r"s3://\S+/datasets/shapes: 10 object\(s\) of 2\.1 MB do not fit in the 1\.0 MB free", message["error"]
+    )
+    assert list_keys(s3_server.client(), s3_bucket, "runs/shapes") == set()  # no output started
+
+
+def test_a_disk_that_fills_during_a_download_is_an_output_error_naming_the_object(
+    tmp_path, s3_server, s3_bucket, dataset, monkeypatch
+):
+    real_pwrite = os.pwrite
+
+    def disk_fills(fd, data, offset):
+        if offset + len(data) > 300:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", disk_fills)
+    downloader = Downloader(s3_server.client(), tmp_path / "cache", Retry(seconds=30), concurrency=2)
+    with pytest.raises(OutputError, match=r"disk full while downloading s3://\S+/datasets/shapes/\S+\.(png|csv)"):
+        downloader.download(S3Uri.parse(dataset))
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    client, root = s3_server.client(), tmp_path / "cache" / "s3"
+    written = [p for p in root.rglob("*") if p.is_file()]
+    for path in written:  # only whole, verified objects reached the dataset folder
+        assert (
+            path.read_bytes()
+            == client.get_object(Bucket=s3_bucket, Key=path.relative_to(root / s3_bucket).as_posix())["Body"].read()
+        )
+    folder, stats = downloader.download(S3Uri.parse(dataset))  # space again: the download completes
+    assert (stats.files, stats.skipped) == (9 - len(written), len(written)) and len(written) < 9
+    assert (folder / "metadata.csv").is_file()
 
 
 def test_large_files_upload_multipart_and_come_back_intact(tmp_path, s3_server, s3_bucket):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +15,16 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "trainer_image" / "lora_trainer" / "sample_data"
+
+
+def can_mount_tmpfs() -> bool:
+    """Whether a test may mount a small tmpfs (a disk that fills up) in a private mount namespace: root."""
+    if not shutil.which("unshare") or os.geteuid() != 0:
+        return False
+    probe = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", "mount -t tmpfs -o size=16k tmpfs /mnt"], capture_output=True
+    )
+    return probe.returncode == 0
 
 
 def sd_config(tmp_path: Path, bucket: str | None, **overrides) -> dict:

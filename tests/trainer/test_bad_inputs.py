@@ -14,6 +14,7 @@ import yaml
 
 from lora_trainer.cli import main
 from lora_trainer.errors import ExitCode
+from tests.integration.trainer_world import can_mount_tmpfs
 
 from .conftest import LLM_BASE, SAMPLE, SD_BASE
 
@@ -119,15 +120,6 @@ def test_invalid_config_exit_code(tmp_path, capsys):
     assert "'lora_rank': must be >= 1" in err and "did you mean 'learning_rate'" in err
 
 
-def can_mount_tmpfs() -> bool:
-    if not shutil.which("unshare") or os.geteuid() != 0:
-        return False
-    probe = subprocess.run(
-        ["unshare", "--mount", "sh", "-c", "mount -t tmpfs -o size=16k tmpfs /mnt"], capture_output=True
-    )
-    return probe.returncode == 0
-
-
 @pytest.mark.skipif(not can_mount_tmpfs(), reason="needs root to mount a small tmpfs in a private mount namespace")
 def test_disk_full_is_a_clear_error_and_leaves_no_finished_run(tmp_path):
     out = tmp_path / "out"
@@ -154,7 +146,6 @@ def test_disk_full_is_a_clear_error_and_leaves_no_finished_run(tmp_path):
 def test_sigterm_writes_a_checkpoint_and_exits_143(tmp_path, workers, whole_group):
     """A real process and a real signal: the run stops at a step boundary with a complete checkpoint, also
     when the signal goes to the whole process group and so reaches the data loader workers too."""
-    import os
     import signal
     import time
 

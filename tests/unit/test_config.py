@@ -85,6 +85,29 @@ def test_bad_values_name_the_key_and_what_is_allowed(raw, message):
     assert message in problems_of({**BASE, **raw})
 
 
+@pytest.mark.parametrize(
+    "output_dir, logging_dir, refused",
+    [
+        ("s3://bucket/run/out", "s3://bucket/run", True),  # the S3 parent: its working copy would hold output's
+        ("s3://bucket/run/out", "s3://bucket/run/out/", True),
+        ("s3://bucket/run/out", "s3://bucket", True),  # the whole bucket
+        ("out/run", "out", True),
+        ("out/run", "./out/run", True),
+        ("s3://bucket/run/out", "s3://bucket/run/out/logs", False),
+        ("s3://bucket/run/out", "s3://bucket/run/outlogs", False),
+        ("s3://bucket/run/out", "s3://bucket/logs/out", False),
+        ("out/run", "s3://bucket/out", False),
+        ("out/run", "out/run/tb", False),
+    ],
+)
+def test_logging_dir_may_not_hold_output_dir(output_dir, logging_dir, refused):
+    raw = {**BASE, "output_dir": output_dir, "logging_dir": logging_dir}
+    if refused:
+        assert "must not be output_dir or a folder above it" in problems_of(raw)
+    else:
+        assert build_config(raw).logging_dir == logging_dir
+
+
 def test_required_keys_and_every_problem_reported_at_once():
     text = problems_of({"lora_rank": -1, "learning_rat": 1})
     assert "'base_model' is required" in text

@@ -90,11 +90,17 @@ def test_safe_keys(key, tmp_path):
         ("\uff0e\uff0e/evil", "decodes to '..'"),  # fullwidth full stops: NFKC gives '..'
         ("\u2025/evil", "decodes to '..'"),  # two dot leader
         ("", "empty"),
+        ("a/" + "x" * 256, "is 256 bytes long; a file name can have at most 255"),
+        ("\u00e9" * 128 + "/a", "is 256 bytes long"),  # 128 characters, 256 bytes in UTF-8
     ],
 )
 def test_unsafe_keys_are_refused(key, why, tmp_path):
     with pytest.raises(UnsafeKeyError, match=re.escape(why)):
         safe_local_path(tmp_path, key)
+
+
+def test_the_longest_file_name_is_allowed(tmp_path):
+    assert safe_local_path(tmp_path, "a/" + "x" * 255).name == "x" * 255
 
 
 def test_a_symlink_inside_the_cache_cannot_lead_outside(tmp_path):

@@ -36,11 +36,18 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     except OSError as err:
         with contextlib.suppress(OSError):  # on a read-only disk even the cleanup fails: report the cause
             tmp.unlink(missing_ok=True)
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OutputError(f"disk full while writing {path}: free some space under {path.parent}") from None
-        if err.errno == errno.EROFS:
-            raise OutputError(f"cannot write {path}: the file system is read-only") from None
-        raise OutputError(f"cannot write {path}: {err.strerror or err}") from None
+        raise write_error(err, path) from None
+
+
+def write_error(err: OSError, path: Path, doing: str | None = None) -> OutputError:
+    """The OutputError for a failed write of `path` while `doing` something: disk full, read-only, or the
+    system's reason. Exit code 7, retried: a new pod has a new disk."""
+    doing = doing or f"writing {path}"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError(f"disk full while {doing}: free some space under {path.parent}")
+    if err.errno == errno.EROFS:
+        return OutputError(f"cannot write {path}: the file system is read-only")
+    return OutputError(f"{doing} failed: {err.strerror or err}")
 
 
 def link_or_copy(src: Path, dst: Path) -> Path:

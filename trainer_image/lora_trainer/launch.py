@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .compat import check_libraries
-from .config import TrainConfig, config_to_yaml
+from .config import TrainConfig
 from .distributed import World
 from .errors import Interrupted
 from .metrics import TrainerMetrics
@@ -81,7 +81,6 @@ def launch(cfg: TrainConfig, stop: StopSignal, report: TerminationReport, env: M
             cleanup.callback(metrics.close)
         session = StorageSession(
             cfg,
-            config_to_yaml(cfg),
             lambda: stop.grace_deadline(cfg.sigterm_grace_seconds),
             stopping=stop.is_set,
             outputs=world.is_main,
@@ -96,6 +95,6 @@ def launch(cfg: TrainConfig, stop: StopSignal, report: TerminationReport, env: M
         if world.any(stop.is_set()):
             raise Interrupted("stopped by SIGTERM before training started; nothing to checkpoint")
         observers = [*default_observers(local, shown=cfg), *session.mirrors, metrics] if world.is_main else []
-        recipe = TrainingRecipe(local, observers=observers, stop=stop, world=world)
+        recipe = TrainingRecipe(local, observers=observers, stop=stop, world=world, shown=cfg)
         report.summary = recipe.summary
         return recipe.run()

@@ -122,8 +122,10 @@ class TrainingRecipe:
         stop: threading.Event | None = None,
         profile: bool = False,
         world: World | None = None,
+        shown: TrainConfig | None = None,
     ):
         self.cfg = cfg
+        self.shown = shown or cfg  # the config to record in config_backup.yaml: the user's, with s3:// URIs
         self.world = world or World.from_env()
         if observers is None:
             observers = default_observers(cfg) if self.world.is_main else []
@@ -158,7 +160,7 @@ class TrainingRecipe:
         world.start(self.device.type)
         if world.is_main:
             self.out = prepare_output_dir(cfg)
-            write_config_backup(cfg, self.out)
+            write_config_backup(self.shown, self.out)
             self.summary.output_prepared = True
         self.task = build_task(cfg)
         # the dataset is validated before any model loads (and with auto_label, captioned first); the first

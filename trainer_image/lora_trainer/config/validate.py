@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from pathlib import PurePosixPath
@@ -172,11 +173,30 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
             f"'resolution' ({cfg.resolution}) must lie between 'min_bucket_reso' ({cfg.min_bucket_reso}) and "
             f"'max_bucket_reso' ({cfg.max_bucket_reso}) when enable_bucket is on"
         )
-    for key in ("output_dir", "train_data_dir", "base_model", "logging_dir", "metadata_path"):
+    problems += logging_dir_problems(cfg)
+    for key in ("output_dir", "train_data_dir", "base_model", "logging_dir", "metadata_path", "validation_data"):
         value = getattr(cfg, key)
         if isinstance(value, str) and value.startswith("s3://") and not _valid_s3_uri(value):
             problems.append(f"'{key}': {value!r} is not a valid s3://bucket/prefix URI")
     return problems
+
+
+def logging_dir_problems(cfg: TrainConfig) -> list[str]:
+    """logging_dir may be anywhere but output_dir itself or a folder above it: the run's working copy of
+    output_dir would then sit inside the logs' one, and preparing one would empty the other."""
+    if not cfg.logging_dir:
+        return []
+    logs, out = _folder(cfg.logging_dir), _folder(cfg.output_dir)
+    if out == logs or out.startswith(logs + "/"):
+        return [
+            f"'logging_dir' ({cfg.logging_dir}) must not be output_dir or a folder above it; "
+            f"use a folder of its own, such as {out}/logs (the default)"
+        ]
+    return []
+
+
+def _folder(path: str) -> str:
+    return path.rstrip("/") if path.startswith("s3://") else os.path.abspath(path)
 
 
 def _valid_s3_uri(uri: str) -> bool:

@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import DatasetError, StorageError, TrainError
+from ..errors import DatasetError, OutputError, StorageError, TrainError
+from ..files import write_error
 from .client import IntegrityError, Kind, Retry, classify
 from .uri import S3Uri, UnsafeKeyError, safe_local_path
 
@@ -261,6 +262,7 @@ class Downloader:
         try:
             todo = [obj for obj in objects if not index.fresh(obj, targets[obj])]
             stats.skipped = len(objects) - len(todo)
+            self._check_space(uri, todo)
             self._fetch(uri, todo, targets, index, stats, on_file)
             stats.removed = self._remove_deleted(index, {o.key for o in objects}, root)
             index.compact({o.key for o in objects})
@@ -315,6 +317,10 @@ class Downloader:
                             if on_file is not None:
                                 on_file(unit.obj)
                     except Exception as err:  # noqa: BLE001 - classified: permanent raises, transient retries
+                        if isinstance(err, OSError) and classify(err) is None:  # the local disk, not S3
+                            raise write_error(
+                                err, temp[unit.obj], f"downloading s3://{uri.bucket}/{unit.obj.key}"
+                            ) from None
                         if classify(err) is not Kind.TRANSIENT:
                             backoff.after(err, f"download s3://{uri.bucket}/{unit.obj.key}")
                         if len(digests[unit.obj]) == len(units[unit.obj]):  # the check failed: all parts again
@@ -328,6 +334,20 @@ class Downloader:
                     backoff.after(failed[0][1], f"download {uri} ({len(failed)} transfer(s) failed)")
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def _check_space(self, uri: S3Uri, todo: list[RemoteObject]) -> None:
+        """Fails before the first byte when the objects cannot fit in the cache's file system."""
+        needed = sum(obj.size for obj in todo)
+        try:
+            self.cache.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise write_error(err, self.cache, f"creating the download cache {self.cache}") from None
+        free = shutil.disk_usage(self.cache).free
+        if needed > free:
+            raise OutputError(
+                f"{uri}: {len(todo)} object(s) of {needed / 1e6:.1f} MB do not fit in the {free / 1e6:.1f} MB free "
+                f"under {self.cache}; give the pod a larger disk (or s3_cache_dir a larger volume)"
+            )
 
     def _part_sizes(
         self, pool: ThreadPoolExecutor, bucket: str, objects: list[RemoteObject]

@@ -1,11 +1,14 @@
 """The observer that mirrors a local output folder to its s3:// prefix while the run goes on.
 
-    on_start       config_backup.yaml as the user wrote it (s3:// URIs, not cache paths), then the tree
+    on_start       the tree (config_backup.yaml first of all)
     on_checkpoint  the checkpoint's files, its manifest.json last, keep-last-N on S3, then the tree
     on_step        every `sync_seconds`: the tree (TensorBoard event files, EXPERIMENT.md, ...)
     on_end         the tree, and last of all the final weights file, the marker of a finished run;
                    after SIGTERM, only as long as the grace period allows; after a failure in setup,
                    the tree too (config_backup.yaml, EXPERIMENT.md say what went wrong)
+
+config_backup.yaml holds the config as the user wrote it (s3:// URIs, not cache paths): the recipe writes
+the config it is shown, not the local one it runs.
 
 "The tree" is every file except step checkpoints (which go as whole checkpoints) and hidden files
 (temporary files, the staging folder); a file is uploaded again only when its size or mtime changed.
@@ -23,10 +26,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ..files import atomic_write, link_or_copy
+from ..files import link_or_copy
 from ..layout import (
     CHECKPOINTS,
-    CONFIG_BACKUP,
     FINAL_WEIGHTS,
     MANIFEST,
     checkpoint_step,
@@ -68,15 +70,13 @@ class S3Mirror(BaseObserver):
         uploader: Uploader,
         *,
         keep: int | None = None,
-        config_yaml: str | None = None,
         sync_seconds: float = 60.0,
         grace_deadline: Callable[[], float | None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.local, self.remote, self.store, self.uploader = Path(local), remote, store, uploader
-        self.keep, self.config_yaml, self.sync_seconds = keep, config_yaml, sync_seconds
+        self.keep, self.sync_seconds = keep, sync_seconds
         self.grace_deadline, self.clock = grace_deadline, clock
-        self.started = False
         self.synced: dict[str, tuple[int, int]] = {}  # rel -> (size, mtime_ns) last uploaded
         self.uploaded_checkpoints: list[int] = []
         self.on_uploaded: Callable[[int, str], None] = lambda step, uri: None  # (step, s3:// URI of its state)
@@ -86,14 +86,7 @@ class S3Mirror(BaseObserver):
 
     # -- observer
     def on_start(self, info: RunInfo) -> None:
-        self.write_config_backup()
-        self.started = True
         self.sync_soon()
-
-    def write_config_backup(self) -> None:
-        """The recipe wrote the config it ran (cache paths); S3 gets the one the user wrote (s3:// URIs)."""
-        if self.config_yaml is not None and (self.local / CONFIG_BACKUP).is_file():
-            atomic_write(self.local / CONFIG_BACKUP, lambda tmp: tmp.write_text(self.config_yaml))
 
     def on_step(self, stats: StepStats) -> None:
         self.uploader.check()
@@ -115,8 +108,6 @@ class S3Mirror(BaseObserver):
     def on_end(self, summary: RunSummary) -> None:
         if summary.error_reason in ("StorageInvalid", "StorageUnavailable"):
             return  # storage itself failed: more uploads would fail the same way
-        if not self.started:  # failed during setup: the record of why (EXPERIMENT.md) still goes up
-            self.write_config_backup()
         finished = summary.error_reason is None and (self.local / FINAL_WEIGHTS).is_file()
         interrupted = summary.error_reason == "Interrupted"
         deadline = self.grace_deadline() if interrupted else None

@@ -43,6 +43,7 @@ log = logging.getLogger("lora_trainer")
 INPUTS: dict[str, type] = {
     "train_data_dir": DatasetError,
     "metadata_path": DatasetError,
+    "validation_data": DatasetError,
     "base_model": ModelError,
     "base_model_config": ModelError,
 }
@@ -64,13 +65,12 @@ class StorageSession:
     def __init__(
         self,
         cfg: TrainConfig,
-        config_yaml: str,
         grace_deadline: Callable[[], float | None] = lambda: None,
         client: Any = None,
         stopping: Callable[[], bool] = lambda: False,
         outputs: bool = True,
     ):
-        self.cfg, self.config_yaml, self.grace_deadline, self.stopping = cfg, config_yaml, grace_deadline, stopping
+        self.cfg, self.grace_deadline, self.stopping = cfg, grace_deadline, stopping
         self.with_outputs = outputs  # False: a worker process that reads the inputs and writes nothing
         self.cache = Path(cfg.s3_cache_dir) if cfg.s3_cache_dir else default_cache_dir()
         self.retry = Retry(seconds=cfg.s3_retry_seconds)
@@ -136,7 +136,7 @@ class StorageSession:
             out = S3Uri.parse(cfg.output_dir)
             out_local = self.working_folder(out)
             local["output_dir"] = str(out_local)
-            self.output_mirror = self.mirror(out_local, out, config_yaml=self.config_yaml, keep=cfg.keep_checkpoints)
+            self.output_mirror = self.mirror(out_local, out, keep=cfg.keep_checkpoints)
             self.mirrors.append(self.output_mirror)
             local.update(self.resume_from(out, out_local))
             if cfg.auto_label:
@@ -160,14 +160,13 @@ class StorageSession:
         folder.mkdir(parents=True)
         return folder
 
-    def mirror(self, local: Path, remote: S3Uri, config_yaml: str | None = None, keep: int | None = None) -> S3Mirror:
+    def mirror(self, local: Path, remote: S3Uri, keep: int | None = None) -> S3Mirror:
         return S3Mirror(
             local,
             remote,
             self.store,
             self.uploader,
             keep=keep,
-            config_yaml=config_yaml,
             sync_seconds=self.cfg.s3_sync_seconds,
             grace_deadline=self.grace_deadline,
         )

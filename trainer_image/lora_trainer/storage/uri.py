@@ -3,7 +3,7 @@
 Keys come from a listing we do not control. A key that would land outside the cache folder (`..`,
 an absolute path, a backslash, control characters, or an encoding that turns into one of those once
 percent-decoded or Unicode-normalized, such as `%2e%2e` or fullwidth dots) is refused, not cleaned:
-silently renaming it could shadow another file.
+silently renaming it could shadow another file. So is a key with a segment longer than a file name can be.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 SCHEME = "s3://"
+MAX_NAME_BYTES = 255  # the longest file name ext4, XFS and most other file systems allow
 
 
 def is_s3(path: str | None) -> bool:
@@ -82,6 +83,11 @@ def check_relative_key(relative: str) -> PurePosixPath:
             raise UnsafeKeyError("the key has an empty path segment ('//')")
         if part in (".", ".."):
             raise UnsafeKeyError(f"the key has a {part!r} path segment")
+        if len(part.encode()) > MAX_NAME_BYTES:
+            raise UnsafeKeyError(
+                f"the key segment {part[:40]!r}... is {len(part.encode())} bytes long; a file name can have "
+                f"at most {MAX_NAME_BYTES}"
+            )
         for form in _decoded_forms(part):
             if form in (".", "..") or "/" in form or "\\" in form:
                 raise UnsafeKeyError(f"the key segment {part!r} decodes to {form!r}")
