@@ -12,10 +12,10 @@ import torch
 from lora_trainer.checkpoint import (
     CheckpointState,
     canonical_safetensors,
-    find_resume_checkpoint,
     flatten,
     list_checkpoints,
     load_checkpoint,
+    load_resume_point,
     prune_checkpoints,
     save_checkpoint,
     sort_safetensors_metadata,
@@ -133,9 +133,8 @@ def test_checkpoint_round_trip_and_latest(tmp_path):
     weights = {"unet.a.lora.down.weight": torch.randn(4, 8)}
     for step in (10, 20):
         save_checkpoint(tmp_path, step, weights, {"rank": "4"}, _state(step))
-    latest = find_resume_checkpoint(tmp_path, "latest")
-    assert latest.step == 20
-    loaded, state = load_checkpoint(latest)
+    (latest, loaded, state), passed_over = load_resume_point(tmp_path, "latest")
+    assert latest.step == 20 and passed_over == []
     assert torch.equal(loaded["unet.a.lora.down.weight"], weights["unet.a.lora.down.weight"])
     assert torch.equal(state.optimizer["state"][0]["m"], torch.ones(2) * 20)
     assert state.scheduler == {"last_epoch": 20} and state.trainer["step"] == 20
@@ -146,23 +145,121 @@ def test_a_checkpoint_without_manifest_is_never_picked(tmp_path):
     save_checkpoint(tmp_path, 20, {"w": torch.ones(1)}, {}, _state(20))
     (tmp_path / "checkpoints/state_step_20/manifest.json").unlink()  # as if the save was cut off
     assert [c.step for c in list_checkpoints(tmp_path)] == [10]
-    assert find_resume_checkpoint(tmp_path, "latest").step == 10
+    (latest, _, _), passed_over = load_resume_point(tmp_path, "latest")
+    assert latest.step == 10 and passed_over == []  # an incomplete save is not worth a warning
+
+
+def flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
 
 
 def test_a_corrupted_checkpoint_file_is_detected(tmp_path):
     ckpt = save_checkpoint(tmp_path, 5, {"w": torch.ones(3)}, {}, _state(5))
-    data = bytearray((ckpt.state_dir / "optimizer.safetensors").read_bytes())
-    data[-1] ^= 0xFF
-    (ckpt.state_dir / "optimizer.safetensors").write_bytes(bytes(data))
-    with pytest.raises(ConfigError, match="corrupt"):
-        find_resume_checkpoint(tmp_path, str(ckpt.state_dir))
+    flip_last_byte(ckpt.state_dir / "optimizer.safetensors")
+    with pytest.raises(
+        ConfigError, match="is incomplete or corrupt: state_step_5/optimizer.safetensors does not match"
+    ):
+        load_resume_point(tmp_path, str(ckpt.state_dir))
     with pytest.raises(ConfigError, match="corrupt"):
         load_checkpoint(ckpt)
 
 
+def rewrite_manifest(state_dir, change):
+    manifest = json.loads((state_dir / "manifest.json").read_text())
+    change(manifest)
+    (state_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def sign_state_json(state_dir, text):
+    """A state.json that matches its manifest but is no checkpoint state: a writer we do not know."""
+    import hashlib
+
+    (state_dir / "state.json").write_text(text)
+    entry = {"size": len(text.encode()), "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    rewrite_manifest(state_dir, lambda m: m["files"].__setitem__(f"{state_dir.name}/state.json", entry))
+
+
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (lambda d: flip_last_byte(d / "rng.safetensors"), "state_step_20/rng.safetensors does not match its checksum"),
+        (
+            lambda d: flip_last_byte(d.parent / "pytorch_lora_weights_step_20.safetensors"),
+            "does not match its checksum",
+        ),
+        (lambda d: sign_state_json(d, "[1, 2"), "cannot be read: JSONDecodeError"),
+        (lambda d: sign_state_json(d, '{"format_version": 1}'), "cannot be read: KeyError: 'trainer'"),
+        (lambda d: sign_state_json(d, '{"format_version": 99}'), "has format 99, expected 1"),
+        (lambda d: flip_last_byte(d / "manifest.json"), None),  # not JSON: not complete, passed over silently
+        (lambda d: rewrite_manifest(d, lambda m: m["files"].update({"../../../etc/passwd": {"size": 1}})), None),
+        (lambda d: rewrite_manifest(d, lambda m: m.update(files=[])), None),
+    ],
+    ids=[
+        "rng",
+        "weights",
+        "state-not-json",
+        "state-not-a-state",
+        "state-format",
+        "manifest-not-json",
+        "manifest-unsafe-path",
+        "manifest-shape",
+    ],
+)
+def test_latest_falls_back_to_the_newest_valid_checkpoint(tmp_path, damage, why):
+    for step in (10, 20):
+        save_checkpoint(tmp_path, step, {"w": torch.full((2,), float(step))}, {}, _state(step))
+    damage(tmp_path / "checkpoints" / "state_step_20")
+    (ckpt, weights, state), passed_over = load_resume_point(tmp_path, "latest")
+    assert ckpt.step == 10 and state.trainer["step"] == 10 and torch.equal(weights["w"], torch.full((2,), 10.0))
+    if why:
+        assert len(passed_over) == 1 and why in passed_over[0] and "state_step_20" in passed_over[0]
+        assert passed_over[0].endswith("resuming from an older checkpoint")
+    else:
+        assert passed_over == [] and [c.step for c in list_checkpoints(tmp_path)] == [10]
+
+
+def test_no_valid_checkpoint_starts_over_saying_why(tmp_path):
+    ckpt = save_checkpoint(tmp_path, 5, {"w": torch.ones(3)}, {}, _state(5))
+    flip_last_byte(ckpt.state_dir / "state.json")
+    found, passed_over = load_resume_point(tmp_path, "latest")
+    assert found is None and len(passed_over) == 1
+
+
 def test_resume_path_must_be_a_checkpoint_folder(tmp_path):
     with pytest.raises(ConfigError, match="is not a checkpoints/state_step_<N> folder"):
-        find_resume_checkpoint(tmp_path, str(tmp_path / "nope"))
+        load_resume_point(tmp_path, str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize(
+    "manifest, why",
+    [
+        ({"files": {}}, "lists other files than checkpoint 3 has"),
+        ({"files": {"../x": {}}}, "'../x'"),
+        ([], "is not a checkpoint manifest"),
+        ({"files": "x"}, "is not a checkpoint manifest"),
+    ],
+)
+def test_manifest_problems(manifest, why):
+    from lora_trainer.layout import manifest_problem
+
+    assert why in manifest_problem(manifest, 3)
+
+
+def test_a_manifest_entry_needs_a_size_and_a_sha256():
+    from lora_trainer.layout import checkpoint_files, manifest_problem
+
+    good = {"size": 3, "sha256": "a" * 64}
+    files = dict.fromkeys(checkpoint_files(3), good)
+    assert manifest_problem({"files": files}, 3) is None
+    for bad in (
+        {"size": -1, "sha256": "a" * 64},
+        {"size": True, "sha256": "a" * 64},
+        {"size": 3, "sha256": "A" * 64},
+        5,
+    ):
+        assert "no valid size and sha256" in manifest_problem({"files": {**files, checkpoint_files(3)[0]: bad}}, 3)
 
 
 def test_keep_last_n_prunes_oldest_and_stale_incomplete(tmp_path):

@@ -22,11 +22,12 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .errors import ConfigError
 from .files import atomic_write, sha256_file
-from .layout import CHECKPOINTS, MANIFEST, STATE_DIR, state_dir_name, weights_name
+from .layout import CHECKPOINTS, MANIFEST, STATE_DIR, manifest_problem, state_dir_name, weights_name
 
 FORMAT_VERSION = 1
 
@@ -166,25 +167,34 @@ def save_checkpoint(
     return ckpt
 
 
-def read_manifest(state_dir: Path) -> dict[str, Any] | None:
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed from: incomplete, corrupt, or written by another format."""
+
+
+def checkpoint_problem(state_dir: Path, verify: bool = False) -> str | None:
+    """Why the checkpoint in state_dir cannot be resumed from, or None. Without `verify` only the manifest
+    and the files' sizes are checked (cheap: for listing); with it, every file's SHA-256 too."""
+    step = int(STATE_DIR.match(state_dir.name).group(1))
     try:
         manifest = json.loads((state_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return manifest if isinstance(manifest, dict) and "files" in manifest else None
-
-
-def is_complete(state_dir: Path, verify: bool = False) -> bool:
-    manifest = read_manifest(state_dir)
-    if manifest is None:
-        return False
+    except FileNotFoundError:
+        return "it has no manifest.json (an incomplete save)"
+    except (OSError, ValueError) as err:
+        return f"its manifest.json cannot be read: {err}"
+    problem = manifest_problem(manifest, step)
+    if problem:
+        return problem
     for rel, info in manifest["files"].items():
         path = state_dir.parent / rel
         if not path.is_file() or path.stat().st_size != info["size"]:
-            return False
+            return f"{rel} is missing or has the wrong size"
         if verify and sha256_file(path) != info["sha256"]:
-            return False
-    return True
+            return f"{rel} does not match its checksum"
+    return None
+
+
+def is_complete(state_dir: Path, verify: bool = False) -> bool:
+    return checkpoint_problem(state_dir, verify) is None
 
 
 def list_checkpoints(root: Path) -> list[Checkpoint]:
@@ -201,38 +211,58 @@ def list_checkpoints(root: Path) -> list[Checkpoint]:
     return sorted(found, key=lambda c: c.step)
 
 
-def find_resume_checkpoint(root: Path, resume: str) -> Checkpoint | None:
-    """'latest' -> the newest complete checkpoint (None if there is none); otherwise the given folder."""
-    if resume == "latest":
-        found = list_checkpoints(root)
-        return found[-1] if found else None
+Loaded = tuple[Checkpoint, dict[str, torch.Tensor], CheckpointState]
+
+
+def load_resume_point(root: Path, resume: str) -> tuple[Loaded | None, list[str]]:
+    """(checkpoint, weights, state) to resume from, and why newer checkpoints were passed over.
+
+    'latest': the newest checkpoint that is complete and valid, falling back to older ones (None when
+    there is none); a folder: that checkpoint, or CheckpointError."""
+    if resume != "latest":
+        return load_checkpoint(named_checkpoint(resume)), []
+    passed_over = []
+    for ckpt in reversed(list_checkpoints(root)):
+        try:
+            return load_checkpoint(ckpt), passed_over
+        except CheckpointError as err:
+            passed_over.append(f"{err}; resuming from an older checkpoint")
+    return None, passed_over
+
+
+def named_checkpoint(resume: str) -> Checkpoint:
     state_dir = Path(resume)
     match = STATE_DIR.match(state_dir.name)
     if not match or not state_dir.is_dir():
         raise ConfigError(f"resume: {resume} is not a checkpoints/state_step_<N> folder")
-    if not is_complete(state_dir, verify=True):
-        raise ConfigError(f"resume: {resume} is incomplete or corrupt (its manifest does not match its files)")
     step = int(match.group(1))
     return Checkpoint(step, state_dir, state_dir.parent / weights_name(step))
 
 
-def load_checkpoint(ckpt: Checkpoint) -> tuple[dict[str, torch.Tensor], CheckpointState]:
-    if not is_complete(ckpt.state_dir, verify=True):
-        raise ConfigError(f"checkpoint {ckpt.state_dir} is corrupt: a file does not match its manifest")
-    tree = json.loads((ckpt.state_dir / "state.json").read_text())
-    if tree.get("format_version") != FORMAT_VERSION:
-        raise ConfigError(
-            f"checkpoint {ckpt.state_dir} has format {tree.get('format_version')}, expected {FORMAT_VERSION}"
+def load_checkpoint(ckpt: Checkpoint) -> Loaded:
+    problem = checkpoint_problem(ckpt.state_dir, verify=True)
+    if problem:
+        raise CheckpointError(f"checkpoint {ckpt.state_dir} is incomplete or corrupt: {problem}")
+    try:
+        tree = json.loads((ckpt.state_dir / "state.json").read_text())
+        if tree.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"checkpoint {ckpt.state_dir} has format {tree.get('format_version')}, expected {FORMAT_VERSION}"
+            )
+        tensors = {
+            **load_file(ckpt.state_dir / "optimizer.safetensors"),
+            **load_file(ckpt.state_dir / "rng.safetensors"),
+        }
+        state = CheckpointState(
+            trainer=tree["trainer"],
+            optimizer=unflatten(tree["optimizer"], tensors),
+            scheduler=unflatten(tree["scheduler"], tensors),
+            rng=unflatten(tree["rng"], tensors),
+            scaler=unflatten(tree["scaler"], tensors),
         )
-    tensors = {**load_file(ckpt.state_dir / "optimizer.safetensors"), **load_file(ckpt.state_dir / "rng.safetensors")}
-    state = CheckpointState(
-        trainer=tree["trainer"],
-        optimizer=unflatten(tree["optimizer"], tensors),
-        scheduler=unflatten(tree["scheduler"], tensors),
-        rng=unflatten(tree["rng"], tensors),
-        scaler=unflatten(tree["scaler"], tensors),
-    )
-    return load_file(ckpt.weights), state
+        return ckpt, load_file(ckpt.weights), state
+    except (ValueError, KeyError, TypeError, AttributeError, SafetensorError) as err:
+        raise CheckpointError(f"checkpoint {ckpt.state_dir} cannot be read: {type(err).__name__}: {err}") from None
 
 
 def prune_checkpoints(root: Path, keep: int | None) -> list[int]:

@@ -29,6 +29,9 @@ CHECKPOINTS = "checkpoints"
 FINAL_CHECKPOINT = "pytorch_lora_weights_final.safetensors"
 MANIFEST = "manifest.json"  # last file of a checkpoint: without it, the checkpoint is incomplete
 
+STATE_FILES = ("optimizer.safetensors", "rng.safetensors", "state.json")  # besides the manifest
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
 STATE_DIR = re.compile(r"^state_step_(\d+)$")
 STEP_WEIGHTS = re.compile(r"^pytorch_lora_weights_step_(\d+)\.safetensors$")
 
@@ -57,3 +60,24 @@ def checkpoint_step(relative: str) -> int | None:
         return None
     match = (STATE_DIR if len(parts) > 2 else STEP_WEIGHTS).match(parts[1])
     return int(match.group(1)) if match else None
+
+
+def checkpoint_files(step: int) -> list[str]:
+    """The files of checkpoint `step` that its manifest lists, relative to checkpoints/."""
+    return [weights_name(step), *(f"{state_dir_name(step)}/{name}" for name in STATE_FILES)]
+
+
+def manifest_problem(manifest: object, step: int) -> str | None:
+    """Why `manifest` (parsed manifest.json) is not checkpoint `step`'s, or None. A manifest names exactly
+    the checkpoint's files, each with its size and SHA-256: a hostile one cannot point a resume elsewhere."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return "its manifest.json is not a checkpoint manifest"
+    listed, expected = set(manifest["files"]), set(checkpoint_files(step))
+    if listed != expected:
+        odd = sorted(listed ^ expected)[:3]
+        return f"its manifest.json lists other files than checkpoint {step} has ({', '.join(map(repr, odd))})"
+    for name, info in manifest["files"].items():
+        size, digest = (info.get("size"), info.get("sha256")) if isinstance(info, dict) else (None, None)
+        if type(size) is not int or size < 0 or not isinstance(digest, str) or not SHA256.match(digest):
+            return f"its manifest.json has no valid size and sha256 for {name}"
+    return None

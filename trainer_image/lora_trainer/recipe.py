@@ -27,8 +27,7 @@ import torch
 from . import __version__
 from .checkpoint import (
     CheckpointState,
-    find_resume_checkpoint,
-    load_checkpoint,
+    load_resume_point,
     prune_checkpoints,
     save_checkpoint,
     save_safetensors,
@@ -203,13 +202,14 @@ class TrainingRecipe:
         """The main process reads the checkpoint (on S3 runs only its node has it) and sends it to the others."""
         found = None
         if self.world.is_main:
-            ckpt = find_resume_checkpoint(self.out, resume)
-            found = (ckpt.state_dir, *load_checkpoint(ckpt)) if ckpt is not None else None
+            found, passed_over = load_resume_point(self.out, resume)
+            for problem in passed_over:
+                log.warning("resume: %s", problem)
         found = self.world.broadcast(found)
         if found is None:
             log.info("resume: latest found no complete checkpoint in %s; starting from step 0", self.cfg.output_dir)
             return
-        state_dir, weights, state = found
+        ckpt, weights, state = found
         self.check_same_run(state.trainer)
         self.task.load_lora_state_dict({k: v.to(self.device) for k, v in weights.items()})
         self.optimizer.load_state_dict(state.optimizer)
@@ -223,7 +223,7 @@ class TrainingRecipe:
         s.losses = [tuple(x) for x in t["losses"]]
         s.samples, s.tokens, s.resumed_from = t["samples"], t["tokens"], self.step
         s.best_loss = min((loss for _, loss in s.losses), default=None)
-        log.info("resumed from %s at step %d", state_dir, self.step)
+        log.info("resumed from %s at step %d", ckpt.state_dir, self.step)
 
     def check_same_run(self, trainer: dict[str, Any]) -> None:
         """A checkpoint continues one run: the data plan and seed must be the ones it was made with."""

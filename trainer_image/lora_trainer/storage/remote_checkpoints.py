@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..files import sha256_file
 from ..layout import (
     CHECKPOINTS,
     MANIFEST,
     STATE_DIR,
     checkpoint_step,
+    manifest_problem,
     state_dir_name,
     weights_name,
 )
@@ -43,24 +47,58 @@ def _listing(store: Store, root: S3Uri) -> tuple[S3Uri, dict[str, int]]:
     return folder, {folder.relative(k): size for k, size in store.list(folder).items()}
 
 
-def read_manifest(store: Store, folder: S3Uri, step: int) -> dict | None:
+def read_manifest(store: Store, folder: S3Uri, step: int) -> tuple[dict | None, str | None]:
+    """(manifest, None) of checkpoint `step`, or (None, why it cannot be used)."""
     data = store.get_bytes(folder.child(f"{state_dir_name(step)}/{MANIFEST}"))
+    if data is None:
+        return None, "it has no manifest.json"
     try:
-        manifest = json.loads(data) if data is not None else None
+        manifest = json.loads(data)
     except ValueError:
-        return None
-    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
+        return None, "its manifest.json is not JSON"
+    problem = manifest_problem(manifest, step)
+    return (None, problem) if problem else (manifest, None)
 
 
-def newest_complete(store: Store, root: S3Uri) -> tuple[int, dict] | None:
-    """(step, manifest) of the newest checkpoint whose manifest's files are all present with their sizes."""
+def complete_checkpoints(store: Store, root: S3Uri) -> Iterator[tuple[int, dict]]:
+    """(step, manifest) of the checkpoints whose manifest is valid and whose files are all present with
+    their sizes, newest first; each one passed over is logged with why."""
     folder, listing = _listing(store, root)
     marked, _ = checkpoint_steps(list(listing))
     for step in sorted(marked, reverse=True):
-        manifest = read_manifest(store, folder, step)
-        if manifest and all(listing.get(rel) == info.get("size") for rel, info in manifest["files"].items()):
-            return step, manifest
-        log.warning("%s: checkpoint %d is incomplete on S3; looking for an older one", folder, step)
+        manifest, problem = read_manifest(store, folder, step)
+        if manifest and not all(listing.get(rel) == info["size"] for rel, info in manifest["files"].items()):
+            manifest, problem = None, "a file it lists is missing or has the wrong size"
+        if manifest:
+            yield step, manifest
+        else:
+            log.warning("%s: checkpoint %d cannot be resumed from: %s; looking for an older one", folder, step, problem)
+
+
+def newest_complete(store: Store, root: S3Uri) -> tuple[int, dict] | None:
+    return next(complete_checkpoints(store, root), None)
+
+
+def fetch_newest_valid(store: Store, root: S3Uri, local_out: Path) -> int | None:
+    """Fetches the newest checkpoint whose files match their checksums into local_out (falling back to older
+    ones with a warning); returns its step, or None when there is none."""
+    for step, manifest in complete_checkpoints(store, root):
+        state = fetch_checkpoint(store, root, step, manifest, local_out)
+        problem = checksum_problem(state.parent, manifest)
+        if problem is None:
+            return step
+        log.warning(
+            "%s: checkpoint %d is corrupt (%s); looking for an older one", root.child(CHECKPOINTS), step, problem
+        )
+        shutil.rmtree(state, ignore_errors=True)
+        (state.parent / weights_name(step)).unlink(missing_ok=True)
+    return None
+
+
+def checksum_problem(folder: Path, manifest: dict) -> str | None:
+    for rel, info in manifest["files"].items():
+        if sha256_file(folder / rel) != info["sha256"]:
+            return f"{rel} does not match its checksum"
     return None
 
 
@@ -84,9 +122,9 @@ def fetch_named_checkpoint(store: Store, state_uri: S3Uri, local_out: Path) -> P
         raise ConfigError(f"resume: {state_uri} is not a .../checkpoints/state_step_<N> URI")
     step = int(match.group(1))
     root = S3Uri(state_uri.bucket, "/".join(parent[:-2]))
-    manifest = read_manifest(store, root.child(CHECKPOINTS), step)
+    manifest, problem = read_manifest(store, root.child(CHECKPOINTS), step)
     if manifest is None:
-        raise ConfigError(f"resume: {state_uri} has no manifest.json: it is not a complete checkpoint")
+        raise ConfigError(f"resume: {state_uri} is not a complete checkpoint: {problem}")
     return fetch_checkpoint(store, root, step, manifest, local_out)
 
 

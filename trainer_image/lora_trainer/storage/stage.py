@@ -30,11 +30,7 @@ from ..termination import LocalOutputs
 from .client import Retry, make_client, probe_bucket
 from .download import Downloader
 from .mirror import S3Mirror
-from .remote_checkpoints import (
-    fetch_checkpoint,
-    fetch_named_checkpoint,
-    newest_complete,
-)
+from .remote_checkpoints import fetch_named_checkpoint, fetch_newest_valid, newest_complete
 from .store import Store
 from .upload import Uploader
 from .uri import S3Uri, is_s3
@@ -176,9 +172,7 @@ class StorageSession:
         if is_s3(resume):
             return {"resume": str(fetch_named_checkpoint(self.store, S3Uri.parse(resume), out_local))}
         if resume == "latest":
-            found = newest_complete(self.store, out)
-            if found:  # else the recipe says it starts from step 0
-                fetch_checkpoint(self.store, out, found[0], found[1], out_local)
+            fetch_newest_valid(self.store, out, out_local)  # none: the recipe says it starts from step 0
         elif resume is None and not self.cfg.overwrite and newest_complete(self.store, out):
             raise StorageError(
                 f"output_dir {out} holds checkpoints of an earlier run; set resume: latest to "
