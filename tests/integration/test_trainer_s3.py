@@ -419,6 +419,42 @@ def test_wrong_credentials_or_a_missing_bucket_fail_fast_and_permanently(
     assert s3_env["AWS_SECRET_ACCESS_KEY"] not in str(message) + printed
 
 
+def test_no_planted_secret_reaches_any_output_or_s3_object(
+    tmp_path, s3_server, s3_bucket, s3_env, dataset, capfd, monkeypatch
+):
+    """Secrets in the endpoint URL, the environment and the user's own text: grepped for in every file the
+    run wrote (binary ones too: TensorBoard events, safetensors metadata) and every object on S3."""
+    password, token = "Pl4nted-Passw0rd", "hf_Pl4ntedT0kenValue"
+    monkeypatch.setenv("HF_TOKEN", token)
+    endpoint = s3_server.endpoint_url.replace("http://", f"http://planted:{password}@")
+    config = sd_config(
+        tmp_path,
+        s3_bucket,
+        s3_endpoint_url=endpoint,
+        validation_prompts=[f"a red circle {token}"],
+        validation_steps=2,
+        save_formats=["diffusers", "kohya"],
+    )
+    path = write_config(tmp_path, config)
+    assert main(["--config", str(path), "--set", f"description=trained with {token}"]) == ExitCode.OK
+    planted = [password.encode(), token.encode(), s3_env["AWS_SECRET_ACCESS_KEY"].encode()]
+    printed = "".join(capfd.readouterr())
+    assert "planted:***@" in printed or "lora-train INFO" in printed  # the log was captured
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p != path]
+    objects = {
+        k: get_bytes(s3_server.client(), f"s3://{s3_bucket}/runs/shapes/{k}")
+        for k in list_keys(s3_server.client(), s3_bucket, "runs/shapes")
+    }
+    assert "config_backup.yaml" in objects and any(k.startswith("logs/") for k in objects) and len(written) > 20
+    for secret in planted:
+        assert secret.decode() not in printed
+        assert [p for p in written if secret in p.read_bytes()] == []
+        assert [k for k, body in objects.items() if secret in body] == []
+    backup = yaml.safe_load(objects["config_backup.yaml"])
+    assert backup["s3_endpoint_url"] == endpoint.replace(f"planted:{password}@", "***@")
+    assert backup["description"] == "trained with ***"
+
+
 # -- downloads
 def test_downloads_are_verified_incremental_and_survive_a_restart_half_way(tmp_path, s3_server, s3_bucket):
     client = s3_server.client()

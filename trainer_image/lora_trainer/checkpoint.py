@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save
 from .errors import ConfigError
 from .files import atomic_write, sha256_file
 from .layout import CHECKPOINTS, MANIFEST, STATE_DIR, manifest_problem, state_dir_name, weights_name
+from .redaction import redact
 
 FORMAT_VERSION = 1
 
@@ -78,6 +79,7 @@ def unflatten(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """LoRA-sized files: serialized in memory and written by Python, so a full disk raises OSError
     (safetensors' own writer reports it as a SafetensorError string)."""
+    metadata = {k: redact(v) for k, v in metadata.items()} if metadata else metadata  # user text: no secrets
     data = canonical_safetensors(save(tensors, metadata=metadata))
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
 

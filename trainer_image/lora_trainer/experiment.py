@@ -26,6 +26,7 @@ from typing import Any
 from .files import atomic_write
 from .layout import EXPERIMENT_RECORD, LOSS_CURVE, SAMPLES
 from .observers import BaseObserver, RunInfo, StepStats, format_duration
+from .redaction import redact
 from .summary import RunSummary
 
 log = logging.getLogger("lora_trainer")
@@ -130,7 +131,7 @@ class ExperimentRecord(BaseObserver):
                 log.info("EXPERIMENT.md not written: %s was not prepared by this run", self.out)
                 return
             curve = write_loss_curve(self.out / LOSS_CURVE, summary.losses, self.validation, summary.checkpoints)
-            text = render(self, summary, curve is not None)
+            text = redact(render(self, summary, curve is not None))  # the command line, errors, paths
             atomic_write(self.out / EXPERIMENT_RECORD, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         except Exception as err:  # noqa: BLE001 - the record must never mask how the run ended
             log.warning("EXPERIMENT.md could not be written: %s: %s", type(err).__name__, err)

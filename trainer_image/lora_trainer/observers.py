@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from .files import atomic_write
 from .layout import SAMPLES, sample_name
+from .redaction import redact
 from .summary import RunSummary
 
 log = logging.getLogger("lora_trainer")
@@ -206,7 +207,7 @@ class SampleWriter(BaseObserver):
                 self.folder / sample_name(result.step, i), lambda tmp, image=image: image.save(tmp, format="PNG")
             )
         if result.images:
-            prompts = "".join(f"{i}: {p}\n" for i, (p, _) in enumerate(result.images))
+            prompts = "".join(f"{i}: {redact(p)}\n" for i, (p, _) in enumerate(result.images))
             atomic_write(self.folder / "prompts.txt", lambda tmp: tmp.write_text(prompts))
 
 
@@ -237,7 +238,7 @@ class TensorBoardLogger(BaseObserver):
             self.writer.add_scalar("loss/validation", result.loss, result.step)
         for i, (prompt, image) in enumerate(result.images):
             self.writer.add_image(f"validation/{i}", np.asarray(image), result.step, dataformats="HWC")
-            self.writer.add_text(f"validation/{i}/prompt", prompt, result.step)
+            self.writer.add_text(f"validation/{i}/prompt", redact(prompt), result.step)
 
     def on_end(self, summary: RunSummary) -> None:
         if self.writer is not None:

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..redaction import redact
 from .manifest import config_from_manifest, config_from_spec, is_manifest
 from .schema import TrainConfig, alias_table, config_fields
 from .validate import build_config, canonical_keys
@@ -71,5 +72,13 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> TrainConfig:
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:
-    """The resolved config as written to config_backup.yaml; it loads back into an equal TrainConfig."""
-    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, allow_unicode=True)
+    """The resolved config as written to config_backup.yaml; it loads back into an equal TrainConfig, but
+    for secrets (a password in s3_endpoint_url, ...), which are never written (redaction.py)."""
+    values = {key: redact_value(value) for key, value in dataclasses.asdict(cfg).items()}
+    return yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
+
+
+def redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    return [redact_value(v) for v in value] if isinstance(value, list) else value
