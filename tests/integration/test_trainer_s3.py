@@ -26,7 +26,7 @@ from botocore.exceptions import ClientError
 from safetensors.torch import load as load_safetensors
 
 from lora_trainer.cli import main
-from lora_trainer.errors import ExitCode, OutputError
+from lora_trainer.errors import ExitCode, OutputError, StorageError
 from lora_trainer.storage.client import Retry
 from lora_trainer.storage.download import Downloader
 from lora_trainer.storage.store import Store
@@ -105,7 +105,8 @@ def test_a_run_reads_its_dataset_from_s3_and_writes_every_output_to_s3(tmp_path,
         "checkpoints/state_step_4/state.json",
     }
     assert len(events) == 1 and required <= remote
-    assert remote == local  # every output reached S3, and nothing else did: no step 2 (keep 1), no temp files
+    # every output reached S3, and nothing else did: no step 2 (keep 1), no temp files; and the owner marker
+    assert remote == local | {".lora-owner.json"}
     assert not {k for k in remote if "step_2" in k}
 
     backup = yaml.safe_load(get_bytes(client, f"s3://{s3_bucket}/runs/shapes/config_backup.yaml"))
@@ -158,6 +159,96 @@ def test_validation_data_on_s3_is_downloaded_like_the_training_data(tmp_path, s3
     missing = {**config, "validation_data": f"s3://{s3_bucket}/datasets/text/nothing.jsonl", "overwrite": True}
     code, message = run_inprocess(tmp_path, missing)
     assert code == ExitCode.DATASET_INVALID and "nothing.jsonl: no such object or prefix" in message["error"]
+
+
+# -- one owner per output prefix
+def as_job(monkeypatch, uid: str) -> None:
+    monkeypatch.setenv("LORA_JOB_UID", uid)
+    monkeypatch.setenv("LORA_JOB_NAME", f"job-{uid}")
+    monkeypatch.setenv("LORA_JOB_NAMESPACE", "team-a")
+
+
+def test_a_second_job_on_the_same_prefix_is_refused_naming_the_owner(
+    tmp_path, s3_server, s3_bucket, s3_env, dataset, monkeypatch
+):
+    client = s3_server.client()
+    as_job(monkeypatch, "aaa")
+    config = sd_config(tmp_path, s3_bucket, max_train_steps=4, save_steps=2)
+    code, message = run_inprocess(tmp_path, config)
+    assert code == ExitCode.OK, message
+    owned = {
+        k: get_bytes(client, f"s3://{s3_bucket}/runs/shapes/{k}") for k in list_keys(client, s3_bucket, "runs/shapes")
+    }
+    assert json.loads(owned[".lora-owner.json"])["owner"] == "job:aaa"
+
+    # another job, even one that would resume rather than overwrite, writes nothing
+    as_job(monkeypatch, "bbb")
+    code, message = run_inprocess(tmp_path, {**config, "resume": "latest"})
+    assert code == ExitCode.STORAGE_INVALID and message["permanent"] is True
+    assert (
+        f"output_dir s3://{s3_bucket}/runs/shapes belongs to LoRATrainingJob team-a/job-aaa (uid aaa)"
+        in message["error"]
+    )
+    assert "this is LoRATrainingJob team-a/job-bbb (uid bbb)" in message["error"]
+    assert {k: get_bytes(client, f"s3://{s3_bucket}/runs/shapes/{k}") for k in owned} == owned
+    assert list_keys(client, s3_bucket, "runs/shapes") == set(owned)
+
+    # the same job's next attempt is the same owner: it resumes (from step 2, its final weights removed)
+    as_job(monkeypatch, "aaa")
+    client.delete_object(Bucket=s3_bucket, Key="runs/shapes/pytorch_lora_weights.safetensors")
+    code, message = run_inprocess(tmp_path, config)
+    assert code == ExitCode.OK, message
+
+    # overwrite: true takes the prefix over
+    as_job(monkeypatch, "bbb")
+    code, message = run_inprocess(tmp_path, {**config, "overwrite": True})
+    assert code == ExitCode.OK, message
+    assert json.loads(get_bytes(client, f"s3://{s3_bucket}/runs/shapes/.lora-owner.json"))["owner"] == "job:bbb"
+
+
+def claim_at_once(store, out, owners) -> dict[str, str]:
+    """Each owner claims `out` in its own thread, all released at the same moment: owner id -> 'won' or why not."""
+    from lora_trainer.storage.stage import claim_prefix
+
+    start, results = threading.Barrier(len(owners)), {}
+
+    def claim(owner):
+        start.wait()
+        try:
+            claim_prefix(store, out, owner, overwrite=False)
+            results[owner.id] = "won"
+        except StorageError as err:
+            results[owner.id] = str(err)
+
+    threads = [threading.Thread(target=claim, args=(o,)) for o in owners]
+    [t.start() for t in threads], [t.join() for t in threads]
+    return results
+
+
+def test_of_runs_claiming_one_prefix_at_once_exactly_one_wins(s3_server, s3_bucket):
+    from lora_trainer.ownership import Owner
+
+    store = Store(s3_server.client(), Retry(seconds=10))
+    for attempt in range(5):
+        out = S3Uri.parse(f"s3://{s3_bucket}/race-{attempt}")
+        results = claim_at_once(store, out, [Owner(f"job:{i}", f"job {i}") for i in range(4)])
+        winners = [o for o, r in results.items() if r == "won"]
+        assert len(winners) == 1, results
+        held = json.loads(store.get_bytes(out.child(".lora-owner.json")))["owner"]
+        assert held == winners[0]
+        assert all(f"belongs to job {held[4:]} " in r for o, r in results.items() if o != held), results
+    store.close()
+
+
+def test_a_local_output_dir_has_one_owner_too(tmp_path, monkeypatch, capsys):
+    as_job(monkeypatch, "aaa")
+    config = sd_config(tmp_path, None, max_train_steps=2, save_steps=0)
+    code, message = run_inprocess(tmp_path, config)
+    assert code == ExitCode.OK, message
+    as_job(monkeypatch, "bbb")
+    code, message = run_inprocess(tmp_path, {**config, "overwrite": False, "resume": "latest"})
+    assert code == ExitCode.STORAGE_INVALID and "belongs to LoRATrainingJob team-a/job-aaa" in message["error"]
+    assert json.loads((tmp_path / "out" / ".lora-owner.json").read_text())["owner"] == "job:aaa"
 
 
 def test_auto_label_of_an_s3_dataset_keeps_its_captions_in_the_output_on_s3(tmp_path, s3_server, s3_bucket, s3_env):

@@ -136,7 +136,7 @@ def test_disk_full_is_a_clear_error_and_leaves_no_finished_run(tmp_path):
     assert proc.returncode == ExitCode.OUTPUT_FAILED == 7, proc.stderr[-2000:]
     assert "disk full while writing" in proc.stderr and "OutputFailed" in proc.stderr
     listing = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.startswith(("TOP", "CHECKPOINTS")))
-    assert listing["TOP"].split() == ["checkpoints", "config_backup.yaml", "logs"]
+    assert listing["TOP"].split() == [".lora-owner.json", "checkpoints", "config_backup.yaml", "logs"]
     # the step weights fit; the incomplete state folder has no manifest; no half-written file is left
     assert listing["CHECKPOINTS"].split() == ["pytorch_lora_weights_step_2.safetensors", "state_step_2"]
     assert ".tmp" not in proc.stdout

@@ -1,6 +1,7 @@
 """The output layout: the names and patterns of what a run writes into output_dir (docs/architecture.md,
 "Output layout"). The one home of these names; torch-free, so storage code and tools read it cheaply.
 
+    .lora-owner.json                         the owner marker (ownership.py), written first
     pytorch_lora_weights.safetensors         FINAL_WEIGHTS, written last: its presence marks a finished run
     <output_name>.kohya.safetensors          kohya_name()
     adapter_config.json, adapter_model.safetensors   PEFT_CONFIG, PEFT_WEIGHTS (text generation)

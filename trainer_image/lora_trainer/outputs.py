@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .checkpoint import list_checkpoints
 from .config import TrainConfig, config_to_yaml
-from .errors import ConfigError
+from .errors import ConfigError, StorageError
 from .files import atomic_write
 from .layout import (
     CHECKPOINTS,
@@ -21,6 +21,7 @@ from .layout import (
     SAMPLES,
     kohya_name,
 )
+from .ownership import MAX_MARKER_BYTES, OWNER_MARKER, claim_problem, owner_from_env
 
 
 def run_files(cfg: TrainConfig) -> list[str]:
@@ -45,6 +46,10 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} exists and is not a folder")
+    ours = owner_from_env()
+    problem = claim_problem(_read_marker(out / OWNER_MARKER), ours, cfg.overwrite, str(out))
+    if problem:
+        raise StorageError(problem)
     if cfg.overwrite:
         clear_run(cfg, out)
     elif is_finished(out):
@@ -65,7 +70,18 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
         raise ConfigError(f"output_dir {out} cannot be created: {err.strerror or err}") from None
     if not os.access(out, os.W_OK):
         raise ConfigError(f"output_dir {out} is not writable")
+    atomic_write(out / OWNER_MARKER, lambda tmp: tmp.write_bytes(ours.marker()))
     return out
+
+
+def _read_marker(path: Path) -> bytes | None:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(MAX_MARKER_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise StorageError(f"{path} cannot be read: {err.strerror or err}") from None
 
 
 def clear_run(cfg: TrainConfig, out: Path) -> None:

@@ -2,9 +2,13 @@
 
 In order, so that a run fails fast and leaves nothing behind when it cannot work:
   1. every bucket named in the config answers (wrong credentials, a missing bucket: StorageError now)
-  2. an s3:// output_dir holding a finished run is refused unless `overwrite: true` (which clears it)
-  3. dataset, metadata, base model are downloaded into the cache (DatasetError / ModelError if absent)
-  4. the output's local working copy is emptied, and the resume checkpoint (and with auto_label, an
+  2. an s3:// output_dir that another run owns (ownership.py) or that holds a finished run is refused
+     unless `overwrite: true`
+  3. dataset, metadata, validation data, base model are downloaded into the cache (DatasetError /
+     ModelError if absent)
+  4. the run claims the output prefix, the first thing it writes there; with `overwrite: true` it takes
+     the prefix over and deletes the earlier run's files
+  5. the output's local working copy is emptied, and the resume checkpoint (and with auto_label, an
      earlier attempt's captions) fetched into it from S3
 
 The result is a config with local paths only (what the recipe runs), plus the mirror observers that
@@ -25,6 +29,7 @@ from ..config import TrainConfig
 from ..errors import DatasetError, ModelError, StorageError
 from ..layout import CAPTIONS, CHECKPOINTS, FINAL_WEIGHTS, state_dir_name
 from ..outputs import run_files
+from ..ownership import MAX_MARKER_BYTES, OWNER_MARKER, Owner, claim_problem, owner_from_env, parse_marker
 from ..summary import RunSummary
 from ..termination import LocalOutputs
 from .client import Retry, make_client, probe_bucket
@@ -36,6 +41,7 @@ from .upload import Uploader
 from .uri import S3Uri, is_s3
 
 log = logging.getLogger("lora_trainer")
+CLAIM_ATTEMPTS = 3  # a claim lost to another writer is re-read; a third loss in a row is a fight
 INPUTS: dict[str, type] = {
     "train_data_dir": DatasetError,
     "metadata_path": DatasetError,
@@ -76,6 +82,7 @@ class StorageSession:
         self.mirrors: list[S3Mirror] = []
         self.output_mirror: S3Mirror | None = None
         self.local_cfg = cfg
+        self.owner = owner_from_env()
 
     @property
     def active(self) -> bool:
@@ -89,11 +96,16 @@ class StorageSession:
         self.store = Store(self.client, self.retry, concurrency=cfg.s3_max_concurrency)
         for bucket in sorted({S3Uri.parse(getattr(cfg, k)).bucket for k in s3_keys(cfg)}):
             probe_bucket(self.client, bucket, self.retry)
-        if is_s3(cfg.output_dir) and self.with_outputs:
-            self.check_output(S3Uri.parse(cfg.output_dir))
+        out = S3Uri.parse(cfg.output_dir) if is_s3(cfg.output_dir) and self.with_outputs else None
+        if out is not None:
+            self.check_output(out)
         local = {key: self.download(key) for key in INPUTS if is_s3(getattr(cfg, key))}
         if "train_data_dir" in local or "metadata_path" in local:
             local["dataset_read_only"] = True  # a download cache that later runs share: auto_label leaves it be
+        if out is not None:  # the inputs are there: now the run writes, first of all its claim on the prefix
+            claim_prefix(self.store, out, self.owner, cfg.overwrite)
+            if cfg.overwrite:
+                self.clear_earlier_run(out)
         if self.with_outputs:
             local.update(self.outputs())
         self.local_cfg = dataclasses.replace(cfg, **local)
@@ -105,17 +117,22 @@ class StorageSession:
         return str(path)
 
     def check_output(self, out: S3Uri) -> None:
-        """A finished run is never overwritten by accident; `overwrite: true` clears the earlier run's files."""
-        finished = self.store.exists(out.child(FINAL_WEIGHTS))
-        if finished and not self.cfg.overwrite:
+        """Before any download: a prefix another run owns, or a finished run, is never written by accident."""
+        held = self.store.get_with_etag(out.child(OWNER_MARKER), MAX_MARKER_BYTES)
+        problem = claim_problem(held[0] if held else None, self.owner, self.cfg.overwrite, str(out))
+        if problem:
+            raise StorageError(problem)
+        if not self.cfg.overwrite and self.store.exists(out.child(FINAL_WEIGHTS)):
             raise StorageError(
                 f"output_dir {out} holds a finished run ({FINAL_WEIGHTS}); choose another "
                 "output prefix, or set overwrite: true to replace it"
             )
-        if self.cfg.overwrite:
-            doomed = [key for key in self.store.list(out) if self._is_run_file(out, out.relative(key))]
-            self.store.delete(out.bucket, doomed)
-            log.info("overwrite: deleted %d object(s) of an earlier run under %s", len(doomed), out)
+
+    def clear_earlier_run(self, out: S3Uri) -> None:
+        """overwrite: true deletes the earlier run's files (a user's own files under the prefix stay)."""
+        doomed = [key for key in self.store.list(out) if self._is_run_file(out, out.relative(key))]
+        self.store.delete(out.bucket, doomed)
+        log.info("overwrite: deleted %d object(s) of an earlier run under %s", len(doomed), out)
 
     def _is_run_file(self, out: S3Uri, rel: str) -> bool:
         logs = _relative_to(self.cfg.logging_dir, str(out))
@@ -219,6 +236,24 @@ class StorageSession:
             self.uploader.close(timeout=1.0)
         if self.store is not None:
             self.store.close()
+
+
+def claim_prefix(store: Store, out: S3Uri, ours: Owner, overwrite: bool) -> None:
+    """Writes our marker at out/.lora-owner.json, or StorageError naming the owner that holds the prefix.
+    Conditional writes make it atomic: of two runs claiming at once, one wins and the other re-reads."""
+    marker = out.child(OWNER_MARKER)
+    for _ in range(CLAIM_ATTEMPTS):
+        held = store.get_with_etag(marker, MAX_MARKER_BYTES)
+        problem = claim_problem(held[0] if held else None, ours, overwrite, str(out))
+        if problem:
+            raise StorageError(problem)
+        if held and parse_marker(held[0])[0].id == ours.id:
+            return
+        if held:
+            log.warning("overwrite: taking %s over from %s", out, parse_marker(held[0])[0].name)
+        if store.put_if(marker, ours.marker(), held[1] if held else None):
+            return
+    raise StorageError(f"output_dir {out}: other runs keep claiming it at the same moment; choose another prefix")
 
 
 def _relative_to(path: str | None, parent: str) -> str | None:

@@ -9,7 +9,7 @@ from typing import Any
 from s3transfer.manager import TransferConfig, TransferManager
 
 from ..errors import StorageUnavailableError
-from .client import Retry
+from .client import Retry, error_code
 from .uri import S3Uri
 
 # LoRA weights and optimizer state are a few MB to a few hundred MB: files above 16 MiB go in 16 MiB parts,
@@ -91,6 +91,32 @@ class Store:
             f"read {uri}",
             missing=lambda err: None,
         )
+
+    def get_with_etag(self, uri: S3Uri, max_bytes: int) -> tuple[bytes, str] | None:
+        """(the first max_bytes of the object, its ETag), or None if it does not exist."""
+
+        def get() -> tuple[bytes, str]:
+            response = self.client.get_object(Bucket=uri.bucket, Key=uri.key, Range=f"bytes=0-{max_bytes}")
+            return response["Body"].read(max_bytes + 1), response["ETag"]
+
+        return self.retry.call(get, f"read {uri}", missing=lambda err: None)
+
+    def put_if(self, uri: S3Uri, body: bytes, etag: str | None) -> bool:
+        """Puts `body` only if the object is still the one with `etag` (None: only if there is none); False
+        when another writer came first. A store without conditional writes ignores the condition."""
+        condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+
+        def put() -> bool:
+            try:
+                self.client.put_object(Bucket=uri.bucket, Key=uri.key, Body=body, **condition)
+            except Exception as err:  # noqa: BLE001 - only a failed condition is an answer; the rest is retried
+                code, status = error_code(err)
+                if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                raise
+            return True
+
+        return self.retry.call(put, f"write {uri}")
 
     def exists(self, uri: S3Uri) -> bool:
         return self.retry.call(
