@@ -18,6 +18,7 @@ def test_output_folder_and_peft_keys(tmp_path):
         "adapter_model.safetensors",
         "adapter_config.json",
         "config_backup.yaml",
+        ".lora-owner.json",
         "checkpoints/pytorch_lora_weights_final.safetensors",
         "EXPERIMENT.md",
         "loss_curve.png",

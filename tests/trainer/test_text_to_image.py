@@ -31,6 +31,7 @@ def test_output_folder_has_exactly_the_documented_files(tmp_path):
     assert files_under(out) == {
         "pytorch_lora_weights.safetensors",
         "config_backup.yaml",
+        ".lora-owner.json",
         "EXPERIMENT.md",
         "loss_curve.png",
         "checkpoints/pytorch_lora_weights_final.safetensors",

@@ -46,6 +46,7 @@ JOIN_TIMEOUT_SECONDS = 600
 # after SIGTERM the workers write a checkpoint and upload it (sigterm_grace_seconds, 25 by default) before
 # the agent kills what is left
 SHUTDOWN_TIMEOUT_SECONDS = 60
+SHARED_STORE_OPT_OUT = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -121,6 +122,9 @@ def run(args: argparse.Namespace, argv: list[str], report: TerminationReport) ->
         return report.failed_with(ExitCode.CONFIG_INVALID, "ConfigInvalid", "several nodes need a rendezvous endpoint")
     reports = Path(tempfile.mkdtemp(prefix="lora-workers-"))
     os.environ[WORKER_REPORTS_ENV] = str(reports)  # the workers inherit it
+    # each round's workers get a store of their own: the agent's shared one keeps the previous round's
+    # keys, and after a restart a worker could read a dead peer's address (pytorch/pytorch#135712)
+    os.environ[SHARED_STORE_OPT_OUT] = "1"
     log.info("launching %d process(es) on this node, %d node(s)", s["nproc_per_node"], s["nnodes"])
     code = ExitCode.OK
     try:
