@@ -9,6 +9,8 @@ spec keys (all optional except argv):
           process in a private mount namespace (`unshare --mount --propagation private`), so the
           mounts are seen by this process tree only
   cgroup: a cgroup directory to join before exec (memory limits, OOM detection)
+  hostname: the host name to set; the caller must already have put this process in its own UTS
+          namespace (`unshare --uts`), as a container runtime gives each pod its own
 
 The parent-death signal is set first, so a killed test run (even SIGKILL) takes its servers and pod
 processes with it. The process id stays the same through every exec, so the caller's Popen handle
@@ -19,6 +21,7 @@ import ctypes
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -46,6 +49,8 @@ def main(argv):
     if spec.get("cgroup"):
         with open(os.path.join(spec["cgroup"], "cgroup.procs"), "w") as f:
             f.write(str(os.getpid()))
+    if spec.get("hostname"):
+        socket.sethostname(spec["hostname"])
     for source, target, read_only in spec.get("mounts", []):
         bind_mount(source, target, read_only)
     if spec.get("cwd"):

@@ -1,17 +1,22 @@
-"""A local node agent standing in for kube-scheduler and the kubelet of one node.
+"""A local node agent standing in for the kubelet of one node (and for kube-scheduler).
 
-It registers a Node, renews its Lease, binds pending pods that fit (resources, nodeSelector and
-affinity, taints), runs each container's command as a local process (see runtime.py for volumes
-and mounts), reports pod and container status as a kubelet does, deletes pods gracefully, and
-serves container logs to the API server so `kubectl logs` works.
+It registers a Node, renews its Lease, runs each container's command as a local process (see
+runtime.py for volumes and mounts) with the pod's host name and an /etc/hosts that answers what cluster
+DNS would for the pod's subdomain, reports pod and container status as a kubelet does, deletes pods
+gracefully, and serves container logs to the API server so `kubectl logs` works. One agent of the
+cluster (schedule=True, the default) also binds pending pods to the node that fits them best among all
+Nodes (resources, nodeSelector and affinity, taints; least allocated first), so several agents make a
+cluster of several nodes.
 
 Images map to commands in this environment (podspec.DEFAULT_IMAGES); an unknown image, or a pod
 annotated `node-agent.lora-operator.io/image-pull-error: "true"`, waits in ErrImagePull /
 ImagePullBackOff like a real image that cannot be pulled.
 
 Test hooks: evict() (DisruptionTarget, then termination), crash() / recover() (processes killed,
-node NotReady, then back). Everything runs in two daemon threads (a pod watch and the sync loop);
-every API call has a timeout and the watch reconnects on its own.
+node NotReady, then back), mark_out_of_service() (the non-graceful node shutdown taint: the control
+plane fails and removes the dead node's pods). Everything runs in daemon threads (pod and Service
+watches, the sync loop, the heartbeat); every API call has a timeout and the watches reconnect on
+their own.
 """
 
 import atexit
@@ -20,6 +25,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -33,6 +39,7 @@ from tests.cluster.kubelet_logs import LogServer
 from tests.cluster.procs import wait_until
 
 IMAGE_PULL_ERROR_ANNOTATION = "node-agent.lora-operator.io/image-pull-error"
+OUT_OF_SERVICE_TAINT = {"key": "node.kubernetes.io/out-of-service", "value": "nodeshutdown", "effect": "NoExecute"}
 TERMINAL = ("Succeeded", "Failed")
 DEFAULT_ALLOCATABLE = {
     "cpu": "16",
@@ -59,18 +66,20 @@ def pod_key(pod):
 
 
 class PodInformer:
-    """Keeps {uid: pod} current with list + watch; sets `changed` on every event."""
+    """Keeps {uid: object} of a cluster-wide collection (pods by default) current with list + watch; sets
+    `changed` on every event (pass one Event to several informers to wake one loop)."""
 
-    def __init__(self, api, log, watch_timeout=30):
+    def __init__(self, api, log, watch_timeout=30, path="/api/v1/pods", changed=None):
         self.api = api
         self.log = log
         self.watch_timeout = watch_timeout
-        self.pods = {}
+        self.path = path
+        self.pods = {}  # uid -> object (pods, or whatever `path` lists)
         self.synced = threading.Event()
-        self.changed = threading.Event()
+        self.changed = changed or threading.Event()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="node-agent-watch", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"node-agent-watch{path}", daemon=True)
 
     def start(self):
         self._thread.start()
@@ -84,7 +93,7 @@ class PodInformer:
             return list(self.pods.values())
 
     def _relist(self):
-        listing = self.api.get("/api/v1/pods")
+        listing = self.api.get(self.path)
         with self._lock:
             self.pods = {p["metadata"]["uid"]: p for p in listing.get("items", [])}
         self.synced.set()
@@ -97,7 +106,7 @@ class PodInformer:
             try:
                 rv = self._relist()
                 while not self._stop.is_set():
-                    for kind, obj in self.api.watch("/api/v1/pods", rv, timeout_seconds=self.watch_timeout):
+                    for kind, obj in self.api.watch(self.path, rv, timeout_seconds=self.watch_timeout):
                         rv = obj["metadata"].get("resourceVersion", rv)
                         self._apply(kind, obj)
                         if self._stop.is_set():
@@ -105,10 +114,10 @@ class PodInformer:
                 backoff = 0.2
             except ApiError as e:
                 if e.status != 410:
-                    self.log.warning("pod watch: %s", e)
+                    self.log.warning("watch %s: %s", self.path, e)
             except Exception as e:  # noqa: BLE001 - connection errors of all kinds; reconnect
                 if not self._stop.is_set():
-                    self.log.warning("pod watch failed, reconnecting: %r", e)
+                    self.log.warning("watch %s failed, reconnecting: %r", self.path, e)
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, 2.0)
 
@@ -146,6 +155,10 @@ class PodRun:
         self.reported = None
         self.transitions = {}  # condition type -> (status, lastTransitionTime)
         self.events = set()
+        # the pod's /etc/hosts (hostNetwork pods see the host's); rewritten as its subdomain's pods change
+        self.hosts_file = None if spec.get("hostNetwork") else pod_dir / "etc-hosts"
+        self.hostname = None if spec.get("hostNetwork") else podspec.pod_hostname(pod)
+        self.hosts_text = None  # what hosts_file holds
 
     @property
     def all_containers(self):
@@ -166,7 +179,10 @@ class NodeAgent:
     taints, images (image -> entrypoint table), image_env (extra environment every container
     gets), backoff / backoff_max (restart back-off in seconds; the kubelet's 10 s / 300 s are
     shortened for tests), pods_dir (where pod directories live; outside /tmp by default so a pod
-    may mount an emptyDir at /tmp; $LORA_NODE_AGENT_PODS_DIR changes the parent).
+    may mount an emptyDir at /tmp; $LORA_NODE_AGENT_PODS_DIR changes the parent), ip_prefix (pod IPs
+    are <ip_prefix>.10-254: give each node of a cluster its own, e.g. 127.0.0 and 127.0.2), schedule
+    (whether this agent is the cluster's scheduler: exactly one agent of a cluster should be),
+    cluster_domain (of the DNS names in pods' /etc/hosts).
     """
 
     def __init__(
@@ -184,6 +200,9 @@ class NodeAgent:
         backoff_max=10.0,
         tick=0.2,
         pods_dir=None,
+        ip_prefix="127.0.0",
+        schedule=True,
+        cluster_domain="cluster.local",
     ):
         self.api = api
         self.pki = pki
@@ -200,18 +219,21 @@ class NodeAgent:
         self.image_env = image_env or {}
         self.backoff, self.backoff_max, self.tick = backoff, backoff_max, tick
         self.log_path = self.workdir / "node-agent.log"
+        self.ip_prefix, self.schedule, self.cluster_domain = ip_prefix, schedule, cluster_domain
         self.log = self._make_logger()
         self.informer = PodInformer(api, self.log)
+        self.services = PodInformer(api, self.log, path="/api/v1/services", changed=self.informer.changed)
         self.runs = {}  # uid -> PodRun
         self.crashed = False
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._thread = None
         self._heartbeat_thread = None
-        self._bound = {}  # uid -> requests of pods bound but not yet seen bound in the cache
+        self._bound = {}  # uid -> (node, requests) of pods bound but not yet seen bound in the cache
         self._deleting = {}  # uid -> monotonic time of the last final delete request
         self._next_ip = 10
         self._node_cache = (0.0, None)
+        self._nodes_cache = (0.0, [])
         self._created_paths = []  # mount points made on the host, removed on stop
         self.cgroups = runtime.MemoryCgroups(None)  # made in start()
         self._stopped = False
@@ -236,17 +258,19 @@ class NodeAgent:
         if self.unshare is None:
             raise RuntimeError("the node agent needs util-linux `unshare` (and root) for pod mounts")
         runtime.reap_stale(self.pods_dir.parent)
-        self.cgroups = runtime.MemoryCgroups.detect(f"lora-node-agent-{os.getpid()}")
+        self.cgroups = runtime.MemoryCgroups.detect(f"lora-node-agent-{os.getpid()}-{self.name}")
         atexit.register(self.stop)
         try:
             self.log_server = LogServer(self).start()
             self._register_node()
             self.informer.start()
+            self.services.start()
             self._thread = threading.Thread(target=self._loop, name="node-agent", daemon=True)
             self._thread.start()
             self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="node-agent-lease", daemon=True)
             self._heartbeat_thread.start()
             wait_until(self.informer.synced.is_set, timeout, "the node agent's pod list")
+            wait_until(self.services.synced.is_set, timeout, "the node agent's Service list")
             wait_until(self._node_ready_untainted, timeout, f"node {self.name} Ready without not-ready taint")
         except BaseException:
             self.stop()
@@ -267,6 +291,7 @@ class NodeAgent:
                 if thread:
                     thread.join(timeout=30)
             self.informer.stop()
+            self.services.stop()
         finally:  # even when Ctrl-C lands in a join: no processes, mounts points or dirs left
             with self._lock:
                 for uid in list(self.runs):
@@ -429,9 +454,19 @@ class NodeAgent:
     # -----------------------------------------------------------------------------------------
     # scheduling
 
+    def nodes(self, max_age=1.0):
+        """Every Node of the cluster (the scheduler's view), read at most every `max_age` seconds."""
+        fetched, nodes = self._nodes_cache
+        if not nodes or time.monotonic() - fetched > max_age:
+            nodes = self.api.get(resource_path("v1", "nodes")).get("items") or []
+            self._nodes_cache = (time.monotonic(), nodes)
+        return nodes
+
     def _schedule(self, pods):
+        if not self.schedule:
+            return
         unbound = {p["metadata"]["uid"] for p in pods if not p["spec"].get("nodeName")}
-        self._bound = {uid: r for uid, r in self._bound.items() if uid in unbound}  # cache lag only
+        self._bound = {uid: b for uid, b in self._bound.items() if uid in unbound}  # cache lag only
         pending = [
             p
             for p in pods
@@ -443,30 +478,30 @@ class NodeAgent:
         ]
         if not pending:
             return
-        node = self.node()
-        used = {}
+        nodes = self.nodes()
+        used = {}  # node name -> summed requests of its non-terminal pods
         for p in pods:
-            if p["spec"].get("nodeName") == self.name and p.get("status", {}).get("phase") not in TERMINAL:
-                podspec.add_requests(used, podspec.pod_requests(p["spec"]))
-        for requests in self._bound.values():
-            podspec.add_requests(used, requests)
+            if p["spec"].get("nodeName") and p.get("status", {}).get("phase") not in TERMINAL:
+                podspec.add_requests(used.setdefault(p["spec"]["nodeName"], {}), podspec.pod_requests(p["spec"]))
+        for node_name, requests in self._bound.values():
+            podspec.add_requests(used.setdefault(node_name, {}), requests)
         pending.sort(key=lambda p: (-(p["spec"].get("priority") or 0), p["metadata"]["creationTimestamp"]))
         for pod in pending:
-            reasons = podspec.unschedulable_reasons(pod, node, used)
-            if reasons:
-                self._mark_unschedulable(pod, podspec.unschedulable_message(reasons))
-            elif self._bind(pod):
+            node_name, message = podspec.choose_node(pod, nodes, used)
+            if node_name is None:
+                self._mark_unschedulable(pod, message)
+            elif self._bind(pod, node_name):
                 requests = podspec.pod_requests(pod["spec"])
-                self._bound[pod["metadata"]["uid"]] = requests
-                podspec.add_requests(used, requests)
+                self._bound[pod["metadata"]["uid"]] = (node_name, requests)
+                podspec.add_requests(used.setdefault(node_name, {}), requests)
 
-    def _bind(self, pod):
+    def _bind(self, pod, node_name):
         ns, name = pod_key(pod)
         body = {
             "apiVersion": "v1",
             "kind": "Binding",
             "metadata": {"name": name, "namespace": ns, "uid": pod["metadata"]["uid"]},
-            "target": {"apiVersion": "v1", "kind": "Node", "name": self.name},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": node_name},
         }
         try:
             self.api.create(resource_path("v1", "pods", ns, name, "binding"), body)
@@ -474,9 +509,9 @@ class NodeAgent:
             if e.status in (404, 409):
                 return False
             raise
-        self.log.info("bound %s/%s", ns, name)
+        self.log.info("bound %s/%s to %s", ns, name, node_name)
         self._event(
-            pod, "Scheduled", f"Successfully assigned {ns}/{name} to {self.name}", component="default-scheduler"
+            pod, "Scheduled", f"Successfully assigned {ns}/{name} to {node_name}", component="default-scheduler"
         )
         return True
 
@@ -519,9 +554,21 @@ class NodeAgent:
                 if pod.get("status", {}).get("phase") in TERMINAL:
                     continue  # finished before this agent knew it
                 run = self.runs[uid] = self._admit(pod)
+            self._write_hosts(pod, run, pods)
             self._sync_run(pod, run)
         for uid in set(self.runs) - set(mine):
             self._forget(uid)
+
+    def _write_hosts(self, pod, run, pods):
+        """The pod's /etc/hosts, with the DNS records of its subdomain's pods as they get IPs (what a kubelet
+        and cluster DNS give a pod together); rewritten in place, so running containers see the change."""
+        if run.hosts_file is None or run.finished:
+            return
+        ips = {r.uid: r.ip for r in self.runs.values()}
+        text = podspec.hosts_file(pod, run.ip, pods, self.services.snapshot(), self.cluster_domain, ips)
+        if text != run.hosts_text and runtime.write_in_place(run.hosts_file, text):
+            self.log.info("%s/%s: /etc/hosts updated", run.namespace, run.name)
+        run.hosts_text = text
 
     def _admit(self, pod):
         ns, name = pod_key(pod)
@@ -535,11 +582,11 @@ class NodeAgent:
     def _allocate_ip(self):
         used = {r.ip for r in self.runs.values()}
         for _ in range(245):
-            ip = f"127.0.0.{self._next_ip}"
+            ip = f"{self.ip_prefix}.{self._next_ip}"
             self._next_ip = 10 if self._next_ip >= 254 else self._next_ip + 1
             if ip not in used:
                 return ip
-        raise RuntimeError("no free pod IP in 127.0.0.10-254")
+        raise RuntimeError(f"no free pod IP in {self.ip_prefix}.10-254")
 
     def _forget(self, uid):
         """Drop a pod that is gone from the API: kill leftovers, keep its logs, remove its directory."""
@@ -666,7 +713,7 @@ class NodeAgent:
             return
         try:
             mounts = runtime.container_mounts(
-                c.spec, run.volumes, c.termination_file, self._created_paths, self.protected
+                c.spec, run.volumes, c.termination_file, self._created_paths, self.protected, run.hosts_file
             )
         except runtime.MountConflict as e:
             c.set_waiting("CreateContainerError", str(e))
@@ -676,7 +723,7 @@ class NodeAgent:
         cwd = c.spec.get("workingDir") or str(run.dir / "cwd")
         if c.spec.get("workingDir"):
             runtime.ensure_mountpoint(runtime.host_location(cwd, mounts), True, self._created_paths)
-        c.start(argv, env, cwd, mounts, self.cgroups, self.unshare)
+        c.start(argv, env, cwd, mounts, self.cgroups, self.unshare, hostname=run.hostname)
         self.log.info("%s/%s started %s: %s (pid %s)", run.namespace, run.name, c.name, argv, c.proc.pid)
         self._event(pod, "Started", f"Started container {c.name}", once=f"started-{c.name}-{c.runs}")
 
@@ -688,7 +735,7 @@ class NodeAgent:
             "HOME": str(run.dir / "home"),
             "TMPDIR": str(run.dir / "tmp"),
             "LANG": "C.UTF-8",
-            "HOSTNAME": pod["metadata"]["name"],
+            "HOSTNAME": podspec.pod_hostname(pod) if not pod["spec"].get("hostNetwork") else socket.gethostname(),
             "PYTHONUNBUFFERED": "1",
             "KUBERNETES_SERVICE_HOST": host,
             "KUBERNETES_SERVICE_PORT": str(port),
@@ -921,7 +968,7 @@ class NodeAgent:
         """The agent's log and the newest container logs of the pods it runs (failure reports)."""
         from tests.cluster.procs import tail
 
-        tails = {"node-agent": tail(self.log_path, lines)}
+        tails = {"node-agent" if self.name == "local-node" else f"node-agent {self.name}": tail(self.log_path, lines)}
         with self._lock:
             runs = list(self.runs.values())[-pods:]
         for run in runs:
@@ -1020,10 +1067,56 @@ class NodeAgent:
         if wait:
             wait_until(lambda: self.node_ready() == "Unknown", timeout, f"node {self.name} NotReady")
 
+    def mark_out_of_service(self):
+        """What an administrator does for a node that is gone for good (Kubernetes' non-graceful node
+        shutdown): taint it node.kubernetes.io/out-of-service:NoExecute. The taint eviction controller then
+        deletes its pods (DisruptionTarget: DeletionByTaintManager) and, the node being NotReady, the pod
+        garbage collector marks them Failed and removes them (within its 20 s period), so their
+        controllers replace them elsewhere. Use after crash(); recover() removes the taint."""
+        self._set_taint(OUT_OF_SERVICE_TAINT, present=True)
+
+    def _set_taint(self, taint, present):
+        """Add or remove one taint, keeping the node lifecycle controller's (read, modify, write with the
+        resourceVersion; retried on a conflict)."""
+
+        def attempt():
+            node = self.node(max_age=0)
+            taints = [t for t in node["spec"].get("taints") or [] if t.get("key") != taint["key"]]
+            if present:
+                taints.append(dict(taint))
+            if taints == (node["spec"].get("taints") or []):
+                return True
+            try:
+                self.api.patch(
+                    resource_path("v1", "nodes", name=self.name),
+                    {"metadata": {"resourceVersion": node["metadata"]["resourceVersion"]}, "spec": {"taints": taints}},
+                )
+            except ApiError as e:
+                if e.status == 409:
+                    return False
+                raise
+            return True
+
+        wait_until(attempt, 30, f"taint {taint['key']} {'on' if present else 'off'} node {self.name}")
+
+    def delete_node(self):
+        """Remove this agent's Node and Lease from the cluster (after stop(): a node that left for good)."""
+        for path in (
+            resource_path("v1", "nodes", name=self.name),
+            resource_path("coordination.k8s.io/v1", "leases", "kube-node-lease", self.name),
+        ):
+            try:
+                self.api.delete(path)
+            except ApiError as e:
+                if e.status != 404:
+                    raise
+
     def recover(self, wait=True, timeout=60):
         """Bring the node back: lost containers end as ContainerStatusUnknown (exit 137) and are
-        restarted or not by the pod's restartPolicy; the node posts Ready again. With wait=True this
-        returns once the node is Ready and its unreachable/not-ready taints are gone."""
+        restarted or not by the pod's restartPolicy; the node posts Ready again (and loses the
+        out-of-service taint, as an administrator removes it). With wait=True this returns once the
+        node is Ready and its unreachable/not-ready taints are gone."""
+        self._set_taint(OUT_OF_SERVICE_TAINT, present=False)
         with self._lock:
             for run in self.runs.values():
                 for c in run.all_containers:

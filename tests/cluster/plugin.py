@@ -5,9 +5,13 @@ Nothing starts unless a test asks for a fixture; tests/unit uses none of them. S
   node_agent     node_agent.NodeAgent on kube_cluster: .evict(), .crash(), .recover(), .pod_ip(),
                  .container_log(); override `node_agent_options` (a session fixture returning
                  NodeAgent keyword arguments) in a conftest to change allocatable, labels, taints...
+                 It is also the cluster's scheduler, over every node.
   s3_server      s3.SeaweedS3: .endpoint_url, .access_key, .secret_key, .client(), .env(), .stop(), .start()
   pushgateway    prometheus.Pushgateway: .url, .address
   prometheus     prometheus.Prometheus: .url, .query(), .wait_for(), .set_targets()
+Module fixtures:
+  second_node    a second NodeAgent (local-node-2, pod IPs 127.0.2.x, the same options) for the tests of
+                 a module: two nodes, so one can crash while the other runs; removed after the module
 Function fixtures:
   namespace      a fresh namespace (its `default` ServiceAccount exists), deleted afterwards
   s3_bucket      a fresh, empty bucket name on s3_server, deleted afterwards
@@ -83,6 +87,24 @@ def node_agent(kube_cluster, node_agent_options, tmp_path_factory):
 
     agent = NodeAgent(kube_cluster.api, kube_cluster.pki, tmp_path_factory.mktemp("node"), **node_agent_options)
     yield from _session_service(agent)
+
+
+@pytest.fixture(scope="module")
+def second_node(kube_cluster, node_agent, node_agent_options, tmp_path_factory):
+    """A second node for the tests of one module (node_agent schedules onto both); afterwards its pods are
+    killed and the Node removed, so later tests see one node again."""
+    from tests.cluster.node_agent import NodeAgent
+
+    options = {**node_agent_options, "name": "local-node-2", "ip_prefix": "127.0.2", "schedule": False}
+    agent = NodeAgent(kube_cluster.api, kube_cluster.pki, tmp_path_factory.mktemp("node2"), **options)
+    agent.start()
+    _running.append(agent)
+    try:
+        yield agent
+    finally:
+        _running.remove(agent)
+        agent.stop()
+        agent.delete_node()
 
 
 @pytest.fixture

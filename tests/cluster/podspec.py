@@ -1,8 +1,9 @@
-"""Pure functions of the node agent: what a kubelet and a scheduler compute from a pod's spec.
+"""Pure functions of the node agent: what a kubelet, a scheduler and cluster DNS compute from a pod's spec.
 
 Nothing here talks to the API server or starts a process, so each rule is unit-tested on its own
 (tests/unit/test_cluster_podspec.py): quantities, resource fit, taints and tolerations, node selectors,
-the image -> command mapping, environment variables, and the pod phase.
+choosing a node, the image -> command mapping, environment variables, the pod phase, and a pod's host
+name and /etc/hosts.
 """
 
 import base64
@@ -175,8 +176,153 @@ def unschedulable_reasons(pod, node, used):
 
 
 def unschedulable_message(reasons, nodes=1):
-    """'0/1 nodes are available: 1 Insufficient nvidia.com/gpu.' (one node, as the agent has)."""
+    """'0/1 nodes are available: 1 Insufficient nvidia.com/gpu.' (every node failing for the same reasons)."""
     return f"0/{nodes} nodes are available: " + ", ".join(f"{nodes} {r}" for r in reasons) + "."
+
+
+def fit_error(reasons_by_node):
+    """kube-scheduler's FitError text for {node name: reasons}: each reason counted over the nodes, the
+    '<count> <reason>' strings sorted, e.g. '0/2 nodes are available: 1 Insufficient memory, 1 node(s) had
+    untolerated taint {node.kubernetes.io/unreachable: }.'"""
+    counts = {}
+    for reasons in reasons_by_node.values():
+        for reason in reasons:
+            counts[reason] = counts.get(reason, 0) + 1
+    histogram = sorted(f"{count} {reason}" for reason, count in counts.items())
+    return f"0/{len(reasons_by_node)} nodes are available: " + ", ".join(histogram) + "."
+
+
+def least_allocated_score(requests, allocatable, used):
+    """kube-scheduler's default NodeResourcesFit score (LeastAllocated, cpu and memory weighted equally):
+    the mean free fraction of cpu and memory once the pod is placed, so pods spread over emptier nodes."""
+    fractions = []
+    for name in ("cpu", "memory"):
+        capacity = parse_quantity(allocatable.get(name, 0))
+        if capacity > 0:
+            taken = used.get(name, 0) + requests.get(name, 0)
+            fractions.append(max(capacity - taken, 0) / capacity)
+    return sum(fractions) / len(fractions) if fractions else 0
+
+
+def choose_node(pod, nodes, used_by_node):
+    """(node name, None) for the best node that fits `pod`, else (None, the FitError message).
+
+    `nodes`: Node objects; `used_by_node`: {node name: summed requests of its non-terminal pods}. Among the
+    nodes that fit, the least allocated wins (ties: the first by name, where kube-scheduler picks at random).
+    """
+    reasons_by_node, scores = {}, []
+    requests = pod_requests(pod["spec"])
+    for node in sorted(nodes, key=lambda n: n["metadata"]["name"]):
+        name = node["metadata"]["name"]
+        used = used_by_node.get(name, {})
+        reasons = unschedulable_reasons(pod, node, used)
+        if reasons:
+            reasons_by_node[name] = reasons
+        else:
+            allocatable = node.get("status", {}).get("allocatable") or {}
+            scores.append((-least_allocated_score(requests, allocatable, used), name))
+    if scores:
+        return min(scores)[1], None
+    if not reasons_by_node:
+        return None, "0/0 nodes are available."
+    return None, fit_error(reasons_by_node)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host names and cluster DNS
+
+MAX_HOSTNAME = 63  # a DNS label
+
+
+def pod_hostname(pod):
+    """The host name a pod's containers get: spec.hostname, else the pod name cut to a DNS label (kubelet's
+    GeneratePodHostNameAndDomain)."""
+    spec, meta = pod.get("spec") or {}, pod.get("metadata") or {}
+    if spec.get("hostname"):
+        return spec["hostname"]
+    return meta.get("name", "")[:MAX_HOSTNAME].rstrip("-.")
+
+
+def dns_names(hostname, subdomain, namespace, cluster_domain):
+    """The names cluster DNS answers for a pod of a headless Service: its FQDN first, then the shorter forms
+    a pod's resolv.conf search path (<ns>.svc.<domain>, svc.<domain>, <domain>) completes."""
+    stem = f"{hostname}.{subdomain}"
+    return [f"{stem}.{namespace}.svc.{cluster_domain}", f"{stem}.{namespace}.svc", f"{stem}.{namespace}", stem]
+
+
+def _selects(service, pod):
+    selector = (service.get("spec") or {}).get("selector") or {}
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def _published(pod, pod_ip, service):
+    """Whether the EndpointSlice controller lists the pod for `service` and DNS publishes it: running (not
+    finished) with an IP, and ready and not terminating unless the Service publishes not-ready addresses."""
+    status = pod.get("status") or {}
+    if not pod_ip or status.get("phase") in ("Succeeded", "Failed"):
+        return False
+    if (service.get("spec") or {}).get("publishNotReadyAddresses"):
+        return True
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    return ready and not (pod.get("metadata") or {}).get("deletionTimestamp")
+
+
+def pod_dns_records(pods, services, namespace, subdomain, cluster_domain, ips=None):
+    """[(ip, names)] of the pods with a host name in `subdomain` of `namespace`, as cluster DNS answers them:
+    only under a headless Service of that name that selects them (one record per host name: the newest pod).
+    `ips`: pod IPs known better than status.podIP (the pods this node runs), by uid."""
+    ips = ips or {}
+    service = next(
+        (
+            s
+            for s in services
+            if s["metadata"]["namespace"] == namespace
+            and s["metadata"]["name"] == subdomain
+            and (s.get("spec") or {}).get("clusterIP") == "None"
+        ),
+        None,
+    )
+    if service is None:
+        return []
+    latest = {}
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or ""):
+        spec, meta = pod.get("spec") or {}, pod["metadata"]
+        if meta.get("namespace") != namespace or spec.get("subdomain") != subdomain or not spec.get("hostname"):
+            continue
+        ip = ips.get(meta.get("uid")) or (pod.get("status") or {}).get("podIP")
+        if _selects(service, pod) and _published(pod, ip, service):
+            latest[spec["hostname"]] = ip
+    return [(ip, dns_names(host, subdomain, namespace, cluster_domain)) for host, ip in sorted(latest.items())]
+
+
+def hosts_file(pod, pod_ip, pods=(), services=(), cluster_domain="cluster.local", ips=None):
+    """The /etc/hosts of a pod: the kubelet's (localhost, the pod's own name, hostAliases), then what cluster
+    DNS would answer for the pod's subdomain (the agent has no DNS server; resolv.conf search paths do not
+    apply to /etc/hosts, so every short form is written out)."""
+    meta, spec = pod["metadata"], pod.get("spec") or {}
+    hostname, subdomain = pod_hostname(pod), spec.get("subdomain")
+    own = f"{hostname}.{subdomain}.{meta['namespace']}.svc.{cluster_domain}\t{hostname}" if subdomain else hostname
+    lines = [
+        "# Kubernetes-managed hosts file.",
+        "127.0.0.1\tlocalhost",
+        "::1\tlocalhost ip6-localhost ip6-loopback",
+        "fe00::0\tip6-localnet",
+        "fe00::0\tip6-mcastprefix",
+        "fe00::1\tip6-allnodes",
+        "fe00::2\tip6-allrouters",
+        f"{pod_ip}\t{own}",
+    ]
+    aliases = spec.get("hostAliases") or []
+    if aliases:
+        lines.append("# Entries added by HostAliases.")
+        lines += [f"{a['ip']}\t" + "\t".join(a.get("hostnames") or []) for a in aliases]
+    if subdomain:
+        records = pod_dns_records(pods, services, meta["namespace"], subdomain, cluster_domain, ips)
+        if records:
+            lines.append(f"# Cluster DNS (test node agent): the pods of headless Service {subdomain}.")
+            lines += [f"{ip}\t" + "\t".join(names) for ip, names in records]
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------

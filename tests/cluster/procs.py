@@ -44,9 +44,11 @@ def wait_until(predicate, timeout, what, interval=0.2):
         time.sleep(interval)
 
 
-def launcher_argv(argv, cwd=None, mounts=(), cgroup=None):
-    """The argv that runs `argv` through launcher.py (parent-death signal, mounts, cgroup)."""
+def launcher_argv(argv, cwd=None, mounts=(), cgroup=None, hostname=None):
+    """The argv that runs `argv` through launcher.py (parent-death signal, mounts, cgroup, host name)."""
     spec = {"argv": list(argv), "cwd": cwd, "mounts": [list(m) for m in mounts], "cgroup": cgroup}
+    if hostname:
+        spec["hostname"] = hostname
     return [sys.executable, LAUNCHER, json.dumps(spec)]
 
 

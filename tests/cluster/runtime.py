@@ -3,12 +3,14 @@
 A pod is a directory:  <workdir>/pods/<namespace>_<name>_<uid>/
   volumes/<volume>/     emptyDir, configMap, secret, projected, downwardAPI contents
   termination/<c>       the file each container sees at its terminationMessagePath
+  etc-hosts             the pod's /etc/hosts (kept current by the agent: cluster DNS of its subdomain)
   home/ tmp/ cwd/       HOME, TMPDIR and default working directory of its processes
   logs/<c>-<n>.log      stdout+stderr of a container's n-th run (kept for `kubectl logs`)
 
-Each container process runs under `unshare --mount --propagation private`, and the launcher
-bind-mounts the pod's volumes at their mountPath inside that private mount namespace, so two pods
-can mount different things at the same path and nothing leaks to the host's mount table.
+Each container process runs under `unshare --mount --uts --propagation private`, and the launcher
+sets the pod's host name and bind-mounts the pod's volumes (and its /etc/hosts) at their mountPath
+inside that private mount namespace, so two pods can mount different things at the same path and
+nothing leaks to the host's mount table or host name.
 """
 
 import base64
@@ -26,6 +28,7 @@ from tests.cluster.procs import kill_group, launcher_argv
 
 DEFAULT_TERMINATION_PATH = "/dev/termination-log"
 MAX_TERMINATION_MESSAGE = 4096
+HOSTS_PATH = "/etc/hosts"
 
 
 def now_rfc3339():
@@ -138,6 +141,23 @@ def prepare_volumes(pod, pod_dir, lookup_bytes, request_token, pod_ip):
     return paths
 
 
+def write_in_place(path, text):
+    """Rewrite a file keeping its inode (True when it changed): a bind mount of it (a pod's /etc/hosts)
+    keeps showing the file, where a rename would leave the mount on the old one."""
+    path = Path(path)
+    data = text.encode()
+    try:
+        if path.read_bytes() == data:
+            return False
+    except FileNotFoundError:
+        path.write_bytes(data)
+        return True
+    with open(path, "r+b") as f:
+        f.write(data)
+        f.truncate()
+    return True
+
+
 def host_location(target, mounts):
     """Where `target` really lives when the earlier (shallower) `mounts` are in place."""
     for source, mount_target, _ in reversed(mounts):
@@ -180,11 +200,12 @@ def hides(mount_path, protected):
     return None
 
 
-def container_mounts(container, volume_paths, termination_file, created, protected=()):
+def container_mounts(container, volume_paths, termination_file, created, protected=(), hosts_file=None):
     """Bind mounts [(source, target, read_only)] for a container, parents before children.
 
     Containers share the host's root filesystem, so a mount over a directory holding the Python
     environment, the repository or the pod directories would break the process: MountConflict.
+    `hosts_file`: the pod's /etc/hosts (none for hostNetwork pods, which see the host's).
     """
     wanted = []
     for m in container.get("volumeMounts") or []:
@@ -201,6 +222,8 @@ def container_mounts(container, volume_paths, termination_file, created, protect
                 source.mkdir(parents=True)
         wanted.append((str(source), m["mountPath"].rstrip("/") or "/", bool(m.get("readOnly"))))
     wanted.append((str(termination_file), container.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH, False))
+    if hosts_file is not None and not any(target == HOSTS_PATH for _, target, _ in wanted):
+        wanted.append((str(hosts_file), HOSTS_PATH, False))
     wanted.sort(key=lambda m: m[1].count("/"))
     mounts = []
     for source, target, read_only in wanted:
@@ -356,8 +379,9 @@ class ContainerRun:
     def set_waiting(self, reason, message=None):
         self.state = {"waiting": {"reason": reason, **({"message": message} if message else {})}}
 
-    def start(self, argv, env, cwd, mounts, cgroups, unshare):
-        """Start the process (stdout+stderr to a fresh log file)."""
+    def start(self, argv, env, cwd, mounts, cgroups, unshare, hostname=None):
+        """Start the process (stdout+stderr to a fresh log file), in its own UTS namespace named `hostname`
+        when one is given."""
         self.runs += 1
         self.termination_file.parent.mkdir(parents=True, exist_ok=True)
         self.termination_file.write_bytes(b"")
@@ -372,10 +396,17 @@ class ContainerRun:
                 [
                     unshare,
                     "--mount",
+                    *(["--uts"] if hostname else []),
                     "--propagation",
                     "private",
                     "--",
-                    *launcher_argv(argv, cwd=cwd, mounts=mounts, cgroup=str(self.cgroup) if self.cgroup else None),
+                    *launcher_argv(
+                        argv,
+                        cwd=cwd,
+                        mounts=mounts,
+                        cgroup=str(self.cgroup) if self.cgroup else None,
+                        hostname=hostname,
+                    ),
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
