@@ -8,6 +8,7 @@ widths of 32-64, so everything but the size is exercised. One module per model f
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import os
 import shutil
@@ -62,22 +63,26 @@ def builder(preset_id: str) -> Callable[[Path], None]:
 
 
 def _build_atomically(build: Callable[[Path], None], target: Path) -> None:
-    """Builds into a temp folder and renames it into place; a concurrent builder's result is kept.
+    """Builds into a temp folder and renames it into place, one process at a time: the processes of a
+    distributed run resolve the base model together, and without the lock one's clean-up of a leftover
+    could delete files of the preset another had just renamed into place (a complete marker over an empty
+    text_encoder/). A process that finds the preset complete once it holds the lock keeps it.
     The builders seed torch for their random weights; fork_rng keeps that from reaching the caller, whose
     LoRA init would otherwise depend on whether the preset was already on disk."""
     import torch
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        with torch.random.fork_rng(devices=[]):
-            build(tmp)
-        (tmp / ".complete").write_text(PRESET_VERSION)
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-    except OSError:
-        if not (target / ".complete").exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if (target / ".complete").exists():
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            with torch.random.fork_rng(devices=[]):
+                build(tmp)
+            (tmp / ".complete").write_text(PRESET_VERSION)
+            if target.exists():  # an incomplete leftover of a process that died while building
+                shutil.rmtree(target)
+            os.rename(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
