@@ -1,14 +1,18 @@
-"""Pure functions that build a LoRATrainingJob's children: the trainer ConfigMap and the batch/v1 Job.
+"""Pure functions that build a LoRATrainingJob's children: the trainer ConfigMap, the batch/v1 Job and, for a
+multi-node job, the headless Service of its workers.
 
 Nothing here talks to the API server; each builder takes the job's body and the operator settings and
 returns a dict (tests/unit/test_operator_builders.py). Retries, back-off, suspension, deadlines and clean-up
-after finishing are the Job controller's: the Job gets podFailurePolicy, backoffLimit, suspend,
-activeDeadlineSeconds and ttlSecondsAfterFinished instead of the operator re-implementing them.
+after finishing are the Job controller's: the Job gets podFailurePolicy, backoffLimit (per worker index when
+several nodes train), suspend, activeDeadlineSeconds and ttlSecondsAfterFinished instead of the operator
+re-implementing them. Restarting the workers of a group is PyTorch elastic's, inside the trainer.
 """
 
 from __future__ import annotations
 
 import copy
+import re
+from decimal import Decimal
 from typing import Any
 
 import kopf
@@ -19,6 +23,7 @@ from lora_trainer.errors import ConfigError
 
 from .names import (
     API_VERSION,
+    COMPLETION_INDEX_ANNOTATION,
     COMPONENT_LABEL,
     CONTAINER,
     JOB_LABEL,
@@ -29,6 +34,7 @@ from .names import (
     OWNER_UID_ANNOTATION,
     Children,
 )
+from .pods import group_size
 from .reasons import PERMANENT_EXIT_REASONS
 from .settings import Settings
 
@@ -49,6 +55,20 @@ CLEANUP_GRACE_SECONDS = 30  # the Kubernetes default: the script has nothing to 
 # The trainer's SIGTERM checkpoint must be uploaded inside the pod's grace period: it gets all of it but
 # 15 s (half of it, for grace periods under 30 s), which leaves time to exit before the kubelet's SIGKILL.
 SIGTERM_MARGIN_SECONDS = 15
+# Shared memory: data-loader workers pass batches and NCCL passes buffers through /dev/shm, which container
+# runtimes make 64 MiB by default. A memory-backed emptyDir's pages count against the container's memory
+# limit, so half of spec.resources.memory: room for several batches and NCCL's buffers (a few MiB per
+# peer), and the other half always left to the trainer itself. Without a memory request the kubelet sizes
+# it to the pod's memory (no limit: the node's).
+SHM_DIR = "/dev/shm"
+SHM_FRACTION = 0.5
+# Multi-node jobs. 29400: torchrun's default rendezvous port (the c10d TCPStore on the first worker).
+RENDEZVOUS_PORT = 29400
+# In-place group restarts: when a worker process dies, PyTorch elastic restarts every worker of every pod
+# from the newest checkpoint, without new pods (seconds, where a new pod takes minutes to start, download
+# and load). 3: a transient fault (a NCCL timeout, a lost peer) rarely strikes three times in a row, while
+# a bug fails the same way each time; past it the pod fails and the Job's per-worker retries take over.
+MAX_GROUP_RESTARTS = 3
 
 
 def trainer_config(spec: dict[str, Any], settings: Settings, *, allow_overwrite: bool = True) -> dict[str, Any]:
@@ -93,7 +113,7 @@ def labels_for(job: dict[str, Any], component: str) -> dict[str, str]:
 
 
 def build_config_map(job: dict[str, Any], settings: Settings, *, allow_overwrite: bool = True) -> dict[str, Any]:
-    children = Children.of(job["metadata"]["name"])
+    children = children_of(job)
     config = trainer_config(job.get("spec") or {}, settings, allow_overwrite=allow_overwrite)
     text = (
         f"# Trainer config of {KIND} {job['metadata']['namespace']}/{job['metadata']['name']}, "
@@ -109,16 +129,19 @@ def build_config_map(job: dict[str, Any], settings: Settings, *, allow_overwrite
     return body
 
 
+def children_of(job: dict[str, Any]) -> Children:
+    """The child names of a job (a multi-node job also has a Service, and its Job leaves room for indexes)."""
+    return Children.of(job["metadata"]["name"], group_size(job.get("spec") or {}))
+
+
 def build_training_job(job: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """The batch/v1 Job that runs the trainer (one pod at a time, retried by the Job controller)."""
+    """The batch/v1 Job that runs the trainer: one pod at a time retried by the Job controller, or for a
+    multi-node job an Indexed Job with one pod per node, each index retried on its own."""
     spec = job.get("spec") or {}
-    meta = job["metadata"]
-    children = Children.of(meta["name"])
+    children = children_of(job)
     labels = labels_for(job, "trainer")
     job_spec: dict[str, Any] = {
-        "completions": 1,
-        "parallelism": 1,
-        "backoffLimit": int(spec.get("backoffLimit", 3)),  # 3: the CRD's default
+        **retry_policy(spec),
         "suspend": bool(spec.get("suspend", False)),
         # A replacement pod starts only once the previous one has fully stopped, so two trainers never
         # write the same output prefix (required with podFailurePolicy anyway).
@@ -147,6 +170,58 @@ def build_training_job(job: dict[str, Any], settings: Settings) -> dict[str, Any
         "spec": job_spec,
     }
     kopf.adopt(body, owner=_owner(job), nested=["spec.template"])
+    return body
+
+
+def retry_policy(spec: dict[str, Any]) -> dict[str, Any]:
+    """How many pods run and how often they are retried.
+
+    One node: one pod, `backoffLimit` failures retried. Several nodes: an Indexed Job (pod i is worker i,
+    reachable as <job>-<i>.<service>), all started together; each index may fail `backoffLimit` times
+    (backoffLimitPerIndex), so a group failure that takes down every pod costs each worker one retry, not
+    one per pod from one budget, and the first index past its limit fails the Job at once (maxFailedIndexes
+    0: a group missing a worker cannot train). The Job-level backoffLimit is then left to the API's default.
+    """
+    limit = int(spec.get("backoffLimit", 3))  # 3: the CRD's default
+    nodes = group_size(spec)
+    if nodes == 1:
+        return {"completions": 1, "parallelism": 1, "backoffLimit": limit}
+    return {
+        "completionMode": "Indexed",
+        "completions": nodes,
+        "parallelism": nodes,
+        "backoffLimitPerIndex": limit,
+        "maxFailedIndexes": 0,
+    }
+
+
+def build_worker_service(job: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The headless Service of a multi-node job's workers (its name is their pods' `subdomain`).
+
+    Cluster DNS then resolves <job>-<index>.<service>.<namespace>.svc.<cluster domain> (the host name the
+    Job controller gives each indexed pod) to that pod's IP, also before the pod is ready
+    (publishNotReadyAddresses): the workers find the rendezvous on worker 0 while they start.
+    """
+    meta = job["metadata"]
+    children = children_of(job)
+    body = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": children.service, "labels": labels_for(job, "workers")},
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {
+                JOB_LABEL: meta["name"],
+                COMPONENT_LABEL: "trainer",
+                "batch.kubernetes.io/job-name": children.job,
+            },
+            "ports": [
+                {"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"}
+            ],
+        },
+    }
+    kopf.adopt(body, owner=_owner(job))
     return body
 
 
@@ -190,8 +265,11 @@ def build_pod_spec(job: dict[str, Any], settings: Settings, children: Children) 
                 "configMap": {"name": children.config_map, "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}]},
             },
             {"name": "scratch", "emptyDir": {}},
+            {"name": "shm", "emptyDir": shm_volume(resources.get("memory"))},
         ],
     }
+    if children.service:
+        pod["subdomain"] = children.service  # <job>-<index>.<service>: the workers' DNS names
     if settings.trainer_service_account:
         pod["serviceAccountName"] = settings.trainer_service_account
         pod["automountServiceAccountToken"] = True  # IRSA / workload identity need the projected token
@@ -219,6 +297,9 @@ def build_trainer_container(job: dict[str, Any], settings: Settings) -> dict[str
         requests["memory"] = limits["memory"] = str(resources["memory"])
     if gpus > 0:
         requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(gpus)
+    ports = [{"name": "metrics", "containerPort": settings.trainer_metrics_port, "protocol": "TCP"}]
+    if group_size(spec) > 1:
+        ports.append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"})
     container: dict[str, Any] = {
         "name": CONTAINER,
         "image": spec.get("image") or settings.trainer_image,
@@ -226,10 +307,11 @@ def build_trainer_container(job: dict[str, Any], settings: Settings) -> dict[str
         "command": ["lora-train"],
         "args": ["--config", CONFIG_PATH],
         "env": trainer_env(job, settings),
-        "ports": [{"name": "metrics", "containerPort": settings.trainer_metrics_port, "protocol": "TCP"}],
+        "ports": ports,
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "scratch", "mountPath": SCRATCH_DIR},
+            {"name": "shm", "mountPath": SHM_DIR},
         ],
         "terminationMessagePath": TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -263,8 +345,72 @@ def trainer_env(job: dict[str, Any], settings: Settings) -> list[dict[str, Any]]
         {"name": "MPLCONFIGDIR", "value": f"{SCRATCH_DIR}/.config/matplotlib"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    env += distributed_env(job, settings)
     env += s3_env(s3, settings)
     return env
+
+
+def processes_per_node(spec: dict[str, Any]) -> int:
+    """Worker processes in each trainer pod: one per GPU; on CPU (gpus 0) resources.processesPerNode, else 1."""
+    resources = spec.get("resources") or {}
+    gpus = int(resources.get("gpus", 1))
+    if gpus > 0:
+        return gpus
+    return max(int(resources.get("processesPerNode") or 1), 1)
+
+
+def distributed_env(job: dict[str, Any], settings: Settings) -> list[dict[str, Any]]:
+    """What PyTorch's elastic launcher in the trainer needs (docs/operator.md, "Distributed training"):
+    processes per pod always; for several nodes the node count, this pod's rank (its completion index),
+    the rendezvous on worker 0, an id shared by the group and the in-place restarts."""
+    spec = job.get("spec") or {}
+    env = [{"name": "LORA_NPROC_PER_NODE", "value": str(processes_per_node(spec))}]
+    nodes = group_size(spec)
+    if nodes == 1:
+        return env
+    meta = job["metadata"]
+    return env + [
+        {"name": "LORA_NNODES", "value": str(nodes)},
+        {
+            "name": "LORA_NODE_RANK",
+            "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}},
+        },
+        {"name": "LORA_RDZV_ENDPOINT", "value": rendezvous_endpoint(job, settings)},
+        {"name": "LORA_RDZV_ID", "value": meta.get("uid") or meta["name"]},
+        {"name": "LORA_MAX_RESTARTS", "value": str(MAX_GROUP_RESTARTS)},
+    ]
+
+
+def rendezvous_endpoint(job: dict[str, Any], settings: Settings) -> str:
+    """host:port of the rendezvous: worker 0's fully qualified DNS name (the host name the Job controller
+    gives index 0, under the workers' Service) and torchrun's port."""
+    children = children_of(job)
+    host = f"{children.job}-0.{children.service}.{job['metadata']['namespace']}.svc.{settings.cluster_domain}"
+    return f"{host}:{RENDEZVOUS_PORT}"
+
+
+def shm_volume(memory: Any) -> dict[str, Any]:
+    """The in-memory emptyDir for /dev/shm, limited to SHM_FRACTION of the memory request (see there)."""
+    volume: dict[str, Any] = {"medium": "Memory"}
+    if memory is not None:
+        volume["sizeLimit"] = f"{int(quantity_bytes(memory) * SHM_FRACTION) // 2**20}Mi"
+    return volume
+
+
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?|\.[0-9]+)([KMGTPE]i|[kMGTPE]|[eE][0-9]+)?$")
+_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_DECIMAL = {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
+
+
+def quantity_bytes(value: Any) -> int:
+    """A memory quantity as the CRD admits it (32Gi, 512Mi, 1G, 1e9, 1000) in bytes."""
+    match = _QUANTITY.match(str(value).strip())
+    if not match:
+        raise ValueError(f"not a memory quantity: {value!r}")
+    number, suffix = Decimal(match.group(1)), match.group(2) or ""
+    if suffix[:1] in ("e", "E"):
+        return int(number * 10 ** int(suffix[1:]))
+    return int(number * (_BINARY.get(suffix) or _DECIMAL.get(suffix) or 1))
 
 
 def s3_env(s3: dict[str, Any], settings: Settings) -> list[dict[str, Any]]:
@@ -315,7 +461,7 @@ def build_cleanup_job(job: dict[str, Any], settings: Settings) -> dict[str, Any]
     """
     spec = job.get("spec") or {}
     meta = job["metadata"]
-    children = Children.of(meta["name"])
+    children = children_of(job)
     trainer = build_trainer_container(job, settings)
     container = {
         "name": "cleanup",
@@ -332,6 +478,7 @@ def build_cleanup_job(job: dict[str, Any], settings: Settings) -> dict[str, Any]
     pod.pop("nodeSelector", None)
     pod.pop("priorityClassName", None)
     pod["terminationGracePeriodSeconds"] = CLEANUP_GRACE_SECONDS
+    pod.pop("subdomain", None)
     pod["containers"] = [container]
     pod["volumes"] = [{"name": "scratch", "emptyDir": {}}]
     labels = labels_for(job, "cleanup")

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from .names import API_VERSION, KIND
-from .reasons import WARNING_REASONS, shorten
+from .reasons import WARNING_REASONS, Reason, shorten
 from .status import Phase, rfc3339
 
 # Kubernetes' Event validation limits: a message (note) of 1024 characters, a reportingInstance of 128;
@@ -34,11 +34,8 @@ def transitions(old: dict[str, Any] | None, new: dict[str, Any]) -> list[Transit
         text = f"{new.get('phase')}: {new.get('message', '')}".rstrip(": ")
         events.append(Transition("Warning" if warning else "Normal", reason, shorten(text, TRANSITION_MESSAGE_LIMIT)))
     if (new.get("attempts") or 0) > (old.get("attempts") or 0) and new.get("currentPod"):
-        events.append(
-            Transition(
-                "Normal", "AttemptStarted", f"attempt {new['attempts']}: trainer pod {new['currentPod']['name']}"
-            )
-        )
+        events.append(Transition("Normal", "AttemptStarted", _attempt_text(new)))
+    events += worker_failures(old, new)
     old_ckpt = (old.get("lastCheckpoint") or {}).get("step")
     new_ckpt = (new.get("lastCheckpoint") or {}).get("step")
     if new_ckpt is not None and new_ckpt != old_ckpt:
@@ -49,6 +46,36 @@ def transitions(old: dict[str, Any] | None, new: dict[str, Any]) -> list[Transit
                 f"checkpoint at step {new_ckpt}: {(new.get('lastCheckpoint') or {}).get('uri', '')}",
             )
         )
+    return events
+
+
+def _attempt_text(status: dict[str, Any]) -> str:
+    workers = status.get("workers") or []
+    if len(workers) > 1:
+        pods = ", ".join(w["pod"] for w in workers if w.get("attempts") == status["attempts"])
+        return f"attempt {status['attempts']}: worker pods {pods}"
+    return f"attempt {status['attempts']}: trainer pod {status['currentPod']['name']}"
+
+
+def worker_failures(old: dict[str, Any], new: dict[str, Any]) -> list[Transition]:
+    """A Warning naming each worker of a multi-node job that newly failed while the job goes on (its
+    replacement rejoins the group); not while the job is suspended (its pods were stopped) or has failed (the
+    Failed event names the worker)."""
+    workers = new.get("workers") or []
+    if len(workers) < 2 or new.get("phase") not in (Phase.PENDING.value, Phase.RUNNING.value):
+        return []
+    if new.get("reason") in (Reason.SUSPENDING, Reason.WORKERS_UNSCHEDULABLE):
+        return []
+    before = {(w.get("index"), w.get("pod")): w for w in old.get("workers") or []}
+    events = []
+    for worker in workers:
+        seen = before.get((worker.get("index"), worker.get("pod"))) or {}
+        if worker.get("phase") != "Failed" or seen.get("phase") == "Failed":
+            continue
+        where = f" on node {worker['node']}" if worker.get("node") else ""
+        text = f"worker {worker['index']} (pod {worker['pod']}{where}) failed: {worker.get('reason', '')}: "
+        text += worker.get("message", "")
+        events.append(Transition("Warning", Reason.WORKER_FAILED, shorten(text, TRANSITION_MESSAGE_LIMIT)))
     return events
 
 

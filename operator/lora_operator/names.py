@@ -29,6 +29,11 @@ OWNER_UID_ANNOTATION = f"{GROUP}/owner-uid"
 # A Job's name becomes the `batch.kubernetes.io/job-name` label of its pods, so it must be a valid
 # label value (<= 63 characters); the Job controller also appends 6 characters for pod names.
 MAX_CHILD_NAME = 63
+# Set by the Job controller on the pods of an Indexed Job: the worker's index (annotation and label).
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+# A multi-node job's pods get the hostname <job>-<index> from the Job controller, a DNS label of at most
+# 63 characters: with up to 64 nodes (the CRD's maximum) the index takes up to 3 of them ("-63").
+INDEX_SUFFIX_ROOM = 3
 
 
 @dataclass(frozen=True, order=True)
@@ -77,23 +82,55 @@ def child_name(owner: str, suffix: str, limit: int = MAX_CHILD_NAME) -> str:
     return f"{head}-{digest}-{suffix}"
 
 
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def child_label(owner: str, suffix: str, limit: int = MAX_CHILD_NAME) -> str:
+    """`<owner>-<suffix>` as a DNS-1035 label (a letter first, no dots), for children whose name becomes a
+    host name: a Service, and the Job whose pods are called <job>-<index> in DNS. An owner name that is
+    not one already (`team.cats`, `7cats`) is spelt with '-' for '.', a letter in front and its hash, so two
+    owners never share the name."""
+    name = f"{owner}-{suffix}"
+    if len(name) <= limit and _DNS_1035.match(name):
+        return name
+    digest = hashlib.sha256(owner.encode()).hexdigest()[:8]  # 8 hex digits, as child_name
+    head = re.sub(r"[^a-z0-9-]", "-", owner)
+    if not head[:1].isalpha():
+        head = "j" + head
+    head = head[: limit - len(suffix) - len(digest) - 2].rstrip("-")
+    return f"{head}-{digest}-{suffix}"
+
+
 @dataclass(frozen=True)
 class Children:
-    """The names of a job's children; recorded in status.children before they are created."""
+    """The names of a job's children; recorded in status.children before they are created.
+
+    A multi-node job (spec.resources.nodes > 1) also owns a headless Service, the `subdomain` of its
+    worker pods, and its Job's name leaves room for the worker index in their host names.
+    """
 
     config_map: str
     job: str
     cleanup_job: str
+    service: str | None = None
 
     @classmethod
-    def of(cls, owner: str) -> Children:
-        return cls(child_name(owner, "config"), child_name(owner, "train"), child_name(owner, "cleanup"))
+    def of(cls, owner: str, nodes: int = 1) -> Children:
+        if nodes <= 1:
+            return cls(child_name(owner, "config"), child_name(owner, "train"), child_name(owner, "cleanup"))
+        return cls(
+            child_name(owner, "config"),
+            child_label(owner, "train", MAX_CHILD_NAME - INDEX_SUFFIX_ROOM),
+            child_name(owner, "cleanup"),
+            child_label(owner, "workers"),
+        )
 
     def as_status(self) -> dict[str, str]:
-        return {"configMap": self.config_map, "job": self.job}
-
-
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+        names = {"configMap": self.config_map, "job": self.job}
+        if self.service:
+            names["service"] = self.service
+        return names
 
 
 def is_dns_label(text: str) -> bool:

@@ -6,8 +6,24 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .names import CONTAINER
+from .names import COMPLETION_INDEX_ANNOTATION, CONTAINER
 from .reasons import PERMANENT_EXIT_REASONS, RETRIED_EXIT_REASONS, Reason, shorten
+
+
+def group_size(spec: dict[str, Any]) -> int:
+    """How many nodes (worker pods) the job trains on: spec.resources.nodes, 1 when unset."""
+    return max(int((spec.get("resources") or {}).get("nodes") or 1), 1)
+
+
+def completion_index(pod: dict[str, Any]) -> int:
+    """The worker index of a pod of an Indexed Job (the Job controller's annotation, else its label); 0 for
+    the one pod of a single-node job."""
+    meta = pod.get("metadata") or {}
+    for source in (meta.get("annotations") or {}, meta.get("labels") or {}):
+        value = source.get(COMPLETION_INDEX_ANNOTATION)
+        if value is not None and str(value).isdigit():
+            return int(value)
+    return 0
 
 
 def termination_summary(message: str | None) -> dict[str, Any] | None:

@@ -44,6 +44,7 @@ class Poller:
         self.busy = busy  # whether a reconcile of the job is under way (the poller then skips it)
         self.active: dict[JobKey, str] = {}  # non-terminal jobs -> phase
         self.last_poll: dict[JobKey, float] = {}  # when a refresh last started (time.monotonic)
+        self.wake_at: dict[JobKey, float] = {}  # an earlier refresh a job asked for (time.monotonic)
         self.polling: dict[JobKey, asyncio.Task] = {}  # refreshes under way
         self.task: asyncio.Task | None = None
 
@@ -54,16 +55,25 @@ class Poller:
     def drop(self, key: JobKey) -> None:
         """Stop refreshing a job (terminal, being deleted or gone)."""
         self.active.pop(key, None)
+        self.wake_at.pop(key, None)
 
     def forget(self, key: JobKey) -> None:
         self.active.pop(key, None)
         self.last_poll.pop(key, None)
+        self.wake_at.pop(key, None)
+
+    def wake(self, key: JobKey, seconds: float) -> None:
+        """Refresh a followed job once `seconds` from now, whatever its cadence (a deadline of its own: a
+        multi-node group to release or to retry)."""
+        self.wake_at[key] = time.monotonic() + max(seconds, 0.0)
 
     @property
     def resync_interval(self) -> float:
         return max(MIN_RESYNC_SECONDS, RESYNC_POLLS * self.settings.poll_interval)
 
     def due(self, key: JobKey, phase: str, now: float) -> bool:
+        if now >= self.wake_at.get(key, float("inf")):
+            return True
         active = phase in (Phase.LABELING.value, Phase.RUNNING.value)
         every = self.settings.poll_interval if active else self.resync_interval
         return now - self.last_poll.get(key, 0.0) >= every * DUE_FRACTION
@@ -98,4 +108,5 @@ class Poller:
                 if key in self.polling or self.busy(key) or not self.due(key, phase, now):
                     continue
                 self.last_poll[key] = now
+                self.wake_at.pop(key, None)
                 self.polling[key] = asyncio.create_task(refresh(key))

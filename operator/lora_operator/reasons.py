@@ -15,6 +15,8 @@ class Reason:
     RESTARTING = "Restarting"  # the previous pod failed; the Job will start another
     EVICTED = "Evicted"  # the previous pod was evicted or preempted (does not count against backoffLimit)
     OOM_KILLED = "OOMKilled"
+    # a multi-node job whose workers could not all be scheduled: every worker released until a retry
+    WORKERS_UNSCHEDULABLE = "WorkersUnschedulable"
     # Labeling / Running / Suspended
     LABELING = "Labeling"
     TRAINING = "Training"
@@ -36,6 +38,8 @@ class Reason:
     # Retried failures, in messages of Restarting
     CRASHED = "Crashed"
     INTERRUPTED = "Interrupted"
+    # Event (not a phase reason): a worker of a multi-node job failed and is being replaced
+    WORKER_FAILED = "WorkerFailed"
 
 
 # Trainer exit codes (lora_trainer.errors.ExitCode) -> reasons. The permanent ones fail the Job at once
@@ -59,6 +63,7 @@ RETRIED_EXIT_REASONS: dict[int, str] = {
 WARNING_REASONS = frozenset(
     {
         Reason.UNSCHEDULABLE,
+        Reason.WORKERS_UNSCHEDULABLE,
         Reason.IMAGE_PULL_FAILED,
         Reason.CONTAINER_CONFIG_ERROR,
         Reason.RESTARTING,

@@ -23,13 +23,13 @@ import kopf
 from . import builders
 from .events import Transition, build_event, transitions
 from .kube import ApiClient, ApiError, core_path, group_path
-from .names import COMPONENT_LABEL, JOB_LABEL, OWNER_UID_ANNOTATION, Children, JobKey, ltj_path
+from .names import COMPONENT_LABEL, JOB_LABEL, OWNER_UID_ANNOTATION, JobKey, ltj_path
 from .observability import OperatorMetrics
 from .pods import pod_finished, pod_order, trainer_running
 from .poller import Poller
 from .progress import ProgressSample, scrape, with_rate
 from .settings import Settings
-from .status import Observed, Phase, compute_status, is_terminal, parse_time, status_patch
+from .status import Observed, Phase, compute_status, is_terminal, parse_time, plan_group, status_patch
 
 log = logging.getLogger("lora_operator")
 
@@ -149,7 +149,7 @@ async def _reconcile(ctx: Context, key: JobKey, seen_pod: dict[str, Any] | None)
         if status.get("observedGeneration") != generation:
             await _patch_status(ctx, job, {"observedGeneration": generation})
         return
-    children = Children.of(name)
+    children = builders.children_of(job)
     if status.get("children") != children.as_status():  # names go into status before the objects exist
         status = (
             await _patch_status(
@@ -171,27 +171,44 @@ async def _reconcile(ctx: Context, key: JobKey, seen_pod: dict[str, Any] | None)
         return
     try:
         await _ensure_config_map(ctx, job, allow_overwrite=not status.get("progress"))
+        if children.service:  # before the Job: its workers look each other up through it from the start
+            await _ensure(
+                ctx, builders.build_worker_service(job, settings), core_path("services", namespace), meta["uid"]
+            )
         training = await _ensure(
             ctx, builders.build_training_job(job, settings), group_path("batch/v1", "jobs", namespace), meta["uid"]
         )
     except ChildConflict as err:
         await _publish(ctx, job, Observed(generation, spec, status), conflict=str(err))
         return
-    if bool((training.get("spec") or {}).get("suspend")) != bool(spec.get("suspend")):
+    pods = await _trainer_pods(ctx, training, seen_pod)
+    plan = plan_group(Observed(generation, spec, status, training, pods), ctx.now(), settings)
+    if plan.scheduling is not None:
+        status = {**status, "scheduling": plan.scheduling}
+    if plan.recheck is not None:
+        ctx.poller.wake(key, plan.recheck)
+    if bool((training.get("spec") or {}).get("suspend")) != plan.suspend:
         training = await api.patch(
-            group_path("batch/v1", "jobs", namespace, training["metadata"]["name"]),
-            {"spec": {"suspend": bool(spec.get("suspend"))}},
+            group_path("batch/v1", "jobs", namespace, training["metadata"]["name"]), {"spec": {"suspend": plan.suspend}}
         )
+    sample = await _scrape(ctx, key, pods)
+    await _publish(ctx, job, Observed(generation, spec, status, training, pods, sample))
+
+
+async def _trainer_pods(
+    ctx: Context, training: dict[str, Any], seen_pod: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """The training Job's pods, plus the watched pod when it is already gone (its final state counts)."""
     selector = f"batch.kubernetes.io/controller-uid={training['metadata']['uid']}"
-    pods = (await api.get(core_path("pods", namespace), labelSelector=selector)).get("items") or []
+    namespace = training["metadata"]["namespace"]
+    pods = (await ctx.api.get(core_path("pods", namespace), labelSelector=selector)).get("items") or []
     if (
         seen_pod is not None
         and _belongs(seen_pod, training)
         and not any(p["metadata"]["uid"] == seen_pod["metadata"]["uid"] for p in pods)
     ):
         pods.append(seen_pod)
-    sample = await _scrape(ctx, key, pods)
-    await _publish(ctx, job, Observed(generation, spec, status, training, pods, sample))
+    return pods
 
 
 def _belongs(pod: dict[str, Any], training: dict[str, Any]) -> bool:
@@ -288,19 +305,24 @@ async def _ensure(ctx: Context, body: dict[str, Any], collection: str, owner_uid
 
 
 async def _scrape(ctx: Context, key: JobKey, pods: list[dict[str, Any]]) -> ProgressSample | None:
-    """Progress from the newest pod whose trainer runs, read at $POD_IP:<metrics port>/metrics."""
+    """Progress read at $POD_IP:<metrics port>/metrics of the pods whose trainer runs, all at once: only
+    the main worker (global rank 0) serves metrics, on whichever pod it landed; the others refuse the
+    connection at once. The newest pod that answers wins (a single-node job has one)."""
     live = [
         p
-        for p in sorted(pods, key=pod_order)
+        for p in sorted(pods, key=pod_order, reverse=True)
         if not pod_finished(p) and trainer_running(p) and (p.get("status") or {}).get("podIP")
     ]
     if not live or ctx.scraper is None:
         return None
-    pod = live[-1]
-    url = f"http://{pod['status']['podIP']}:{ctx.settings.trainer_metrics_port}/metrics"
-    sample = await scrape(ctx.scraper, url, ctx.settings.scrape_timeout)
-    if sample is None:
+    port, timeout = ctx.settings.trainer_metrics_port, ctx.settings.scrape_timeout
+    samples = await asyncio.gather(
+        *(scrape(ctx.scraper, f"http://{p['status']['podIP']}:{port}/metrics", timeout) for p in live)
+    )
+    answered = next(((p, s) for p, s in zip(live, samples, strict=True) if s is not None), None)
+    if answered is None:
         return None
+    pod, sample = answered
     now = time.monotonic()
     previous = ctx.jobs.samples.get(key)
     if previous and previous[0] == pod["metadata"]["name"]:
@@ -314,7 +336,7 @@ async def delete_outputs(ctx: Context, job: dict[str, Any]) -> None:
     stop the trainer, then run a cleanup Job with the job's S3 credentials; done when it succeeds."""
     api, meta = ctx.api, job["metadata"]
     namespace, name = meta["namespace"], meta["name"]
-    children = Children.of(name)
+    children = builders.children_of(job)
     jobs = group_path("batch/v1", "jobs", namespace)
     try:
         await api.delete(f"{jobs}/{children.job}", propagation="Foreground")

@@ -70,6 +70,29 @@ class Settings:
         None,
         "dns",
     )
+    cluster_domain: str = _env(
+        "CLUSTER_DOMAIN",
+        "DNS domain of the cluster (the kubelet's --cluster-domain): multi-node workers find worker 0 at "
+        "<pod>.<service>.<namespace>.svc.<domain>.",
+        "cluster.local",
+        "dns",
+    )
+    group_scheduling_timeout: float = _env(
+        "GROUP_SCHEDULING_TIMEOUT",
+        "Seconds a multi-node job may wait with some workers unschedulable while others hold their nodes; "
+        "then every worker is released (the Job suspended) until a retry.",
+        300.0,
+        "seconds",
+    )
+    group_retry_seconds: float = _env(
+        "GROUP_RETRY_SECONDS",
+        "Seconds a released multi-node job waits before it tries again; doubled at each further release.",
+        60.0,
+        "seconds",
+    )
+    group_retry_max_seconds: float = _env(
+        "GROUP_RETRY_MAX_SECONDS", "The longest wait between two tries of a released multi-node job.", 900.0, "seconds"
+    )
     http_port: int = _env("HTTP_PORT", "Port of /metrics, /healthz and /readyz.", 8080, "port")
     http_host: str = _env("HTTP_HOST", "Address that port binds.", "0.0.0.0")
     leader_election: bool = _env(

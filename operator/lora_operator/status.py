@@ -2,8 +2,10 @@
 
 `compute_status(observed, now)` reads the job's spec and current status, its batch/v1 Job, the Job's
 pods (read with pods.py) and a fresh progress sample from the trainer's metrics endpoint, and returns
-the new status; `status_patch` turns it into the merge patch to send. Nothing here talks to the API
-server, so every transition is tested as a table (tests/unit/test_operator_status.py).
+the new status; `status_patch` turns it into the merge patch to send. `plan_group` decides when a
+multi-node job whose workers cannot all be scheduled is released (its Job suspended) and retried.
+Nothing here talks to the API server, so every transition is tested as a table
+(tests/unit/test_operator_status.py).
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ import copy
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .pods import (
     PodOutcome,
+    completion_index,
     exit_summary,
+    group_size,
     job_condition,
+    pod_condition,
     pod_finished,
     pod_order,
     pod_outcome,
@@ -27,6 +32,7 @@ from .pods import (
 )
 from .progress import ProgressSample
 from .reasons import PERMANENT_EXIT_REASONS, Reason, shorten
+from .settings import Settings
 
 
 class Phase(str, enum.Enum):
@@ -110,6 +116,9 @@ def decide(obs: Observed) -> Verdict:
         return _failure(failed, pods, obs.spec)
     live = [p for p in pods if not pod_finished(p)]
     if (job.get("spec") or {}).get("suspend"):
+        released = (obs.status or {}).get("scheduling") or {}
+        if not obs.spec.get("suspend") and released.get("retryAt"):
+            return _released(released)
         if any(trainer_running(p) for p in live):
             return Verdict(
                 Phase.RUNNING,
@@ -119,6 +128,9 @@ def decide(obs: Observed) -> Verdict:
         return Verdict(
             Phase.SUSPENDED, Reason.SUSPENDED, "suspended; set spec.suspend to false to resume from the last checkpoint"
         )
+    nodes = group_size(obs.spec)
+    if nodes > 1:
+        return _decide_group(obs, pods, nodes)
     if live:
         pod = live[-1]
         name = pod["metadata"]["name"]
@@ -150,6 +162,107 @@ def decide(obs: Observed) -> Verdict:
     return Verdict(Phase.PENDING, Reason.CREATED, "waiting for the Job controller to create the trainer pod")
 
 
+def _released(scheduling: dict[str, Any]) -> Verdict:
+    """A multi-node job the operator suspended because its workers could not all be scheduled."""
+    text = (
+        f"{scheduling.get('message') or 'the workers could not all be scheduled'}; every worker was released, "
+        f"so the group holds no node; retrying at {scheduling['retryAt']} (release {scheduling.get('releases', 1)})"
+    )
+    return Verdict(Phase.PENDING, Reason.WORKERS_UNSCHEDULABLE, shorten(text))
+
+
+def _decide_group(obs: Observed, pods: list[dict[str, Any]], nodes: int) -> Verdict:
+    """The phase of a running (not suspended, not finished) multi-node job: Running once every worker runs
+    (or has finished), otherwise Pending with what holds the group back, naming the worker."""
+    latest = newest_by_index(pods)
+    workers = [latest.get(i) for i in range(nodes)]
+    unschedulable = [p for p in workers if p is not None and _unschedulable(p)]
+    if unschedulable:
+        why = (waiting_reason(unschedulable[0]) or ("", ""))[1]
+        return Verdict(
+            Phase.PENDING,
+            Reason.UNSCHEDULABLE,
+            shorten(f"{len(unschedulable)} of {nodes} workers cannot be scheduled: {why}"),
+        )
+    if all(p is not None and (_running(p) or _phase(p) == "Succeeded") for p in workers):
+        return _group_running(obs, [p for p in workers if p is not None], nodes)
+    for index, pod in enumerate(workers):
+        waiting = waiting_reason(pod) if pod is not None and not pod_finished(pod) else None
+        if waiting:
+            return Verdict(Phase.PENDING, waiting[0], shorten(f"worker {index} (pod {_name(pod)}): {waiting[1]}"))
+    failure = _group_failure(pods, workers)
+    if failure:
+        index, outcome = failure
+        text = f"worker {index}: {outcome.message}; it is replaced and the group restarts from the newest checkpoint"
+        return Verdict(Phase.PENDING, _retry_reason(outcome), shorten(text))
+    if not pods:
+        return Verdict(Phase.PENDING, Reason.CREATED, "waiting for the Job controller to create the worker pods")
+    running = sum(1 for p in workers if p is not None and _running(p))
+    starting = [str(i) for i, p in enumerate(workers) if p is None or not _running(p)]
+    return Verdict(
+        Phase.PENDING,
+        Reason.POD_PENDING,
+        shorten(f"{running} of {nodes} workers running; worker(s) {', '.join(starting)} starting"),
+    )
+
+
+def _group_running(obs: Observed, workers: list[dict[str, Any]], nodes: int) -> Verdict:
+    if all(_phase(p) == "Succeeded" for p in workers):
+        return Verdict(Phase.RUNNING, Reason.COMPLETING, "every worker finished; waiting for the Job to complete")
+    labeling = obs.sample.labeling() if obs.sample else None
+    if labeling:
+        return Verdict(
+            Phase.LABELING,
+            Reason.LABELING,
+            f"captioning images before training on {nodes} workers: {labeling[0]} of {labeling[1]} done",
+        )
+    return Verdict(Phase.RUNNING, Reason.TRAINING, shorten(f"training on {nodes} workers: " + _names(workers)))
+
+
+def _group_failure(pods: list[dict[str, Any]], workers: list[dict[str, Any] | None]) -> tuple[int, PodOutcome] | None:
+    """The newest failure among the workers that are not running: a failed pod, or the failed predecessor
+    of a replacement still starting. None when no worker is held back by a failure."""
+    causes = []
+    for index, pod in enumerate(workers):
+        if pod is None or _running(pod):
+            continue
+        failed = [p for p in pods if completion_index(p) == index and _phase(p) == "Failed"]
+        if failed:
+            causes.append((pod_order(failed[-1]), index, failed[-1]))
+    if not causes:
+        return None
+    _, index, pod = max(causes, key=lambda c: c[0])
+    return index, pod_outcome(pod)
+
+
+def newest_by_index(pods: Iterable[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """The newest pod of each worker index (a replacement is newer than the pod it replaces)."""
+    latest: dict[int, dict[str, Any]] = {}
+    for pod in sorted(pods, key=pod_order):
+        latest[completion_index(pod)] = pod
+    return latest
+
+
+def _unschedulable(pod: dict[str, Any]) -> bool:
+    return not pod_finished(pod) and (waiting_reason(pod) or ("",))[0] == Reason.UNSCHEDULABLE
+
+
+def _running(pod: dict[str, Any]) -> bool:
+    return not pod_finished(pod) and trainer_running(pod)
+
+
+def _phase(pod: dict[str, Any]) -> str:
+    return (pod.get("status") or {}).get("phase") or "Pending"
+
+
+def _name(pod: dict[str, Any]) -> str:
+    return (pod.get("metadata") or {}).get("name", "?")
+
+
+def _names(pods: Iterable[dict[str, Any]]) -> str:
+    return ", ".join(_name(p) for p in pods)
+
+
 def _retry_reason(outcome: PodOutcome) -> str:
     if outcome.reason in (Reason.EVICTED, Reason.OOM_KILLED):
         return outcome.reason
@@ -163,6 +276,9 @@ def _failure(condition: dict[str, Any], pods: list[dict[str, Any]], spec: dict[s
         for pod in reversed(finished):
             outcome = pod_outcome(pod)
             if outcome.exit_code in PERMANENT_EXIT_REASONS:
+                if group_size(spec) > 1:
+                    text = f"worker {completion_index(pod)} (pod {_name(pod)}): {outcome.message}"
+                    return Verdict(Phase.FAILED, outcome.reason, shorten(text))
                 return Verdict(Phase.FAILED, outcome.reason, outcome.message)
         return Verdict(Phase.FAILED, Reason.JOB_FAILED, shorten(condition.get("message")))
     if why == "BackoffLimitExceeded":
@@ -171,6 +287,8 @@ def _failure(condition: dict[str, Any], pods: list[dict[str, Any]], spec: dict[s
         if finished:
             text += f"; last failure: {pod_outcome(finished[-1]).message}"
         return Verdict(Phase.FAILED, Reason.BACKOFF_LIMIT_EXCEEDED, shorten(text))
+    if why in ("MaxFailedIndexesExceeded", "FailedIndexes"):  # a multi-node job: per-worker retries
+        return _worker_backoff(finished, spec)
     if why == "DeadlineExceeded":
         return Verdict(
             Phase.FAILED,
@@ -178,6 +296,21 @@ def _failure(condition: dict[str, Any], pods: list[dict[str, Any]], spec: dict[s
             f"the run was active longer than spec.activeDeadlineSeconds ({spec.get('activeDeadlineSeconds')} s)",
         )
     return Verdict(Phase.FAILED, Reason.JOB_FAILED, shorten(f"{why}: {condition.get('message', '')}"))
+
+
+def _worker_backoff(finished: list[dict[str, Any]], spec: dict[str, Any]) -> Verdict:
+    limit = spec.get("backoffLimit", 3)  # 3: the CRD's default
+    failed = [p for p in finished if _phase(p) == "Failed" and pod_outcome(p).reason != Reason.EVICTED]
+    if not failed:
+        text = f"a worker failed more than backoffLimit {limit} time(s)"
+    else:
+        last = failed[-1]
+        index = completion_index(last)
+        text = (
+            f"worker {index} failed {limit + 1} time(s) (backoffLimit {limit} per worker); "
+            f"last failure: {pod_outcome(last).message}"
+        )
+    return Verdict(Phase.FAILED, Reason.BACKOFF_LIMIT_EXCEEDED, shorten(text))
 
 
 def compute_status(obs: Observed, now: datetime) -> dict[str, Any]:
@@ -191,10 +324,18 @@ def compute_status(obs: Observed, now: datetime) -> dict[str, Any]:
     new["message"] = verdict.message
     new["observedGeneration"] = obs.generation
     new["conditions"] = conditions(old.get("conditions") or [], verdict, obs.generation, stamp)
+    nodes = group_size(obs.spec)
+    workers = worker_table(obs.pods, old.get("workers") or [], nodes)
+    if workers:
+        new["workers"] = workers
     _track_attempts(new, obs.pods)
+    if nodes > 1 and workers:
+        new["attempts"] = max(int(old.get("attempts") or 0), *(w["attempts"] for w in workers))
     if obs.job is not None and not new.get("startTime"):
         new["startTime"] = (obs.job.get("metadata") or {}).get("creationTimestamp") or stamp
-    summaries = [s for s in (exit_summary(p) for p in sorted(obs.pods, key=pod_order)) if s]
+    # progress, checkpoints and artifacts are the main worker's (global rank 0); a summary without a rank
+    # comes from a single-process trainer, which is rank 0
+    summaries = [s for s in (exit_summary(p) for p in sorted(obs.pods, key=pod_order)) if s and s.get("rank", 0) == 0]
     for summary in summaries:
         _apply_checkpoint(new, summary.get("lastCheckpoint"), stamp)
     if summaries:
@@ -236,6 +377,58 @@ def conditions(old: list[dict[str, Any]], verdict: Verdict, generation: int, sta
             }
         )
     return out
+
+
+def worker_table(pods: list[dict[str, Any]], old: list[dict[str, Any]], nodes: int) -> list[dict[str, Any]]:
+    """status.workers: for each worker index the newest pod as last seen (an index whose pods are all gone
+    keeps its last entry), with the pods it has had so far (`attempts`)."""
+    before = {w.get("index"): w for w in old if isinstance(w, dict)}
+    latest = newest_by_index(pods)
+    table = []
+    for index in range(nodes):
+        pod = latest.get(index)
+        if pod is None:
+            if index in before:
+                table.append(before[index])
+            continue
+        mine = [p for p in pods if completion_index(p) == index]
+        table.append(worker_entry(pod, _worker_attempts(before.get(index), mine)))
+    return table
+
+
+def _worker_attempts(before: dict[str, Any] | None, pods: list[dict[str, Any]]) -> int:
+    """Pods this worker index has had: the count recorded before, plus the pods newer than the one recorded."""
+    if not before:
+        return len(pods)
+    mark = (before.get("creationTimestamp") or "", before.get("pod") or "")
+    fresh = [p for p in pods if pod_order(p) > mark]
+    return int(before.get("attempts") or 1) + len(fresh)
+
+
+def worker_entry(pod: dict[str, Any], attempts: int) -> dict[str, Any]:
+    """One row of status.workers: which pod is worker `index`, where it runs, how it is, why it failed."""
+    meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
+    phase = _phase(pod) if _phase(pod) in ("Pending", "Running", "Succeeded", "Failed") else "Pending"
+    ready = pod_condition(pod, "Ready") or {}
+    entry: dict[str, Any] = {
+        "index": completion_index(pod),
+        "pod": meta.get("name", ""),
+        "phase": phase,
+        "ready": ready.get("status") == "True" and phase == "Running",
+        "attempts": attempts,
+    }
+    for key, value in (("creationTimestamp", meta.get("creationTimestamp")), ("node", spec.get("nodeName"))):
+        if value:
+            entry[key] = value
+    why = None
+    if phase == "Failed":
+        outcome = pod_outcome(pod)
+        why = (outcome.reason, outcome.message)
+    elif phase == "Pending":
+        why = waiting_reason(pod)
+    if why:
+        entry["reason"], entry["message"] = why
+    return entry
 
 
 def _track_attempts(new: dict[str, Any], pods: Iterable[dict[str, Any]]) -> None:
@@ -319,6 +512,81 @@ def _apply_final(new: dict[str, Any], summary: dict[str, Any], stamp: str) -> No
         if cmp != old:
             progress["updatedAt"] = stamp
         new["progress"] = progress
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """Whether the training Job should be suspended, the new status.scheduling (None: unchanged), and in how
+    many seconds the group's next deadline falls (a release or a retry; None: none)."""
+
+    suspend: bool
+    scheduling: dict[str, Any] | None = None
+    recheck: float | None = None
+
+
+def plan_group(obs: Observed, now: datetime, settings: Settings) -> GroupPlan:
+    """Gang scheduling for a multi-node job, on the Job's own `suspend` (Kubernetes 1.34's scheduler places
+    pods one at a time): when some workers stay unschedulable while others hold their nodes for longer than
+    settings.group_scheduling_timeout, suspend the Job (the Job controller deletes every pod: the group holds
+    nothing) and resume it at `retryAt`, after group_retry_seconds doubled at each release, at most
+    group_retry_max_seconds. The user's spec.suspend always wins. Single-node jobs: spec.suspend as is."""
+    wanted = bool(obs.spec.get("suspend"))
+    scheduling = dict((obs.status or {}).get("scheduling") or {})
+    if group_size(obs.spec) == 1 or obs.job is None:
+        return GroupPlan(wanted)
+    if wanted or (scheduling.get("retryAt") and now >= (parse_time(scheduling["retryAt"]) or now)):
+        return GroupPlan(wanted, _without_retry(scheduling))
+    if scheduling.get("retryAt"):
+        return GroupPlan(True, recheck=_seconds_until(scheduling["retryAt"], now))
+    if job_condition(obs.job, "Complete") or job_condition(obs.job, "Failed"):
+        return GroupPlan(False)
+    stuck, left = _stuck_group(obs.pods, group_size(obs.spec), now, settings.group_scheduling_timeout)
+    if stuck is None:
+        return GroupPlan(False, recheck=left)
+    releases = int(scheduling.get("releases") or 0) + 1
+    delay = min(settings.group_retry_seconds * 2 ** (releases - 1), settings.group_retry_max_seconds)
+    retry = rfc3339(now + timedelta(seconds=delay))
+    return GroupPlan(True, {"releases": releases, "retryAt": retry, "message": stuck}, recheck=delay)
+
+
+def _seconds_until(stamp: str, now: datetime) -> float:
+    moment = parse_time(stamp)
+    return max((moment - now).total_seconds(), 0.0) if moment else 0.0
+
+
+def _without_retry(scheduling: dict[str, Any]) -> dict[str, Any] | None:
+    if "retryAt" not in scheduling:
+        return None
+    return {k: v for k, v in scheduling.items() if k != "retryAt"}
+
+
+def _stuck_group(
+    pods: list[dict[str, Any]], nodes: int, now: datetime, timeout: float
+) -> tuple[str | None, float | None]:
+    """(why the group must be released, None), when some of its newest pods have been unschedulable for
+    `timeout` seconds while others are bound to nodes (and hold their GPUs) waiting for them; else (None,
+    seconds until that happens, or None when the group is not in that state)."""
+    live = [p for p in newest_by_index(pods).values() if not pod_finished(p)]
+    waiting = [p for p in live if _unschedulable(p)]
+    holding = [p for p in live if (p.get("spec") or {}).get("nodeName")]
+    if not waiting or not holding:
+        return None, None
+    since = min(_unschedulable_since(p) or now for p in waiting)
+    elapsed = (now - since).total_seconds()
+    if elapsed < timeout:
+        return None, timeout - elapsed
+    why = (waiting_reason(waiting[0]) or ("", ""))[1]
+    text = (
+        f"{len(waiting)} of {nodes} workers could not be scheduled for {int(timeout)} s ({why}) "
+        f"while {len(holding)} held their nodes"
+    )
+    return shorten(text), None
+
+
+def _unschedulable_since(pod: dict[str, Any]) -> datetime | None:
+    condition = pod_condition(pod, "PodScheduled") or {}
+    meta = pod.get("metadata") or {}
+    return parse_time(condition.get("lastTransitionTime")) or parse_time(meta.get("creationTimestamp"))
 
 
 def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:

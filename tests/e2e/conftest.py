@@ -35,6 +35,9 @@ def operator(kube_cluster, node_agent, s3_server, operator_kubeconfig, tmp_path_
             "LORA_OPERATOR_S3_ENDPOINT": s3_server.endpoint_url,
             "LORA_OPERATOR_S3_REGION": s3_server.region,
             "LORA_OPERATOR_S3_CREDENTIALS_SECRET": env.S3_SECRET,
+            # a half-scheduled multi-node group is released after 5 s (not 5 min) and retried after 60 s
+            "LORA_OPERATOR_GROUP_SCHEDULING_TIMEOUT": "5",
+            "LORA_OPERATOR_GROUP_RETRY_SECONDS": "60",
         },
     )
     op.repair = op.ensure_running

@@ -69,6 +69,19 @@ BAD = [
     ("memory-not-a-quantity", manifest(resources={"memory": "lots"}), ["spec.resources.memory"]),
     ("cpu-negative", manifest(resources={"cpu": -2}), ["spec.resources.cpu", "must not be negative"]),
     ("too-many-gpus", manifest(resources={"gpus": 1000}), ["spec.resources.gpus", "less than or equal to 64"]),
+    ("zero-nodes", manifest(resources={"nodes": 0}), ["spec.resources.nodes", "greater than or equal to 1"]),
+    ("too-many-nodes", manifest(resources={"nodes": 65}), ["spec.resources.nodes", "less than or equal to 64"]),
+    (
+        "processes-per-node-with-gpus",
+        manifest(resources={"gpus": 2, "processesPerNode": 2}),
+        ["spec.resources.processesPerNode", "CPU training (gpus: 0)"],
+    ),
+    (
+        # gpus defaults to 1: processesPerNode alone is refused as well
+        "processes-per-node-with-default-gpus",
+        manifest(resources={"gpus": None, "processesPerNode": 2}),
+        ["spec.resources.processesPerNode", "one process per GPU"],
+    ),
     (
         "toleration-exists-with-value",
         manifest(resources={"tolerations": [{"key": "gpu", "operator": "Exists", "value": "x"}]}),

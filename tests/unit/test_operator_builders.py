@@ -301,3 +301,146 @@ def test_events_name_the_job_they_are_about():
     assert (event["type"], event["reason"], event["message"]) == ("Warning", "OOMKilled", "pod x ran out of memory")
     assert event["metadata"] == {"generateName": "cats.", "namespace": "team-a"}
     assert event["firstTimestamp"] == event["lastTimestamp"] == "2026-01-02T03:04:05Z"
+
+
+# ---------------------------------------------------------------------------------------------
+# shared memory and distributed training (several processes, several nodes)
+
+
+def pod_spec(job):
+    return job["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize(
+    "memory,size",
+    [
+        ("32Gi", "16384Mi"),  # half of the memory request: the other half stays the trainer's
+        ("1G", "476Mi"),
+        ("1e9", "476Mi"),
+        ("3000Mi", "1500Mi"),
+        (8589934592, "4096Mi"),
+        (None, None),  # no request: the kubelet sizes it to the pod's memory
+    ],
+)
+def test_trainer_pods_get_shared_memory_sized_from_the_memory_request(memory, size):
+    resources = {"gpus": 1} if memory is None else {"gpus": 1, "memory": memory}
+    job = builders.build_training_job(ltj(resources=resources), SETTINGS)
+    volumes = {v["name"]: v for v in pod_spec(job)["volumes"]}
+    assert volumes["shm"]["emptyDir"].get("medium") == "Memory"
+    assert volumes["shm"]["emptyDir"].get("sizeLimit") == size
+    assert {"name": "shm", "mountPath": "/dev/shm"} in trainer(job)["volumeMounts"]
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [("32Gi", 32 * 2**30), ("512Mi", 512 * 2**20), ("1G", 10**9), ("1e9", 10**9), ("1000", 1000), ("0.5Gi", 2**29)],
+)
+def test_memory_quantities(value, expected):
+    assert builders.quantity_bytes(value) == expected
+
+
+# (resources, LORA_NPROC_PER_NODE): one process per GPU; on CPU processesPerNode, else 1
+NPROC_CASES = [
+    ({"gpus": 1}, "1"),
+    ({"gpus": 4}, "4"),
+    ({"gpus": 0}, "1"),
+    ({"gpus": 0, "processesPerNode": 2}, "2"),
+    ({"gpus": 2, "nodes": 3}, "2"),
+    ({"gpus": 0, "nodes": 2, "processesPerNode": 2}, "2"),
+    ({}, "1"),
+]
+
+
+@pytest.mark.parametrize("resources,nproc", NPROC_CASES)
+def test_processes_per_node(resources, nproc):
+    env = env_of(trainer(builders.build_training_job(ltj(resources=resources), SETTINGS)))
+    assert env["LORA_NPROC_PER_NODE"]["value"] == nproc
+
+
+def test_a_single_node_job_stays_one_pod_without_group_settings():
+    job = builders.build_training_job(ltj(resources={"gpus": 2}), SETTINGS)
+    spec = job["spec"]
+    assert (spec["completions"], spec["parallelism"], spec["backoffLimit"]) == (1, 1, 3)
+    assert not {"completionMode", "backoffLimitPerIndex", "maxFailedIndexes"} & set(spec)
+    assert "subdomain" not in pod_spec(job)
+    env = env_of(trainer(job))
+    assert not {"LORA_NNODES", "LORA_NODE_RANK", "LORA_RDZV_ENDPOINT", "LORA_RDZV_ID", "LORA_MAX_RESTARTS"} & set(env)
+    assert [p["name"] for p in trainer(job)["ports"]] == ["metrics"]
+    assert Children.of("cats", 1).service is None
+
+
+def test_a_multi_node_job_is_an_indexed_job_with_per_worker_retries():
+    job = builders.build_training_job(ltj(resources={"gpus": 2, "nodes": 4}, backoffLimit=2), SETTINGS)
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"] == 4
+    assert spec["backoffLimitPerIndex"] == 2 and spec["maxFailedIndexes"] == 0
+    assert "backoffLimit" not in spec  # the API defaults it; each worker index has its own budget
+    assert spec["podReplacementPolicy"] == "Failed"
+    assert spec["podFailurePolicy"] == builders.pod_failure_policy()  # permanent codes fail the whole group
+    assert pod_spec(job)["subdomain"] == "cats-workers"
+    assert {"name": "rendezvous", "containerPort": 29400, "protocol": "TCP"} in trainer(job)["ports"]
+    limits = trainer(job)["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "2"  # per pod: each node brings its own GPUs
+
+
+def test_multi_node_trainer_env_follows_the_contract():
+    env = env_of(trainer(builders.build_training_job(ltj(resources={"gpus": 8, "nodes": 2}), SETTINGS)))
+    assert env["LORA_NNODES"]["value"] == "2" and env["LORA_NPROC_PER_NODE"]["value"] == "8"
+    assert env["LORA_NODE_RANK"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+    }
+    assert env["LORA_RDZV_ENDPOINT"]["value"] == "cats-train-0.cats-workers.team-a.svc.cluster.local:29400"
+    assert env["LORA_RDZV_ID"]["value"] == "uid-123"
+    assert 1 <= int(env["LORA_MAX_RESTARTS"]["value"]) <= 5
+
+
+def test_the_rendezvous_follows_the_cluster_domain():
+    from dataclasses import replace
+
+    settings = replace(SETTINGS, cluster_domain="corp.example")
+    env = env_of(trainer(builders.build_training_job(ltj(resources={"gpus": 1, "nodes": 2}), settings)))
+    assert env["LORA_RDZV_ENDPOINT"]["value"] == "cats-train-0.cats-workers.team-a.svc.corp.example:29400"
+
+
+def test_the_workers_service_is_headless_owned_and_selects_only_this_jobs_pods():
+    body = ltj(resources={"gpus": 1, "nodes": 2})
+    service = builders.build_worker_service(body, SETTINGS)
+    assert service["kind"] == "Service" and service["metadata"]["name"] == "cats-workers"
+    assert service["metadata"]["namespace"] == "team-a"
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"] == {
+        "lora-operator.io/job-name": "cats",
+        "app.kubernetes.io/component": "trainer",
+        "batch.kubernetes.io/job-name": "cats-train",
+    }
+    (ref,) = service["metadata"]["ownerReferences"]
+    assert ref["uid"] == "uid-123" and ref["controller"] is True
+    template = builders.build_training_job(body, SETTINGS)["spec"]["template"]["metadata"]["labels"]
+    assert all(template.get(k) == v for k, v in service["spec"]["selector"].items() if not k.startswith("batch."))
+
+
+@pytest.mark.parametrize("owner", ["cats", "team.cats", "7cats", "x" * 63, "a" * 57])
+def test_multi_node_children_fit_dns_host_names(owner):
+    import re
+
+    children = Children.of(owner, nodes=64)
+    label = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    assert label.match(children.service) and len(children.service) <= 63
+    assert label.match(children.job) and len(f"{children.job}-63") <= 63  # the host name of worker 63
+    assert children.as_status() == {"configMap": children.config_map, "job": children.job, "service": children.service}
+    assert Children.of(owner, nodes=64) == children  # deterministic
+
+
+def test_dotted_and_dashed_owners_never_share_a_service():
+    assert Children.of("a.b", 2).service != Children.of("a-b", 2).service
+
+
+def test_multi_node_builders_do_not_modify_their_input():
+    body = ltj(resources={"gpus": 0, "nodes": 3, "processesPerNode": 2, "memory": "4Gi"})
+    before = copy.deepcopy(body)
+    builders.build_training_job(body, SETTINGS)
+    builders.build_worker_service(body, SETTINGS)
+    builders.build_cleanup_job(body, SETTINGS)
+    assert body == before
+    cleanup = builders.build_cleanup_job(body, SETTINGS)["spec"]["template"]["spec"]
+    assert "subdomain" not in cleanup  # the clean-up pod is no worker

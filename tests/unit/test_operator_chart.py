@@ -159,12 +159,16 @@ def test_rendered_settings_are_valid_operator_settings():
             "s3.credentialsSecret=s3",
             "watchNamespaces={a,b}",
             "trainer.serviceAccountName=trainer",
+            "clusterDomain=corp.example",
+            "groupScheduling.timeout=600",
         )
     )["Deployment"]
     env = {e["name"]: e["value"] for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
     settings = Settings.from_env(env)  # raises on any unknown or invalid LORA_OPERATOR_* variable
     assert settings.watch_namespaces == ("a", "b") and settings.s3_endpoint == "http://minio:9000"
     assert settings.trainer_service_account == "trainer" and settings.lease_name == "lora-lora-operator"
+    assert settings.cluster_domain == "corp.example" and settings.group_scheduling_timeout == 600
+    assert (settings.group_retry_seconds, settings.group_retry_max_seconds) == (60, 900)
 
 
 @needs_helm

@@ -173,8 +173,14 @@ def test_status_schema_covers_what_the_operator_writes(version):
         "reason",
         "message",
         "currentPod",
+        "workers",
+        "scheduling",
     ):
         assert key in status
+    assert set(status["children"]["properties"]) == {"configMap", "job", "service"}
+    worker = status["workers"]["items"]["properties"]
+    assert set(worker) >= {"index", "pod", "node", "phase", "ready", "attempts", "reason", "message"}
+    assert set(status["scheduling"]["properties"]) == {"releases", "retryAt", "message"}
     assert set(status["progress"]["properties"]) == {
         "step",
         "totalSteps",

@@ -189,3 +189,21 @@ def test_poller_refreshes_running_jobs_often_and_the_others_rarely():
     assert poller.active[key] == "Running"
     ctx.track(key, "uid-1", {"phase": "Succeeded"}, deleting=False)
     assert key not in poller.active
+
+
+def test_poller_wakes_a_job_at_its_own_deadline():
+    import time
+
+    from lora_operator.names import JobKey
+    from lora_operator.observability import OperatorMetrics
+    from lora_operator.reconcile import Context
+
+    ctx = Context(Settings(poll_interval=5), api=None, metrics=OperatorMetrics())
+    poller, key = ctx.poller, JobKey("ns", "group")
+    now = time.monotonic()
+    poller.last_poll[key] = now
+    assert not poller.due(key, "Pending", now + 10)  # Pending: every 30 s
+    poller.wake(key, 7)  # a multi-node group is released or retried in 7 s
+    assert not poller.due(key, "Pending", now + 6) and poller.due(key, "Pending", now + 8)
+    poller.drop(key)
+    assert key not in poller.wake_at

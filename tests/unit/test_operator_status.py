@@ -478,3 +478,346 @@ def test_a_stopped_trainer_reports_its_last_step_and_no_eta():
     assert status["phase"] == "Suspended"
     assert status["progress"] == {"step": 6, "totalSteps": 30, "loss": 0.8, "updatedAt": "2026-01-02T03:04:05Z"}
     assert status["lastCheckpoint"]["step"] == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# multi-node jobs: one pod per worker index, status.workers, rank 0's summaries, gang release
+
+
+GROUP = {"backoffLimit": 2, "resources": {"gpus": 2, "nodes": 2}}
+
+
+def worker(index, name=None, created="2026-01-02T03:00:01Z", node="node-a", **kwargs):
+    """A pod of the Indexed Job: worker `index` (annotation set by the Job controller), bound to `node`."""
+    base = kwargs.pop("base", None) or pod(name=name or f"cats-train-{index}-aaaaa", created=created, **kwargs)
+    base["metadata"]["annotations"] = {"batch.kubernetes.io/job-completion-index": str(index)}
+    if node:
+        base["spec"]["nodeName"] = node
+    return base
+
+
+def unschedulable_worker(index, since="2026-01-02T03:00:02Z"):
+    condition = dict(UNSCHEDULABLE, lastTransitionTime=since, message="0/2 nodes are available: 2 Insufficient memory.")
+    return worker(
+        index,
+        node=None,
+        base=pod(
+            name=f"cats-train-{index}-bbbbb",
+            phase="Pending",
+            state={"waiting": {"reason": "ContainerCreating"}},
+            conditions=[condition],
+            ip=None,
+        ),
+    )
+
+
+def exited_worker(index, code, message="", name=None, created="2026-01-02T03:00:01Z", node="node-a", **kwargs):
+    pod_name = name or f"cats-train-{index}-aaaaa"
+    return worker(index, node=node, base=exited(code, message, name=pod_name, created=created, **kwargs))
+
+
+GROUP_CASES = [
+    # (id, job, pods, phase, reason, message fragment)
+    ("no-worker-yet", job(), [], Phase.PENDING, Reason.CREATED, "worker pods"),
+    ("all-running", job(), [worker(0), worker(1, node="node-b")], Phase.RUNNING, Reason.TRAINING, "on 2 workers"),
+    ("one-starting", job(), [worker(0)], Phase.PENDING, Reason.POD_PENDING, "1 of 2 workers running; worker(s) 1"),
+    (
+        "one-unschedulable",
+        job(),
+        [worker(0), unschedulable_worker(1)],
+        Phase.PENDING,
+        Reason.UNSCHEDULABLE,
+        "1 of 2 workers cannot be scheduled: 0/2 nodes are available: 2 Insufficient memory.",
+    ),
+    (
+        "image-pull-names-the-worker",
+        job(),
+        [worker(0), worker(1, base=waiting("ImagePullBackOff", "nope:1"))],
+        Phase.PENDING,
+        Reason.IMAGE_PULL_FAILED,
+        "worker 1 (pod cats-train-aaaaa)",
+    ),
+    (
+        "worker-crashed-replacement-starting",
+        job(),
+        [
+            worker(0),
+            exited_worker(1, 1, summary("failed", 1, error="RuntimeError: boom")),
+            worker(1, name="cats-train-1-ccccc", created="2026-01-02T03:05:00Z", base=None, node="node-b")
+            | {"status": {"phase": "Pending", "containerStatuses": [{"name": "trainer", "state": {"waiting": {}}}]}},
+        ],
+        Phase.PENDING,
+        Reason.RESTARTING,
+        "worker 1: pod cats-train-1-aaaaa: the trainer exited with code 1 (Crashed): RuntimeError: boom",
+    ),
+    (
+        "worker-evicted",
+        job(),
+        [worker(0), exited_worker(1, 143, summary("interrupted", 143), conditions=[DISRUPTED])],
+        Phase.PENDING,
+        Reason.EVICTED,
+        "worker 1",
+    ),
+    (
+        "one-finished-one-still-writing",
+        job(),
+        [worker(0), exited_worker(1, 0, summary("succeeded", 0, rank=1, worldSize=4))],
+        Phase.RUNNING,
+        Reason.TRAINING,
+        "on 2 workers",
+    ),
+    (
+        "all-finished",
+        job(),
+        [exited_worker(0, 0, summary("succeeded", 0)), exited_worker(1, 0, summary("succeeded", 0, rank=2))],
+        Phase.RUNNING,
+        Reason.COMPLETING,
+        "every worker finished",
+    ),
+    (
+        "worker-out-of-retries",
+        job(conditions=[("Failed", "MaxFailedIndexesExceeded", "Job has exceeded the specified maximal number")]),
+        [worker(0), exited_worker(1, 1, summary("failed", 1, error="NCCL timeout"))],
+        Phase.FAILED,
+        Reason.BACKOFF_LIMIT_EXCEEDED,
+        "worker 1 failed 3 time(s) (backoffLimit 2 per worker); last failure: pod cats-train-1-aaaaa",
+    ),
+    (
+        "permanent-error-names-the-worker",
+        job(conditions=[("Failed", "PodFailurePolicy", "exit code 3")]),
+        [
+            exited_worker(0, 143, summary("interrupted", 143)),
+            exited_worker(1, 3, summary("failed", 3, error="no images", reason="DatasetInvalid", permanent=True)),
+        ],
+        Phase.FAILED,
+        Reason.DATASET_INVALID,
+        "worker 1 (pod cats-train-1-aaaaa): no images",
+    ),
+    ("user-suspended", job(suspend=True), [], Phase.SUSPENDED, Reason.SUSPENDED, "spec.suspend"),
+]
+
+
+@pytest.mark.parametrize("name,the_job,pods,phase,reason,fragment", GROUP_CASES, ids=[c[0] for c in GROUP_CASES])
+def test_group_transitions(name, the_job, pods, phase, reason, fragment):
+    status = compute_status(Observed(1, GROUP, {}, the_job, pods), T0)
+    assert (status["phase"], status["reason"]) == (phase.value, reason), status["message"]
+    assert fragment in status["message"]
+
+
+def test_workers_lists_each_index_with_its_node_phase_and_failure():
+    pods = [
+        worker(0, node="node-a"),
+        exited_worker(1, 1, summary("failed", 1, error="boom"), node="node-b"),
+    ]
+    pods[0]["status"]["conditions"] = [{"type": "Ready", "status": "True"}]
+    status = compute_status(Observed(1, GROUP, {}, job(), pods), T0)
+    first, second = status["workers"]
+    assert first == {
+        "index": 0,
+        "pod": "cats-train-0-aaaaa",
+        "creationTimestamp": "2026-01-02T03:00:01Z",
+        "phase": "Running",
+        "ready": True,
+        "attempts": 1,
+        "node": "node-a",
+    }
+    assert (second["index"], second["phase"], second["ready"], second["node"]) == (1, "Failed", False, "node-b")
+    assert second["reason"] == Reason.RESTARTING and "boom" in second["message"]
+
+
+def test_a_replaced_worker_counts_an_attempt_and_the_job_counts_the_busiest_worker():
+    first = compute_status(Observed(1, GROUP, {}, job(), [worker(0), worker(1)]), T0)
+    assert first["attempts"] == 1 and [w["attempts"] for w in first["workers"]] == [1, 1]
+    # worker 1's pod failed and was deleted; its replacement starts
+    replacement = worker(1, name="cats-train-1-zzzzz", created="2026-01-02T03:07:00Z")
+    second = compute_status(Observed(1, GROUP, first, job(), [worker(0), replacement]), T0)
+    assert [w["attempts"] for w in second["workers"]] == [1, 2] and second["attempts"] == 2
+    assert second["workers"][1]["pod"] == "cats-train-1-zzzzz"
+    # seen again: nothing more counted
+    assert compute_status(Observed(1, GROUP, second, job(), [worker(0), replacement]), T0)["attempts"] == 2
+    # the whole group restarted (released and resumed): each index one more pod, the job one more attempt
+    again = [worker(i, name=f"cats-train-{i}-yyyyy", created="2026-01-02T03:09:00Z") for i in (0, 1)]
+    third = compute_status(Observed(1, GROUP, second, job(), again), T0)
+    assert [w["attempts"] for w in third["workers"]] == [2, 3] and third["attempts"] == 3
+
+
+def test_a_worker_whose_pod_is_gone_keeps_its_last_entry():
+    first = compute_status(Observed(1, GROUP, {}, job(), [worker(0), worker(1)]), T0)
+    later = compute_status(Observed(1, GROUP, first, job(), [worker(0)]), T0)
+    assert later["workers"][1] == first["workers"][1]
+
+
+def test_progress_and_artifacts_come_from_rank_0_only():
+    other = exited_worker(
+        0, 0, summary("succeeded", 0, rank=2, worldSize=4, step=99, artifacts=[{"uri": "s3://x/wrong"}])
+    )
+    main = exited_worker(
+        1,
+        0,
+        summary(
+            "succeeded",
+            0,
+            rank=0,
+            worldSize=4,
+            step=20,
+            totalSteps=20,
+            loss=0.25,
+            artifacts=[{"uri": "s3://loras/cats/pytorch_lora_weights.safetensors", "format": "diffusers"}],
+            lastCheckpoint={"step": 20, "uri": "s3://loras/cats/checkpoints/state_step_20"},
+        ),
+        created="2026-01-02T03:00:00Z",
+    )
+    done = job(conditions=[("Complete", "CompletionsReached", "")], completion="2026-01-02T03:09:00Z")
+    status = compute_status(Observed(1, GROUP, {}, done, [main, other]), T0)
+    assert status["phase"] == "Succeeded"
+    assert [a["uri"] for a in status["artifacts"]] == ["s3://loras/cats/pytorch_lora_weights.safetensors"]
+    assert status["progress"]["step"] == 20 and status["progress"]["loss"] == 0.25
+    assert status["lastCheckpoint"]["step"] == 20
+
+
+def test_events_name_the_worker_that_failed():
+    running = compute_status(Observed(1, GROUP, {}, job(), [worker(0), worker(1, node="node-b")]), T0)
+    crashed = exited_worker(1, 1, summary("failed", 1, error="boom"), node="node-b")
+    after = compute_status(Observed(1, GROUP, running, job(), [worker(0), crashed]), T0)
+    failures = [e for e in transitions(running, after) if e.reason == Reason.WORKER_FAILED]
+    assert len(failures) == 1 and failures[0].type == "Warning"
+    assert "worker 1 (pod cats-train-1-aaaaa on node node-b) failed" in failures[0].message
+    assert "boom" in failures[0].message
+    again = compute_status(Observed(1, GROUP, after, job(), [worker(0), crashed]), T0)
+    assert not [e for e in transitions(after, again) if e.reason == Reason.WORKER_FAILED]  # once per failure
+
+
+def test_a_single_node_job_has_one_worker_and_no_worker_events():
+    running = compute_status(Observed(1, SPEC, {}, job(), [pod()]), T0)
+    assert [(w["index"], w["pod"], w["phase"]) for w in running["workers"]] == [(0, "cats-train-aaaaa", "Running")]
+    crashed = compute_status(Observed(1, SPEC, running, job(), [exited(1, summary("failed", 1))]), T0)
+    assert Reason.WORKER_FAILED not in [e.reason for e in transitions(running, crashed)]
+
+
+# -- gang scheduling: release a half-scheduled group, retry later
+
+from lora_operator.settings import Settings  # noqa: E402
+from lora_operator.status import plan_group  # noqa: E402
+
+GANG = Settings(group_scheduling_timeout=60, group_retry_seconds=30, group_retry_max_seconds=100)
+
+
+def plan(pods, status=None, spec=GROUP, the_job=None, now=T0):
+    return plan_group(Observed(1, spec, status or {}, the_job or job(), pods), now, GANG)
+
+
+HALF = [worker(0), unschedulable_worker(1, since="2026-01-02T03:02:00Z")]  # T0 is 3:04:05: stuck 125 s
+
+PLAN_CASES = [
+    # (id, pods, status, spec, now, suspend, scheduling)
+    ("single-node-follows-spec", [pod()], {}, SPEC, T0, False, None),
+    ("single-node-suspended-by-user", [pod()], {}, {**SPEC, "suspend": True}, T0, True, None),
+    ("whole-group-running", [worker(0), worker(1)], {}, GROUP, T0, False, None),
+    ("nothing-held-nothing-to-release", [unschedulable_worker(0), unschedulable_worker(1)], {}, GROUP, T0, False, None),
+    (
+        "half-scheduled-within-the-timeout",
+        [worker(0), unschedulable_worker(1, since="2026-01-02T03:03:30Z")],
+        {},
+        GROUP,
+        T0,
+        False,
+        None,
+    ),
+    (
+        "half-scheduled-too-long-is-released",
+        HALF,
+        {},
+        GROUP,
+        T0,
+        True,
+        {"releases": 1, "retryAt": "2026-01-02T03:04:35Z"},
+    ),
+    (
+        "released-again-waits-twice-as-long",
+        HALF,
+        {"scheduling": {"releases": 1, "message": "x"}},
+        GROUP,
+        T0,
+        True,
+        {"releases": 2, "retryAt": "2026-01-02T03:05:05Z"},
+    ),
+    (
+        "the-wait-is-bounded",
+        HALF,
+        {"scheduling": {"releases": 7, "message": "x"}},
+        GROUP,
+        T0,
+        True,
+        {"releases": 8, "retryAt": "2026-01-02T03:05:45Z"},
+    ),
+    (
+        "released-until-retry-at",
+        [],
+        {"scheduling": {"releases": 1, "retryAt": "2026-01-02T03:05:00Z", "message": "x"}},
+        GROUP,
+        T0,
+        True,
+        None,
+    ),
+    (
+        "retry-at-reached-resumes",
+        [],
+        {"scheduling": {"releases": 1, "retryAt": "2026-01-02T03:04:00Z", "message": "x"}},
+        GROUP,
+        T0,
+        False,
+        {"releases": 1, "message": "x"},
+    ),
+    (
+        "the-users-suspend-wins-and-cancels-the-retry",
+        [],
+        {"scheduling": {"releases": 1, "retryAt": "2026-01-02T03:05:00Z", "message": "x"}},
+        {**GROUP, "suspend": True},
+        T0,
+        True,
+        {"releases": 1, "message": "x"},
+    ),
+]
+
+
+@pytest.mark.parametrize("name,pods,status,spec,now,suspend,scheduling", PLAN_CASES, ids=[c[0] for c in PLAN_CASES])
+def test_plan_group(name, pods, status, spec, now, suspend, scheduling):
+    result = plan(pods, status, spec, now=now)
+    assert result.suspend is suspend
+    if scheduling is None:
+        assert result.scheduling is None
+    else:  # a release writes why; a resume keeps what the release wrote
+        assert result.scheduling.get("message")
+        assert {k: v for k, v in result.scheduling.items() if k != "message"} == {
+            k: v for k, v in scheduling.items() if k != "message"
+        }
+
+
+def test_a_released_group_says_why_and_when_it_retries():
+    decided = plan(HALF)
+    assert "1 of 2 workers could not be scheduled for 60 s" in decided.scheduling["message"]
+    assert (
+        "2 Insufficient memory" in decided.scheduling["message"]
+        and "1 held their nodes" in decided.scheduling["message"]
+    )
+    status = compute_status(Observed(1, GROUP, {"scheduling": decided.scheduling}, job(suspend=True), HALF), T0)
+    assert (status["phase"], status["reason"]) == ("Pending", Reason.WORKERS_UNSCHEDULABLE)
+    assert "1 of 2 workers could not be scheduled" in status["message"]
+    assert "retrying at 2026-01-02T03:04:35Z (release 1)" in status["message"]
+    assert Reason.WORKERS_UNSCHEDULABLE in [e.reason for e in transitions({"phase": "Pending"}, status)]
+    events = [e for e in transitions({"phase": "Pending"}, status) if e.reason == Reason.WORKERS_UNSCHEDULABLE]
+    assert events[0].type == "Warning"
+
+
+def test_a_finished_group_is_never_released():
+    done = job(conditions=[("Complete", "CompletionsReached", "")])
+    assert plan(HALF, the_job=done).suspend is False
+
+
+def test_plan_group_says_when_to_look_again():
+    within = [worker(0), unschedulable_worker(1, since="2026-01-02T03:03:45Z")]  # 20 s of the 60 s timeout
+    assert plan(within).recheck == 40
+    assert plan(HALF).recheck == 30  # released: the retry in 30 s
+    waiting = {"scheduling": {"releases": 1, "retryAt": "2026-01-02T03:05:00Z", "message": "x"}}
+    assert plan([], waiting).recheck == 55
+    assert plan([worker(0), worker(1)]).recheck is None
