@@ -15,6 +15,7 @@ from lora_trainer.config import (
     config_to_yaml,
     load_config,
     parse_overrides,
+    read_yaml,
 )
 from lora_trainer.config.manifest import SPEC_TO_CONFIG
 from lora_trainer.errors import ConfigError, ExitCode
@@ -79,6 +80,10 @@ def test_lora_scripts_config_with_aliases_maps_onto_canonical_keys():
         ({"dataset_format": "chat"}, "'dataset_format' applies to text-generation only (task_type is text-to-image)"),
         ({"model_family": "flux3"}, "'model_family': 'flux3' is not one of auto, sd, sdxl, flux1, flux2, sd3"),
         ({"weighting_scheme": "cosine"}, "'weighting_scheme': 'cosine' is not one of none, logit_normal, mode"),
+        (
+            {"enable_bucket": True, "resolution": 32, "min_bucket_reso": 8, "bucket_reso_steps": 64},
+            "'bucket_reso_steps' (64) must be at most 'resolution' (32)",
+        ),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(raw, message):
@@ -172,6 +177,15 @@ def test_unquoted_no_in_yaml_means_the_choice_no(tmp_path):
         ("", "is empty"),
         ("- a\n- b\n", "must be a mapping of keys to values, got list"),
         ("base_model: [unclosed\n", "is not valid YAML"),
+        (
+            "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+            + "".join(  # billion laughs: 10**10 strings
+                f"{n}: &{n} [{', '.join([f'*{p}'] * 10)}]\n" for p, n in zip("abcdefghi", "bcdefghij")
+            ),
+            "aliases expand past 100000 YAML nodes",
+        ),
+        ("a: &a [1, *a]\n", "or refer to themselves"),
+        ("a: " + "[" * 20_000 + "]" * 20_000 + "\n", "nested too deeply"),
     ],
 )
 def test_unreadable_config_files(tmp_path, text, message):
@@ -179,6 +193,12 @@ def test_unreadable_config_files(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def test_yaml_aliases_of_ordinary_size_still_work(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("common: &t [q_proj, v_proj]\ntarget_modules: *t\n")
+    assert read_yaml(path)["target_modules"] == ["q_proj", "v_proj"]
 
 
 def test_missing_config_file(tmp_path):
@@ -225,6 +245,10 @@ def test_manifest_with_unknown_spec_field_is_refused(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match=r"unknown spec field\(s\) spec.training.rnk"):
+        load_config(path)
+    doc["spec"]["training"] = {"learningRat": 1e-4}
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=r"spec.training.learningRat \(did you mean spec.training.learningRate\?\)"):
         load_config(path)
 
 

@@ -40,14 +40,52 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {path} cannot be read: {err}") from None
     try:
-        doc = yaml.safe_load(text)
+        doc = safe_load_bounded(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    except ValueError as err:
+        raise ConfigError(f"config file {path}: {err}") from None
     if doc is None:
         raise ConfigError(f"config file {path} is empty")
     if not isinstance(doc, dict):
         raise ConfigError(f"config file {path} must be a mapping of keys to values, got {type(doc).__name__}")
     return doc
+
+
+# a config is a few hundred YAML nodes; aliases can make a short file expand to billions ("billion laughs")
+MAX_YAML_NODES = 100_000
+
+
+def safe_load_bounded(text: str) -> Any:
+    """yaml.safe_load, refusing a document whose aliases expand it past MAX_YAML_NODES nodes (or into a
+    cycle) before it is built, and one nested too deeply to read."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_nodes(node, {}) > MAX_YAML_NODES:
+            raise ValueError(
+                f"its aliases expand past {MAX_YAML_NODES} YAML nodes (or refer to themselves); write the values out"
+            )
+        return None if node is None else loader.construct_document(node)
+    except RecursionError:
+        raise ValueError("it is nested too deeply to read") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_nodes(node: yaml.Node, seen: dict[int, float]) -> float:
+    """How many nodes the document has once every alias is written out (an alias cycle: infinitely many)."""
+    if id(node) in seen:
+        return seen[id(node)]
+    seen[id(node)] = float("inf")  # while counting: reaching it again is a cycle
+    if isinstance(node, yaml.SequenceNode):
+        total = 1 + sum(_expanded_nodes(child, seen) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total = 1 + sum(_expanded_nodes(k, seen) + _expanded_nodes(v, seen) for k, v in node.value)
+    else:
+        total = 1
+    seen[id(node)] = total
+    return total
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:

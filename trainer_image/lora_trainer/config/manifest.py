@@ -6,6 +6,7 @@ uses the same function, so both read a manifest the same way. Pure functions, Py
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from ..errors import ConfigError
@@ -106,7 +107,8 @@ def config_from_manifest(doc: dict[str, Any], source: str = "manifest") -> dict[
     unknown = _unmapped_leaves(spec)
     if unknown:
         known = ", ".join(".".join(p) for p, _ in SPEC_TO_CONFIG[:6])
-        raise ConfigError(f"{source}: unknown spec field(s) {', '.join(unknown)} (known fields include {known}, ...)")
+        named = ", ".join(_with_hint(field) for field in unknown)
+        raise ConfigError(f"{source}: unknown spec field(s) {named} (known fields include {known}, ...)")
     return config_from_spec(spec)
 
 
@@ -139,6 +141,13 @@ def _unmapped_leaves(spec: dict[str, Any], prefix: tuple[str, ...] = ()) -> list
         else:
             unknown.append("spec." + ".".join(path))
     return unknown
+
+
+def _with_hint(field: str) -> str:
+    """spec.training.learningRat -> '... (did you mean spec.training.learningRate?)'."""
+    known = ["spec." + ".".join(path) for path, _ in SPEC_TO_CONFIG]
+    close = difflib.get_close_matches(field, known, n=1, cutoff=0.8)
+    return f"{field} (did you mean {close[0]}?)" if close else field
 
 
 def _lookup(spec: dict[str, Any], path: tuple[str, ...]) -> Any:

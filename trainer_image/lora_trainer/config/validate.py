@@ -173,6 +173,11 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
             f"'resolution' ({cfg.resolution}) must lie between 'min_bucket_reso' ({cfg.min_bucket_reso}) and "
             f"'max_bucket_reso' ({cfg.max_bucket_reso}) when enable_bucket is on"
         )
+    if cfg.enable_bucket and cfg.bucket_reso_steps > cfg.resolution:
+        problems.append(
+            f"'bucket_reso_steps' ({cfg.bucket_reso_steps}) must be at most 'resolution' ({cfg.resolution}) when "
+            "enable_bucket is on (bucket sides are multiples of it)"
+        )
     problems += logging_dir_problems(cfg)
     for key in ("output_dir", "train_data_dir", "base_model", "logging_dir", "metadata_path", "validation_data"):
         value = getattr(cfg, key)

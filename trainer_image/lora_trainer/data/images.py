@@ -58,6 +58,8 @@ def read_metadata_csv(path: Path, image_column: str, caption_column: str) -> dic
                 name = (row.get(image_column) or "").strip()
                 if not name:
                     raise DatasetError(f"{path}:{line}: empty {image_column}")
+                if name in captions:  # which caption was meant? never drop one silently
+                    raise DatasetError(f"{path}:{line}: {name} is listed a second time; give each image one row")
                 captions[name] = (row.get(caption_column) or "").strip()
             return captions
     except (OSError, UnicodeDecodeError, csv.Error) as err:

@@ -66,7 +66,8 @@ def read_jsonl(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     for file in jsonl_files(path):
         try:
             # lines end at "\n" only: JSON strings may hold U+2028 and other characters str.splitlines splits at
-            lines = [line.rstrip("\r") for line in file.read_text(encoding="utf-8").split("\n")]
+            # (utf-8-sig: a byte-order mark that Windows tools write at the start is not part of the first line)
+            lines = [line.rstrip("\r") for line in file.read_text(encoding="utf-8-sig").split("\n")]
         except (OSError, UnicodeDecodeError) as err:
             raise DatasetError(f"{file} cannot be read: {err}") from None
         for number, line in enumerate(lines, start=1):
@@ -76,6 +77,8 @@ def read_jsonl(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DatasetError(f"{file}:{number}: not valid JSON ({err.msg})") from None
+            except RecursionError:
+                raise DatasetError(f"{file}:{number}: JSON nested too deeply to read") from None
             if not isinstance(record, dict):
                 raise DatasetError(f"{file}:{number}: each line must be a JSON object")
             out.append((f"{file}:{number}", record))
