@@ -18,6 +18,7 @@ Nothing is mocked; the machine's other load shows in the numbers, so the load av
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -118,6 +119,45 @@ def apply(cluster, docs):
     cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=yaml.safe_dump(body), timeout=300)
 
 
+@contextlib.contextmanager
+def operator_world(work, allocatable, operator_env, identity="bench", cluster_class=KubeCluster, **node_options):
+    """The world the operator benchmarks measure in, stopped on the way out: the control plane (`cluster_class`),
+    one node agent (`allocatable`, where None means "not advertised at all"; `node_options`), SeaweedFS with the sample data in bucket 'bench', the CRD and
+    RBAC, namespace NAMESPACE with its S3 Secret, and the operator under its ServiceAccount with `operator_env`
+    (its S3 settings added). Yields (cluster, node, op)."""
+    cluster = cluster_class(work / "kube").start()
+    node = s3 = op = None
+    try:
+        node = NodeAgent(cluster.api, cluster.pki, work / "node", allocatable=allocatable, **node_options)
+        for resource in [name for name, quantity in allocatable.items() if quantity is None]:
+            node.allocatable.pop(resource)  # NodeAgent adds its defaults to what it is given
+        node.start()
+        s3 = SeaweedS3(work / "s3").start()
+        env.install_crd(cluster)
+        env.install_rbac(cluster)
+        kubeconfig = env.service_account_kubeconfig(cluster, work / "sa.kubeconfig")
+        s3_env = {
+            "LORA_OPERATOR_S3_ENDPOINT": s3.endpoint_url,
+            "LORA_OPERATOR_S3_REGION": s3.region,
+            "LORA_OPERATOR_S3_CREDENTIALS_SECRET": env.S3_SECRET,
+        }
+        op = env.OperatorProcess(kubeconfig, work / "operator", identity=identity, env={**s3_env, **operator_env})
+        op.start()
+        cluster.kubectl("create", "namespace", NAMESPACE)
+        env.create_s3_secret(cluster, NAMESPACE, s3)
+        s3.client().create_bucket(Bucket="bench")
+        env.upload_sample_data(s3.client(), "bench")
+        yield cluster, node, op
+    finally:
+        for service in (op, s3, node):
+            if service is not None:
+                try:
+                    service.stop()
+                except Exception as err:  # noqa: BLE001
+                    print(f"stopping {service}: {err}", file=sys.stderr)
+        cluster.stop()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--latency-jobs", type=int, default=20)
@@ -133,37 +173,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="lora-bench-"))
-    cluster = KubeCluster(work / "kube").start()
-    node = s3 = op = None
     results = {"load_average_start": os.getloadavg(), "cpus": os.cpu_count()}
-    try:
-        node = NodeAgent(
-            cluster.api,
-            cluster.pki,
-            work / "node",
-            allocatable={"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "2", "pods": "250"},
-        ).start()
-        s3 = SeaweedS3(work / "s3").start()
-        env.install_crd(cluster)
-        env.install_rbac(cluster)
-        kubeconfig = env.service_account_kubeconfig(cluster, work / "sa.kubeconfig")
-        op = env.OperatorProcess(
-            kubeconfig,
-            work / "operator",
-            identity="bench",
-            env={
-                "LORA_OPERATOR_S3_ENDPOINT": s3.endpoint_url,
-                "LORA_OPERATOR_S3_REGION": s3.region,
-                "LORA_OPERATOR_S3_CREDENTIALS_SECRET": env.S3_SECRET,
-                "LORA_OPERATOR_POLL_INTERVAL": "5",
-                "LORA_OPERATOR_LOG_LEVEL": "WARNING",
-            },
-        )
-        op.start()
-        cluster.kubectl("create", "namespace", NAMESPACE)
-        env.create_s3_secret(cluster, NAMESPACE, s3)
-        s3.client().create_bucket(Bucket="bench")
-        env.upload_sample_data(s3.client(), "bench")
+    allocatable = {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "2", "pods": "250"}
+    operator_env = {"LORA_OPERATOR_POLL_INTERVAL": "5", "LORA_OPERATOR_LOG_LEVEL": "WARNING"}
+    with operator_world(work, allocatable, operator_env) as (cluster, _, op):
         watcher = Watcher(cluster.api, NAMESPACE)
         watcher.start()
         time.sleep(1)
@@ -263,14 +276,6 @@ def main(argv=None):
         }
         results["load_average_end"] = os.getloadavg()
         watcher.stop.set()
-    finally:
-        for service in (op, s3, node):
-            if service is not None:
-                try:
-                    service.stop()
-                except Exception as err:  # noqa: BLE001
-                    print(f"stopping {service}: {err}", file=sys.stderr)
-        cluster.stop()
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:
