@@ -61,6 +61,7 @@ def assert_close(a: dict, b: dict, atol: float = 1e-5) -> None:
 CASES = {
     "sd": dict(SD_BASE, max_train_steps=4),
     "llm": dict(LLM_BASE, max_train_steps=4),
+    "llm-packed": dict(LLM_BASE, max_train_steps=4, packing=True),  # shares weighted by the rows' trained tokens
     "flux1": dict(family_base("flux1"), max_train_steps=4),
 }
 

@@ -11,8 +11,17 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from importlib import metadata
+from typing import Protocol
 
 from .errors import ConfigError
+
+
+class Need(Protocol):
+    """Something a config asks of the installed libraries (and the device): PeftThrough and
+    CompilerForTorchCompile below, or quantization.QuantizedBase."""
+
+    def problem(self) -> str | None:
+        """Why it cannot be met, in words that name the config key and the fix; None when it can."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,30 @@ class PeftThrough:
         )
 
 
+@dataclass(frozen=True)
+class CompilerForTorchCompile:
+    """torch_compile on CPU: inductor writes C++ and builds it with the compiler torch finds (CXX, else g++).
+    Without one, the first training step would fail deep in torch; the run is refused at start instead."""
+
+    device: str  # the config's device: auto, cpu or cuda
+
+    def problem(self) -> str | None:
+        import torch
+
+        if self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available()):
+            return None  # CUDA kernels are Triton's; checked by torch when it compiles
+        from torch._inductor import cpp_builder
+
+        try:
+            cpp_builder.get_cpp_compiler()
+        except Exception as err:  # noqa: BLE001 - whatever torch's own search raises is the answer
+            return (
+                f"torch_compile: true on cpu needs a C++ compiler and torch {installed_version('torch')} found none "
+                f"({type(err).__name__}): install g++ (or set CXX to a C++ compiler) or set torch_compile: false"
+            )
+        return None
+
+
 def installed_version(package: str) -> str | None:
     try:
         return metadata.version(package)
@@ -47,7 +80,7 @@ def installed_version(package: str) -> str | None:
         return None
 
 
-def check_libraries(needs: list[PeftThrough]) -> None:
+def check_libraries(needs: list[Need]) -> None:
     """Raises a ConfigError (exit 2: permanent, retrying cannot help) naming every unmet need."""
     problems = [p for p in (need.problem() for need in needs) if p]
     if problems:

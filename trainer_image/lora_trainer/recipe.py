@@ -427,6 +427,7 @@ class TrainingRecipe:
             "base_model": cfg.base_model,
             "task_type": cfg.task_type,
             "train_text_encoder": str(cfg.train_text_encoder).lower(),
+            "base_quantization": cfg.base_quantization,  # what the LoRA learned beside: merge notes read it
             "step": str(self.step),
             "lora_operator_version": __version__,
         }

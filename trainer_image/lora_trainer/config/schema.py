@@ -27,6 +27,7 @@ DEVICES = ("auto", "cpu", "cuda")
 SAVE_FORMATS = ("diffusers", "kohya")
 MODEL_FAMILIES = ("auto", "sd", "sdxl", "flux1", "flux2", "sd3", "qwen-image", "z-image")  # lora_trainer/families
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")  # diffusers.training_utils' names
+QUANTIZATION_MODES = ("none", "int8", "fp8", "nf4")  # lora_trainer/quantization.py: one backend each
 T2I, LLM = ("text-to-image",), ("text-generation",)  # the task(s) a key applies to
 REQUIRED = dataclasses.MISSING
 
@@ -94,6 +95,15 @@ class TrainConfig:
         aliases=("original_config",),
         group="model",
     )
+    base_quantization: str = option(
+        "none",
+        "Keep the frozen base weights (the LLM; the UNet or transformer) quantized: int8 or fp8 (torchao "
+        "weight-only), or nf4 (bitsandbytes 4-bit NormalFloat with double quantization: QLoRA). LoRA weights "
+        "train in fp32 and the output files do not change. nf4 of a text-to-image base needs a CUDA GPU; a "
+        "mode the device cannot run is refused at start (docs/quantization-and-packing.md).",
+        choices=QUANTIZATION_MODES,
+        group="model",
+    )
     description: str = option("", "Purpose of this run, written into EXPERIMENT.md.", group="general")
 
     # -- data
@@ -148,6 +158,15 @@ class TrainConfig:
     )
     max_seq_length: int = option(
         512, "Token sequences are truncated to this length (reported, never silent).", min=8, group="data", tasks=LLM
+    )
+    packing: bool = option(
+        False,
+        "Pack the samples into rows of up to max_seq_length tokens (best-fit decreasing), positions restarting "
+        "and attention never crossing samples; losses are those of the unpacked samples. batch_size then counts "
+        "rows.",
+        aliases=("sample_packing",),
+        group="data",
+        tasks=LLM,
     )
     num_workers: int | None = option(
         None,
@@ -244,6 +263,19 @@ class TrainConfig:
     )
     gradient_checkpointing: bool | None = option(
         None, "Trade compute for memory. Default: on for the flow-matching families, off otherwise.", group="training"
+    )
+    chunked_cross_entropy: bool = option(
+        False,
+        "Compute the loss through the output layer a chunk of tokens at a time, each chunk's logits recomputed "
+        "in the backward pass: the (tokens x vocabulary) logits never exist whole.",
+        group="training",
+        tasks=LLM,
+    )
+    torch_compile: bool = option(
+        False,
+        "Compile the model's layers with torch.compile (the first steps compile; on CPU it needs a C++ compiler).",
+        group="training",
+        tasks=LLM,
     )
     seed: int = option(42, "Seed of every random choice; same seed, same run.", min=0, group="training")
     device: str = option("auto", "auto (CUDA if present), cpu or cuda.", choices=DEVICES, group="training")

@@ -24,6 +24,7 @@ from ..base_model import config_source, load_or_explain, resolve_local_model
 from ..config import TrainConfig
 from ..distributed import BatchRandom
 from ..errors import ConfigError, ModelError
+from ..quantization import load_kwargs
 
 log = logging.getLogger("lora_trainer")
 
@@ -143,6 +144,7 @@ class ModelFamily:
         import diffusers
 
         self.device, self.dtype = device, dtype
+        quantized = load_kwargs(self.cfg.base_quantization, "diffusers", dtype)  # the denoiser only: it is the bulk
         if Path(self.source).is_file():  # a single-file transformer, the rest of the pipeline from its configs
             cls = getattr(diffusers, self.denoiser_class)
             denoiser = load_or_explain(
@@ -154,10 +156,11 @@ class ModelFamily:
                     subfolder=self.denoiser_prefix,
                     torch_dtype=dtype,
                     local_files_only=True,
+                    **quantized,
                 ),
             )
         else:
-            denoiser = self._load_part(self.denoiser_prefix, torch_dtype=dtype)
+            denoiser = self._load_part(self.denoiser_prefix, torch_dtype=dtype, **quantized)
         vae = self._load_part("vae", torch_dtype=dtype)
         scheduler = self._load_part("scheduler")
         for module in (denoiser, vae):

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from ..base_model import load_or_explain
 from ..distributed import BatchRandom
-from ..errors import ModelError
+from ..errors import ConfigError, ModelError
+from ..quantization import load_kwargs
 from .base import Components, Conditioning, ModelFamily, vae_scale_factor
 
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -66,6 +67,16 @@ class StableDiffusion(ModelFamily):
     checkpoints_gradients = False
     text_encoder_lora = True
 
+    def check_config(self) -> None:
+        super().check_config()
+        mode = self.cfg.base_quantization
+        if mode != "none" and Path(self.source).is_file():
+            raise ConfigError(
+                f"base_quantization: {mode} quantizes the UNet as it loads from a diffusers folder, and a single-file "
+                f"{self.name} checkpoint loads as a whole pipeline: save it as a folder first "
+                f"({self.pipeline_class}.from_single_file(path).save_pretrained(folder)) or use base_quantization: none"
+            )
+
     # -- loading
     def load_tokenizers(self) -> list[Any]:
         from transformers import CLIPTokenizer
@@ -93,17 +104,19 @@ class StableDiffusion(ModelFamily):
         parts = self.parts
         if parts.denoiser is None:  # a folder: a single file came with everything in load_text_encoders
 
-            def part(cls, sub):
+            def part(cls, sub, **kwargs):
                 return load_or_explain(
-                    sub, self.cfg.base_model, lambda: cls.from_pretrained(self.config_source, subfolder=sub)
+                    sub, self.cfg.base_model, lambda: cls.from_pretrained(self.config_source, subfolder=sub, **kwargs)
                 )
 
-            parts.vae, parts.denoiser = part(AutoencoderKL, "vae"), part(UNet2DConditionModel, "unet")
+            quantized = load_kwargs(self.cfg.base_quantization, "diffusers", dtype)
+            unet_kwargs = {"torch_dtype": dtype, **quantized} if quantized else {}  # quantized as it loads
+            parts.vae, parts.denoiser = part(AutoencoderKL, "vae"), part(UNet2DConditionModel, "unet", **unet_kwargs)
             parts.scheduler = part(DDPMScheduler, "scheduler")
         for module in (parts.vae, parts.denoiser, *parts.text_encoders):
             module.requires_grad_(False)
             module.to(device)
-            if dtype != torch.float32:  # frozen weights in half precision on GPU
+            if dtype != torch.float32 and getattr(module, "hf_quantizer", None) is None:  # half precision on GPU
                 module.to(dtype=dtype)
         parts.vae.eval()
         cfg = self.cfg

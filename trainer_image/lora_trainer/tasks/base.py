@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..compat import PeftThrough
+from ..compat import Need
 from ..config import TrainConfig
 from ..distributed import BatchRandom
 
@@ -30,8 +30,9 @@ class Task(Protocol):
     weights_format: str  # the format of the final weights: "diffusers" or "peft"
 
     @staticmethod
-    def library_needs(cfg: TrainConfig) -> list[PeftThrough]:
-        """What the installed libraries must support for this config (compat.py); checked before any download."""
+    def library_needs(cfg: TrainConfig) -> list[Need]:
+        """What the installed libraries (and the device) must support for this config (compat.py); checked
+        before any download."""
 
     def prepare_data(self, labeling: Callable[[int, int], None] | None = None) -> DataReport:
         """Reads and validates the data; `labeling(done, total)` hears auto_label's progress, if any."""

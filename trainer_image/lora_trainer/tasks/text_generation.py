@@ -1,7 +1,12 @@
-"""Causal-LM LoRA with transformers + peft; the output folder also loads with PeftModel.from_pretrained."""
+"""Causal-LM LoRA with transformers + peft; the output folder also loads with PeftModel.from_pretrained.
+
+The base may load quantized (quantization.py: QLoRA's nf4, int8, fp8), samples may be packed padding-free
+(data/packing.py), and the loss may skip the full logits (lm_loss.py).
+"""
 
 from __future__ import annotations
 
+import logging
 import statistics
 from pathlib import Path
 from typing import Any
@@ -10,13 +15,19 @@ import torch
 
 from ..adapters import autocast, check_targets_exist, lora_param_groups
 from ..base_model import load_or_explain, resolve_local_model
+from ..compat import CompilerForTorchCompile, Need
 from ..config import TrainConfig
-from ..data.text import IGNORE_INDEX, TokenDataset, collate_tokens, tokenize_dataset
-from ..errors import DatasetError, ModelError
+from ..data.packing import Packed, Padded
+from ..data.text import IGNORE_INDEX, collate_tokens, tokenize_dataset
+from ..errors import ConfigError, DatasetError, ModelError
 from ..files import link_or_copy
 from ..layout import PEFT_CONFIG, PEFT_WEIGHTS
+from ..lm_loss import causal_lm_loss
 from ..observers import ValidationResult
+from ..quantization import QuantizedBase, frozen_weight_bytes, load_kwargs
 from .base import DataReport
+
+log = logging.getLogger("lora_trainer")
 
 
 def load_tokenizer(cfg: TrainConfig):
@@ -43,8 +54,14 @@ class TextGenerationTask:
         self.validation_examples: list = []
 
     @staticmethod
-    def library_needs(cfg: TrainConfig) -> list:
-        return []  # peft wraps the model itself: no library in between declares a peft version
+    def library_needs(cfg: TrainConfig) -> list[Need]:
+        # peft wraps the model itself: no library in between declares a peft version
+        needs: list[Need] = []
+        if cfg.base_quantization != "none":
+            needs.append(QuantizedBase(cfg.base_quantization, "transformers", cfg.device))
+        if cfg.torch_compile:
+            needs.append(CompilerForTorchCompile(cfg.device))
+        return needs
 
     # -- data
     def prepare_data(self, labeling=None) -> DataReport:  # text is never captioned
@@ -64,6 +81,10 @@ class TextGenerationTask:
         }
         warnings = [r for r in [self.data.truncation_report(cfg.max_seq_length)] if r]
         warnings += self.hold_out_validation(summary)
+        pad_id = self.tokenizer.pad_token_id
+        examples = self.data.examples
+        self.batching = Packed(examples, cfg.max_seq_length, pad_id) if cfg.packing else Padded(examples, pad_id)
+        summary.update(self.batching.summary())
         return DataReport(summary=summary, warnings=warnings)
 
     def hold_out_validation(self, summary: dict) -> list[str]:
@@ -89,13 +110,13 @@ class TextGenerationTask:
         return []
 
     def dataset(self) -> torch.utils.data.Dataset:
-        return TokenDataset(self.data.examples)
+        return self.batching.dataset()
 
     def item_groups(self) -> tuple[tuple[int, ...], ...]:
-        return (tuple(range(len(self.data.examples))),)
+        return (tuple(range(len(self.batching))),)
 
     def collate(self, items):
-        return collate_tokens(self.tokenizer.pad_token_id)(items)
+        return self.batching.collate(items)
 
     # -- model
     def load(self, device: torch.device, weight_dtype: torch.dtype) -> None:
@@ -104,12 +125,21 @@ class TextGenerationTask:
 
         cfg = self.cfg
         source = resolve_local_model(cfg)
+        quantized = load_kwargs(cfg.base_quantization, "transformers", weight_dtype)
+        placed = {"device_map": {"": str(device)}} if quantized else {}  # quantized as it loads, on the device
         model = load_or_explain(
             "the causal LM",
             cfg.base_model,
-            lambda: AutoModelForCausalLM.from_pretrained(source, dtype=weight_dtype, attn_implementation="sdpa"),
+            lambda: AutoModelForCausalLM.from_pretrained(
+                source, dtype=weight_dtype, attn_implementation="sdpa", **quantized, **placed
+            ),
         )
         check_targets_exist(model, self.targets, "model")
+        if cfg.chunked_cross_entropy:
+            check_plain_logits(model.config)
+        # peft's prepare_model_for_kbit_training is not called on a quantized base: its fp32 copy of every
+        # unquantized weight (embeddings, output layer) would double their memory; what else it does (frozen
+        # base, fp32 LoRA weights, checkpointing without re-entrance) happens here for every base alike
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
@@ -126,6 +156,15 @@ class TextGenerationTask:
             if p.requires_grad:
                 p.data = p.data.float()
         self.model, self.device = model.to(device), device
+        if quantized:
+            log.info("frozen base weights (%s): %.1f MiB", cfg.base_quantization, frozen_weight_bytes(model) / 2**20)
+        if cfg.torch_compile:
+            self.causal_lm.get_decoder().compile()  # the decoder, LoRA included; the loss stays eager
+
+    @property
+    def causal_lm(self) -> torch.nn.Module:
+        """The transformers model inside peft's wrapper, its LoRA layers in place."""
+        return self.model.get_base_model()
 
     def param_groups(self) -> list[dict[str, Any]]:
         return lora_param_groups([(self.model, self.cfg.learning_rate)])
@@ -135,16 +174,22 @@ class TextGenerationTask:
 
     # -- one micro-batch
     def loss(self, batch: dict[str, torch.Tensor], draws=None) -> torch.Tensor:
+        """The mean loss over the batch's trained tokens. use_cache=False also lets transformers read restarting
+        position_ids as packed samples (it does not with a cache)."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with autocast(self.device, self.cfg.mixed_precision):
-            return self.model(**batch, use_cache=False).loss
+            if not self.cfg.chunked_cross_entropy:
+                return self.model(**batch, use_cache=False).loss
+            labels = batch.pop("labels")
+            hidden = self.causal_lm.get_decoder()(**batch, use_cache=False).last_hidden_state  # (B, T, H)
+            return causal_lm_loss(hidden, self.causal_lm.get_output_embeddings(), labels)
 
     def item_weights(self) -> list[float]:
-        """The tokens each example trains: the causal LM's loss is their mean (labels shifted by one)."""
-        return [float(sum(1 for label in e.labels[1:] if label != IGNORE_INDEX)) for e in self.data.examples]
+        """The tokens each item (a sample, or a packed row) trains: the causal LM's loss is their mean."""
+        return self.batching.item_weights()
 
     def batch_counts(self, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
-        return batch["input_ids"].shape[0], int((batch["labels"] != IGNORE_INDEX).sum())
+        return self.batching.samples(batch), int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     # -- validation
     def validate(self, step: int) -> ValidationResult | None:
@@ -190,3 +235,13 @@ class TextGenerationTask:
         PeftModel.from_pretrained(model, output_dir) loads the final weights."""
         self.model.peft_config["default"].save_pretrained(out)
         return [(out / PEFT_CONFIG, "config"), (link_or_copy(final_checkpoint, out / PEFT_WEIGHTS), "peft")]
+
+
+def check_plain_logits(config) -> None:
+    """chunked_cross_entropy applies the output layer alone: models that scale or cap its logits are refused."""
+    changes = [k for k in ("final_logit_softcapping", "logit_scale") if getattr(config, k, None) not in (None, 1.0)]
+    if changes:
+        raise ConfigError(
+            f"chunked_cross_entropy: {config.model_type} changes its logits after the output layer "
+            f"({', '.join(changes)}); train it with chunked_cross_entropy: false"
+        )

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..adapters import autocast, lora_param_groups
-from ..compat import PeftThrough
+from ..compat import Need, PeftThrough
 from ..config import TrainConfig
 from ..data.cache import TensorCache, image_hashes, key_of, module_fingerprint
 from ..data.images import (
@@ -39,6 +39,7 @@ from ..families.base import ModelFamily
 from ..labeling.auto import scan_captioned_folder
 from ..observers import ValidationResult
 from ..presets import cache_root
+from ..quantization import QuantizedBase
 from .base import DataReport
 
 log = logging.getLogger("lora_trainer")
@@ -57,8 +58,12 @@ class TextToImageTask:
         self.text_keys: list[str] | None = None
 
     @staticmethod
-    def library_needs(cfg: TrainConfig) -> list[PeftThrough]:
-        needs = [PeftThrough("task_type: text-to-image", "diffusers", "diffusers.utils.constants:MIN_PEFT_VERSION")]
+    def library_needs(cfg: TrainConfig) -> list[Need]:
+        needs: list[Need] = [
+            PeftThrough("task_type: text-to-image", "diffusers", "diffusers.utils.constants:MIN_PEFT_VERSION")
+        ]
+        if cfg.base_quantization != "none":
+            needs.append(QuantizedBase(cfg.base_quantization, "diffusers", cfg.device))  # the denoiser
         if cfg.train_text_encoder:
             needs.append(
                 PeftThrough(

@@ -1,0 +1,180 @@
+"""Quantized frozen bases (`base_quantization`) on CPU: every mode that runs here, for the LLM and the UNet.
+
+The frozen weights shrink by the format's factor, the quantized model's outputs stay close to the
+full-precision one's, LoRA trains in fp32 on peft's quantized layers and resumes exactly, the files are
+those of an unquantized run, a mode the device cannot run is refused before anything loads, and an adapter
+trained on a quantized base merges into the full-precision base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lora_trainer.config import build_config
+from lora_trainer.errors import ExitCode
+from lora_trainer.presets import preset_path
+from lora_trainer.quantization import BACKENDS, QuantizedBase, load_kwargs, stored_bytes
+from lora_trainer.tasks import task_class
+
+from .conftest import LLM_BASE, SD_BASE, assert_resumes_exactly, run
+from .test_bad_inputs import run_cli
+from .test_families import base as family_base
+from .test_text_to_image import files_under
+
+MODES = sorted(BACKENDS)  # all run on CPU for an LLM
+# relative error of the logits of a 1-layer, 512-wide random Llama: measured int8 0.016, fp8 0.055, nf4 0.20
+# (4-bit NormalFloat keeps ~10% of a Gaussian weight's energy as error per layer); twice that is the bound
+CLOSE = {"int8": 0.035, "fp8": 0.11, "nf4": 0.4}
+PEFT_LAYERS = {"int8": "TorchaoLoraLinear", "fp8": "TorchaoLoraLinear", "nf4": "Linear4bit"}
+
+
+@pytest.fixture(scope="module")
+def llama_512(tmp_path_factory):
+    """One Llama layer 512 wide: matrices large enough that the formats' scales are their usual share."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("llama512")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def layer_weight_bytes(model) -> int:
+    """Bytes of the decoder layers' projection weights: what base_quantization quantizes."""
+    return sum(stored_bytes(m.weight) for name, m in model.named_modules() if name.endswith("_proj"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_frozen_weights_shrink_by_the_formats_factor_and_outputs_stay_close(llama_512, mode):
+    from transformers import AutoModelForCausalLM
+
+    full = AutoModelForCausalLM.from_pretrained(llama_512)
+    quantized = AutoModelForCausalLM.from_pretrained(llama_512, **load_kwargs(mode, "transformers", torch.float32))
+    ratio = layer_weight_bytes(quantized) / layer_weight_bytes(full)
+    nominal = BACKENDS[mode].bits / 32
+    assert nominal <= ratio <= 1.1 * nominal, ratio  # the data plus its scales (per row; nf4: per 64, quantized)
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = full(ids).logits, quantized(ids).logits
+    assert ((got - expected).norm() / expected.norm()).item() < CLOSE[mode]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lora_on_a_quantized_llm_trains_in_fp32_resumes_exactly_and_writes_the_usual_files(tmp_path, mode):
+    recipe = assert_resumes_exactly(LLM_BASE, tmp_path, base_quantization=mode)
+    q_proj = recipe.task.causal_lm.model.layers[0].self_attn.q_proj
+    assert type(q_proj).__name__ == PEFT_LAYERS[mode]  # peft's LoRA layer over the quantized weight
+    assert q_proj.lora_A["default"].weight.dtype == torch.float32
+    assert type(q_proj.base_layer.weight).__name__ in ("Int8Tensor", "Float8Tensor", "Params4bit")
+    run(LLM_BASE, tmp_path / "plain")
+    assert files_under(tmp_path / "straight") == files_under(tmp_path / "plain")
+    with (
+        safe_open(tmp_path / "straight/pytorch_lora_weights.safetensors", "pt") as q,
+        safe_open(tmp_path / "plain/pytorch_lora_weights.safetensors", "pt") as p,
+    ):
+        assert sorted(q.keys()) == sorted(p.keys())
+        assert q.metadata()["base_quantization"] == mode and p.metadata()["base_quantization"] == "none"
+
+
+def test_the_loss_falls_on_a_4bit_base(tmp_path):
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    recipe = run(
+        LLM_BASE,
+        tmp_path,
+        base_quantization="nf4",
+        train_data_dir=LLM_BASE["train_data_dir"] + "/chat.jsonl",
+        max_train_steps=40,
+        learning_rate=1e-2,
+        lora_rank=8,
+        save_steps=0,
+        target_modules=targets,
+    )
+    losses = [loss for _, loss in recipe.summary.losses]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.5 * first, (first, last)  # as on the full-precision base (test_text_generation)
+
+
+@pytest.mark.parametrize(("family", "mode"), [("sd", "int8"), ("sd", "fp8"), ("flux1", "int8")])
+def test_lora_on_a_quantized_denoiser_trains_and_resumes_exactly(tmp_path, family, mode):
+    """The UNet (sd's own loader) and a diffusion transformer (the families' shared loader)."""
+    base = SD_BASE if family == "sd" else family_base(family)
+    recipe = assert_resumes_exactly(base, tmp_path, base_quantization=mode)
+    to_q = next(m for name, m in recipe.task.family.parts.denoiser.named_modules() if name.endswith(".to_q"))
+    assert type(to_q).__name__ == "TorchaoLoraLinear" and to_q.lora_A["default"].weight.dtype == torch.float32
+    assert any(f.endswith(".kohya.safetensors") for f in files_under(tmp_path / "resumed"))
+
+
+def test_a_mode_the_device_cannot_run_stops_the_run_before_anything_loads(tmp_path, capsys, monkeypatch):
+    """diffusers quantizes to 4 bits only on a CUDA GPU: nf4 of a UNet on CPU is refused at start, exit 2."""
+    loaded = []
+    monkeypatch.setattr("lora_trainer.recipe.TrainingRecipe.setup", lambda self: loaded.append(self))
+    code, err = run_cli(tmp_path, capsys, SD_BASE, base_quantization="nf4", device="cpu")
+    assert code == ExitCode.CONFIG_INVALID and "ConfigInvalid" in err
+    assert "base_quantization: nf4 (bitsandbytes 4-bit NormalFloat with double quantization) cannot run on cpu" in err
+    assert "diffusers" in err and "needs a CUDA GPU" in err
+    assert loaded == []
+
+
+def test_a_missing_backend_package_is_named(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    problem = QuantizedBase("int8", "transformers", "cpu").problem()
+    assert "base_quantization: int8" in problem and "needs the torchao package, which is not installed" in problem
+
+
+def test_the_locked_libraries_run_every_llm_mode_on_cpu():
+    for mode in MODES:
+        cfg = build_config({**LLM_BASE, "output_dir": "unused", "base_quantization": mode, "device": "cpu"})
+        assert [n.problem() for n in task_class(cfg.task_type).library_needs(cfg)] == [None]
+
+
+def test_an_adapter_trained_on_a_4bit_base_merges_into_the_full_precision_base(tmp_path):
+    """lora-merge adds the LoRA to the fp32 weights: the merged model is exactly base + LoRA, and differs from
+    the model that trained (the 4-bit base + LoRA) only by the base's quantization error."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lora_trainer.merge.cli import main
+
+    recipe = run(LLM_BASE, tmp_path / "run", base_quantization="nf4", learning_rate=5e-2, max_train_steps=3)
+    merged_dir = tmp_path / "merged"
+    assert (
+        main(["merge", "--base", "preset:tiny-llm", "--lora", str(tmp_path / "run"), "--output", str(merged_dir)]) == 0
+    )
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    base = preset_path("preset:tiny-llm")
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir)(ids).logits
+        full = AutoModelForCausalLM.from_pretrained(base)
+        plain = full(ids).logits
+        adapted = PeftModel.from_pretrained(full, tmp_path / "run")(input_ids=ids).logits
+        trained = recipe.task.model.eval()(input_ids=ids).logits
+    assert torch.allclose(merged, adapted, atol=1e-5)
+    assert not torch.allclose(merged, plain, atol=1e-3)  # the LoRA moved it
+    quantization_error = (merged - trained).norm()
+    assert 0 < quantization_error < CLOSE["nf4"] * merged.norm()
+
+
+def test_a_single_file_sd_checkpoint_cannot_be_quantized_as_it_loads(tmp_path):
+    from lora_trainer.errors import ConfigError
+    from lora_trainer.families.sd import StableDiffusion
+
+    checkpoint = tmp_path / "sd15.safetensors"
+    checkpoint.write_bytes(b"")  # never read: the config is refused first
+    cfg = build_config(
+        {**SD_BASE, "output_dir": "unused", "base_model": str(checkpoint), "base_model_config": "preset:tiny-sd"}
+        | {"base_quantization": "int8"}
+    )
+    with pytest.raises(ConfigError, match="base_quantization: int8 .* save it as a folder first"):
+        StableDiffusion(cfg).check_config()
