@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import errno
 import hashlib
-import http.client
 import io
 import json
 import os
@@ -17,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import yaml
@@ -33,6 +31,7 @@ from lora_trainer.storage.store import Store
 from lora_trainer.storage.uri import S3Uri
 from tests.integration.trainer_world import (
     SAMPLE,
+    ListingRewriter,
     TrainerProcess,
     can_mount_tmpfs,
     files_under,
@@ -423,43 +422,6 @@ def test_an_s3_outage_of_60_seconds_mid_run_loses_no_checkpoint(tmp_path, s3_ser
 
 
 # -- hostile keys
-class ListingRewriter(ThreadingHTTPServer):
-    """A pass-through proxy to SeaweedFS that turns `DOTDOT` into `..` in listings: what AWS S3 returns for a
-    key with a `..` segment, which SeaweedFS itself refuses to store. Requests are forwarded unchanged
-    (the Host header too, so signatures still verify)."""
-
-    def __init__(self, upstream: str):
-        self.upstream = upstream.split("://", 1)[1]
-        super().__init__(("127.0.0.1", 0), _Forward)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _Forward(BaseHTTPRequestHandler):
-    def _forward(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        upstream = http.client.HTTPConnection(self.server.upstream, timeout=30)
-        upstream.request(self.command, self.path, body=body, headers=dict(self.headers))
-        response = upstream.getresponse()
-        data = response.read().replace(b"DOTDOT", b"..")
-        self.send_response(response.status)
-        for name, value in response.getheaders():
-            if name.lower() not in ("content-length", "transfer-encoding", "connection"):
-                self.send_header(name, value)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.mark.parametrize(
     "key",
     ["DOTDOT/DOTDOT/escaped.png", "%2e%2e/%2e%2e/escaped.png", "\uff0e\uff0e/escaped.png"],

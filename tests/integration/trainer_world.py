@@ -3,12 +3,15 @@ in-process through cli.main (fast), or as a real process (signals, outages, metr
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import yaml
@@ -126,3 +129,45 @@ class TrainerProcess:
             self.proc.kill()
             self.proc.wait()
         self.log.close()
+
+
+# -- hostile keys
+class ListingRewriter(ThreadingHTTPServer):
+    """A pass-through proxy to SeaweedFS that rewrites placeholders in its answers (REWRITES): `DOTDOT` turns
+    into `..`, `BACKSLASH` into `\\`, `LONGSEGMENT` into 300 x's. So listings show keys AWS S3 stores but
+    SeaweedFS refuses to. Requests are forwarded unchanged (the Host header too, so signatures still verify)."""
+
+    REWRITES = {b"DOTDOT": b"..", b"BACKSLASH": b"\\", b"LONGSEGMENT": b"x" * 300}
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream.split("://", 1)[1]
+        super().__init__(("127.0.0.1", 0), _Forward)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Forward(BaseHTTPRequestHandler):
+    def _forward(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        upstream = http.client.HTTPConnection(self.server.upstream, timeout=30)
+        upstream.request(self.command, self.path, body=body, headers=dict(self.headers))
+        response = upstream.getresponse()
+        data = response.read()
+        for placeholder, text in ListingRewriter.REWRITES.items():
+            data = data.replace(placeholder, text)
+        self.send_response(response.status)
+        for name, value in response.getheaders():
+            if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+    def log_message(self, *args):
+        pass

@@ -199,7 +199,7 @@ class ModelFamily:
         from ..adapters import check_targets_exist
 
         denoiser = self.parts.denoiser
-        check_targets_exist(denoiser, self.targets, f"{self.name} {self.denoiser_prefix}")
+        check_targets_exist(denoiser, self.targets, f"{self.name} {self.denoiser_prefix}", rank=self.cfg.lora_rank)
         cfg = self.cfg
         denoiser.add_adapter(
             LoraConfig(

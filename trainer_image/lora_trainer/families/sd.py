@@ -150,7 +150,7 @@ class StableDiffusion(ModelFamily):
         from ..adapters import check_targets_exist
 
         cfg, parts = self.cfg, self.parts
-        check_targets_exist(parts.denoiser, self.targets, "UNet")
+        check_targets_exist(parts.denoiser, self.targets, "UNet", rank=cfg.lora_rank)
         parts.denoiser.add_adapter(lora_config(cfg, self.targets))
         if cfg.train_text_encoder:
             for encoder in parts.text_encoders:

@@ -134,7 +134,7 @@ class TextGenerationTask:
                 source, dtype=weight_dtype, attn_implementation="sdpa", **quantized, **placed
             ),
         )
-        check_targets_exist(model, self.targets, "model")
+        check_targets_exist(model, self.targets, "model", rank=cfg.lora_rank)
         if cfg.chunked_cross_entropy:
             check_plain_logits(model.config)
         # peft's prepare_model_for_kbit_training is not called on a quantized base: its fp32 copy of every
