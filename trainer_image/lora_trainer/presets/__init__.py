@@ -12,6 +12,8 @@ import fcntl
 import importlib
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -53,8 +55,34 @@ def preset_path(name: str) -> Path:
         raise ModelError(f"unknown preset {name!r}; available: {', '.join(PRESET_PREFIX + p for p in BUILDERS)}")
     target = cache_root() / "presets" / f"{preset_id}-v{PRESET_VERSION}"
     if not (target / ".complete").exists():
-        _build_atomically(builder(preset_id), target)
+        if _in_process_group():
+            _build_in_subprocess(name, preset_id, target)
+        else:
+            _build_atomically(builder(preset_id), target)
     return target
+
+
+def _in_process_group() -> bool:
+    """Whether this process is a worker of an initialised torch.distributed group (torch already imported)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+def _build_in_subprocess(name: str, preset_id: str, target: Path) -> None:
+    """Build in a fresh Python process, outside the process group: transformers' save_pretrained writes
+    weights only on global rank 0 once torch.distributed is initialised, so on a node without rank 0 a
+    preset built in-process got configs but no weights (an empty text_encoder/, a Llama without
+    model.safetensors). The child takes the same lock; its output is kept for the error message."""
+    code = (
+        "import sys; from lora_trainer import presets as p; "
+        "p._build_atomically(p.builder(sys.argv[1]), p.Path(sys.argv[2]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, preset_id, str(target)], capture_output=True, text=True)
+    if done.returncode != 0 or not (target / ".complete").exists():
+        from ..errors import ModelError
+
+        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+        raise ModelError(f"building {name} failed (exit {done.returncode}): " + " | ".join(tail))
 
 
 def builder(preset_id: str) -> Callable[[Path], None]:
