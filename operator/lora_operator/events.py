@@ -66,17 +66,28 @@ def worker_failures(old: dict[str, Any], new: dict[str, Any]) -> list[Transition
         return []
     if new.get("reason") in (Reason.SUSPENDING, Reason.WORKERS_UNSCHEDULABLE):
         return []
-    before = {(w.get("index"), w.get("pod")): w for w in old.get("workers") or []}
+    named = {pod for w in old.get("workers") or [] for pod in _failed_pods(w)}
     events = []
     for worker in workers:
-        seen = before.get((worker.get("index"), worker.get("pod"))) or {}
-        if worker.get("phase") != "Failed" or seen.get("phase") == "Failed":
-            continue
-        where = f" on node {worker['node']}" if worker.get("node") else ""
-        text = f"worker {worker['index']} (pod {worker['pod']}{where}) failed: {worker.get('reason', '')}: "
-        text += worker.get("message", "")
-        events.append(Transition("Warning", Reason.WORKER_FAILED, shorten(text, TRANSITION_MESSAGE_LIMIT)))
+        for pod, failure in _failed_pods(worker).items():
+            if pod in named:
+                continue
+            where = f" on node {failure['node']}" if failure.get("node") else ""
+            text = f"worker {worker['index']} (pod {pod}{where}) failed: {failure.get('reason', '')}: "
+            text += failure.get("message", "")
+            events.append(Transition("Warning", Reason.WORKER_FAILED, shorten(text, TRANSITION_MESSAGE_LIMIT)))
     return events
+
+
+def _failed_pods(worker: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The failed pods a status.workers entry names: its own pod when Failed, and its lastFailure."""
+    failed = {}
+    if worker.get("phase") == "Failed" and worker.get("pod"):
+        failed[worker["pod"]] = worker
+    last = worker.get("lastFailure") or {}
+    if last.get("pod"):
+        failed.setdefault(last["pod"], last)
+    return failed
 
 
 def build_event(job: dict[str, Any], event: Transition, now: datetime, instance: str) -> dict[str, Any]:

@@ -381,7 +381,8 @@ def conditions(old: list[dict[str, Any]], verdict: Verdict, generation: int, sta
 
 def worker_table(pods: list[dict[str, Any]], old: list[dict[str, Any]], nodes: int) -> list[dict[str, Any]]:
     """status.workers: for each worker index the newest pod as last seen (an index whose pods are all gone
-    keeps its last entry), with the pods it has had so far (`attempts`)."""
+    keeps its last entry), with the pods it has had so far (`attempts`) and its newest failed pod once a
+    replacement took over (`lastFailure`: a pod failed and replaced between two looks is still named)."""
     before = {w.get("index"): w for w in old if isinstance(w, dict)}
     latest = newest_by_index(pods)
     table = []
@@ -391,9 +392,32 @@ def worker_table(pods: list[dict[str, Any]], old: list[dict[str, Any]], nodes: i
             if index in before:
                 table.append(before[index])
             continue
-        mine = [p for p in pods if completion_index(p) == index]
-        table.append(worker_entry(pod, _worker_attempts(before.get(index), mine)))
+        mine = sorted((p for p in pods if completion_index(p) == index), key=pod_order)
+        entry = worker_entry(pod, _worker_attempts(before.get(index), mine))
+        failed = [p for p in mine if p is not pod and _phase(p) == "Failed"]
+        last = _failure_of(failed[-1]) if failed else _replaced_failure(before.get(index), entry)
+        if last:
+            entry["lastFailure"] = last
+        table.append(entry)
     return table
+
+
+def _failure_of(pod: dict[str, Any]) -> dict[str, Any]:
+    outcome = pod_outcome(pod)
+    failure = {"pod": _name(pod), "reason": outcome.reason, "message": outcome.message}
+    node = (pod.get("spec") or {}).get("nodeName")
+    return {**failure, "node": node} if node else failure
+
+
+def _replaced_failure(before: dict[str, Any] | None, entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The failure to keep naming when the failed pod itself is gone: the one recorded before, or the
+    recorded pod itself when it was seen failed and a replacement now stands in its place."""
+    if not before:
+        return None
+    if before.get("phase") == "Failed" and before.get("pod") != entry["pod"]:
+        failure = {k: before[k] for k in ("pod", "node", "reason", "message") if before.get(k)}
+        return failure
+    return before.get("lastFailure")
 
 
 def _worker_attempts(before: dict[str, Any] | None, pods: list[dict[str, Any]]) -> int:

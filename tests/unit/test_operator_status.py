@@ -687,6 +687,42 @@ def test_events_name_the_worker_that_failed():
     assert not [e for e in transitions(after, again) if e.reason == Reason.WORKER_FAILED]  # once per failure
 
 
+def test_a_worker_failed_and_replaced_between_two_looks_is_still_named():
+    """A lost node's pod is marked Failed and replaced at once: the operator may first see it beside its
+    replacement, or only its replacement after having seen it failed; either way one WorkerFailed names it."""
+    running = compute_status(Observed(1, GROUP, {}, job(), [worker(0), worker(1, node="node-b")]), T0)
+    lost = exited_worker(1, 137, node="node-b", reason="ContainerStatusUnknown")
+    replacement = worker(1, name="cats-train-1-bbbbb", created="2026-01-02T03:05:00Z", phase="Pending", node=None)
+    both = compute_status(Observed(1, GROUP, running, job(), [worker(0), lost, replacement]), T0)
+    assert both["workers"][1]["pod"] == "cats-train-1-bbbbb" and both["workers"][1]["attempts"] == 2
+    assert both["workers"][1]["lastFailure"]["pod"] == "cats-train-1-aaaaa"
+    assert both["workers"][1]["lastFailure"]["node"] == "node-b"
+    failures = [e for e in transitions(running, both) if e.reason == Reason.WORKER_FAILED]
+    assert len(failures) == 1 and "worker 1 (pod cats-train-1-aaaaa on node node-b) failed" in failures[0].message
+    gone = compute_status(Observed(1, GROUP, both, job(), [worker(0), replacement]), T0)  # the failed pod removed
+    assert gone["workers"][1]["lastFailure"] == both["workers"][1]["lastFailure"]
+    assert not [e for e in transitions(both, gone) if e.reason == Reason.WORKER_FAILED]  # once per failed pod
+
+    seen_failed = compute_status(Observed(1, GROUP, running, job(), [worker(0), lost]), T0)
+    later = compute_status(Observed(1, GROUP, seen_failed, job(), [worker(0), replacement]), T0)
+    assert later["workers"][1]["lastFailure"]["pod"] == "cats-train-1-aaaaa"
+    assert len([e for e in transitions(running, seen_failed) if e.reason == Reason.WORKER_FAILED]) == 1
+    assert not [e for e in transitions(seen_failed, later) if e.reason == Reason.WORKER_FAILED]
+
+
+def test_pods_stopped_by_a_release_are_no_worker_failures():
+    released = {"scheduling": {"releases": 1, "retryAt": "2026-01-02T03:10:00Z", "message": "stuck"}}
+    running = compute_status(Observed(1, GROUP, {}, job(), [worker(0), worker(1, node="node-b")]), T0)
+    stopped = [exited_worker(0, 143), exited_worker(1, 143, node="node-b")]
+    suspended = compute_status(Observed(1, GROUP, {**running, **released}, job(suspend=True), stopped), T0)
+    assert suspended["reason"] == Reason.WORKERS_UNSCHEDULABLE
+    assert not [e for e in transitions(running, suspended) if e.reason == Reason.WORKER_FAILED]
+    fresh = [worker(i, name=f"cats-train-{i}-ccccc", created="2026-01-02T03:11:00Z", phase="Pending") for i in (0, 1)]
+    retried = compute_status(Observed(1, GROUP, suspended, job(), [*stopped, *fresh]), T0)
+    assert [w["attempts"] for w in retried["workers"]] == [2, 2]
+    assert not [e for e in transitions(suspended, retried) if e.reason == Reason.WORKER_FAILED]
+
+
 def test_a_single_node_job_has_one_worker_and_no_worker_events():
     running = compute_status(Observed(1, SPEC, {}, job(), [pod()]), T0)
     assert [(w["index"], w["pod"], w["phase"]) for w in running["workers"]] == [(0, "cats-train-aaaaa", "Running")]
