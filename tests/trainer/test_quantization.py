@@ -178,3 +178,14 @@ def test_a_single_file_sd_checkpoint_cannot_be_quantized_as_it_loads(tmp_path):
     )
     with pytest.raises(ConfigError, match="base_quantization: int8 .* save it as a folder first"):
         StableDiffusion(cfg).check_config()
+
+
+def test_the_8b_bench_preset_has_llama_3_8bs_shape():
+    """benchmarks/bench_llm.py --arch real: built on the meta device (no memory), 8.03B parameters as Llama-3-8B."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_trainer.presets.llm import llama_8b_config
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**llama_8b_config(128256)))
+    assert sum(p.numel() for p in model.parameters()) == 8_030_261_248

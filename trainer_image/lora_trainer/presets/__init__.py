@@ -34,6 +34,7 @@ BUILDERS = {  # preset id -> "module:function" under lora_trainer.presets, impor
     # real architectures with random weights, for benchmarks on a GPU (several GB on disk)
     "bench-sd15": "sd:build_bench_sd15",
     "bench-llama-1b": "llm:build_bench_llama_1b",
+    "bench-llama-8b": "llm:build_bench_llama_8b",  # 16 GB of bf16 on disk: benchmarks/bench_llm.py --arch real
     "bench-flux1": "flux:build_bench_flux1",
 }
 

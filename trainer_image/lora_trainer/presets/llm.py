@@ -1,4 +1,4 @@
-"""Causal-LM presets: a tiny Llama with a byte-level BPE tokenizer and ChatML, and a 1.1B one for benchmarks."""
+"""Causal-LM presets: a tiny Llama with a byte-level BPE tokenizer and ChatML, and 1.1B and 8B ones for benchmarks."""
 
 from __future__ import annotations
 
@@ -81,3 +81,40 @@ def build_bench_llama_1b(folder: Path) -> None:
         pad_token_id=tokenizer.pad_token_id,
     )
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+
+
+def llama_8b_config(vocab_size: int) -> dict:
+    """Llama-3-8B's shape: 32 layers of 4096, grouped-query attention (8 key/value heads), a 128k vocabulary."""
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    )
+
+
+def build_bench_llama_8b(folder: Path) -> None:
+    """An 8B Llama with random bf16 weights (16 GB: built in bf16, never in fp32); the tiny tokenizer's ids fit."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    build_tiny_llm(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        **llama_8b_config(128256),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    finally:
+        torch.set_default_dtype(default)
