@@ -16,13 +16,17 @@ Phases: 1. create: every job is POSTed straight to the apiserver (--create-threa
 training jobs interleaved; 2. settle: until every training job is Succeeded and every waiting job's status says
 Unschedulable; 3. steady: --steady-seconds with all jobs still there, nothing changing but the operator's resyncs.
 
-Reported: operator peak RSS (VmHWM) and final RSS (VmRSS), CPU seconds and % of one core per phase (/proc),
-API requests per second per phase, reconcile duration p50/p95 from the operator's histogram
-lora_operator_reconcile_seconds (interpolated within buckets, as PromQL's histogram_quantile does), reaction
-latency seen from outside (watch ADDED of a job -> its first status write, -> its pod, -> Unschedulable in
-its status), lora_operator_reconcile_errors_total (must be 0) and the load average. Nothing is mocked; the
-machine's other load shows in the numbers. Exit status 0 when there are no reconcile errors, every training job
-Succeeded, every waiting job is Unschedulable and peak RSS is under --rss-target-mib.
+The operator runs as its Deployment would: when it exits (e.g. after losing its leader lease) it is started
+again, and each restart is reported with its exit code and last ERROR line.
+
+Reported, per phase and in all: operator peak RSS (VmHWM) and final RSS (VmRSS), CPU seconds and % of one core
+(/proc), API requests per second by verb and resource (the audit log), reconcile duration p50/p95 from the
+operator's histogram lora_operator_reconcile_seconds (interpolated within buckets, as PromQL's
+histogram_quantile does), lora_operator_reconcile_errors_total (must be 0) and the load average; and the
+reaction seen from outside, through watches: a job's watch ADDED -> its first status write, -> its pod, ->
+Unschedulable in its status, -> Succeeded. The operator's own figures are sampled every 2 s per process and
+added up over processes. Nothing is mocked; the machine's other load shows in the numbers. Exit status 0 when
+everything settled without a restart or a reconcile error and peak RSS is under --rss-target-mib.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from tests.cluster.controlplane import KubeCluster  # noqa: E402
 from tests.cluster.kubeapi import ApiError  # noqa: E402
 from tests.e2e import operator_env as env  # noqa: E402
 
+RECONCILE_SECONDS = "lora_operator_reconcile_seconds"
 OPERATOR_USER = f"system:serviceaccount:{env.OPERATOR_NAMESPACE}:lora-operator"
 # Only the operator's requests are recorded (Metadata: who, verb, resource, when; no bodies), once each:
 # RequestReceived is left out, so a plain request is one ResponseComplete event and a watch one
@@ -121,25 +126,73 @@ class ScaleWatcher(Watcher):
             self.unschedulable.setdefault(name, now)
 
 
-class ProcSampler(threading.Thread):
-    """Samples the operator's VmRSS and the 1-minute load average every `period` seconds."""
+class OperatorSampler(threading.Thread):
+    """Every `period` seconds, per operator process (a restarted operator is a new process with new metrics): its
+    CPU seconds, VmRSS, VmHWM, reconcile errors and reconcile-duration buckets, and the 1-minute load average.
+    Totals over a window add up the processes, so a restart loses at most one period of one process's counts."""
 
-    def __init__(self, pid, period=2.0):
+    def __init__(self, op, period=2.0):
         super().__init__(daemon=True)
-        self.pid, self.period = pid, period
-        self.samples = []  # (time, rss MiB, load1)
+        self.op, self.period = op, period
+        self.samples = []  # dicts: t, pid, cpu_s, rss_mib, hwm_mib, load1, errors, buckets
         self.stop = threading.Event()
+        self._lock = threading.Lock()
 
     def run(self):
         while not self.stop.wait(self.period):
-            self.samples.append((time.time(), proc_rss_mib(self.pid), os.getloadavg()[0]))
+            self.sample()
+
+    def sample(self):
+        """One sample of the current process (still readable while it is a zombie: CPU seconds only)."""
+        with self._lock:
+            pid = self.op.proc.pid
+            try:
+                entry = {"t": time.time(), "pid": pid, "cpu_s": proc_cpu_seconds(pid), "load1": os.getloadavg()[0]}
+                entry.update(rss_mib=proc_rss_mib(pid), hwm_mib=proc_peak_rss_mib(pid))
+            except OSError:  # reaped
+                return
+            try:
+                entry.update(errors=self.op.metric("lora_operator_reconcile_errors_total"))
+                entry.update(buckets=histogram_buckets(self.op, RECONCILE_SECONDS))
+            except OSError:  # not serving (starting, stopping)
+                pass
+            self.samples.append(entry)
+
+    def _at(self, pid, t, key):
+        """The last value of `key` of process `pid` sampled at or before `t` (zero before its first)."""
+        found = [e[key] for e in self.samples if e["pid"] == pid and e["t"] <= t and e.get(key) is not None]
+        return found[-1] if found else None
+
+    def delta(self, key, t0, t1):
+        """What `key` (a counter, or a list of bucket counts) grew by in [t0, t1], summed over processes."""
+        total = None
+        for pid in dict.fromkeys(e["pid"] for e in self.samples):
+            end, start = self._at(pid, t1, key), self._at(pid, t0, key)
+            if end is None:
+                continue
+            if isinstance(end, list):
+                start = start or [(bound, 0) for bound, _ in end]
+                grown = [(bound, count - before) for (bound, count), (_, before) in zip(end, start, strict=True)]
+                total = grown if total is None else [(b, c + d) for (b, c), (_, d) in zip(total, grown, strict=True)]
+            else:
+                total = (total or 0) + end - (start or 0)
+        return total
 
     def window(self, t0, t1):
-        inside = [s for s in self.samples if t0 <= s[0] <= t1]
+        inside = [e for e in self.samples if t0 <= e["t"] <= t1]
+        cpu = self.delta("cpu_s", t0, t1) or 0
         return {
-            "rss_mib_max": max((s[1] for s in inside), default=None),
-            "load1_mean": sum(s[2] for s in inside) / len(inside) if inside else None,
+            "wall_s": t1 - t0,
+            "cpu_s": cpu,
+            "cpu_percent_of_one_core": 100 * cpu / max(t1 - t0, 1e-9),
+            "rss_mib_max": max((e["rss_mib"] for e in inside if e.get("rss_mib")), default=None),
+            "load1_mean": sum(e["load1"] for e in inside) / len(inside) if inside else None,
+            "reconcile_errors": self.delta("errors", t0, t1),
+            "reconcile_seconds": reconcile_seconds(self.delta("buckets", t0, t1)),
         }
+
+    def peak_rss_mib(self):
+        return max((e["hwm_mib"] for e in self.samples if e.get("hwm_mib")), default=None)
 
 
 def proc_rss_mib(pid):
@@ -214,11 +267,9 @@ def histogram_buckets(op, name):
     return sorted(buckets)
 
 
-def histogram_quantile(buckets, q, since=None):
-    """The q-quantile of the observations in `buckets` (less those in `since`, an earlier snapshot),
-    interpolated linearly within its bucket as PromQL's histogram_quantile does."""
-    if since:
-        buckets = [(bound, count - before) for (bound, count), (_, before) in zip(buckets, since, strict=True)]
+def histogram_quantile(buckets, q):
+    """The q-quantile of the observations in `buckets`, interpolated linearly within its bucket as PromQL's
+    histogram_quantile does."""
     total = buckets[-1][1] if buckets else 0
     if not total:
         return None
@@ -226,17 +277,17 @@ def histogram_quantile(buckets, q, since=None):
     for bound, count in buckets:
         if count >= rank:
             if bound == float("inf"):
-                return lower  # beyond the last finite bucket: its bound is all that is known
+                return f">{lower:g}"  # beyond the last finite bucket: its bound is all that is known
             return lower + (bound - lower) * (rank - below) / max(count - below, 1e-9)
         lower, below = bound, count
     return lower
 
 
-def reconcile_seconds(buckets, since=None):
+def reconcile_seconds(buckets):
     return {
-        "p50": histogram_quantile(buckets, 0.5, since),
-        "p95": histogram_quantile(buckets, 0.95, since),
-        "count": (buckets[-1][1] - (since[-1][1] if since else 0)) if buckets else 0,
+        "p50": histogram_quantile(buckets, 0.5),
+        "p95": histogram_quantile(buckets, 0.95),
+        "count": buckets[-1][1] if buckets else 0,
     }
 
 
@@ -252,8 +303,14 @@ def latency(watcher_field, added, names):
     }
 
 
-def cpu_window(cpu0, cpu1, t0, t1):
-    return {"cpu_s": cpu1 - cpu0, "cpu_percent_of_one_core": 100 * (cpu1 - cpu0) / max(t1 - t0, 1e-9)}
+def jobs_gauge(op):
+    """lora_operator_jobs by phase, or None while the operator does not answer (just restarted)."""
+    try:
+        return {
+            phase: op.metric("lora_operator_jobs", {"phase": phase}) for phase in ("Pending", "Running", "Succeeded")
+        }
+    except OSError:
+        return None
 
 
 def main(argv=None):
@@ -268,7 +325,9 @@ def main(argv=None):
     parser.add_argument("--steady-seconds", type=float, default=180, help="length of the steady phase")
     parser.add_argument("--poll-interval", default="5", help="LORA_OPERATOR_POLL_INTERVAL (the default: 5)")
     parser.add_argument("--rss-target-mib", type=float, default=300)
-    parser.add_argument("--timeout", type=float, default=3600, help="bound of the settle phase, seconds")
+    parser.add_argument(
+        "--timeout", type=float, default=1800, help="bound of the settle phase, seconds (then it reports as it is)"
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -299,12 +358,36 @@ def main(argv=None):
         watcher = ScaleWatcher(cluster.api, NAMESPACE)
         watcher.start()
         stack.callback(watcher.stop.set)
-        pid = op.proc.pid
-        sampler = ProcSampler(pid)
+        sampler = OperatorSampler(op)
         sampler.start()
         stack.callback(sampler.stop.set)
         time.sleep(2)
-        results["operator_idle"] = {"rss_mib": proc_rss_mib(pid), "peak_rss_mib": proc_peak_rss_mib(pid)}
+        results["operator_idle"] = {
+            "rss_mib": proc_rss_mib(op.proc.pid),
+            "peak_rss_mib": proc_peak_rss_mib(op.proc.pid),
+        }
+        restarts = []
+
+        def supervise():
+            """Restart an operator that exited, as its Deployment would (restartPolicy Always), and note it."""
+            sampler.sample()  # its last CPU seconds, readable until it is reaped
+            if not op.running:
+                this_run = op.log_tail(400).rsplit("===== start", 1)[-1]  # OperatorProcess marks each start
+                tail = [line for line in this_run.splitlines() if " ERROR " in line]
+                restarts.append(
+                    {"at": time.time(), "exit_code": op.proc.returncode, "last_error": tail[-1][:300] if tail else None}
+                )
+                op.start(wait_ready=False)
+
+        def supervised_wait(done, seconds):
+            """Wait until done() or `seconds` passed, keeping the operator up; whether done() came true."""
+            deadline = time.time() + seconds
+            while time.time() < deadline:
+                supervise()
+                if done():
+                    return True
+                time.sleep(2)
+            return done()
 
         # 1. create
         train_set = set(training)
@@ -312,21 +395,22 @@ def main(argv=None):
             training_manifest(n, "bench", args.cpu) if n in train_set else waiting_manifest(n, "bench")
             for n in sorted([*waiting, *training], key=lambda n: n.split("-")[1])
         ]
-        hist = "lora_operator_reconcile_seconds"
-        snap = {"start": (time.time(), proc_cpu_seconds(pid), histogram_buckets(op, hist))}
+        sampler.sample()
+        marks = {"start": time.time()}
         create_all(cluster.api, manifests, args.create_threads)
-        snap["created"] = (time.time(), proc_cpu_seconds(pid), histogram_buckets(op, hist))
+        marks["created"] = time.time()
 
         # 2. settle
         def settled():
             return all(n in watcher.finished for n in training) and all(n in watcher.unschedulable for n in waiting)
 
-        env.wait_until(settled, args.timeout, "training jobs Succeeded and waiting jobs Unschedulable", interval=2)
-        snap["settled"] = (time.time(), proc_cpu_seconds(pid), histogram_buckets(op, hist))
+        results["settled"] = supervised_wait(settled, args.timeout)
+        marks["settled"] = time.time()
 
         # 3. steady
-        time.sleep(args.steady_seconds)
-        snap["end"] = (time.time(), proc_cpu_seconds(pid), histogram_buckets(op, hist))
+        supervised_wait(lambda: False, args.steady_seconds)
+        sampler.sample()
+        marks["end"] = time.time()
         sampler.stop.set()
 
         requests = audit_requests(cluster.audit_log)
@@ -336,35 +420,28 @@ def main(argv=None):
         phases = Counter(
             f"{(j.get('status') or {}).get('phase')}/{(j.get('status') or {}).get('reason')}" for j in listing
         )
-        results["phases"] = {}
-        for phase, first, last in (
-            ("create", "start", "created"),
-            ("settle", "created", "settled"),
-            ("steady", "settled", "end"),
-        ):
-            (t_a, cpu_a, hist_a), (t_b, cpu_b, hist_b) = snap[first], snap[last]
-            results["phases"][phase] = {
-                "wall_s": t_b - t_a,
-                **cpu_window(cpu_a, cpu_b, t_a, t_b),
-                **sampler.window(t_a, t_b),
-                "reconcile_seconds": reconcile_seconds(hist_b, since=hist_a),
-                "api": request_rates(requests, t_a, t_b),
+        results["phases"] = {
+            phase: {
+                **sampler.window(marks[first], marks[last]),
+                "api": request_rates(requests, marks[first], marks[last]),
             }
-        (t0, cpu0, _), (t_end, cpu_end, hist_end) = snap["start"], snap["end"]
-        reconciles = op.metric(f"{hist}_count")
+            for phase, first, last in (
+                ("create", "start", "created"),
+                ("settle", "created", "settled"),
+                ("steady", "settled", "end"),
+            )
+        }
+        whole = sampler.window(marks["start"], marks["end"])
         results["operator"] = {
-            "peak_rss_mib": proc_peak_rss_mib(pid),
-            "final_rss_mib": proc_rss_mib(pid),
-            "cpu_s_total": cpu_end - cpu0,
-            "cpu_percent_of_one_core_total": 100 * (cpu_end - cpu0) / max(t_end - t0, 1e-9),
-            "api_requests_per_second_total": request_rates(requests, t0, t_end)["per_second"],
-            "reconcile_seconds_total": reconcile_seconds(hist_end),
-            "reconcile_seconds_mean": op.metric(f"{hist}_sum") / max(reconciles or 1, 1),
-            "reconcile_errors_total": op.metric("lora_operator_reconcile_errors_total"),
-            "jobs_gauge": {
-                phase: op.metric("lora_operator_jobs", {"phase": phase})
-                for phase in ("Pending", "Running", "Succeeded", "Failed")
-            },
+            "peak_rss_mib": sampler.peak_rss_mib(),
+            "final_rss_mib": proc_rss_mib(op.proc.pid),
+            "cpu_s_total": whole["cpu_s"],
+            "cpu_percent_of_one_core_total": whole["cpu_percent_of_one_core"],
+            "api_requests_per_second_total": request_rates(requests, marks["start"], marks["end"])["per_second"],
+            "reconcile_seconds_total": whole["reconcile_seconds"],
+            "reconcile_errors_total": whole["reconcile_errors"],
+            "restarts": [{**r, "at": r["at"] - marks["start"]} for r in restarts],
+            "jobs_gauge": jobs_gauge(op),
         }
         results["reaction_from_watch_s"] = {
             "job_added_to_first_status_write": latency(watcher.first_status, added, [*waiting, *training]),
@@ -376,9 +453,10 @@ def main(argv=None):
         results["jobs"]["phase_reason_at_end"] = dict(phases.most_common())
         results["load_average_end"] = os.getloadavg()
         ok = (
-            results["operator"]["reconcile_errors_total"] == 0
+            results["settled"]
+            and not restarts
+            and results["operator"]["reconcile_errors_total"] == 0
             and outcomes == Counter({"Succeeded": len(training)})
-            and all(n in watcher.unschedulable for n in waiting)
             and results["operator"]["peak_rss_mib"] < args.rss_target_mib
         )
     results["ok"] = ok
