@@ -336,6 +336,7 @@ def trainer_env(job: dict[str, Any], settings: Settings) -> list[dict[str, Any]]
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "LORA_JOB_NAME", "value": job["metadata"]["name"]},
         {"name": "LORA_JOB_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "LORA_JOB_UID", "value": job["metadata"]["uid"]},  # the owner of the output prefix
         {"name": "LORA_CONFIG", "value": CONFIG_PATH},
         {"name": "LORA_METRICS_PORT", "value": str(settings.trainer_metrics_port)},
         {"name": "HOME", "value": SCRATCH_DIR},
@@ -439,19 +440,8 @@ def s3_env(s3: dict[str, Any], settings: Settings) -> list[dict[str, Any]]:
 
 # Deletes every object under one s3://bucket/prefix/ with the trainer image's boto3 (the operator never
 # reads S3 credentials itself). Argument: the prefix URI.
-CLEANUP_SCRIPT = """\
-import sys, boto3
-bucket, _, prefix = sys.argv[1][len("s3://"):].partition("/")
-prefix = prefix.rstrip("/") + "/"
-s3 = boto3.client("s3")
-deleted = 0
-for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-    keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-    if keys:
-        s3.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
-        deleted += len(keys)
-print(f"deleted {deleted} objects under s3://{bucket}/{prefix}")
-"""
+# the trainer image's cleanup (lora_trainer/cleanup.py): deletes only what this job owns under the prefix
+CLEANUP_MODULE = "lora_trainer.cleanup"
 
 
 def build_cleanup_job(job: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -467,7 +457,7 @@ def build_cleanup_job(job: dict[str, Any], settings: Settings) -> dict[str, Any]
         "name": "cleanup",
         "image": trainer["image"],
         "imagePullPolicy": "IfNotPresent",
-        "command": ["python", "-c", CLEANUP_SCRIPT, spec["output"]["uri"]],
+        "command": ["python", "-m", CLEANUP_MODULE, spec["output"]["uri"], f"job:{meta['uid']}"],
         "env": [e for e in trainer["env"] if e["name"].startswith("AWS_") or e["name"] in ("HOME", "TMPDIR")],
         "volumeMounts": [{"name": "scratch", "mountPath": SCRATCH_DIR}],
         "securityContext": copy.deepcopy(trainer["securityContext"]),

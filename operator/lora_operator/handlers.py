@@ -86,14 +86,12 @@ def register(registry: kopf.OperatorRegistry) -> kopf.OperatorRegistry:
         await rec.reconcile(memo.ctx, JobKey(namespace, labels[JOB_LABEL]), seen_pod=copy.deepcopy(dict(body)))
 
     @kopf.on.event(**LTJ, registry=registry)
-    def track(
-        event: Any, uid: str, name: str, namespace: str, status: Any, meta: Any, memo: kopf.Memo, **_: Any
-    ) -> None:
+    def track(event: Any, body: kopf.Body, uid: str, name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
         key = JobKey(namespace, name)
         if event.get("type") == "DELETED":
             memo.ctx.forget(key, uid)
         else:
-            memo.ctx.track(key, uid, dict(status or {}), bool(meta.get("deletionTimestamp")))
+            memo.ctx.track(key, dict(body))
 
     # kopf gives up on the clean-up after 15 minutes: longer than the cleanup Job may run
     # (builders.CLEANUP_DEADLINE_SECONDS) plus the time to stop the trainer and start the Job's pod.

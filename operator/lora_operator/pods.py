@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from .names import COMPLETION_INDEX_ANNOTATION, CONTAINER
 from .reasons import PERMANENT_EXIT_REASONS, RETRIED_EXIT_REASONS, Reason, shorten
+from .termination import read_message
 
 
 def group_size(spec: dict[str, Any]) -> int:
@@ -26,20 +26,9 @@ def completion_index(pod: dict[str, Any]) -> int:
     return 0
 
 
-def termination_summary(message: str | None) -> dict[str, Any] | None:
-    """The trainer's one-line JSON exit summary, or None when the message is not one."""
-    if not message:
-        return None
-    for line in reversed(message.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(doc, dict) and "status" in doc:
-                return doc
-    return None
+def termination_summary(message: str | None, output_uri: str | None = None) -> dict[str, Any] | None:
+    """The trainer's one-line JSON exit summary, checked (termination.py); None when the message is not one."""
+    return read_message(message, output_uri).summary
 
 
 def trainer_status(pod: dict[str, Any]) -> dict[str, Any]:
@@ -52,10 +41,17 @@ def terminated_state(pod: dict[str, Any]) -> dict[str, Any] | None:
     return (status.get("state") or {}).get("terminated") or (status.get("lastState") or {}).get("terminated")
 
 
-def exit_summary(pod: dict[str, Any]) -> dict[str, Any] | None:
-    """The exit summary in the trainer's termination message, once it has terminated."""
+def exit_summary(pod: dict[str, Any], output_uri: str | None = None) -> dict[str, Any] | None:
+    """The exit summary in the trainer's termination message, once it has terminated; its URIs must lie
+    under output_uri (spec.output.uri)."""
     term = terminated_state(pod)
-    return termination_summary((term or {}).get("message"))
+    return termination_summary((term or {}).get("message"), output_uri)
+
+
+def exit_summary_problems(pod: dict[str, Any], output_uri: str | None) -> list[str]:
+    """What in the pod's termination message broke the contract and was dropped (for a Warning Event)."""
+    term = terminated_state(pod) or {}
+    return read_message(term.get("message"), output_uri).problems
 
 
 def trainer_running(pod: dict[str, Any]) -> bool:

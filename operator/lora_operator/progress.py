@@ -3,15 +3,24 @@
 `parse_metrics(text)` turns one scrape into a ProgressSample (pure; unit-tested on real exposition
 text); `scrape(session, url)` fetches it. The same endpoint is what Prometheus scrapes for Grafana,
 so `status.progress` and the dashboards never disagree.
+
+The trainer image is the user's: a scrape reads at most METRICS_BYTE_LIMIT bytes, never decompressed,
+parses them off the event loop, and keeps only values of the expected type and range.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+
+# a trainer's page is a few KiB; a page this big is not one (and parsing it would hold the event loop)
+METRICS_BYTE_LIMIT = 256 * 1024
+LABEL_LIMIT = 2048  # the checkpoint URI label; longer is not a URI status should carry
+MAX_COUNT = 2**53
 
 
 @dataclass(frozen=True)
@@ -131,14 +140,22 @@ def parse_metrics(text: str) -> ProgressSample | None:
     for family in families:
         for sample in family.samples:
             key = _GAUGES.get(sample.name)
-            if key is None or key in values or sample.value is None or not math.isfinite(sample.value):
+            if key is None or key in values or not _plausible(key, sample.value):
                 continue
             values[key] = int(sample.value) if key in _INTS else float(sample.value)
-            if key == "checkpoint_step" and sample.labels.get("uri"):
-                values["checkpoint_uri"] = sample.labels["uri"]
+            uri = sample.labels.get("uri")
+            if key == "checkpoint_step" and uri and len(uri) <= LABEL_LIMIT and uri.isprintable():
+                values["checkpoint_uri"] = uri
     if not values:
         return None
     return ProgressSample(**values)
+
+
+def _plausible(key: str, value: float | None) -> bool:
+    """A finite value; counts are whole numbers from 0 to 2**53 (what a JSON status carries exactly)."""
+    if value is None or not math.isfinite(value):
+        return False
+    return key not in _INTS or (0 <= value <= MAX_COUNT and value == int(value))
 
 
 def with_rate(sample: ProgressSample, previous: ProgressSample | None, seconds: float) -> ProgressSample:
@@ -155,15 +172,40 @@ def with_rate(sample: ProgressSample, previous: ProgressSample | None, seconds: 
     return ProgressSample(**{**sample.__dict__, "samples_per_second": rate})
 
 
-async def scrape(session: Any, url: str, timeout: float) -> ProgressSample | None:
-    """GET the metrics page; None when the trainer is not serving (yet) or answers garbage."""
+@dataclass(frozen=True)
+class Scrape:
+    """One scrape: the sample (None when the trainer is not serving yet or answered nothing usable), and
+    why a page was refused (for a Warning Event; None when it was not)."""
+
+    sample: ProgressSample | None = None
+    refused: str | None = None
+
+
+async def scrape(session: Any, url: str, timeout: float, limit: int = METRICS_BYTE_LIMIT) -> Scrape:
+    """GET the metrics page: at most `limit` bytes, as sent (no decompression), within `timeout` seconds in
+    all, parsed in a worker thread."""
     import aiohttp
 
     try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+        async with session.get(
+            url,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+            headers={"Accept-Encoding": "identity"},
+            auto_decompress=False,
+        ) as response:
             if response.status != 200:
-                return None
-            text = await response.text()
+                return Scrape()
+            encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                return Scrape(refused=f"{url} answered with Content-Encoding {encoding[:40]}; only plain text is read")
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                body += chunk
+                if len(body) > limit:
+                    break
     except (TimeoutError, aiohttp.ClientError, OSError):
-        return None
-    return parse_metrics(text)
+        return Scrape()
+    if len(body) > limit:
+        return Scrape(refused=f"{url} sent more than {limit} bytes of metrics; a trainer's page is a few KiB")
+    text = body.decode("utf-8", errors="replace")
+    return Scrape(await asyncio.to_thread(parse_metrics, text))

@@ -17,6 +17,8 @@ class Reason:
     OOM_KILLED = "OOMKilled"
     # a multi-node job whose workers could not all be scheduled: every worker released until a retry
     WORKERS_UNSCHEDULABLE = "WorkersUnschedulable"
+    CHILD_CONFLICT = "ChildConflict"  # a child's name is taken by an object someone else controls
+    CHILD_FORBIDDEN = "ChildForbidden"  # the API server forbade a child (403: quota, policy); retried
     # Labeling / Running / Suspended
     LABELING = "Labeling"
     TRAINING = "Training"
@@ -31,6 +33,10 @@ class Reason:
     MODEL_INVALID = "ModelInvalid"
     TRAINING_DIVERGED = "TrainingDiverged"
     STORAGE_INVALID = "StorageInvalid"
+    # Failed before any pod: another live job writes to an overlapping spec.output.uri (outputs.py)
+    OUTPUT_IN_USE = "OutputInUse"
+    # Failed: the API server refused a child (Job, ConfigMap, Service) as invalid (400/422); its message says why
+    CHILD_REJECTED = "ChildRejected"
     # Failed, by the Job controller
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
     DEADLINE_EXCEEDED = "DeadlineExceeded"
@@ -40,6 +46,9 @@ class Reason:
     INTERRUPTED = "Interrupted"
     # Event (not a phase reason): a worker of a multi-node job failed and is being replaced
     WORKER_FAILED = "WorkerFailed"
+    # Events: what a trainer pod sent back broke the contract and was dropped (termination.py, progress.py)
+    TERMINATION_MESSAGE_INVALID = "TerminationMessageInvalid"
+    METRICS_REFUSED = "MetricsRefused"
 
 
 # Trainer exit codes (lora_trainer.errors.ExitCode) -> reasons. The permanent ones fail the Job at once
@@ -66,6 +75,8 @@ WARNING_REASONS = frozenset(
         Reason.WORKERS_UNSCHEDULABLE,
         Reason.IMAGE_PULL_FAILED,
         Reason.CONTAINER_CONFIG_ERROR,
+        Reason.CHILD_CONFLICT,
+        Reason.CHILD_FORBIDDEN,
         Reason.RESTARTING,
         Reason.EVICTED,
         Reason.OOM_KILLED,

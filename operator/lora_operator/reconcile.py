@@ -21,15 +21,17 @@ from typing import Any
 import kopf
 
 from . import builders
-from .events import Transition, build_event, transitions
+from .events import EVENT_MESSAGE_LIMIT, Transition, build_event, transitions
 from .kube import ApiClient, ApiError, core_path, group_path
 from .names import COMPONENT_LABEL, JOB_LABEL, OWNER_UID_ANNOTATION, JobKey, ltj_path
 from .observability import OperatorMetrics
-from .pods import pod_finished, pod_order, trainer_running
+from .outputs import OutputClaim, output_conflict
+from .pods import exit_summary_problems, pod_finished, pod_order, terminated_state, trainer_running
 from .poller import Poller
 from .progress import ProgressSample, scrape, with_rate
+from .reasons import Reason, shorten
 from .settings import Settings
-from .status import Observed, Phase, compute_status, is_terminal, parse_time, plan_group, status_patch
+from .status import Observed, Phase, compute_status, is_terminal, output_uri, parse_time, plan_group, status_patch
 
 log = logging.getLogger("lora_operator")
 
@@ -45,6 +47,10 @@ class JobCaches:
     locks: dict[JobKey, asyncio.Lock] = field(default_factory=dict)  # one reconcile of a job at a time
     # the last scrape of the job's trainer: pod name, sample, time.monotonic() (samples/s needs two)
     samples: dict[JobKey, tuple[str, ProgressSample, float]] = field(default_factory=dict)
+    # Warning Events already posted about what the job's pods sent back (Context.warn_once)
+    warned: dict[JobKey, set[str]] = field(default_factory=dict)
+    # every job's spec.output.uri as last watched: one live job per output prefix (outputs.py)
+    outputs: dict[JobKey, OutputClaim] = field(default_factory=dict)
 
     def lock(self, key: JobKey) -> asyncio.Lock:
         return self.locks.setdefault(key, asyncio.Lock())
@@ -56,6 +62,8 @@ class JobCaches:
     def forget(self, key: JobKey) -> None:
         self.locks.pop(key, None)
         self.samples.pop(key, None)
+        self.warned.pop(key, None)
+        self.outputs.pop(key, None)
 
 
 @dataclass
@@ -89,10 +97,19 @@ class Context:
         except (TimeoutError, ApiError, OSError) as err:
             log.warning("event %s for %s not recorded: %s", event.reason, JobKey.of(job), err)
 
-    def track(self, key: JobKey, uid: str, status: dict[str, Any], deleting: bool) -> None:
-        """Called on every watch event of a job: which jobs the poller refreshes."""
-        self.metrics.observe_phase(uid, status.get("phase"))
-        if deleting or is_terminal(status):
+    async def warn_once(self, job: dict[str, Any], about: str, reason: str, text: str) -> None:
+        """A Warning Event about something a pod sent back, once per job and `about` (what, which pod)."""
+        seen = self.jobs.warned.setdefault(JobKey.of(job), set())
+        if about not in seen:
+            seen.add(about)
+            await self.post_event(job, Transition("Warning", reason, shorten(text, EVENT_MESSAGE_LIMIT)))
+
+    def track(self, key: JobKey, job: dict[str, Any]) -> None:
+        """Called on every watch event of a job: which jobs the poller refreshes, whose output is where."""
+        meta, status = job["metadata"], job.get("status") or {}
+        self.metrics.observe_phase(meta["uid"], status.get("phase"))
+        self.jobs.outputs[key] = output_claim(job)
+        if meta.get("deletionTimestamp") or is_terminal(status):
             self.poller.drop(key)
         else:
             self.poller.follow(key, Phase.parse(status.get("phase")).value)
@@ -112,6 +129,14 @@ class Context:
 
 class ChildConflict(Exception):
     """A child's name is taken by an object another controller owns."""
+
+
+class ChildRejected(Exception):
+    """The API server refused a child as invalid (400, 422): retrying the same object cannot help."""
+
+
+class ChildForbidden(Exception):
+    """The API server forbade a child (403: a ResourceQuota, an admission policy): retried, and said so."""
 
 
 async def reconcile(ctx: Context, key: JobKey, seen_pod: dict[str, Any] | None = None) -> None:
@@ -169,6 +194,13 @@ async def _reconcile(ctx: Context, key: JobKey, seen_pod: dict[str, Any] | None)
     if problem:
         await _publish(ctx, job, Observed(generation, spec, status, config_error=problem))
         return
+    claim = output_claim(job)
+    ctx.jobs.outputs[key] = claim
+    if not claim.started:  # once its Job exists, a job keeps its prefix
+        conflict = output_conflict(claim, (c for k, c in ctx.jobs.outputs.items() if k != key))
+        if conflict:
+            await _publish(ctx, job, Observed(generation, spec, status, refused=(Reason.OUTPUT_IN_USE, conflict)))
+            return
     try:
         await _ensure_config_map(ctx, job, allow_overwrite=not status.get("progress"))
         if children.service:  # before the Job: its workers look each other up through it from the start
@@ -178,8 +210,12 @@ async def _reconcile(ctx: Context, key: JobKey, seen_pod: dict[str, Any] | None)
         training = await _ensure(
             ctx, builders.build_training_job(job, settings), group_path("batch/v1", "jobs", namespace), meta["uid"]
         )
-    except ChildConflict as err:
-        await _publish(ctx, job, Observed(generation, spec, status), conflict=str(err))
+    except (ChildConflict, ChildForbidden) as err:
+        reason = Reason.CHILD_CONFLICT if isinstance(err, ChildConflict) else Reason.CHILD_FORBIDDEN
+        await _publish(ctx, job, Observed(generation, spec, status), blocked=(reason, str(err)))
+        return
+    except ChildRejected as err:
+        await _publish(ctx, job, Observed(generation, spec, status, refused=(Reason.CHILD_REJECTED, str(err))))
         return
     pods = await _trainer_pods(ctx, training, seen_pod)
     plan = plan_group(Observed(generation, spec, status, training, pods), ctx.now(), settings)
@@ -191,8 +227,22 @@ async def _reconcile(ctx: Context, key: JobKey, seen_pod: dict[str, Any] | None)
         training = await api.patch(
             group_path("batch/v1", "jobs", namespace, training["metadata"]["name"]), {"spec": {"suspend": plan.suspend}}
         )
-    sample = await _scrape(ctx, key, pods)
+    await _warn_about_exit_summaries(ctx, job, pods)
+    sample = await _scrape(ctx, job, pods)
     await _publish(ctx, job, Observed(generation, spec, status, training, pods, sample))
+
+
+def output_claim(job: dict[str, Any]) -> OutputClaim:
+    meta, status = job["metadata"], job.get("status") or {}
+    return OutputClaim(
+        key=JobKey.of(job),
+        uid=meta["uid"],
+        uri=str(((job.get("spec") or {}).get("output") or {}).get("uri") or ""),
+        created=meta.get("creationTimestamp") or "",
+        phase=status.get("phase") or "",
+        live=not meta.get("deletionTimestamp") and not is_terminal(status),
+        started=bool(status.get("startTime")),
+    )
 
 
 async def _trainer_pods(
@@ -216,13 +266,15 @@ def _belongs(pod: dict[str, Any], training: dict[str, Any]) -> bool:
     return labels.get("batch.kubernetes.io/controller-uid") == training["metadata"]["uid"]
 
 
-async def _publish(ctx: Context, job: dict[str, Any], obs: Observed, conflict: str | None = None) -> None:
+async def _publish(ctx: Context, job: dict[str, Any], obs: Observed, blocked: tuple[str, str] | None = None) -> None:
+    """`blocked`: (reason, message) of a child that cannot be created yet; the job stays Pending, saying why."""
     old = job.get("status") or {}
     new = compute_status(obs, ctx.now())
-    if conflict:
-        new.update(phase=Phase.PENDING.value, reason="ChildConflict", message=conflict)
+    if blocked:
+        reason, message = blocked
+        new.update(phase=Phase.PENDING.value, reason=reason, message=message)
         for condition in new["conditions"]:
-            condition.update(reason="ChildConflict", message=conflict)
+            condition.update(reason=reason, message=message)
     if new == old:
         return
     await _patch_status(ctx, job, status_patch(old, new))
@@ -285,6 +337,11 @@ async def _ensure(ctx: Context, body: dict[str, Any], collection: str, owner_uid
             log.info("created %s %s/%s", body["kind"], body["metadata"].get("namespace"), name)
             return created
         except ApiError as err2:
+            refusal = f"the API server refused to create {body['kind']} {name}: {err2.message or err2.reason}"
+            if err2.status in (400, 422):
+                raise ChildRejected(refusal) from None
+            if err2.status == 403:
+                raise ChildForbidden(refusal + "; retrying") from None
             if err2.status != 409:
                 raise
         existing = await ctx.api.get(f"{collection}/{name}")  # created meanwhile: adopt below
@@ -304,10 +361,24 @@ async def _ensure(ctx: Context, body: dict[str, Any], collection: str, owner_uid
     return existing
 
 
-async def _scrape(ctx: Context, key: JobKey, pods: list[dict[str, Any]]) -> ProgressSample | None:
+async def _warn_about_exit_summaries(ctx: Context, job: dict[str, Any], pods: list[dict[str, Any]]) -> None:
+    """A Warning Event naming what a pod's termination message held against the contract (dropped from status)."""
+    output = output_uri(job.get("spec") or {})
+    for pod in pods:
+        problems = exit_summary_problems(pod, output)
+        if problems:
+            name = pod["metadata"]["name"]
+            fields = ", ".join(dict.fromkeys(p.split(":", 1)[0] for p in problems))  # the names first: Events are short
+            text = f"pod {name}: dropped from its termination message: {fields}. " + "; ".join(problems)
+            await ctx.warn_once(job, f"termination/{name}", Reason.TERMINATION_MESSAGE_INVALID, text)
+
+
+async def _scrape(ctx: Context, job: dict[str, Any], pods: list[dict[str, Any]]) -> ProgressSample | None:
     """Progress read at $POD_IP:<metrics port>/metrics of the pods whose trainer runs, all at once: only
     the main worker (global rank 0) serves metrics, on whichever pod it landed; the others refuse the
-    connection at once. The newest pod that answers wins (a single-node job has one)."""
+    connection at once. The newest pod that answers wins (a single-node job has one). A page refused as
+    hostile (progress.scrape) is named in a Warning Event."""
+    key = JobKey.of(job)
     live = [
         p
         for p in sorted(pods, key=pod_order, reverse=True)
@@ -316,10 +387,14 @@ async def _scrape(ctx: Context, key: JobKey, pods: list[dict[str, Any]]) -> Prog
     if not live or ctx.scraper is None:
         return None
     port, timeout = ctx.settings.trainer_metrics_port, ctx.settings.scrape_timeout
-    samples = await asyncio.gather(
+    scrapes = await asyncio.gather(
         *(scrape(ctx.scraper, f"http://{p['status']['podIP']}:{port}/metrics", timeout) for p in live)
     )
-    answered = next(((p, s) for p, s in zip(live, samples, strict=True) if s is not None), None)
+    for pod, result in zip(live, scrapes, strict=True):
+        if result.refused:
+            name = pod["metadata"]["name"]
+            await ctx.warn_once(job, f"metrics/{name}", Reason.METRICS_REFUSED, f"pod {name}: {result.refused}")
+    answered = next(((p, r.sample) for p, r in zip(live, scrapes, strict=True) if r.sample is not None), None)
     if answered is None:
         return None
     pod, sample = answered
@@ -367,10 +442,26 @@ async def delete_outputs(ctx: Context, job: dict[str, Any]) -> None:
         c["type"]: c for c in (cleanup.get("status") or {}).get("conditions") or [] if c.get("status") == "True"
     }
     if "Complete" in conditions:
-        log.info("%s: outputs deleted", JobKey.of(job))
+        outcome = await _cleanup_outcome(ctx, cleanup)
+        kept = "kept:" in outcome
+        await ctx.post_event(
+            job, Transition("Warning" if kept else "Normal", "OutputsKept" if kept else "OutputsDeleted", outcome)
+        )
+        log.info("%s: %s", JobKey.of(job), outcome)
         return
     if "Failed" in conditions:
         message = conditions["Failed"].get("message") or conditions["Failed"].get("reason")
         await ctx.post_event(job, Transition("Warning", "DeleteOutputsFailed", f"the cleanup Job failed: {message}"))
         raise kopf.PermanentError(f"deleting the outputs failed: {message}")
     raise kopf.TemporaryError("deleting the outputs", delay=CLEANUP_RETRY_SECONDS)
+
+
+async def _cleanup_outcome(ctx: Context, cleanup: dict[str, Any]) -> str:
+    """What the cleanup pod said it did (lora_trainer/cleanup.py's termination message)."""
+    selector = f"batch.kubernetes.io/controller-uid={cleanup['metadata']['uid']}"
+    pods = await ctx.api.get(core_path("pods", cleanup["metadata"]["namespace"]), labelSelector=selector)
+    for pod in sorted(pods.get("items") or [], key=pod_order, reverse=True):
+        message = (terminated_state(pod) or {}).get("message")
+        if message:
+            return shorten(message, EVENT_MESSAGE_LIMIT)
+    return "the cleanup Job completed"

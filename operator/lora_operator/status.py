@@ -33,6 +33,7 @@ from .pods import (
 from .progress import ProgressSample
 from .reasons import PERMANENT_EXIT_REASONS, Reason, shorten
 from .settings import Settings
+from .termination import under
 
 
 class Phase(str, enum.Enum):
@@ -92,6 +93,7 @@ class Observed:
     pods: list[dict[str, Any]] = field(default_factory=list)
     sample: ProgressSample | None = None
     config_error: str | None = None  # the trainer config did not validate: fail before any pod
+    refused: tuple[str, str] | None = None  # (reason, message): the job may not start, e.g. its output is in use
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,8 @@ def decide(obs: Observed) -> Verdict:
     """The phase, reason and message for what is observed (the job is known not to be terminal)."""
     if obs.config_error:
         return Verdict(Phase.FAILED, Reason.CONFIG_INVALID, shorten(obs.config_error))
+    if obs.refused:
+        return Verdict(Phase.FAILED, obs.refused[0], shorten(obs.refused[1]))
     job = obs.job
     if job is None:
         return Verdict(Phase.PENDING, Reason.CREATED, "creating the training Job")
@@ -335,13 +339,16 @@ def compute_status(obs: Observed, now: datetime) -> dict[str, Any]:
         new["startTime"] = (obs.job.get("metadata") or {}).get("creationTimestamp") or stamp
     # progress, checkpoints and artifacts are the main worker's (global rank 0); a summary without a rank
     # comes from a single-process trainer, which is rank 0
-    summaries = [s for s in (exit_summary(p) for p in sorted(obs.pods, key=pod_order)) if s and s.get("rank", 0) == 0]
+    output = output_uri(obs.spec)
+    summaries = [
+        s for s in (exit_summary(p, output) for p in sorted(obs.pods, key=pod_order)) if s and s.get("rank", 0) == 0
+    ]
     for summary in summaries:
         _apply_checkpoint(new, summary.get("lastCheckpoint"), stamp)
     if summaries:
         _apply_exit_progress(new, summaries[-1], stamp)
     if obs.sample is not None:
-        _apply_sample(new, obs.sample, stamp)
+        _apply_sample(new, obs.sample, stamp, output)
     if verdict.phase is not Phase.RUNNING and "eta" in (new.get("progress") or {}):
         new["progress"] = {k: v for k, v in new["progress"].items() if k != "eta"}  # no ETA while stopped
     if verdict.phase is Phase.SUCCEEDED:
@@ -352,6 +359,12 @@ def compute_status(obs: Observed, now: datetime) -> dict[str, Any]:
         completion = ((obs.job or {}).get("status") or {}).get("completionTime")
         new["completionTime"] = completion if verdict.phase is Phase.SUCCEEDED and completion else stamp
     return new
+
+
+def output_uri(spec: dict[str, Any]) -> str | None:
+    """spec.output.uri: every artifact and checkpoint a trainer reports must lie under it."""
+    uri = (spec.get("output") or {}).get("uri")
+    return uri if isinstance(uri, str) and uri else None
 
 
 def conditions(old: list[dict[str, Any]], verdict: Verdict, generation: int, stamp: str) -> list[dict[str, Any]]:
@@ -477,7 +490,7 @@ def _apply_checkpoint(new: dict[str, Any], ckpt: Any, stamp: str) -> None:
         return
     if current.get("step") == ckpt["step"] and current.get("uri") == ckpt.get("uri"):
         return
-    new["lastCheckpoint"] = {"step": ckpt["step"], "uri": str(ckpt.get("uri") or ""), "time": ckpt.get("time") or stamp}
+    new["lastCheckpoint"] = {"step": ckpt["step"], "uri": str(ckpt.get("uri") or ""), "time": stamp}
 
 
 def _apply_exit_progress(new: dict[str, Any], summary: dict[str, Any], stamp: str) -> None:
@@ -495,7 +508,7 @@ def _apply_exit_progress(new: dict[str, Any], summary: dict[str, Any], stamp: st
     new["progress"] = progress
 
 
-def _apply_sample(new: dict[str, Any], sample: ProgressSample, stamp: str) -> None:
+def _apply_sample(new: dict[str, Any], sample: ProgressSample, stamp: str, output: str | None) -> None:
     if not sample.total_steps:  # the trainer serves metrics before its setup knows the run's length
         return
     progress = sample.as_status()
@@ -503,7 +516,8 @@ def _apply_sample(new: dict[str, Any], sample: ProgressSample, stamp: str) -> No
     old.pop("updatedAt", None)
     if progress and progress != old:
         new["progress"] = {**progress, "updatedAt": stamp}
-    if sample.checkpoint_step is not None:
+    foreign = sample.checkpoint_uri is not None and not under(sample.checkpoint_uri, output)
+    if sample.checkpoint_step is not None and not foreign:  # a checkpoint elsewhere is none of this job's
         current = new.get("lastCheckpoint") or {}
         if current.get("step") is None or sample.checkpoint_step > current["step"]:
             new["lastCheckpoint"] = {"step": sample.checkpoint_step, "uri": sample.checkpoint_uri or "", "time": stamp}

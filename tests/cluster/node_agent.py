@@ -693,7 +693,12 @@ class NodeAgent:
         c.failed_pull_at = None
         try:
             env = podspec.container_env(
-                pod, c.spec, self._lookup_text, run.ip, base=self._base_env(pod, run), node_allocatable=self.allocatable
+                pod,
+                c.spec,
+                self._lookup_text,
+                run.ip,
+                base=self._base_env(pod, run, image),
+                node_allocatable=self.allocatable,
             )
         except (podspec.ConfigError, ApiError) as e:
             message = getattr(e, "message", None) or str(e)
@@ -727,11 +732,17 @@ class NodeAgent:
         self.log.info("%s/%s started %s: %s (pid %s)", run.namespace, run.name, c.name, argv, c.proc.pid)
         self._event(pod, "Started", f"Started container {c.name}", once=f"started-{c.name}-{c.runs}")
 
-    def _base_env(self, pod, run):
-        """The environment of the 'image', before the pod's env: PATH with this venv first, etc."""
+    def _base_env(self, pod, run, image=""):
+        """The environment of the 'image', before the pod's env: PATH with the image's own programs and this
+        venv first, etc."""
         host, port = self.api.host, self.api.port
+        path = [
+            *podspec.image_bin_dirs(image),
+            self.venv_bin,
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        ]
         return {
-            "PATH": f"{self.venv_bin}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "PATH": ":".join(path),
             "HOME": str(run.dir / "home"),
             "TMPDIR": str(run.dir / "tmp"),
             "LANG": "C.UTF-8",

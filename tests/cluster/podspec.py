@@ -11,6 +11,7 @@ import fnmatch
 import math
 import re
 from fractions import Fraction
+from pathlib import Path
 
 # ---------------------------------------------------------------------------------------------
 # Quantities and resources
@@ -331,6 +332,7 @@ def hosts_file(pod, pod_ip, pods=(), services=(), cluster_domain="cluster.local"
 # (pattern on the full image reference, default entrypoint). First match wins. Entrypoints run
 # with the test environment's virtualenv bin first on PATH, so console scripts resolve there.
 DEFAULT_IMAGES = (
+    ("*hostile-trainer*", ["lora-train"]),  # its own lora-train: IMAGE_BIN_DIRS
     ("*lora-operator*trainer*", ["lora-train"]),
     ("*lora-operator*", ["lora-operator"]),
     ("python", ["python"]),
@@ -344,6 +346,15 @@ DEFAULT_IMAGES = (
     ("*/busybox", ["sh"]),
     ("*/busybox:*", ["sh"]),
 )
+
+
+# Images whose own programs shadow the test environment's: (pattern, folder put first on PATH).
+IMAGE_BIN_DIRS = (("*hostile-trainer*", Path(__file__).resolve().parents[1] / "e2e" / "hostile_image" / "bin"),)
+
+
+def image_bin_dirs(image):
+    """The folders of an image's own programs, searched before the test environment's."""
+    return [str(folder) for pattern, folder in IMAGE_BIN_DIRS if fnmatch.fnmatchcase(image or "", pattern)]
 
 
 def image_entrypoint(image, images=DEFAULT_IMAGES):

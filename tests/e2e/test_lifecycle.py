@@ -91,11 +91,23 @@ def test_cleanup_policy_deletes_the_outputs_with_the_job(jobs):
     assert jobs.wait_condition("scratch", "Succeeded", 300).returncode == 0
     assert "out/scratch/pytorch_lora_weights.safetensors" in jobs.s3_keys("out/scratch/")
     assert "lora-operator.io/cleanup" in jobs.get("scratch")["metadata"].get("finalizers", [])
+    uid = jobs.get("scratch")["metadata"]["uid"]
+    assert json.loads(jobs.s3_bytes(f"s3://{jobs.bucket}/out/scratch/.lora-owner.json"))["owner"] == f"job:{uid}"
+    # another run's outputs inside the prefix, with their own claim: never deleted with this job's
+    theirs = {"owner": "job:another-uid", "name": "LoRATrainingJob team-b/nested (uid another-uid)"}
+    client = jobs.s3.client()
+    client.put_object(Bucket=jobs.bucket, Key="out/scratch/nested/.lora-owner.json", Body=json.dumps(theirs).encode())
+    client.put_object(Bucket=jobs.bucket, Key="out/scratch/nested/pytorch_lora_weights.safetensors", Body=b"w")
     jobs.kubectl("delete", "ltj", "scratch", "--wait=false")
     env.wait_until(lambda: jobs.get("scratch") is None, 240, "the job to be deleted after its outputs")
-    assert jobs.s3_keys("out/scratch/") == []
+    assert sorted(jobs.s3_keys("out/scratch/")) == [
+        "out/scratch/nested/.lora-owner.json",
+        "out/scratch/nested/pytorch_lora_weights.safetensors",
+    ]
     assert jobs.s3_keys("data/")  # nothing else was touched
-    assert "DeletingOutputs" in {e["reason"] for e in jobs.events("scratch")}
+    events = {e["reason"]: e["message"] for e in jobs.events("scratch")}
+    assert "DeletingOutputs" in events
+    assert "nested/ belongs to LoRATrainingJob team-b/nested (uid another-uid); kept" in events["OutputsKept"]
 
 
 def test_retain_policy_keeps_outputs_and_adds_no_finalizer(jobs):

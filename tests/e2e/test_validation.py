@@ -103,6 +103,7 @@ BAD = [
     ("negative-backoff", manifest(backoffLimit=-1), ["spec.backoffLimit"]),
     ("deadline-zero", manifest(activeDeadlineSeconds=0), ["spec.activeDeadlineSeconds"]),
     ("unknown-field", manifest(training={"learning_rate": 1e-4}), ['unknown field "spec.training.learning_rate"']),
+    ("a-name-of-64-characters-" + "x" * 40, manifest(), ["metadata.name must have at most 63 characters"]),
     (
         "bucketing-min-above-max",
         manifest(dataset={"uri": "s3://bucket/data", "bucketing": {"minResolution": 1024, "maxResolution": 256}}),
@@ -132,6 +133,7 @@ def test_a_good_manifest_gets_its_defaults(kube_cluster, lora_crd, namespace):
         "apply", "--dry-run=server", "-n", namespace, "-o", "yaml", "-f", "-", input=yaml.safe_dump(body)
     )
     spec = yaml.safe_load(out.stdout)["spec"]
+    assert spec["resources"]["nodes"] == 1 and "processesPerNode" not in spec["resources"]  # one pod, one process
     assert spec["training"] == {
         "rank": 16,
         "batchSize": 1,

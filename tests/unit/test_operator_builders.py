@@ -202,6 +202,7 @@ def test_trainer_env_follows_the_contract():
     env = env_of(trainer(builders.build_training_job(ltj(), SETTINGS)))
     assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert env["LORA_JOB_NAME"]["value"] == "cats"
+    assert env["LORA_JOB_UID"]["value"] == "uid-123"  # the output prefix's owner (lora_trainer/ownership.py)
     assert env["LORA_JOB_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert env["LORA_CONFIG"]["value"] == "/etc/lora-operator/config.yaml"
     # S3: the operator's defaults when the spec sets none
@@ -270,14 +271,14 @@ def test_builders_do_not_modify_their_input():
 def test_cleanup_job_deletes_the_output_prefix_with_the_jobs_credentials():
     job = builders.build_cleanup_job(ltj(), SETTINGS)
     container = job["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"][:2] == ["python", "-c"] and container["command"][-1] == "s3://loras/cats"
+    # only what this job owns (lora_trainer/cleanup.py): the owner is the job's uid, as its trainers claimed it
+    assert container["command"] == ["python", "-m", "lora_trainer.cleanup", "s3://loras/cats", "job:uid-123"]
     assert "ownerReferences" not in job["metadata"]  # it outlives the job it cleans up after
     assert OWNER_UID_ANNOTATION == "lora-operator.io/owner-uid"  # what reconcile.delete_outputs reads back
     assert job["metadata"]["annotations"][OWNER_UID_ANNOTATION] == "uid-123"
     assert job["spec"]["ttlSecondsAfterFinished"] > 0
     names = {e["name"] for e in container["env"]}
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3"} <= names
-    compile(builders.CLEANUP_SCRIPT, "cleanup", "exec")
 
 
 def test_events_name_the_job_they_are_about():

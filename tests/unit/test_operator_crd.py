@@ -152,9 +152,17 @@ def test_only_suspend_and_cleanup_policy_may_change_after_start(version, spec_sc
     rules = version["schema"]["openAPIV3Schema"]["x-kubernetes-validations"]
     guarded = {r["fieldPath"].removeprefix(".spec.") for r in rules if "oldSelf" in r["rule"]}
     assert guarded == set(spec_schema["properties"]) - {"suspend", "cleanupPolicy"}
-    for rule in rules:
+    for rule in (r for r in rules if "oldSelf" in r["rule"]):
         assert rule["rule"].startswith("!has(oldSelf.status) || !has(oldSelf.status.startTime) || ")
         assert rule["message"].startswith(f"spec.{rule['fieldPath'].removeprefix('.spec.')} cannot change")
+
+
+def test_a_name_that_cannot_label_the_children_is_refused(version):
+    rules = version["schema"]["openAPIV3Schema"]["x-kubernetes-validations"]
+    assert {
+        "rule": "size(self.metadata.name) <= 63",
+        "message": next(r["message"] for r in rules if "metadata.name" in r["rule"]),
+    } in rules
 
 
 def test_status_schema_covers_what_the_operator_writes(version):

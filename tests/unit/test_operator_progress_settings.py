@@ -185,10 +185,12 @@ def test_poller_refreshes_running_jobs_often_and_the_others_rarely():
     assert not poller.due(key, "Running", 1004.0) and poller.due(key, "Running", 1005.0)
     assert not poller.due(key, "Pending", 1020.0) and not poller.due(key, "Suspended", 1020.0)
     assert poller.due(key, "Pending", 1030.0)
-    ctx.track(key, "uid-1", {"phase": "Running"}, deleting=False)
+    body = {"metadata": {"namespace": "ns", "name": "job", "uid": "uid-1"}, "spec": {"output": {"uri": "s3://b/o"}}}
+    ctx.track(key, {**body, "status": {"phase": "Running"}})
     assert poller.active[key] == "Running"
-    ctx.track(key, "uid-1", {"phase": "Succeeded"}, deleting=False)
-    assert key not in poller.active
+    assert ctx.jobs.outputs[key].live and ctx.jobs.outputs[key].uri == "s3://b/o"
+    ctx.track(key, {**body, "status": {"phase": "Succeeded"}})
+    assert key not in poller.active and not ctx.jobs.outputs[key].live
 
 
 def test_poller_wakes_a_job_at_its_own_deadline():

@@ -857,3 +857,27 @@ def test_plan_group_says_when_to_look_again():
     waiting = {"scheduling": {"releases": 1, "retryAt": "2026-01-02T03:05:00Z", "message": "x"}}
     assert plan([], waiting).recheck == 55
     assert plan([worker(0), worker(1)]).recheck is None
+
+
+def test_what_a_pod_reports_outside_the_contract_never_reaches_status():
+    """A hostile trainer image: artifacts and checkpoints outside spec.output.uri, a NaN loss, a checkpoint
+    time of its own choosing, a metrics checkpoint label elsewhere: dropped, the rest counts."""
+    spec = {**SPEC, "output": {"uri": "s3://loras/cats"}}
+    done = (
+        '{"status": "succeeded", "exitCode": 0, "step": 20, "totalSteps": 20, "loss": NaN, "artifacts": ['
+        '{"uri": "s3://loras/cats/pytorch_lora_weights.safetensors", "format": "diffusers"},'
+        '{"uri": "s3://loras/other-job/pytorch_lora_weights.safetensors", "format": "diffusers"}, 5],'
+        '"lastCheckpoint": {"step": 20, "uri": "s3://elsewhere/state_step_20", "time": "1999-01-01T00:00:00Z"}}'
+    )
+    the_job = job(conditions=[("Complete", "CompletionsReached", "")], completion="2026-01-02T03:09:00Z")
+    status = compute_status(Observed(1, spec, {}, the_job, [exited(0, done)]), T0)
+    assert status["phase"] == "Succeeded"
+    assert status["artifacts"] == [{"uri": "s3://loras/cats/pytorch_lora_weights.safetensors", "format": "diffusers"}]
+    assert "lastCheckpoint" not in status and "loss" not in status["progress"]
+    json.dumps(status, allow_nan=False)  # what is patched is valid JSON
+    ckpt = summary("interrupted", 143, step=5, lastCheckpoint={"step": 5, "uri": "s3://loras/cats/c", "time": "x"})
+    status = compute_status(Observed(1, spec, {}, job(), [exited(143, ckpt)]), T0)
+    assert status["lastCheckpoint"] == {"step": 5, "uri": "s3://loras/cats/c", "time": "2026-01-02T03:04:05Z"}
+    sample = ProgressSample(step=3, total_steps=9, checkpoint_step=2, checkpoint_uri="s3://elsewhere/ckpt")
+    running = compute_status(Observed(1, spec, {}, job(), [pod(phase="Running")], sample), T0)
+    assert "lastCheckpoint" not in running and running["progress"]["step"] == 3
