@@ -281,3 +281,51 @@ def find_trainer_pids(namespace, pod_name):
         ):
             pids.append(int(entry.name))
     return pids
+
+
+def _proc(pid):
+    """(environ entries, cmdline, parent pid) of a process, or None once it is gone."""
+    entry = Path("/proc") / str(pid)
+    try:
+        env = (entry / "environ").read_bytes().split(b"\0")
+        cmdline = (entry / "cmdline").read_bytes()
+        ppid = int(next(line for line in (entry / "status").read_text().splitlines() if line.startswith("PPid:"))[5:])
+    except (OSError, StopIteration, ValueError):
+        return None
+    return env, cmdline, ppid
+
+
+# helper processes of multiprocessing, never workers
+_HELPERS = (b"resource_tracker", b"semaphore_tracker", b"forkserver")
+
+
+def find_worker_pids(namespace, pod_name):
+    """PIDs of the training worker processes in a trainer pod (not the elastic launcher that started them).
+
+    Workers carry LOCAL_RANK in their environment when the launcher exec'd them; workers it forked or spawned
+    in-process do not show later environment changes in /proc, so then they are found as the children of the
+    pod's launcher process (descending while a process has a single child that has children of its own)."""
+    mine = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            info = _proc(int(entry.name))
+            if (
+                info
+                and f"POD_NAME={pod_name}".encode() in info[0]
+                and f"LORA_JOB_NAMESPACE={namespace}".encode() in info[0]
+            ):
+                mine[int(entry.name)] = info
+    ranked = [pid for pid, (env, _, _) in mine.items() if any(e.startswith(b"LOCAL_RANK=") for e in env)]
+    if ranked:
+        return sorted(ranked)
+    children = {
+        pid: [c for c, info in mine.items() if info[2] == pid and not any(h in info[1] for h in _HELPERS)]
+        for pid in mine
+    }
+    tops = [pid for pid, info in mine.items() if info[2] not in mine]
+    if len(tops) != 1:
+        return []
+    current = tops[0]
+    while len(children[current]) == 1 and children[children[current][0]]:
+        current = children[current][0]
+    return sorted(children[current])
