@@ -323,6 +323,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2, help="measure every row this many times, keep the best")
     parser.add_argument("--compile", action="store_true", help="add ours with torch_compile")
+    parser.add_argument("--only", action="append", metavar="SETUP", help="measure only these setups (repeatable)")
+    parser.add_argument("--loop", choices=["ours", "trl"], help="measure only this loop's rows")
     parser.add_argument("--worker", choices=["ours", "trl"])
     parser.add_argument("--keys", default="{}")
     args = parser.parse_args()
@@ -332,6 +334,8 @@ def main() -> None:
         return
     rows, skipped, trl = [], [], {}
     for name, loop, keys in ROWS[args.arch] + ([COMPILE_ROW] if args.compile else []):
+        if (args.only and name not in args.only) or (args.loop and loop != args.loop):
+            continue
         problem = available(args.device, keys)
         if problem:
             skipped.append(f"{name} ({loop}): {problem}")
