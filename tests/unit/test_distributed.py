@@ -13,8 +13,9 @@ import torch
 import torch.multiprocessing as mp
 
 from lora_trainer import elastic
+from lora_trainer.config.schema import DISTRIBUTED_STRATEGIES
 from lora_trainer.data.sampler import EpochPlan, RunBatches, run_batches
-from lora_trainer.distributed import BatchRandom, World, shard_bounds
+from lora_trainer.distributed import STRATEGIES, BatchRandom, World, shard_bounds, strategy
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
@@ -38,6 +39,23 @@ def test_the_processes_share_out_every_global_batch_exactly(world_size):
 
 def test_a_short_last_batch_leaves_the_last_processes_out():
     assert [shard_bounds(3, World(r, 4), 2) for r in range(4)] == [(0, 2), (2, 3), (3, 3), (3, 3)]
+
+
+def test_with_stand_ins_a_process_with_no_item_gets_the_batchs_last_one_and_no_batch_is_skipped():
+    """fsdp: every process runs every micro-batch's forward (gathering a block is a collective)."""
+    plan = EpochPlan(((0, 1, 2, 3, 4, 5, 6, 7),), batch_size=6, accumulation=1)  # batches of 6 and 2
+    global_batches = [keys for _, _, keys in run_batches(plan, seed=3, epochs=1)]
+    idle = list(RunBatches(plan, seed=3, epochs=1, world=World(1, 2), per_process=3, stand_in=True))
+    assert idle == [global_batches[0][3:], global_batches[1][-1:]]
+    assert len(list(RunBatches(plan, seed=3, epochs=1, world=World(1, 2), per_process=3))) == 1
+
+
+def test_a_world_of_one_has_nothing_to_shard_and_runs_as_ddp():
+    assert strategy("fsdp", World()).name == "ddp"
+    assert strategy("fsdp", World(0, 2)).collective_forward and not strategy("ddp", World(0, 2)).collective_forward
+    with pytest.raises(ValueError, match="unknown distributed_strategy"):
+        strategy("zero3", World(0, 2))
+    assert tuple(STRATEGIES) == DISTRIBUTED_STRATEGIES  # the config's choices are the strategies
 
 
 def test_every_process_draws_its_items_numbers_as_one_process_would():

@@ -73,6 +73,27 @@ class CompilerForTorchCompile:
         return None
 
 
+@dataclass(frozen=True)
+class FullyShard:
+    """distributed_strategy: fsdp shards with FSDP2's fully_shard, keeping the LoRA weights out of the shards
+    with its `ignored_params` (newer than the oldest torch pyproject.toml allows); an older torch is refused at
+    start."""
+
+    def problem(self) -> str | None:
+        import inspect
+
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:
+            fully_shard = None
+        if fully_shard is not None and "ignored_params" in inspect.signature(fully_shard).parameters:
+            return None
+        return (
+            f"distributed_strategy: fsdp needs FSDP2's fully_shard with ignored_params, which torch "
+            f"{installed_version('torch')} lacks: install the tested versions (uv.lock) or use distributed_strategy: ddp"
+        )
+
+
 def installed_version(package: str) -> str | None:
     try:
         return metadata.version(package)

@@ -7,6 +7,13 @@ nothing, and one explicit reduction keeps gradient accumulation and several trai
 Each process weights its loss by its share of the global batch, so the sum is the gradient of the global
 mean: N processes with batch b train exactly like one process with batch N*b.
 
+How the model lives in the processes is the run's `distributed_strategy` (STRATEGIES): `ddp`, a whole copy in
+every process, or `fsdp`, the frozen base's blocks sharded over the processes with FSDP2 (`fully_shard`), each
+block gathered whole just for its forward and backward. Under fsdp the LoRA weights stay whole and
+unsharded in every process (`ignored_params`): they are megabytes beside the base, and kept whole they are
+reduced, clipped, stepped and saved exactly as under ddp, so the two strategies train the same weights and
+write the same checkpoints, and either resumes the other.
+
 Launched by torch's elastic launcher (`lora-train --nproc-per-node N`, or torchrun), which sets RANK,
 WORLD_SIZE and LOCAL_RANK; a plain `lora-train` is a world of one, with no process group.
 """
@@ -16,8 +23,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 import torch
 
@@ -106,6 +114,72 @@ class World:
         yield
         if self.is_local_main:
             self.barrier()
+
+
+class Strategy(Protocol):
+    """How the model is spread over the processes of a run."""
+
+    name: ClassVar[str]
+    # whether the model's forward passes are collectives: every process must then run each of them (a process
+    # with no item of a short batch runs one at zero weight, and validation runs everywhere)
+    collective_forward: ClassVar[bool]
+
+    def place(self, blocks: Iterable[torch.nn.Module], trainable: Iterable[torch.nn.Parameter]) -> int:
+        """Puts the loaded model's frozen `blocks` in place, `trainable` (the LoRA weights) left whole; returns
+        how many blocks were sharded."""
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """A whole copy of the model in every process; LoRA gradients summed by World.sum_."""
+
+    world: World
+    name: ClassVar[str] = "ddp"
+    collective_forward: ClassVar[bool] = False
+
+    def place(self, blocks, trainable) -> int:
+        return 0
+
+
+@dataclass(frozen=True)
+class ShardedBase:
+    """The frozen base's blocks sharded over the processes (FSDP2); LoRA weights whole, as under ddp.
+
+    Each block is one FSDP unit: its frozen weights are split over the processes, all-gathered before its
+    forward (and again for the backward) and freed after. The frozen weights have no gradients, so FSDP
+    reduces nothing; the LoRA weights are `ignored_params`, plain tensors whose gradients World.sum_ adds up
+    as under ddp: no gradient is reduced twice, and the loss scaling is ddp's. What lies outside the blocks
+    (embeddings, output layer, the denoiser's input and output layers) stays whole in every process."""
+
+    world: World
+    name: ClassVar[str] = "fsdp"
+    collective_forward: ClassVar[bool] = True
+
+    def place(self, blocks, trainable) -> int:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        blocks = list(blocks)
+        if not blocks:
+            raise ValueError("distributed_strategy fsdp: the model has no blocks to shard")
+        device_type = next(blocks[0].parameters()).device.type
+        mesh = init_device_mesh(device_type, (self.world.size,))
+        keep = set(trainable)
+        for block in blocks:
+            # reshard_after_forward: the block's gathered weights are freed after the forward and gathered
+            # again for the backward, so at most a block or two is ever whole on a device
+            fully_shard(block, mesh=mesh, reshard_after_forward=True, ignored_params=keep)
+        return len(blocks)
+
+
+STRATEGIES: dict[str, type[DataParallel] | type[ShardedBase]] = {"ddp": DataParallel, "fsdp": ShardedBase}
+
+
+def strategy(name: str, world: World) -> Strategy:
+    """The strategy `distributed_strategy` names; a world of one has nothing to shard and runs as ddp."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown distributed_strategy {name!r}; known: {', '.join(STRATEGIES)}")
+    return STRATEGIES[name](world) if world.distributed else DataParallel(world)
 
 
 def shard_bounds(total: int, world: World, per_process: int) -> tuple[int, int]:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from .compat import check_libraries
+from .compat import FullyShard, check_libraries
 from .config import TrainConfig
 from .distributed import World
 from .errors import Interrupted
@@ -71,7 +71,10 @@ def launch(cfg: TrainConfig, stop: StopSignal, report: TerminationReport, env: M
     from .tasks import task_class
 
     cfg = with_cluster_defaults(cfg, env)
-    check_libraries(task_class(cfg.task_type).library_needs(cfg))  # before any download or model load
+    needs = task_class(cfg.task_type).library_needs(cfg)
+    if cfg.distributed_strategy == "fsdp":
+        needs.append(FullyShard())
+    check_libraries(needs)  # before any download or model load
     world = World.from_env(env)
     world.start(pick_device(cfg, world)[0].type)
     with contextlib.ExitStack() as cleanup:

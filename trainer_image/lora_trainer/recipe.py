@@ -7,6 +7,8 @@ in observers; task specifics (SD or LLM) live behind the Task interface.
 With several processes (distributed.py) each trains its part of every global batch; the gradients, the
 loss and the counts are summed over them once per optimizer step, and the main process alone writes
 outputs and has observers. The global batch is batch_size x gradient_accumulation_steps x processes.
+Under distributed_strategy fsdp the forward passes are collectives, so every process runs every
+micro-batch (one with no item of a short batch trains a stand-in at zero weight) and every validation.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .data.sampler import EpochPlan, RunBatches, batch_seed, run_batches
-from .distributed import BatchRandom, World, shard_bounds
+from .distributed import BatchRandom, World, shard_bounds, strategy
 from .errors import ConfigError, DivergedError, Interrupted, TrainError
 from .experiment import ExperimentRecord
 from .files import sha256_file
@@ -171,6 +173,13 @@ class TrainingRecipe:
         with world.local_main_first():
             self.task.load(self.device, weight_dtype)
             self.dataset = self.task.dataset()
+        self.strategy = strategy(cfg.distributed_strategy, world)
+        if self.strategy.name != cfg.distributed_strategy:
+            log.info(
+                "distributed_strategy %s: one process has nothing to shard; training as %s",
+                cfg.distributed_strategy,
+                self.strategy.name,
+            )
         self.weights = self.task.item_weights()
         global_batch = cfg.batch_size * world.size
         self.plan = EpochPlan(self.task.item_groups(), global_batch, cfg.gradient_accumulation_steps)
@@ -178,6 +187,8 @@ class TrainingRecipe:
         self.epochs = self.plan.epochs_needed(self.total_steps)
         groups = self.task.param_groups()
         self.params = [p for g in groups for p in g["params"]]
+        if sharded := self.strategy.place(self.task.frozen_blocks(), self.params):
+            log.info("fsdp: %d blocks of the frozen base sharded over %d processes", sharded, world.size)
         self.optimizer = build_optimizer(groups, cfg, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
@@ -268,7 +279,14 @@ class TrainingRecipe:
         return torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=RunBatches(
-                self.plan, self.cfg.seed, self.epochs, self.epoch, start_batch, self.world, self.cfg.batch_size
+                self.plan,
+                self.cfg.seed,
+                self.epochs,
+                self.epoch,
+                start_batch,
+                self.world,
+                self.cfg.batch_size,
+                stand_in=self.strategy.collective_forward,
             ),
             collate_fn=self.task.collate,
             num_workers=workers,
@@ -293,9 +311,13 @@ class TrainingRecipe:
         for _ in range(group):
             epoch, number, keys = next(plan)
             lo, hi = shard_bounds(len(keys), self.world, self.cfg.batch_size)
-            if lo == hi:
-                continue  # no item of this short global batch is ours
-            share = self.weight(keys[lo:hi]) / self.weight(keys)  # our part of the global batch's mean loss
+            idle = lo == hi  # no item of this short global batch is ours
+            if idle and not self.strategy.collective_forward:
+                continue
+            if idle:  # the others' forward needs ours: the loader gave us the last item, to train at weight 0
+                lo, share = hi - 1, 0.0
+            else:
+                share = self.weight(keys[lo:hi]) / self.weight(keys)  # our part of the global batch's mean loss
             with self.stopwatch.measure("data"):
                 batch = next(batches)
             with self.stopwatch.measure("forward_backward"):
@@ -309,6 +331,8 @@ class TrainingRecipe:
                 value = loss.item()
                 scaled = loss * (share / group)
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            if idle:
+                continue
             loss_sum += value * share / group
             n, t = self.task.batch_counts(batch)
             samples, tokens = samples + n, tokens + t
@@ -381,9 +405,9 @@ class TrainingRecipe:
             self.save_checkpoint()
 
     def validate(self) -> None:
-        """Samples or held-out loss, on the main process. Its own RNG fork: validation never shifts the
-        training stream."""
-        if not self.world.is_main:
+        """Samples or held-out loss, on the main process (on every process when their forwards are
+        collectives; the main one reports). Its own RNG fork: validation never shifts the training stream."""
+        if not self.world.is_main and not self.strategy.collective_forward:
             return
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), self.stopwatch.measure("validation"):

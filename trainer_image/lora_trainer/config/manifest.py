@@ -58,6 +58,7 @@ SPEC_TO_CONFIG: tuple[tuple[tuple[str, ...], str], ...] = (
     (("training", "baseQuantization"), "base_quantization"),
     (("training", "chunkedCrossEntropy"), "chunked_cross_entropy"),
     (("training", "torchCompile"), "torch_compile"),
+    (("training", "distributedStrategy"), "distributed_strategy"),
     (("training", "seed"), "seed"),
     (("training", "snrGamma"), "snr_gamma"),
     (("training", "noiseOffset"), "noise_offset"),

@@ -27,6 +27,7 @@ DEVICES = ("auto", "cpu", "cuda")
 SAVE_FORMATS = ("diffusers", "kohya")
 MODEL_FAMILIES = ("auto", "sd", "sdxl", "flux1", "flux2", "sd3", "qwen-image", "z-image")  # lora_trainer/families
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")  # diffusers.training_utils' names
+DISTRIBUTED_STRATEGIES = ("ddp", "fsdp")  # lora_trainer/distributed.py: STRATEGIES
 QUANTIZATION_MODES = ("none", "int8", "fp8", "nf4")  # lora_trainer/quantization.py: one backend each
 T2I, LLM = ("text-to-image",), ("text-generation",)  # the task(s) a key applies to
 REQUIRED = dataclasses.MISSING
@@ -279,6 +280,17 @@ class TrainConfig:
     )
     seed: int = option(42, "Seed of every random choice; same seed, same run.", min=0, group="training")
     device: str = option("auto", "auto (CUDA if present), cpu or cuda.", choices=DEVICES, group="training")
+    distributed_strategy: str = option(
+        "ddp",
+        "With several processes: ddp keeps a whole copy of the model in every process; fsdp shards the frozen "
+        "base's blocks (the LLM's decoder layers; the UNet's or transformer's blocks) over the processes with "
+        "FSDP2, for bases that do not fit one GPU. LoRA weights and their optimizer state stay whole in every "
+        "process, so the results, the output files and the checkpoints are those of ddp (either resumes the "
+        "other). One process has nothing to shard and trains as ddp; fsdp with base_quantization is refused "
+        "(docs/distributed.md).",
+        choices=DISTRIBUTED_STRATEGIES,
+        group="training",
+    )
     snr_gamma: float | None = option(
         None,
         "Min-SNR loss weighting gamma (5.0 is common); off when unset.",

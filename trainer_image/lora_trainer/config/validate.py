@@ -178,6 +178,13 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
             f"'bucket_reso_steps' ({cfg.bucket_reso_steps}) must be at most 'resolution' ({cfg.resolution}) when "
             "enable_bucket is on (bucket sides are multiples of it)"
         )
+    if cfg.distributed_strategy == "fsdp" and cfg.base_quantization != "none":
+        problems.append(
+            f"'distributed_strategy': fsdp cannot shard a quantized base (base_quantization: "
+            f"{cfg.base_quantization}): FSDP2 cannot split torchao's int8/fp8 tensors, and splitting bitsandbytes' "
+            "nf4 weights silently corrupts them; use distributed_strategy: ddp with the quantized base, or fsdp "
+            "with base_quantization: none"
+        )
     problems += logging_dir_problems(cfg)
     for key in ("output_dir", "train_data_dir", "base_model", "logging_dir", "metadata_path", "validation_data"):
         value = getattr(cfg, key)

@@ -106,7 +106,9 @@ def run_batches(
 class RunBatches(torch.utils.data.Sampler):
     """All batches of a run from (start_epoch, start_batch) to the end of `epochs`, so one DataLoader (and
     its worker processes) serves the whole run. With `world`, this process's part of each global batch
-    (distributed.shard_bounds); a process with no part of a short last batch gets nothing for it."""
+    (distributed.shard_bounds); a process with no part of a short last batch gets nothing for it, or with
+    `stand_in` (when every process must run every forward: distributed_strategy fsdp) the batch's last item,
+    which the recipe trains at zero weight."""
 
     def __init__(
         self,
@@ -117,16 +119,20 @@ class RunBatches(torch.utils.data.Sampler):
         start_batch: int = 0,
         world: World | None = None,
         per_process: int | None = None,
+        stand_in: bool = False,
     ):
         self.plan, self.seed, self.epochs = plan, seed, epochs
         self.start_epoch, self.start_batch = start_epoch, start_batch
         self.world, self.per_process = world or World(), per_process or plan.batch_size
+        self.stand_in = stand_in
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for _, _, keys in run_batches(self.plan, self.seed, self.epochs, self.start_epoch, self.start_batch):
             lo, hi = shard_bounds(len(keys), self.world, self.per_process)
             if lo < hi:
                 yield keys[lo:hi]
+            elif self.stand_in:
+                yield keys[-1:]
 
     def __len__(self) -> int:
         return sum(1 for _ in self)

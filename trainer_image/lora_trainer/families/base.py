@@ -75,6 +75,9 @@ class ModelFamily:
     checkpoints_gradients: ClassVar[bool] = True  # default of gradient_checkpointing
     text_encoder_lora: ClassVar[bool] = False  # whether train_text_encoder is supported
     default_guidance: ClassVar[float] = 7.5  # of validation images, where validation_guidance_scale is unset
+    # the denoiser's attributes that hold its blocks (a ModuleList, or one block): the units that
+    # distributed_strategy fsdp shards; together they hold nearly all of the denoiser's weights
+    block_attributes: ClassVar[tuple[str, ...]] = ("transformer_blocks", "single_transformer_blocks")
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -219,6 +222,17 @@ class ModelFamily:
     def param_groups(self) -> list[tuple[torch.nn.Module, float]]:
         """(module, learning rate) of the modules whose LoRA weights train."""
         return [(self.parts.denoiser, self.cfg.learning_rate)]
+
+    def denoiser_blocks(self) -> list[torch.nn.Module]:
+        """The denoiser's blocks, in order (block_attributes; those the model lacks are skipped)."""
+        blocks: list[torch.nn.Module] = []
+        for name in self.block_attributes:
+            found = getattr(self.parts.denoiser, name, None)
+            if isinstance(found, torch.nn.ModuleList):
+                blocks.extend(found)
+            elif isinstance(found, torch.nn.Module):
+                blocks.append(found)
+        return blocks
 
     def trainable_modules(self) -> list[tuple[str, torch.nn.Module]]:
         """(prefix in LoRA files, module) of everything that carries trained LoRA weights."""

@@ -62,6 +62,7 @@ class StableDiffusion(ModelFamily):
     pipeline_class = "StableDiffusionPipeline"
     denoiser_prefix = UNET_PREFIX
     denoiser_class = "UNet2DConditionModel"
+    block_attributes = ("down_blocks", "mid_block", "up_blocks")  # the UNet's resolution levels
     caches_prompts = False  # CLIP is small, and trainable with train_text_encoder
     releases_text_encoders = False  # validation samples from the prompt text
     checkpoints_gradients = False

@@ -44,6 +44,7 @@ class ZImage(FlowMatchingFamily):
     name = "z-image"
     pipeline_class = "ZImagePipeline"
     denoiser_class = "ZImageTransformer2DModel"
+    block_attributes = ("noise_refiner", "context_refiner", "layers")
     posterior_mode = True
     default_guidance = 5.0
 

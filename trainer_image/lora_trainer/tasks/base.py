@@ -49,6 +49,10 @@ class Task(Protocol):
 
     def param_groups(self) -> list[dict[str, Any]]: ...
 
+    def frozen_blocks(self) -> list[torch.nn.Module]:
+        """The loaded base's repeated blocks (decoder layers, the denoiser's blocks): what
+        distributed_strategy fsdp shards over the processes."""
+
     def train_mode(self) -> None: ...
 
     def loss(self, batch: dict[str, torch.Tensor], draws: BatchRandom) -> torch.Tensor:

@@ -169,6 +169,10 @@ class TextGenerationTask:
     def param_groups(self) -> list[dict[str, Any]]:
         return lora_param_groups([(self.model, self.cfg.learning_rate)])
 
+    def frozen_blocks(self) -> list[torch.nn.Module]:
+        """The decoder layers (their LoRA inside); embeddings, final norm and output layer stay whole."""
+        return list(self.causal_lm.get_decoder().layers)
+
     def train_mode(self) -> None:
         self.model.train()
 

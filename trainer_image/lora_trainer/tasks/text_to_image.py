@@ -139,6 +139,9 @@ class TextToImageTask:
     def param_groups(self) -> list[dict[str, Any]]:
         return lora_param_groups(self.family.param_groups())
 
+    def frozen_blocks(self) -> list[torch.nn.Module]:
+        return self.family.denoiser_blocks()
+
     def train_mode(self) -> None:
         self.family.train_mode()
 
