@@ -183,16 +183,26 @@ class KubeCluster:
             "kube-apiserver /readyz",
         )
 
-    def restart_apiserver(self):
-        """Stop kube-apiserver and start it again on the same port (an API outage); waits for /readyz."""
-        apiserver = next(s for s in self.services if s.name == "kube-apiserver")
-        apiserver.stop(timeout=3)
-        apiserver.start()
+    def stop_apiserver(self):
+        """Stop kube-apiserver (an API outage begins); etcd and kube-controller-manager keep running."""
+        self._apiserver().stop(timeout=3)
+
+    def start_apiserver(self):
+        """Start kube-apiserver again on the same port with the same certificates; waits for /readyz."""
+        apiserver = self._apiserver().start()
         wait_until(
             lambda: apiserver.check_running() or self.api.get_raw("/readyz") == "ok",
             START_TIMEOUT,
             "kube-apiserver /readyz after restart",
         )
+
+    def restart_apiserver(self):
+        """Stop kube-apiserver and start it again on the same port (an API outage); waits for /readyz."""
+        self.stop_apiserver()
+        self.start_apiserver()
+
+    def _apiserver(self):
+        return next(s for s in self.services if s.name == "kube-apiserver")
 
     def _start_controller_manager(self):
         port = free_port()
