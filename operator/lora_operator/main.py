@@ -63,10 +63,12 @@ async def run(settings) -> int:
     elector = None
     tasks: list[asyncio.Task] = []
     ctx = Context(settings, api, metrics)
+    # the lease has a client of its own: its renewals never wait behind reconciles for a pooled connection
+    lease_api = ApiClient(login)
     try:
         if settings.leader_election:
             elector = LeaderElector(
-                api,
+                lease_api,
                 settings.lease_namespace,
                 settings.lease_name,
                 settings.identity,
@@ -84,6 +86,7 @@ async def run(settings) -> int:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             for w in waits:
                 w.cancel()
+            ctx.stopped.set()  # at once: kopf takes a while to stop, and a lost lease means another leads
             kopf_stop.set()
 
         tasks.append(asyncio.create_task(relay()))
@@ -118,6 +121,7 @@ async def run(settings) -> int:
         await ctx.close()
         await http.stop()
         await api.close()
+        await lease_api.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,7 +50,7 @@ class OperatorMetrics:
             "lora_operator_reconcile_seconds",
             "Duration of one reconcile of a job",
             registry=self.registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
         )
         # training runs last from seconds (tiny tests) to a day
         self.job_duration = Histogram(

@@ -25,6 +25,9 @@ DUE_FRACTION = 0.95
 # every RESYNC_POLLS poll intervals (at least MIN_RESYNC_SECONDS), a safety net for a missed watch event.
 RESYNC_POLLS = 6
 MIN_RESYNC_SECONDS = 30.0
+# ... and however many jobs wait (a thousand jobs queued for GPUs), the safety net costs at most this many
+# reconciles per second: their interval grows with their number.
+MAX_RESYNCS_PER_SECOND = 2.0
 
 
 class Poller:
@@ -69,13 +72,13 @@ class Poller:
 
     @property
     def resync_interval(self) -> float:
-        return max(MIN_RESYNC_SECONDS, RESYNC_POLLS * self.settings.poll_interval)
+        waiting = sum(1 for phase in self.active.values() if not _active(phase))
+        return max(MIN_RESYNC_SECONDS, RESYNC_POLLS * self.settings.poll_interval, waiting / MAX_RESYNCS_PER_SECOND)
 
     def due(self, key: JobKey, phase: str, now: float) -> bool:
         if now >= self.wake_at.get(key, float("inf")):
             return True
-        active = phase in (Phase.LABELING.value, Phase.RUNNING.value)
-        every = self.settings.poll_interval if active else self.resync_interval
+        every = self.settings.poll_interval if _active(phase) else self.resync_interval
         return now - self.last_poll.get(key, 0.0) >= every * DUE_FRACTION
 
     def start(self) -> None:
@@ -110,3 +113,8 @@ class Poller:
                 self.last_poll[key] = now
                 self.wake_at.pop(key, None)
                 self.polling[key] = asyncio.create_task(refresh(key))
+
+
+def _active(phase: str) -> bool:
+    """A job whose progress only a scrape shows: refreshed every poll interval."""
+    return phase in (Phase.LABELING.value, Phase.RUNNING.value)

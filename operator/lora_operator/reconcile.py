@@ -35,6 +35,9 @@ from .status import Observed, Phase, compute_status, is_terminal, output_uri, pa
 
 log = logging.getLogger("lora_operator")
 
+# Reconciles in flight at once, whoever asked (kopf's handlers, the poller): a thousand new jobs queue here
+# instead of filling the API client's connection pool (kube.MAX_CONNECTIONS) and each other's timeouts.
+MAX_CONCURRENT_RECONCILES = 20
 # How long kopf waits before calling the clean-up handler again while it waits for the trainer to stop or
 # the cleanup Job to finish (both take seconds).
 CLEANUP_RETRY_SECONDS = 2
@@ -85,6 +88,9 @@ class Context:
     now: Callable[[], datetime] = lambda: datetime.now(UTC)
     jobs: JobCaches = field(default_factory=JobCaches)
     poller: Poller = field(init=False)
+    # set when the operator stops leading (or shuts down): no reconcile starts after it
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_CONCURRENT_RECONCILES))
 
     def __post_init__(self) -> None:
         self.poller = Poller(self.settings, refresh=functools.partial(reconcile, self), busy=self.jobs.busy)
@@ -142,9 +148,13 @@ class ChildForbidden(Exception):
 async def reconcile(ctx: Context, key: JobKey, seen_pod: dict[str, Any] | None = None) -> None:
     """`seen_pod`: a trainer pod from a watch event, kept even when it is already deleted (a suspended
     or evicted pod's final state carries the trainer's exit summary and last checkpoint)."""
+    if ctx.stopped.is_set():
+        return
     started = time.perf_counter()
     try:
-        async with ctx.jobs.lock(key):
+        async with ctx.jobs.lock(key), ctx.slots:
+            if ctx.stopped.is_set():  # the lease was lost while this one waited
+                return
             await _reconcile(ctx, key, seen_pod)
     except Exception:
         ctx.metrics.reconcile_errors.inc()

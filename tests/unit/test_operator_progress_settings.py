@@ -209,3 +209,40 @@ def test_poller_wakes_a_job_at_its_own_deadline():
     assert not poller.due(key, "Pending", now + 6) and poller.due(key, "Pending", now + 8)
     poller.drop(key)
     assert key not in poller.wake_at
+
+
+def test_the_resync_of_waiting_jobs_costs_at_most_two_reconciles_a_second_however_many_wait():
+    from lora_operator.names import JobKey
+    from lora_operator.observability import OperatorMetrics
+    from lora_operator.poller import MAX_RESYNCS_PER_SECOND
+    from lora_operator.reconcile import Context
+
+    poller = Context(Settings(poll_interval=5), api=None, metrics=OperatorMetrics()).poller
+    for i in range(10):
+        poller.follow(JobKey("ns", f"job-{i}"), "Pending")
+    assert poller.resync_interval == 30.0
+    for i in range(1000):
+        poller.follow(JobKey("ns", f"job-{i}"), "Pending")
+    poller.follow(JobKey("ns", "training"), "Running")  # running jobs are polled each interval, not counted
+    assert poller.resync_interval == 1000 / MAX_RESYNCS_PER_SECOND
+    assert not poller.due(JobKey("ns", "job-1"), "Pending", 400.0) and poller.due(
+        JobKey("ns", "job-1"), "Pending", 500.0
+    )
+    assert poller.due(JobKey("ns", "training"), "Running", 5.0)
+
+
+def test_no_reconcile_starts_once_the_operator_stopped_leading():
+    import asyncio
+
+    from lora_operator.names import JobKey
+    from lora_operator.observability import OperatorMetrics
+    from lora_operator.reconcile import Context, reconcile
+
+    class NoApi:
+        def __getattr__(self, name):
+            raise AssertionError(f"the API was called ({name}) after the lease was lost")
+
+    ctx = Context(Settings(poll_interval=5), api=NoApi(), metrics=OperatorMetrics())
+    ctx.stopped.set()
+    asyncio.run(reconcile(ctx, JobKey("ns", "job")))
+    assert ctx.metrics.reconcile_errors._value.get() == 0
