@@ -142,6 +142,8 @@ def test_a_good_manifest_gets_its_defaults(kube_cluster, lora_crd, namespace):
         "learningRate": 0.0001,
         "lrScheduler": "constant",
         "precision": "no",
+        "baseQuantization": "none",
+        "distributedStrategy": "ddp",
         "seed": 42,
     }
     assert spec["backoffLimit"] == 3 and spec["suspend"] is False and spec["cleanupPolicy"] == "Retain"
