@@ -20,6 +20,7 @@ When a test fails, the tail of every running service's log is added to its repor
 test a crashed node is recovered and a stopped S3 server restarted, so one test cannot break the next.
 """
 
+import random
 import re
 import uuid
 
@@ -74,10 +75,15 @@ def kube_cluster(tmp_path_factory):
     yield from _session_service(KubeCluster(tmp_path_factory.mktemp("kube")))
 
 
+# This session's pod addresses: a /16 of 127/8 of its own, so two sessions on one machine (two engineers, two
+# CI jobs) never hand out the same pod IP, nor scrape each other's trainers at it.
+SESSION_NET = f"127.{random.SystemRandom().randint(16, 254)}"
+
+
 @pytest.fixture(scope="session")
 def node_agent_options():
     """Keyword arguments for NodeAgent; override in a conftest.py (session scope) to change the node."""
-    return {"allocatable": {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "2"}}
+    return {"allocatable": {"cpu": "16", "memory": "64Gi", "nvidia.com/gpu": "2"}, "ip_prefix": f"{SESSION_NET}.0"}
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +101,7 @@ def second_node(kube_cluster, node_agent, node_agent_options, tmp_path_factory):
     killed and the Node removed, so later tests see one node again."""
     from tests.cluster.node_agent import NodeAgent
 
-    options = {**node_agent_options, "name": "local-node-2", "ip_prefix": "127.0.2", "schedule": False}
+    options = {**node_agent_options, "name": "local-node-2", "ip_prefix": f"{SESSION_NET}.2", "schedule": False}
     agent = NodeAgent(kube_cluster.api, kube_cluster.pki, tmp_path_factory.mktemp("node2"), **options)
     agent.start()
     _running.append(agent)

@@ -14,6 +14,7 @@ import socket
 
 import pytest
 
+from tests.cluster import plugin
 from tests.e2e import operator_env as env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -99,7 +100,7 @@ def test_pods_resolve_a_sibling_on_another_node_by_hostname_and_subdomain(kube_c
     b = get(kube_cluster, namespace, "pod", "b")
     assert b["spec"]["nodeName"] == "local-node-2" and done["spec"]["nodeName"] == "local-node"
     assert set(answer["found"].values()) == {b["status"]["podIP"]}
-    assert b["status"]["podIP"].startswith("127.0.2.")  # the second node's pod addresses
+    assert b["status"]["podIP"].startswith(f"{plugin.SESSION_NET}.2.")  # the second node's pod addresses
     # its own name: the pod's host name, whose canonical form is its FQDN under the subdomain
     assert answer["hostname"] == "a" and answer["canonical"] == f"a.sub.{namespace}.svc.cluster.local"
     assert answer["ip"] == done["status"]["podIP"]

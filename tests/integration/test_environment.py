@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster import plugin
 from tests.cluster.kubeapi import ApiError, resource_path
 from tests.cluster.procs import free_port, wait_until
 
@@ -301,7 +302,7 @@ def test_env_from_secret_configmap_fieldref_and_mounted_configmap(kube_cluster, 
         "config": "lora_rank: 4\n",
         "token": True,
     }
-    assert re.fullmatch(r"127\.0\.0\.\d+", pod["status"]["podIP"]) and pod["status"]["podIP"] != "127.0.0.1"
+    assert re.fullmatch(rf"{re.escape(plugin.SESSION_NET)}\.0\.\d+", pod["status"]["podIP"])  # this session's own
     assert not Path("/etc/lora/train.yaml").exists()  # the mount was private to the pod
 
 
