@@ -101,10 +101,9 @@ class ApiClient:
                 auth = base64.b64encode(f"{self._info.username}:{self._info.password}".encode()).decode()
                 headers["Authorization"] = f"Basic {auth}"
             connector = aiohttp.TCPConnector(ssl=_ssl_context(self._info), limit=MAX_CONNECTIONS)
-            # the timeout bounds the server (connecting, each read), not the wait for a pooled connection:
-            # a busy operator queues its requests, it does not fail them
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._timeout, sock_read=self._timeout)
-            self._session = aiohttp.ClientSession(base_url=None, headers=headers, connector=connector, timeout=timeout)
+            self._session = aiohttp.ClientSession(
+                base_url=None, headers=headers, connector=connector, timeout=aiohttp.ClientTimeout(total=self._timeout)
+            )
         return self._session
 
     @property
