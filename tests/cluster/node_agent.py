@@ -826,7 +826,6 @@ class NodeAgent:
         if not self._reap(run):
             return
         reason, message, condition = run.stop_reason
-        run.finished = True
         self._report(pod, run, phase="Failed", reason=reason, message=message, extra_condition=condition)
         self._event(pod, reason, message, "Warning")
 
@@ -839,7 +838,6 @@ class NodeAgent:
                 return
             statuses = [c.status() for c in run.containers]
             failed = any(s["state"].get("terminated", {}).get("exitCode", 0) != 0 for s in statuses)
-            run.finished = True
             self._report(pod, run, phase="Failed" if failed else "Succeeded")
         last = self._deleting.get(uid, 0)
         if time.monotonic() - last < 2:
@@ -921,21 +919,22 @@ class NodeAgent:
 
     def _report(self, pod, run, **kwargs):
         status = self.pod_status(pod, run, **kwargs)
+        if status != run.reported:
+            ns, name = pod_key(pod)
+            try:
+                self.api.patch(
+                    resource_path("v1", "pods", ns, name, "status"),
+                    {"metadata": {"uid": run.uid}, "status": status},
+                    "strategic",
+                )
+                run.reported = status
+            except ApiError as e:
+                if e.status not in (404, 409):
+                    raise
+        # a terminal phase is final (nothing restarts any more), once reported: a report that failed (the API
+        # server away) is sent again on the next sync
         if status["phase"] in TERMINAL and not run.running_containers():
-            run.finished = True  # a terminal phase is final: nothing restarts any more
-        if status == run.reported:
-            return
-        ns, name = pod_key(pod)
-        try:
-            self.api.patch(
-                resource_path("v1", "pods", ns, name, "status"),
-                {"metadata": {"uid": run.uid}, "status": status},
-                "strategic",
-            )
-            run.reported = status
-        except ApiError as e:
-            if e.status not in (404, 409):
-                raise
+            run.finished = True
 
     def _event(self, pod, reason, message, kind="Normal", component="kubelet", once=None):
         """Record a core/v1 Event about `pod` (best effort; `once` dedupes per run)."""
