@@ -267,8 +267,13 @@ def checkpointed(jobs, name, save):
 @pytest.mark.timeout(TRAINING_TIMEOUT)
 def test_two_nodes_of_two_processes_train_the_weights_of_one_process(jobs, second_node, group_port):
     steps, save = 24, 8
+    # 40Gi per worker: one fits on each 64Gi node, so the pods go to both (least-allocated scoring alone would
+    # put both on one node whenever pods of earlier tests still hold memory on the other)
+    wait_for_memory(jobs, 40 * 2**30)
     jobs.apply(reference_manifest("single", jobs.bucket, steps, save))
-    jobs.apply(group_manifest("group", jobs.bucket, steps, save))
+    group = group_manifest("group", jobs.bucket, steps, save)
+    group["spec"]["resources"]["memory"] = "40Gi"
+    jobs.apply(group)
     succeeded(jobs, "group", 600)
     succeeded(jobs, "single", 300)
     status = jobs.status("group")
@@ -336,6 +341,11 @@ def test_a_node_crash_under_a_worker_restarts_the_group_from_its_checkpoint(jobs
     victim.recover()
 
 
+def wait_for_memory(jobs, needed):
+    for node in ("local-node", "local-node-2"):
+        env.wait_until(lambda n=node: memory_free(jobs.cluster, n) >= needed, 120, f"{needed >> 30}Gi free on {node}")
+
+
 def memory_free(cluster, node):
     """Memory of `node` that no non-terminal pod requests (pods of earlier tests may still be stopping)."""
     from tests.cluster import podspec
@@ -351,8 +361,7 @@ def memory_free(cluster, node):
 
 def test_a_group_that_cannot_all_be_scheduled_holds_nothing(jobs, second_node, group_port):
     # 40Gi per worker: one fits on each 64Gi node, so 2 of 3 workers start and the third cannot
-    for node in ("local-node", "local-node-2"):
-        env.wait_until(lambda n=node: memory_free(jobs.cluster, n) >= 40 * 2**30, 120, f"40Gi free on {node}")
+    wait_for_memory(jobs, 40 * 2**30)
     manifest = group_manifest("too-big", jobs.bucket, 24, 8)
     manifest["spec"]["resources"] |= {"nodes": 3, "memory": "40Gi"}
     jobs.apply(manifest)
