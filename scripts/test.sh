@@ -7,4 +7,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/test-services.sh >/dev/null
-exec .venv/bin/python -m pytest "${@:-tests}"
+exec .venv/bin/python -m pytest --durations=30 "${@:-tests}"  # the slowest tests, to keep CI well under its limit
