@@ -124,9 +124,12 @@ def test_a_checkpoint_of_two_processes_resumes_in_one_with_the_same_global_batch
     assert code == ExitCode.CONFIG_INVALID and "batch_size 4 -> 2" in out, out[-2000:]
 
 
-def test_nan_on_the_processes_stops_them_all_with_the_step_named(tmp_path):
-    code, out = lora_train(tmp_path, dict(SD_BASE, learning_rate=1e30, max_train_steps=20), "--nproc-per-node", "2")
+def test_nan_on_the_processes_stops_them_all_with_the_step_named_and_no_restart(tmp_path):
+    """A permanent error ends the launch at once, whatever --max-restarts allows: a restart would diverge again."""
+    cfg = dict(SD_BASE, learning_rate=1e30, max_train_steps=20)
+    code, out = lora_train(tmp_path, cfg, "--nproc-per-node", "2", "--max-restarts", "2")
     assert code == ExitCode.TRAINING_DIVERGED, out[-3000:]
+    assert out.count("lora-train INFO training 20 steps") == 1, out[-3000:]  # one round of workers
     message = termination(tmp_path)
     assert message["reason"] == "TrainingDiverged" and "at step" in message["error"] and message["permanent"]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 
 import pytest
@@ -16,6 +17,8 @@ from lora_trainer import elastic
 from lora_trainer.config.schema import DISTRIBUTED_STRATEGIES
 from lora_trainer.data.sampler import EpochPlan, RunBatches, run_batches
 from lora_trainer.distributed import STRATEGIES, BatchRandom, World, shard_bounds, strategy
+from lora_trainer.errors import ExitCode
+from lora_trainer.termination import TerminationReport
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
@@ -123,4 +126,22 @@ def test_the_container_passes_on_the_main_processs_report_or_the_first_failure(t
     assert elastic.worker_report(tmp_path) == {"exitCode": 5, "rank": 2}
     write(0, 0)
     assert elastic.worker_report(tmp_path) == {"exitCode": 0, "rank": 0}
+    (tmp_path / "rank-3.json").write_text(json.dumps({"exitCode": 3, "rank": 3, "permanent": True}))
+    assert elastic.worker_report(tmp_path)["rank"] == 3  # the others were stopped because of it
     assert elastic.exit_code_of(-15) == 143 and elastic.exit_code_of(2) == 2
+
+
+def test_a_workers_permanent_error_signals_the_launcher_and_nothing_else_does(monkeypatch):
+    sent = []
+    monkeypatch.setattr(elastic.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    monkeypatch.setattr(elastic.os, "getppid", lambda: 4242)
+    worker = {elastic.WORKER_REPORTS_ENV: "/tmp/reports", "RANK": "1"}
+    permanent, retried = TerminationReport(), TerminationReport()
+    permanent.failed_with(ExitCode.DATASET_INVALID, "DatasetInvalid", "no images")
+    retried.failed_with(ExitCode.STORAGE_UNAVAILABLE, "StorageUnavailable", "S3 away")
+    elastic.end_launch_if_permanent(retried, worker)  # a restart may help: the agent decides
+    elastic.end_launch_if_permanent(permanent, {"RANK": "1"})  # plain torchrun: its own rules
+    elastic.end_launch_if_permanent(permanent, {elastic.WORKER_REPORTS_ENV: "/tmp/reports"})  # the launcher
+    assert sent == []
+    elastic.end_launch_if_permanent(permanent, worker)
+    assert sent == [(4242, signal.SIGTERM)]

@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         report.write()
+        elastic.end_launch_if_permanent(report)
 
 
 def train(cfg, report=None) -> int:

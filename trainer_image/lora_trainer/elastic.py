@@ -6,7 +6,8 @@
 torch.distributed's elastic agent (what torchrun runs) starts the workers, which are `lora-train` again
 with RANK, WORLD_SIZE and LOCAL_RANK set; the nodes meet at a c10d rendezvous on node 0. When a worker
 fails, the agents stop every worker of every node and start them again from the newest checkpoint, up to
---max-restarts times. The operator sets the LORA_* variables below instead of flags.
+--max-restarts times; a worker's permanent error (docs/architecture.md, "Exit codes") ends the launch at once
+instead, as restarting cannot help. The operator sets the LORA_* variables below instead of flags.
 
 A container has one termination message: the workers write theirs into a folder, and the launcher passes
 on the main process's (or the first failed worker's), and exits with its code, so the permanent exit codes
@@ -20,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import uuid
@@ -143,14 +145,23 @@ def run(args: argparse.Namespace, argv: list[str], report: TerminationReport) ->
     return code
 
 
+def end_launch_if_permanent(report: TerminationReport, env: Mapping[str, str] = os.environ) -> None:
+    """In a worker whose error is permanent, once its report is written: SIGTERM to the launcher, whose agent
+    then stops the other workers and returns (restarting the group would only meet the error again). The
+    signal comes before this worker exits, so the agent never sees a failure it could restart from."""
+    if report.permanent and env.get(WORKER_REPORTS_ENV) and "RANK" in env:
+        log.info("a permanent error: ending the launch without restarts")
+        os.kill(os.getppid(), signal.SIGTERM)
+
+
 def exit_code_of(exitcode: int) -> int:
     """A worker's exit code as a shell reports it: a signal (negative in Python) is 128 + its number."""
     return 128 - exitcode if exitcode < 0 else exitcode
 
 
 def worker_report(folder: Path) -> dict | None:
-    """The message the container passes on: the main process's if it ran here, else the first failure's,
-    else the first worker's."""
+    """The message the container passes on: the first permanent failure's (the others were stopped because of
+    it), else the main process's if it ran here, else the first failure's, else the first worker's."""
     messages = []
     for path in sorted(folder.glob("rank-*.json"), key=lambda p: int(p.stem.split("-")[1])):
         try:
@@ -159,4 +170,5 @@ def worker_report(folder: Path) -> dict | None:
             continue
     main = [m for m in messages if m.get("rank", 0) == 0]
     failed = [m for m in messages if m.get("exitCode")]
-    return (main or failed or messages or [None])[0]
+    permanent = [m for m in failed if m.get("permanent")]
+    return (permanent or main or failed or messages or [None])[0]
