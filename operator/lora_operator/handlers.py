@@ -79,11 +79,12 @@ def register(registry: kopf.OperatorRegistry) -> kopf.OperatorRegistry:
 
     @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS, registry=registry)
     async def child_job(namespace: str, labels: Any, memo: kopf.Memo, **_: Any) -> None:
-        await rec.reconcile(memo.ctx, JobKey(namespace, labels[JOB_LABEL]))
+        # async (kopf runs sync handlers in threads), queued and not awaited: rec.request
+        rec.request(memo.ctx, JobKey(namespace, labels[JOB_LABEL]))
 
     @kopf.on.event("", "v1", "pods", labels=CHILD_LABELS, registry=registry)
     async def trainer_pod(namespace: str, labels: Any, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        await rec.reconcile(memo.ctx, JobKey(namespace, labels[JOB_LABEL]), seen_pod=copy.deepcopy(dict(body)))
+        rec.request(memo.ctx, JobKey(namespace, labels[JOB_LABEL]), seen_pod=copy.deepcopy(dict(body)))
 
     @kopf.on.event(**LTJ, registry=registry)
     def track(event: Any, body: kopf.Body, uid: str, name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:

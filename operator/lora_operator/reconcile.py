@@ -48,6 +48,10 @@ class JobCaches:
     """What the operator remembers about each job between reconciles, keyed by JobKey."""
 
     locks: dict[JobKey, asyncio.Lock] = field(default_factory=dict)  # one reconcile of a job at a time
+    # a reconcile asked for and not started yet: later requests join it (it reads everything when it starts)
+    queued: dict[JobKey, asyncio.Future] = field(default_factory=dict)
+    # trainer pods from watch events since the last reconcile started, by uid (the newest state of each)
+    seen_pods: dict[JobKey, dict[str, dict[str, Any]]] = field(default_factory=dict)
     # the last scrape of the job's trainer: pod name, sample, time.monotonic() (samples/s needs two)
     samples: dict[JobKey, tuple[str, ProgressSample, float]] = field(default_factory=dict)
     # Warning Events already posted about what the job's pods sent back (Context.warn_once)
@@ -64,6 +68,7 @@ class JobCaches:
 
     def forget(self, key: JobKey) -> None:
         self.locks.pop(key, None)
+        self.seen_pods.pop(key, None)
         self.samples.pop(key, None)
         self.warned.pop(key, None)
         self.outputs.pop(key, None)
@@ -129,6 +134,10 @@ class Context:
 
     async def close(self) -> None:
         await self.poller.close()
+        queued = list(self.jobs.queued.values())
+        for task in queued:
+            task.cancel()
+        await asyncio.gather(*queued, return_exceptions=True)
         if self.scraper is not None:
             await self.scraper.close()
 
@@ -146,24 +155,60 @@ class ChildForbidden(Exception):
 
 
 async def reconcile(ctx: Context, key: JobKey, seen_pod: dict[str, Any] | None = None) -> None:
-    """`seen_pod`: a trainer pod from a watch event, kept even when it is already deleted (a suspended
-    or evicted pod's final state carries the trainer's exit summary and last checkpoint)."""
+    """Bring the job's children and status in line; returns when a reconcile that started after this call
+    has ended (and raises what it raised).
+
+    Requests for a job whose reconcile is queued but not started join it: a burst of a thousand jobs' pod,
+    Job and status events costs one reconcile per job and burst, not one per event. `seen_pod`: a trainer
+    pod from a watch event, kept even when it is already deleted (a suspended or evicted pod's final state
+    carries the trainer's exit summary and last checkpoint)."""
+    queued = request(ctx, key, seen_pod)
+    if queued is not None:
+        await asyncio.shield(queued)  # a caller that is cancelled leaves the others their reconcile
+
+
+def request(ctx: Context, key: JobKey, seen_pod: dict[str, Any] | None = None) -> asyncio.Future | None:
+    """Queue a reconcile of the job (or join the queued one) without waiting for it: what a watch event of
+    a child needs. Its handler then returns at once, and kopf lets go of the event's body instead of a
+    thousand handlers holding theirs while their reconciles wait for a slot."""
     if ctx.stopped.is_set():
-        return
+        return None
+    jobs = ctx.jobs
+    if seen_pod is not None:
+        jobs.seen_pods.setdefault(key, {})[seen_pod["metadata"]["uid"]] = seen_pod
+    queued = jobs.queued.get(key)
+    if queued is None:
+        queued = jobs.queued[key] = asyncio.ensure_future(_queued_reconcile(ctx, key))
+        queued.add_done_callback(_logged)
+    return queued
+
+
+def _logged(done: asyncio.Future) -> None:
+    """A failed reconcile nobody waited for (a child's watch event) is logged here; the poller retries it."""
+    if not done.cancelled() and done.exception() is not None:
+        log.warning("reconcile failed: %s", done.exception())
+
+
+async def _queued_reconcile(ctx: Context, key: JobKey) -> None:
+    jobs = ctx.jobs
     started = time.perf_counter()
     try:
-        async with ctx.jobs.lock(key), ctx.slots:
+        async with jobs.lock(key), ctx.slots:
+            jobs.queued.pop(key, None)  # from here on, a new request queues a new reconcile
+            seen = list(jobs.seen_pods.pop(key, {}).values())
             if ctx.stopped.is_set():  # the lease was lost while this one waited
                 return
-            await _reconcile(ctx, key, seen_pod)
+            await _reconcile(ctx, key, seen)
     except Exception:
         ctx.metrics.reconcile_errors.inc()
         raise
     finally:
+        if jobs.queued.get(key) is asyncio.current_task():  # ended before it started (cancelled)
+            jobs.queued.pop(key, None)
         ctx.metrics.reconcile_seconds.observe(time.perf_counter() - started)
 
 
-async def _reconcile(ctx: Context, key: JobKey, seen_pod: dict[str, Any] | None) -> None:
+async def _reconcile(ctx: Context, key: JobKey, seen_pods: list[dict[str, Any]]) -> None:
     api, settings = ctx.api, ctx.settings
     namespace, name = key.namespace, key.name
     try:
@@ -227,7 +272,7 @@ async def _reconcile(ctx: Context, key: JobKey, seen_pod: dict[str, Any] | None)
     except ChildRejected as err:
         await _publish(ctx, job, Observed(generation, spec, status, refused=(Reason.CHILD_REJECTED, str(err))))
         return
-    pods = await _trainer_pods(ctx, training, seen_pod)
+    pods = await _trainer_pods(ctx, training, seen_pods)
     plan = plan_group(Observed(generation, spec, status, training, pods), ctx.now(), settings)
     if plan.scheduling is not None:
         status = {**status, "scheduling": plan.scheduling}
@@ -256,19 +301,14 @@ def output_claim(job: dict[str, Any]) -> OutputClaim:
 
 
 async def _trainer_pods(
-    ctx: Context, training: dict[str, Any], seen_pod: dict[str, Any] | None
+    ctx: Context, training: dict[str, Any], seen_pods: list[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """The training Job's pods, plus the watched pod when it is already gone (its final state counts)."""
+    """The training Job's pods, plus watched pods that are already gone (their final state counts)."""
     selector = f"batch.kubernetes.io/controller-uid={training['metadata']['uid']}"
     namespace = training["metadata"]["namespace"]
     pods = (await ctx.api.get(core_path("pods", namespace), labelSelector=selector)).get("items") or []
-    if (
-        seen_pod is not None
-        and _belongs(seen_pod, training)
-        and not any(p["metadata"]["uid"] == seen_pod["metadata"]["uid"] for p in pods)
-    ):
-        pods.append(seen_pod)
-    return pods
+    listed = {p["metadata"]["uid"] for p in pods}
+    return pods + [p for p in seen_pods if _belongs(p, training) and p["metadata"]["uid"] not in listed]
 
 
 def _belongs(pod: dict[str, Any], training: dict[str, Any]) -> bool:

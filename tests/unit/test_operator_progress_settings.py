@@ -246,3 +246,53 @@ def test_no_reconcile_starts_once_the_operator_stopped_leading():
     ctx.stopped.set()
     asyncio.run(reconcile(ctx, JobKey("ns", "job")))
     assert ctx.metrics.reconcile_errors._value.get() == 0
+
+
+def test_requests_for_a_job_whose_reconcile_is_queued_join_it(monkeypatch):
+    """A burst of events for one job (its pods', its Job's, its own) costs one reconcile, which sees every
+    watched pod; another job is not held up; a failure reaches every caller and is counted once."""
+    import asyncio
+
+    from lora_operator import reconcile as rec
+    from lora_operator.names import JobKey
+    from lora_operator.observability import OperatorMetrics
+
+    runs = []
+
+    async def main():
+        gate = asyncio.Event()
+
+        async def fake_reconcile(ctx, key, seen_pods):
+            runs.append((key.name, sorted(p["metadata"]["uid"] + p["status"]["phase"] for p in seen_pods)))
+            if len(runs) == 1:
+                await gate.wait()  # the first reconcile of "job" is under way while the burst comes
+            if key.name == "bad":
+                raise RuntimeError("API refused")
+
+        monkeypatch.setattr(rec, "_reconcile", fake_reconcile)
+        ctx = rec.Context(Settings(poll_interval=5), api=None, metrics=OperatorMetrics())
+        job, other, bad = JobKey("ns", "job"), JobKey("ns", "other"), JobKey("ns", "bad")
+
+        def pod(uid, phase):
+            return {"metadata": {"uid": uid}, "status": {"phase": phase}}
+
+        first = asyncio.create_task(rec.reconcile(ctx, job, pod("a", "Running")))
+        while not runs:
+            await asyncio.sleep(0)
+        burst = [rec.reconcile(ctx, job, pod("b", "Pending")), rec.reconcile(ctx, job), rec.reconcile(ctx, job)]
+        burst += [rec.reconcile(ctx, job, pod("b", "Failed")), rec.reconcile(ctx, job, pod("c", "Running"))]
+        burst += [rec.reconcile(ctx, other)]
+        later = [asyncio.ensure_future(c) for c in burst]
+        failing = [asyncio.ensure_future(rec.reconcile(ctx, bad)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(first, *later)
+        outcomes = await asyncio.gather(*failing, return_exceptions=True)
+        assert [type(o) for o in outcomes] == [RuntimeError] * 3
+        assert ctx.jobs.queued == {} and ctx.jobs.seen_pods == {}
+        return ctx
+
+    ctx = asyncio.run(main())
+    assert sorted(runs) == sorted([("job", ["aRunning"]), ("other", []), ("bad", []), ("job", ["bFailed", "cRunning"])])
+    assert runs[0] == ("job", ["aRunning"]) and runs[-1] == ("job", ["bFailed", "cRunning"])
+    assert ctx.metrics.reconcile_errors._value.get() == 1
