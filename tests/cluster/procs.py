@@ -124,6 +124,24 @@ class Service:
         return tail(self.log_path, lines, skip)
 
 
+def descendants(pid):
+    """Every live process below `pid`, read from /proc (children that started sessions of their own, as
+    torch's elastic agent starts its workers, are outside the group that killpg reaches)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def kill_group(proc, timeout):
     """Terminate a process started with start_new_session=True and everything in its group."""
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10)):

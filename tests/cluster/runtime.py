@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from tests.cluster import podspec
-from tests.cluster.procs import kill_group, launcher_argv
+from tests.cluster.procs import descendants, kill_group, launcher_argv
 
 DEFAULT_TERMINATION_PATH = "/dev/termination-log"
 MAX_TERMINATION_MESSAGE = 4096
@@ -429,10 +429,15 @@ class ContainerRun:
                 os.kill(self.proc.pid, sig)
 
     def kill(self):
-        """SIGKILL the whole process group and reap it."""
+        """SIGKILL every process of the container, as the kernel does to a cgroup (a crash, the end of the
+        grace period): the process group and the descendants that left it, then reap it."""
         if self.proc is not None:
+            tree = descendants(self.proc.pid)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
+            for pid in tree:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             kill_group(self.proc, timeout=5)
 
     def finish(self, exit_code, reason=None, message=None, cgroups=None):

@@ -2,6 +2,7 @@
 
 import base64
 import json
+import os
 import re
 from pathlib import Path
 
@@ -252,3 +253,25 @@ def test_log_tails_for_failure_reports_skip_chatter(tmp_path):
     assert procs.tail(log, 3, skip=("Namespace has been deleted",)) == "line 2\nline 3\nline 4"
     assert procs.tail(log, 2).count("Namespace has been deleted") == 1
     assert procs.tail(tmp_path / "missing.log") == ""
+
+
+def test_killing_a_container_kills_the_processes_that_left_its_group(tmp_path):
+    """A crash or the end of a grace period kills the whole container, as a cgroup kill does: also the
+    processes in sessions of their own (torch's elastic agent starts its workers so)."""
+    import subprocess
+
+    run = runtime.ContainerRun({"name": "trainer"}, tmp_path)
+    script = "setsid sleep 300 & echo $! > worker.pid; sleep 300"
+    run.proc = subprocess.Popen(["bash", "-c", script], cwd=tmp_path, start_new_session=True)
+    procs.wait_until(lambda: (tmp_path / "worker.pid").exists() and procs.descendants(run.proc.pid), 10, "a worker")
+    worker = int((tmp_path / "worker.pid").read_text())
+    assert os.getpgid(worker) != os.getpgid(run.proc.pid) and worker in procs.descendants(run.proc.pid)
+    run.kill()
+
+    def alive(pid):  # a zombie (state Z) is dead: it only waits for init to reap it
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    procs.wait_until(lambda: not alive(worker), 10, "the worker killed with its container")
