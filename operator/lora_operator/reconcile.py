@@ -179,14 +179,14 @@ def request(ctx: Context, key: JobKey, seen_pod: dict[str, Any] | None = None) -
     queued = jobs.queued.get(key)
     if queued is None:
         queued = jobs.queued[key] = asyncio.ensure_future(_queued_reconcile(ctx, key))
-        queued.add_done_callback(_logged)
+        queued.add_done_callback(functools.partial(_logged, key))
     return queued
 
 
-def _logged(done: asyncio.Future) -> None:
+def _logged(key: JobKey, done: asyncio.Future) -> None:
     """A failed reconcile nobody waited for (a child's watch event) is logged here; the poller retries it."""
     if not done.cancelled() and done.exception() is not None:
-        log.warning("reconcile failed: %s", done.exception())
+        log.warning("%s: reconcile failed: %s", key, done.exception())
 
 
 async def _queued_reconcile(ctx: Context, key: JobKey) -> None:
