@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from lora_trainer.errors import ExitCode
+from tests.cluster.procs import descendants
 
 from .conftest import LLM_BASE, SD_BASE, final_weights
 from .test_families import base as family_base
@@ -165,19 +166,11 @@ def test_a_process_that_dies_ends_the_others_and_a_restart_continues_from_the_ch
 
 def worker_pids(launcher: int) -> list[int]:
     """The training processes the launcher started: its descendants running lora_trainer.cli."""
-    rows = [
-        line.split(None, 2)
-        for line in subprocess.run(
-            ["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True
-        ).stdout.splitlines()
-    ]
-    children: dict[int, list[int]] = {}
-    for pid, ppid, *_ in rows:
-        children.setdefault(int(ppid), []).append(int(pid))
-    family, todo = [], [launcher]
-    while todo:
-        pid = todo.pop()
-        family += children.get(pid, [])
-        todo += children.get(pid, [])
-    args = {int(r[0]): r[2] if len(r) > 2 else "" for r in rows}
-    return [pid for pid in family if "lora_trainer.cli" in args.get(pid, "")]
+
+    def command(pid: int) -> bytes:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return b""  # gone meanwhile
+
+    return [pid for pid in descendants(launcher) if b"lora_trainer.cli" in command(pid)]
