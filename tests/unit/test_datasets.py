@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import random
 from pathlib import Path
 
@@ -10,7 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_trainer.data.images import assign_bucket, bucket_sizes, resize_and_crop, scan_image_folder, to_tensor
+from lora_trainer.data.cache import TensorCache
+from lora_trainer.data.images import (
+    assign_bucket,
+    bucket_sizes,
+    load_image,
+    resize_and_crop,
+    scan_image_folder,
+    to_tensor,
+)
 from lora_trainer.data.text import IGNORE_INDEX, collate_tokens, read_jsonl, tokenize_dataset
 from lora_trainer.errors import DatasetError
 from lora_trainer.presets import preset_path
@@ -150,6 +159,48 @@ def test_resize_and_crop_are_seeded():
     assert crop_a.original_size == (50, 80)
     t = to_tensor(a)
     assert t.shape == (3, 32, 32) and t.min() >= -1.0 and t.max() <= 1.0
+
+
+@pytest.mark.parametrize("orientation, size", [(1, (40, 24)), (6, (24, 40)), (3, (40, 24))])
+def test_images_are_turned_upright_by_their_exif_orientation(tmp_path, orientation, size):
+    picture = Image.new("RGB", (40, 24), (10, 20, 30))
+    picture.putpixel((0, 0), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    picture.save(tmp_path / "a.png", exif=exif)
+    image = load_image(tmp_path / "a.png")
+    red = [xy for xy in ((0, 0), (size[0] - 1, 0), (size[0] - 1, size[1] - 1)) if image.getpixel(xy) == (255, 0, 0)]
+    assert image.mode == "RGB" and image.size == size
+    assert red == [{1: (0, 0), 6: (size[0] - 1, 0), 3: (size[0] - 1, size[1] - 1)}[orientation]]
+
+
+def test_feature_cache_keeps_what_it_read_in_memory_up_to_its_budget(tmp_path):
+    cache = TensorCache(tmp_path, memory_budget=3 * 16)  # three entries of 16 bytes
+    for i in range(4):
+        cache.put(f"{i:02d}key", {"x": torch.full((4,), float(i))})
+    assert [cache.get(f"{i:02d}key")["x"][0].item() for i in range(4)] == [0, 1, 2, 3]
+    assert list(cache.kept) == ["00key", "01key", "02key"] and cache.kept_bytes == 48
+    cache.path("01key").unlink()
+    cache.path("03key").unlink()
+    assert cache.get("01key")["x"][0] == 1  # served from memory, no file read
+    assert cache.get("03key") is None  # over the budget: read from disk each time
+    assert pickle.loads(pickle.dumps(cache)).kept == {}  # a spawned loader worker starts empty
+
+
+def test_loader_workers_keep_no_feature_cache_entries(tmp_path):
+    cache = TensorCache(tmp_path)
+    cache.put("00key", {"x": torch.ones(2)})
+
+    class Reads(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            cache.get("00key")
+            return torch.tensor(len(cache.kept))
+
+    kept = torch.cat(list(torch.utils.data.DataLoader(Reads(), num_workers=1)))
+    assert kept.tolist() == [0, 0] and cache.kept == {}
 
 
 @pytest.mark.parametrize(

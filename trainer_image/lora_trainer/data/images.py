@@ -157,7 +157,8 @@ def _short_list(items: Sequence[str]) -> str:
 
 def load_image(path: Path) -> Image.Image:
     with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
+        ImageOps.exif_transpose(image, in_place=True)  # a copy per image otherwise
+        return image.convert("RGB")
 
 
 def bucket_sizes(resolution: int, min_reso: int, max_reso: int, step: int) -> list[tuple[int, int]]:
