@@ -87,6 +87,7 @@ class ModelFamily:
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self._pipeline = None
+        self._dtypes: dict[torch.nn.Module, torch.dtype] = {}
 
     # -- settings that default per family
     @property
@@ -172,6 +173,13 @@ class ModelFamily:
         vae.eval()
         self.parts.denoiser, self.parts.vae, self.parts.scheduler = denoiser, vae, scheduler
         self.after_load()
+
+    def dtype_of(self, module: torch.nn.Module) -> torch.dtype:
+        """A loaded model's compute dtype, read once: diffusers' `.dtype` walks every submodule (milliseconds
+        on a large model, and a step asks several times)."""
+        if module not in self._dtypes:
+            self._dtypes[module] = module.dtype
+        return self._dtypes[module]
 
     def after_load(self) -> None:
         """Family checks and derived state once the denoiser and VAE are loaded."""
@@ -306,7 +314,8 @@ class ModelFamily:
     # -- latents
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """The VAE's latent distribution parameters (mean and log-variance), what the latent cache stores."""
-        return self.parts.vae.encode(pixels.to(self.device, self.parts.vae.dtype)).latent_dist.parameters
+        vae = self.parts.vae
+        return vae.encode(pixels.to(self.device, self.dtype_of(vae))).latent_dist.parameters
 
     def latents(self, params: torch.Tensor, draws: BatchRandom) -> torch.Tensor:
         """Normalized latents from the distribution parameters: sampled with the run's generator by default."""

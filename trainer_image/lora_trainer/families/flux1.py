@@ -112,22 +112,23 @@ class Flux1(FlowMatchingFamily):
         from diffusers import FluxPipeline
 
         transformer = self.parts.denoiser
+        dtype = self.dtype_of(transformer)
         b, c, h, w = noisy.shape  # (B, 16, h, w)
         packed = FluxPipeline._pack_latents(noisy, b, c, h, w)  # (B, h/2 * w/2, 64)
-        image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, self.device, transformer.dtype)
+        image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, self.device, dtype)
         text = cond["prompt_embeds"]
-        text_ids = torch.zeros(text.shape[1], 3, device=self.device, dtype=transformer.dtype)
+        text_ids = torch.zeros(text.shape[1], 3, device=self.device, dtype=dtype)
         guidance = (
             torch.full((b,), self.cfg.guidance_scale, device=self.device)
             if transformer.config.guidance_embeds
             else None
         )
         pred = transformer(
-            hidden_states=packed.to(transformer.dtype),
-            timestep=sigmas.to(transformer.dtype),
+            hidden_states=packed.to(dtype),
+            timestep=sigmas.to(dtype),
             guidance=guidance,
-            pooled_projections=cond["pooled_prompt_embeds"].to(transformer.dtype),
-            encoder_hidden_states=text.to(transformer.dtype),
+            pooled_projections=cond["pooled_prompt_embeds"].to(dtype),
+            encoder_hidden_states=text.to(dtype),
             txt_ids=text_ids,
             img_ids=image_ids,
             return_dict=False,

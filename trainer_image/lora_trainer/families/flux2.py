@@ -126,9 +126,10 @@ class Flux2(FlowMatchingFamily):
         from diffusers import Flux2Pipeline
 
         transformer = self.parts.denoiser
+        dtype = self.dtype_of(transformer)
         image_ids = Flux2Pipeline._prepare_latent_ids(noisy).to(self.device)  # (B, h*w, 4)
         packed = Flux2Pipeline._pack_latents(noisy)  # (B, h*w, 4C)
-        text = cond["prompt_embeds"].to(transformer.dtype)
+        text = cond["prompt_embeds"].to(dtype)
         text_ids = Flux2Pipeline._prepare_text_ids(text).to(self.device)
         guidance = (
             torch.full((noisy.shape[0],), self.cfg.guidance_scale, device=self.device)
@@ -136,8 +137,8 @@ class Flux2(FlowMatchingFamily):
             else None
         )
         pred = transformer(
-            hidden_states=packed.to(transformer.dtype),
-            timestep=sigmas.to(transformer.dtype),
+            hidden_states=packed.to(dtype),
+            timestep=sigmas.to(dtype),
             guidance=guidance,
             encoder_hidden_states=text,
             txt_ids=text_ids,

@@ -68,7 +68,7 @@ class QwenImage(FlowMatchingFamily):
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         vae = self.parts.vae
-        frames = pixels.to(self.device, vae.dtype).unsqueeze(2)  # (B, 3, 1, H, W): one frame
+        frames = pixels.to(self.device, self.dtype_of(vae)).unsqueeze(2)  # (B, 3, 1, H, W): one frame
         return vae.encode(frames).latent_dist.parameters  # (B, 2z, 1, h, w)
 
     def normalize(self, latents: torch.Tensor) -> torch.Tensor:
@@ -81,14 +81,15 @@ class QwenImage(FlowMatchingFamily):
         from diffusers import QwenImagePipeline
 
         transformer = self.parts.denoiser
+        dtype = self.dtype_of(transformer)
         b, z, _, h, w = noisy.shape
         packed = QwenImagePipeline._pack_latents(noisy.permute(0, 2, 1, 3, 4), b, z, h, w)  # (B, h/2 * w/2, 4z)
         mask = cond["prompt_embeds_mask"]
         pred = transformer(
-            hidden_states=packed.to(transformer.dtype),
-            encoder_hidden_states=cond["prompt_embeds"].to(transformer.dtype),
+            hidden_states=packed.to(dtype),
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
             encoder_hidden_states_mask=None if bool(mask.all()) else mask,
-            timestep=sigmas.to(transformer.dtype),
+            timestep=sigmas.to(dtype),
             img_shapes=[(1, h // 2, w // 2)] * b,
             return_dict=False,
         )[0]

@@ -280,7 +280,9 @@ class StableDiffusion(ModelFamily):
         target = scheduler.get_velocity(latents, noise, timesteps) if self.prediction_type == "v_prediction" else noise
         with autocast(device, cfg.mixed_precision):
             text, added = self.denoiser_inputs(cond, batch)
-            pred = unet(noisy.to(unet.dtype), timesteps, text, added_cond_kwargs=added or None, return_dict=False)[0]
+            pred = unet(
+                noisy.to(self.dtype_of(unet)), timesteps, text, added_cond_kwargs=added or None, return_dict=False
+            )[0]
         return diffusion_loss(pred, target, timesteps, scheduler, self.prediction_type, cfg.snr_gamma)
 
     # -- sampling

@@ -122,12 +122,13 @@ class StableDiffusion3(FlowMatchingFamily):
 
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         transformer = self.parts.denoiser
+        dtype = self.dtype_of(transformer)
         timesteps = sigmas * self.parts.scheduler.config.num_train_timesteps  # SD3 takes 0..1000
         return transformer(
-            hidden_states=noisy.to(transformer.dtype),
+            hidden_states=noisy.to(dtype),
             timestep=timesteps,
-            encoder_hidden_states=cond["prompt_embeds"].to(transformer.dtype),
-            pooled_projections=cond["pooled_prompt_embeds"].to(transformer.dtype),
+            encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+            pooled_projections=cond["pooled_prompt_embeds"].to(dtype),
             return_dict=False,
         )[0]
 

@@ -76,13 +76,14 @@ class ZImage(FlowMatchingFamily):
         return {"prompt_embeds": embeds, "prompt_lengths": mask.sum(dim=1)}
 
     def sequences(self, cond: Conditioning) -> list[torch.Tensor]:
-        dtype = self.parts.denoiser.dtype
+        dtype = self.dtype_of(self.parts.denoiser)
         return [cond["prompt_embeds"][i, : int(n)].to(dtype) for i, n in enumerate(cond["prompt_lengths"])]
 
     def predict(self, noisy: torch.Tensor, sigmas: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         transformer = self.parts.denoiser
-        frames = list(noisy.to(transformer.dtype).unsqueeze(2).unbind(0))  # B x (C, 1, h, w)
-        out = transformer(frames, (1 - sigmas).to(transformer.dtype), self.sequences(cond), return_dict=False)[0]
+        dtype = self.dtype_of(transformer)
+        frames = list(noisy.to(dtype).unsqueeze(2).unbind(0))  # B x (C, 1, h, w)
+        out = transformer(frames, (1 - sigmas).to(dtype), self.sequences(cond), return_dict=False)[0]
         return -torch.stack(out).squeeze(2)  # the model predicts x0 - noise: negated into the velocity
 
     # -- sampling
