@@ -9,8 +9,10 @@
 Each measurement runs in its own subprocess (so peak memory is its own). The reference loops are the
 diffusers text-to-image LoRA example's loop, the FLUX.1 DreamBooth LoRA example's step (prompts embedded
 once, as both loops do by default) and a plain peft+transformers loop: same models, LoRA config, data,
-batch size, optimizer and steps. Printed: step time, samples/s or tokens/s, peak memory,
-and the split of step time into data loading, forward+backward and optimizer, plus checkpoint time.
+batch size, optimizer and steps. Printed: the median step time over every timed step of every run (the
+ratio of medians is "vs ref": on a shared machine a median is steadier than a best mean), and from each
+loop's run of best mean: its mean step, samples/s or tokens/s, peak memory, the split of step time into
+data loading, forward+backward and optimizer, and the checkpoint time.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import json
 import math
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -104,9 +107,12 @@ def run_ours(raw: dict, warmup: int, setup: str) -> dict:
     cfg = build_config(raw)
     recipe = TrainingRecipe(cfg, observers=[], profile=True)
     marks: dict = {}
+    steps: list[float] = []
 
     class Mark(BaseObserver):
         def on_step(self, stats):
+            if stats.step > warmup:
+                steps.append(stats.step_seconds)
             if stats.step == warmup:
                 marks["phases"], marks["time"] = dict(recipe.stopwatch.totals), time.perf_counter()
                 marks["samples"], marks["tokens"] = recipe.summary.samples, recipe.summary.tokens
@@ -119,6 +125,7 @@ def run_ours(raw: dict, warmup: int, setup: str) -> dict:
     train = phases.get("data", 0) + phases.get("forward_backward", 0) + phases.get("optimizer", 0)
     return {
         "step_s": train / measured,
+        "steps_s": steps,
         "samples": s.samples - marks["samples"],
         "tokens": s.tokens - marks["tokens"],
         "train_s": train,
@@ -157,7 +164,7 @@ def run_reference(raw: dict, warmup: int, setup: str) -> dict:
     from diffusers.optimization import get_scheduler
 
     scheduler = get_scheduler("constant", optimizer=optimizer)
-    timer, step, samples, tokens, ckpt_s = Timer(device), 0, 0, 0, 0.0
+    timer, step, samples, tokens, ckpt_s, steps = Timer(device), 0, 0, 0, 0.0, []
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16)
         if cfg.mixed_precision == "bf16"
@@ -169,6 +176,7 @@ def run_reference(raw: dict, warmup: int, setup: str) -> dict:
             if step == warmup:
                 timer.totals = {k: 0.0 for k in timer.totals}
                 samples = tokens = 0
+            began = t
             t = timer.span("data", t)
             with autocast:
                 loss = step_fn(batch)
@@ -180,6 +188,8 @@ def run_reference(raw: dict, warmup: int, setup: str) -> dict:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             t = timer.span("optim", t)
+            if step >= warmup:
+                steps.append(t - began)
             step += 1
             samples += batch["n"]
             tokens += batch.get("tokens", 0)
@@ -193,6 +203,7 @@ def run_reference(raw: dict, warmup: int, setup: str) -> dict:
     train = sum(timer.totals.values())
     return {
         "step_s": train / (step - warmup),
+        "steps_s": steps,
         "samples": samples,
         "tokens": tokens,
         "train_s": train,
@@ -451,7 +462,19 @@ def measure(kind: str, arch: str, task: str, steps: int, warmup: int, device: st
 
 
 def table(rows: list[dict]) -> str:
-    head = ("task", "loop", "step ms", "throughput", "peak MiB", "data %", "fwd+bwd %", "optim %", "ckpt ms", "vs ref")
+    head = (
+        "task",
+        "loop",
+        "median step ms",
+        "best mean ms",
+        "throughput",
+        "peak MiB",
+        "data %",
+        "fwd+bwd %",
+        "optim %",
+        "ckpt ms",
+        "vs ref",
+    )
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         m = r["m"]
@@ -462,6 +485,7 @@ def table(rows: list[dict]) -> str:
                 [
                     r["task"],
                     r["kind"],
+                    f"{1000 * r['median_s']:.1f}",
                     f"{1000 * m['step_s']:.1f}",
                     rate,
                     f"{m['peak_bytes'] / 2**20:.0f}",
@@ -515,20 +539,22 @@ def main() -> None:
     overrides = dict(parse_override(item) for item in args.set)
     rows = []
     for task in args.task or ("text-to-image", "text-generation"):
-        best = {}
-        for _ in range(args.repeats):  # interleaved, best of N: the machine is shared and noisy
+        best, steps = {}, {"reference": [], "ours": []}
+        for _ in range(args.repeats):  # interleaved: the machine is shared and noisy
             for kind in ("reference", "ours"):
                 m = measure(kind, args.arch, task, args.steps, args.warmup, args.device, **overrides)
+                steps[kind] += m["steps_s"]
                 if kind not in best or m["step_s"] < best[kind]["step_s"]:
                     best[kind] = m
-        ratio = best["ours"]["step_s"] / best["reference"]["step_s"]
+        median = {kind: statistics.median(times) for kind, times in steps.items()}
+        ratio = median["ours"] / median["reference"]
         rows += [
-            {"task": task, "kind": "reference", "m": best["reference"]},
-            {"task": task, "kind": "ours", "m": best["ours"], "ratio": f"{ratio:.3f}x"},
+            {"task": task, "kind": "reference", "m": best["reference"], "median_s": median["reference"]},
+            {"task": task, "kind": "ours", "m": best["ours"], "median_s": median["ours"], "ratio": f"{ratio:.3f}x"},
         ]
     print(
         f"arch={args.arch} device={args.device} steps={args.steps} (first {args.warmup} not timed), "
-        f"best of {args.repeats}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"{args.repeats} runs each: median of all their steps, the rest from the run of best mean, torch {torch.__version__}, {torch.get_num_threads()} threads"
         + "".join(f", {item}" for item in args.set)
     )
     print(table(rows))
