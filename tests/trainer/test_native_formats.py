@@ -194,3 +194,19 @@ def test_diffusers_reads_a_full_width_flux1_kohya_file_as_the_same_lora():
     for (_, path), weight in ours.items():
         a, b = converted[f"transformer.{path}.lora_A.weight"], converted[f"transformer.{path}.lora_B.weight"]
         assert torch.allclose(b.float() @ a.float(), weight.delta(), atol=1e-4), path  # alpha/r baked in
+
+
+def test_a_flux1_kohya_file_with_final_layer_loras_says_which_tools_take_it(tmp_path, caplog):
+    """sd-scripts' LoRA network has no final_layer modules (checked with its own loaders at 48d368f: the
+    strict load of flux_minimal_inference.py raises on these keys, flux_merge_lora.py applies them)."""
+    targets = ["attn.to_q", "proj_out"]  # proj_out: the single blocks' and the top-level one
+    run(base("flux1"), tmp_path, max_train_steps=1, save_steps=0, target_modules=targets, save_formats=["kohya"])
+    err = caplog.text
+    assert "holds LoRAs of transformer.proj_out (BFL's final_layer)" in err
+    assert "single_transformer_blocks.0.proj_out" in err
+    with safe_open(next(tmp_path.glob("*.kohya.safetensors")), "pt") as f:
+        assert "lora_unet_final_layer_linear.alpha" in set(f.keys())
+
+    caplog.clear()
+    run(base("flux1"), tmp_path / "default", max_train_steps=1, save_steps=0, save_formats=["kohya"])
+    assert "final_layer" not in caplog.text

@@ -8,6 +8,8 @@ velocity target. The kohya/ComfyUI file uses the original (BFL) module names: fo
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +17,8 @@ import torch
 from ..formats.native import NativeLayout, NativeModule
 from .base import Conditioning, vae_scale_factor
 from .flow import FlowMatchingFamily
+
+log = logging.getLogger("lora_trainer")
 
 
 def bfl_layout(config) -> NativeLayout:
@@ -66,6 +70,10 @@ def bfl_layout(config) -> NativeLayout:
     modules += [NativeModule(name, ((path, None),)) for name, path in top]
     modules.append(NativeModule("final_layer.adaLN_modulation.1", (("norm_out.linear", None),), swap_halves=True))
     return NativeLayout(tuple(modules))
+
+
+# the transformer's output layers (top-level proj_out and norm_out.linear), BFL's final_layer
+FINAL_LAYER = ("transformer.proj_out.", "transformer.norm_out.")
 
 
 class Flux1(FlowMatchingFamily):
@@ -172,6 +180,19 @@ class Flux1(FlowMatchingFamily):
     @staticmethod
     def native_layout(denoiser: torch.nn.Module) -> NativeLayout:
         return bfl_layout(denoiser.config)
+
+    def extra_files(self, out: Path, weights: dict[str, torch.Tensor], meta: dict[str, str]) -> list[tuple[Path, str]]:
+        final = sorted({k.split(".lora_")[0] for k in weights if k.startswith(FINAL_LAYER)})
+        if final:  # checked with sd-scripts 48d368f: its strict load raises, flux_merge_lora.py applies them
+            log.warning(
+                "the kohya file holds LoRAs of %s (BFL's final_layer): ComfyUI and sd-scripts' flux_merge_lora.py "
+                "apply them, but sd-scripts' LoRA network has no final_layer modules, so its inference script "
+                "refuses the file and its other loaders drop those keys. A target_modules entry proj_out also "
+                "matches the top-level proj_out: to leave it out, list the single blocks' layers by their full "
+                "names (single_transformer_blocks.0.proj_out, ...)",
+                ", ".join(final),
+            )
+        return super().extra_files(out, weights, meta)
 
     def kohya_metadata(self) -> dict[str, str]:
         dev = bool(self.parts.denoiser.config.guidance_embeds)
