@@ -12,14 +12,15 @@ import torch
 from safetensors import safe_open
 
 from lora_trainer.config import build_config
-from lora_trainer.errors import ExitCode
+from lora_trainer.errors import ConfigError, ExitCode
 from lora_trainer.presets import preset_path
 from lora_trainer.quantization import BACKENDS, QuantizedBase, load_kwargs, stored_bytes
 from lora_trainer.tasks import task_class
 
-from .conftest import LLM_BASE, SD_BASE, assert_resumes_exactly, run
+from .conftest import LLM_BASE, SD_BASE, assert_resumes_exactly, make_config, run
 from .test_bad_inputs import run_cli
 from .test_families import base as family_base
+from .test_families import draws
 from .test_text_to_image import files_under
 
 MODES = sorted(BACKENDS)  # all run on CPU for an LLM
@@ -189,3 +190,101 @@ def test_the_8b_bench_preset_has_llama_3_8bs_shape():
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**llama_8b_config(128256)))
     assert sum(p.numel() for p in model.parameters()) == 8_030_261_248
+
+
+def text_encoders(base: dict, tmp_path, **keys):
+    """The family of a config with its tokenizers and text encoders loaded on the CPU."""
+    from lora_trainer.families import detect_family
+
+    cfg = make_config(base, tmp_path / "unused", **keys)
+    family = detect_family(cfg)(cfg)
+    family.load_tokenizers()
+    family.load_text_encoders(torch.device("cpu"), torch.float32)
+    return family
+
+
+def linear_bytes(family) -> int:
+    return sum(
+        stored_bytes(m.weight)
+        for e in family.parts.text_encoders
+        for m in e.modules()
+        if isinstance(m, torch.nn.Linear)
+    )
+
+
+@pytest.mark.parametrize(("family", "mode"), [("sd", "int8"), ("flux1", "int8"), ("flux1", "fp8")])
+def test_quantized_text_encoders_store_fewer_bytes_and_embed_close_to_the_full_ones(tmp_path, family, mode):
+    """quantize_text_encoders loads CLIP (sd; flux1's pooled encoder) and T5 (flux1) in base_quantization's
+    format through transformers' loaders, the LLM's path (nf4 included, tested there). nf4 is not tested on
+    these encoders: bitsandbytes' CPU kernel needs layers at least 64 features wide, the tiny presets' are 32."""
+    base = SD_BASE if family == "sd" else family_base(family)
+    full = text_encoders(base, tmp_path, base_quantization=mode)
+    quantized = text_encoders(base, tmp_path, base_quantization=mode, quantize_text_encoders=True)
+    assert linear_bytes(quantized) <= QUANTIZED_TEXT_BYTES[mode] * linear_bytes(full)
+    prompts = ["a photo of a cat", "two dogs on a red sofa, oil painting"]
+    with torch.no_grad():
+        expected = full.encode_prompts(full.prompt_batch(prompts))
+        got = quantized.encode_prompts(quantized.prompt_batch(prompts))
+    for name, want in expected.items():
+        error = ((got[name] - want).norm() / want.norm()).item()
+        assert error < CLOSE[mode], (name, error)
+
+
+# the tiny encoders' linear weights: measured int8 0.284, fp8 0.277 of fp32 (rows 32-37 wide, so each row's
+# scale is a larger share than in real encoders); prompt embeddings' relative error 0.007-0.011 (int8),
+# 0.035-0.048 (fp8)
+QUANTIZED_TEXT_BYTES = {"int8": 0.32, "fp8": 0.32}
+
+
+@pytest.mark.parametrize(("family", "mode"), [("sd", "int8"), ("flux1", "fp8")])
+def test_a_run_with_quantized_text_encoders_trains_and_caches_their_embeddings_apart(tmp_path, family, mode):
+    base = SD_BASE if family == "sd" else family_base(family)
+    cache = tmp_path / "cache"
+    keys = dict(max_train_steps=2, save_steps=0, cache_text_encoder_outputs=True, cache_dir=str(cache))
+
+    def text_entries() -> int:
+        return sum(1 for _ in cache.rglob("*.safetensors"))  # latents are not cached here: text entries only
+
+    run(base, tmp_path / "full", base_quantization=mode, **keys)
+    full = text_entries()
+    recipe = run(base, tmp_path / "quantized", base_quantization=mode, quantize_text_encoders=True, **keys)
+    assert text_entries() == 2 * full  # the quantized encoders' outputs are other entries, never served for these
+    assert all(loss == loss for _, loss in recipe.summary.losses)
+
+
+def test_quantize_text_encoders_needs_a_format_and_frozen_encoders():
+    with pytest.raises(ConfigError, match="'quantize_text_encoders' needs a base_quantization format"):
+        build_config({**SD_BASE, "quantize_text_encoders": True})
+    with pytest.raises(ConfigError, match="'quantize_text_encoders' cannot be used with train_text_encoder"):
+        build_config(
+            {**SD_BASE, "quantize_text_encoders": True, "base_quantization": "int8", "train_text_encoder": True}
+        )
+
+
+@pytest.mark.parametrize(("model", "mode"), [("llm", "int8"), ("llm", "fp8"), ("sd", "int8"), ("flux1", "fp8")])
+def test_the_backward_pass_keeps_quantized_weights_not_full_precision_copies(tmp_path, model, mode):
+    """torchao dequantizes above autograd, which then kept each layer's fp32 copy until backward: as much memory
+    as an unquantized base. quantization.FrozenQuantizedLinear keeps the stored weight instead."""
+    base = {"llm": LLM_BASE, "sd": SD_BASE}.get(model) or family_base(model)
+    recipe = run(base, tmp_path, base_quantization=mode, max_train_steps=1, save_steps=0)
+    task = recipe.task
+    module = task.model if model == "llm" else task.family.parts.denoiser
+    quantized = [
+        m.weight for m in module.modules() if isinstance(m, torch.nn.Linear) and "torchao" in type(m.weight).__module__
+    ]
+    batch = task.collate([recipe.dataset[(i, 0)] for i in range(2)])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = task.loss(batch, draws(0, batch) if model != "llm" else None)
+    # full-precision copies: the dequantized weight, or (int8) its stored integers cast to float before scaling
+    full = [w.dequantize() for w in quantized] + [w.qdata.float() for w in quantized if hasattr(w, "qdata")]
+    copies = [
+        tuple(t.shape)
+        for t in saved
+        if type(t) is torch.Tensor
+        and t.dim() == 2
+        and any(t.shape == w.shape and torch.equal(t, w) or t.shape == w.T.shape and torch.equal(t, w.T) for w in full)
+    ]
+    assert quantized and not copies
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in recipe.params)

@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 from dataclasses import dataclass
 from importlib import metadata
+from types import MethodType
 from typing import Any, Protocol
 
 import torch
@@ -161,6 +162,43 @@ def _version(package: str) -> str:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return "(not installed)"
+
+
+class FrozenQuantizedLinear(torch.autograd.Function):
+    """x W^T + b for a frozen quantized W, keeping only W (as stored) for the backward pass.
+
+    torchao's weight-only tensors compute a linear by dequantizing W in `__torch_function__`, above autograd,
+    so autograd kept every layer's full-precision copy until the backward pass: an int8 base held as much as
+    an fp32 one while training (benchmarks/bench_llm.py --arch wide). Here the forward runs with autograd
+    off and the backward dequantizes W again, one layer at a time, as bitsandbytes' 4-bit matmul does.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.dequantize().to(grad.dtype), None, None
+
+
+def _frozen_quantized_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if self.bias is not None and self.bias.requires_grad:  # a trained bias: torchao's own path gives it a gradient
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+    return FrozenQuantizedLinear.apply(x, self.weight, self.bias)
+
+
+def keep_quantized_for_backward(model: torch.nn.Module) -> int:
+    """Routes the frozen torchao-quantized Linears of a loaded model through FrozenQuantizedLinear (peft's LoRA
+    layers call them as their base layer); returns how many. bitsandbytes' layers need nothing."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and type(module.weight).__module__.startswith("torchao"):
+            module.forward = MethodType(_frozen_quantized_forward, module)
+            count += 1
+    return count
 
 
 def stored_bytes(tensor: torch.Tensor) -> int:

@@ -56,6 +56,7 @@ SPEC_TO_CONFIG: tuple[tuple[tuple[str, ...], str], ...] = (
     (("training", "precision"), "mixed_precision"),
     (("training", "gradientCheckpointing"), "gradient_checkpointing"),
     (("training", "baseQuantization"), "base_quantization"),
+    (("training", "quantizeTextEncoders"), "quantize_text_encoders"),
     (("training", "chunkedCrossEntropy"), "chunked_cross_entropy"),
     (("training", "torchCompile"), "torch_compile"),
     (("training", "distributedStrategy"), "distributed_strategy"),

@@ -105,6 +105,14 @@ class TrainConfig:
         choices=QUANTIZATION_MODES,
         group="model",
     )
+    quantize_text_encoders: bool = option(
+        False,
+        "Load the frozen text encoders quantized too, in base_quantization's format (they are 5-20 GB in the "
+        "flow-matching families). Their outputs change by the quantization error, and cached embeddings are "
+        "kept apart from unquantized ones. Not with train_text_encoder.",
+        group="model",
+        tasks=T2I,
+    )
     description: str = option("", "Purpose of this run, written into EXPERIMENT.md.", group="general")
 
     # -- data

@@ -178,6 +178,12 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
             f"'bucket_reso_steps' ({cfg.bucket_reso_steps}) must be at most 'resolution' ({cfg.resolution}) when "
             "enable_bucket is on (bucket sides are multiples of it)"
         )
+    if cfg.quantize_text_encoders and cfg.base_quantization == "none":
+        problems.append("'quantize_text_encoders' needs a base_quantization format (int8, fp8 or nf4), got none")
+    if cfg.quantize_text_encoders and cfg.train_text_encoder:
+        problems.append(
+            "'quantize_text_encoders' cannot be used with train_text_encoder (it quantizes frozen encoders)"
+        )
     if cfg.distributed_strategy == "fsdp" and cfg.base_quantization != "none":
         problems.append(
             f"'distributed_strategy': fsdp cannot shard a quantized base (base_quantization: "

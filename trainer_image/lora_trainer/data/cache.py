@@ -36,10 +36,20 @@ def module_fingerprint(module: torch.nn.Module) -> str:
         as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         digest.update(json.dumps(as_dict, sort_keys=True, default=str).encode())
     for name, tensor in module.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        for part in stored_parts(tensor.detach()):
+            t = part.cpu().contiguous()
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too
     return digest.hexdigest()
+
+
+def stored_parts(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors a weight is stored as: a quantized one (torchao's tensor subclasses) holds its data and
+    scales as inner tensors."""
+    if type(tensor) is torch.Tensor or not hasattr(tensor, "__tensor_flatten__"):
+        return [tensor]
+    names, _ = tensor.__tensor_flatten__()
+    return [part for name in names for part in stored_parts(getattr(tensor, name))]
 
 
 def key_of(*parts) -> str:

@@ -24,7 +24,7 @@ from ..base_model import config_source, load_or_explain, resolve_local_model
 from ..config import TrainConfig
 from ..distributed import BatchRandom
 from ..errors import ConfigError, ModelError
-from ..quantization import load_kwargs
+from ..quantization import keep_quantized_for_backward, load_kwargs
 
 log = logging.getLogger("lora_trainer")
 
@@ -129,12 +129,19 @@ class ModelFamily:
 
     def load_text_encoders(self, device: torch.device, dtype: torch.dtype) -> None:
         self.device, self.dtype = device, dtype
-        encoders = [self._load_part(sub, torch_dtype=dtype) for sub in self.text_encoder_subfolders]
+        quantized = self.text_encoder_quantization(dtype)
+        encoders = [self._load_part(sub, torch_dtype=dtype, **quantized) for sub in self.text_encoder_subfolders]
         for encoder in encoders:
             encoder.requires_grad_(False)
             encoder.to(device)
             encoder.eval()
         self.parts.text_encoders = encoders
+
+    def text_encoder_quantization(self, dtype: torch.dtype) -> dict[str, Any]:
+        """from_pretrained's arguments that quantize the text encoders (quantize_text_encoders), else {}."""
+        if not self.cfg.quantize_text_encoders:
+            return {}
+        return load_kwargs(self.cfg.base_quantization, "transformers", dtype)
 
     def release_text_encoders(self) -> None:
         """Frees the text encoders once every caption is embedded (they are the largest frozen part)."""
@@ -171,6 +178,7 @@ class ModelFamily:
             module.requires_grad_(False)
             module.to(device)
         vae.eval()
+        keep_quantized_for_backward(denoiser)
         self.parts.denoiser, self.parts.vae, self.parts.scheduler = denoiser, vae, scheduler
         self.after_load()
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..base_model import load_or_explain
 from ..distributed import BatchRandom
 from ..errors import ConfigError, ModelError
-from ..quantization import load_kwargs
+from ..quantization import keep_quantized_for_backward, load_kwargs
 from .base import Components, Conditioning, ModelFamily, vae_scale_factor
 
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -113,6 +113,7 @@ class StableDiffusion(ModelFamily):
             quantized = load_kwargs(self.cfg.base_quantization, "diffusers", dtype)
             unet_kwargs = {"torch_dtype": dtype, **quantized} if quantized else {}  # quantized as it loads
             parts.vae, parts.denoiser = part(AutoencoderKL, "vae"), part(UNet2DConditionModel, "unet", **unet_kwargs)
+            keep_quantized_for_backward(parts.denoiser)
             parts.scheduler = part(DDPMScheduler, "scheduler")
         for module in (parts.vae, parts.denoiser, *parts.text_encoders):
             module.requires_grad_(False)

@@ -24,7 +24,7 @@ from ..files import link_or_copy
 from ..layout import PEFT_CONFIG, PEFT_WEIGHTS
 from ..lm_loss import causal_lm_loss
 from ..observers import ValidationResult
-from ..quantization import QuantizedBase, frozen_weight_bytes, load_kwargs
+from ..quantization import QuantizedBase, frozen_weight_bytes, keep_quantized_for_backward, load_kwargs
 from .base import DataReport
 
 log = logging.getLogger("lora_trainer")
@@ -135,6 +135,7 @@ class TextGenerationTask:
             ),
         )
         check_targets_exist(model, self.targets, "model", rank=cfg.lora_rank)
+        keep_quantized_for_backward(model)
         if cfg.chunked_cross_entropy:
             check_plain_logits(model.config)
         # peft's prepare_model_for_kbit_training is not called on a quantized base: its fp32 copy of every

@@ -64,6 +64,8 @@ class TextToImageTask:
         ]
         if cfg.base_quantization != "none":
             needs.append(QuantizedBase(cfg.base_quantization, "diffusers", cfg.device))  # the denoiser
+        if cfg.quantize_text_encoders:
+            needs.append(QuantizedBase(cfg.base_quantization, "transformers", cfg.device))
         if cfg.train_text_encoder:
             needs.append(
                 PeftThrough(
