@@ -3,6 +3,7 @@ ours with each base_quantization mode the device runs, on the same model, data, 
 
     python benchmarks/bench_llm.py                          # a 4-layer, 256-wide Llama on CPU
     python benchmarks/bench_llm.py --compile                # also ours with torch_compile (minutes to compile on CPU)
+    python benchmarks/bench_llm.py --arch wide --steps 4 --warmup 1   # the memory of each base_quantization, on CPU
     python benchmarks/bench_llm.py --arch real --device cuda   # an 8B-class Llama (random weights): QLoRA and bf16 LoRA
 
 TRL is the `bench` extra, not in the tested set that scripts/setup.sh installs into .venv; give it a venv of its own:
@@ -13,13 +14,19 @@ Each row runs in its own process (its peak memory is its own). Data: JSONL text 
 up to max_seq_length, so padded batches carry padding and packing can remove it. Printed per row: tokens/s
 counting only real (non-padding) tokens, the share of padding in what the model computed, peak memory (CUDA:
 max allocated; CPU: the process's peak RSS, Python and libraries included) and the bytes of the frozen
-weights as stored. The first --warmup steps are not timed.
+weights as stored. "train peak" is the memory the training holds at its peak beyond what the process held
+before the model loaded (CUDA: max allocated; CPU: the peak resident set during the steps, reset after the
+model loaded, minus the resident set before it loaded, libraries imported), so the memory target can be read:
+a quantized row's train peak against its frozen bytes plus what the unquantized row holds besides its frozen
+bytes (LoRA, optimizer, activations), printed as "memory vs weights + rest". The first --warmup steps are not
+timed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import subprocess
@@ -35,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SETUPS = {  # per arch: the model, and what both loops train with
     "tiny": dict(model="bench-llm-small", max_seq_length=512, batch_size=8, records=384, mixed_precision="no"),
     "real": dict(model="preset:bench-llama-8b", max_seq_length=2048, batch_size=4, records=512, mixed_precision="bf16"),
+    # frozen bytes nearly all in decoder layers (what base_quantization stores smaller): the memory rows on CPU
+    "wide": dict(model="bench-llm-wide", max_seq_length=256, batch_size=4, records=64, mixed_precision="no"),
 }
 LORA = dict(lora_rank=16, network_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 ROWS = {  # arch -> (row name, loop, our config keys / TRL's equivalents)
@@ -62,6 +71,12 @@ ROWS = {  # arch -> (row name, loop, our config keys / TRL's equivalents)
         ),
     ],
 }
+ROWS["wide"] = [
+    ("padded", "ours", {}),
+    ("int8 base", "ours", {"base_quantization": "int8"}),
+    ("fp8 base", "ours", {"base_quantization": "fp8"}),
+    ("nf4 base", "ours", {"base_quantization": "nf4"}),
+]
 COMPILE_ROW = ("packed, torch_compile", "ours", {"packing": True, "torch_compile": True})
 
 
@@ -101,13 +116,42 @@ def small_llama() -> str:
     return str(folder)
 
 
+def wide_llama() -> str:
+    """An 8-layer, 1024-wide Llama over the tiny preset's 261-token byte vocabulary: 100M parameters, 99% of
+    them in the decoder layers."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lora_trainer.presets import preset_path
+
+    folder = cache_dir() / "llama-1024x8-v261"
+    if (folder / "config.json").is_file():
+        return str(folder)
+    tokenizer = AutoTokenizer.from_pretrained(preset_path("preset:tiny-llm"))
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return str(folder)
+
+
 def model_path(arch: str) -> str:
     name = SETUPS[arch]["model"]
     if name.startswith("preset:"):
         from lora_trainer.presets import preset_path
 
         return str(preset_path(name))
-    return small_llama()
+    return wide_llama() if name == "bench-llm-wide" else small_llama()
 
 
 def write_data(arch: str) -> Path:
@@ -136,6 +180,52 @@ def peak_memory(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def proc_status(field: str) -> int:
+    """A size from /proc/self/status (VmRSS: resident now, VmHWM: its peak), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def mapped_checkpoint_bytes() -> int:
+    """Resident pages of mapped .safetensors files: after a quantized load they back no weight (the weights were
+    copied out quantized), and the kernel may drop them at any time."""
+    total, mapped = 0, ""
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and not head[0].endswith(":"):
+            mapped = head[-1] if len(head) >= 6 else ""
+        elif head and head[0] == "Rss:" and mapped.endswith(".safetensors"):
+            total += int(head[1]) * 1024
+    return total
+
+
+class TrainMemory:
+    """What the training holds at its peak beyond the process before the model loaded (see the docstring).
+
+    On CPU the workers run with a fixed glibc mmap threshold (measure() sets it), so freed tensors leave the
+    resident set instead of staying in a heap that the dynamic threshold grows to keep them."""
+
+    def __init__(self, device: str, quantized: bool):
+        import bitsandbytes  # noqa: F401  the libraries a load imports, so the baseline holds them
+        import peft  # noqa: F401
+        import torchao  # noqa: F401
+        import transformers  # noqa: F401
+
+        self.device, self.quantized, self.before_load = device, quantized, proc_status("VmRSS")
+
+    def training_starts(self) -> None:
+        if self.device == "cpu":
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the resident set now
+
+    def peak(self) -> int:
+        if self.device == "cuda":
+            return torch.cuda.max_memory_allocated()
+        unused = mapped_checkpoint_bytes() if self.quantized else 0
+        return proc_status("VmHWM") - self.before_load - unused
+
+
 class Counter:
     """Counts what the decoder computes: positions, and real tokens (attention_mask, else every position)."""
 
@@ -150,12 +240,13 @@ class Counter:
         self.real += int(mask.sum()) if mask is not None else ids.numel()
 
 
-def result(seconds: float, real: int, positions: int, device: str, frozen: int) -> dict:
+def result(seconds: float, real: int, positions: int, device: str, frozen: int, memory: TrainMemory) -> dict:
     return {
         "tokens_per_s": real / seconds,
         "padding": 1 - real / positions,
         "step_s": seconds,
         "peak_bytes": peak_memory(device),
+        "train_peak_bytes": memory.peak(),
         "frozen_bytes": frozen,
     }
 
@@ -168,6 +259,7 @@ def run_ours(arch: str, device: str, keys: dict, steps: int, warmup: int) -> dic
     from lora_trainer.recipe import TrainingRecipe
 
     setup = SETUPS[arch]
+    memory = TrainMemory(device, keys.get("base_quantization", "none") != "none")
     with tempfile.TemporaryDirectory() as out:
         cfg = build_config(
             {
@@ -195,6 +287,7 @@ def run_ours(arch: str, device: str, keys: dict, steps: int, warmup: int) -> dic
         class Mark(BaseObserver):
             def on_start(self, info):
                 marks["counter"] = Counter(recipe.task.causal_lm.get_decoder())
+                memory.training_starts()
 
             def on_step(self, stats):
                 if stats.step == warmup:
@@ -209,7 +302,7 @@ def run_ours(arch: str, device: str, keys: dict, steps: int, warmup: int) -> dic
         real = recipe.summary.tokens + recipe.summary.samples - real_before  # text: every token but the first trains
         positions = marks["counter"].positions - marks["positions"]
         frozen = frozen_weight_bytes(recipe.task.model)
-        return result(marks["end"] - started, real, positions, device, frozen) | {"steps": steps - warmup}
+        return result(marks["end"] - started, real, positions, device, frozen, memory) | {"steps": steps - warmup}
 
 
 # -- TRL
@@ -226,6 +319,7 @@ def run_trl(arch: str, device: str, keys: dict, steps: int, warmup: int) -> dict
     bf16 = setup["mixed_precision"] == "bf16"
     dtype = torch.bfloat16 if bf16 and device == "cuda" else torch.float32
     quantized = load_kwargs(keys.get("base_quantization", "none"), "transformers", dtype)
+    memory = TrainMemory(device, bool(quantized))
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=dtype, attn_implementation="sdpa", device_map={"": device}, **quantized
     )
@@ -233,6 +327,9 @@ def run_trl(arch: str, device: str, keys: dict, steps: int, warmup: int) -> dict
     marks: dict = {}
 
     class Mark(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            memory.training_starts()
+
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == warmup:
                 marks["start"] = (time.perf_counter(), counter.real, counter.positions)
@@ -277,7 +374,7 @@ def run_trl(arch: str, device: str, keys: dict, steps: int, warmup: int) -> dict
     started, real_before, positions_before = marks["start"]
     real, positions = counter.real - real_before, counter.positions - positions_before
     frozen = frozen_weight_bytes(trainer.model)
-    return result(marks["end"] - started, real, positions, device, frozen) | {"steps": steps - warmup}
+    return result(marks["end"] - started, real, positions, device, frozen, memory) | {"steps": steps - warmup}
 
 
 # -- driver
@@ -291,16 +388,18 @@ def available(device: str, keys: dict) -> str | None:
 def measure(loop: str, arch: str, device: str, keys: dict, steps: int, warmup: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", loop, "--arch", arch, "--device", device, "--keys", json.dumps(keys)]
     cmd += ["--steps", str(steps), "--warmup", str(warmup)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # see TrainMemory
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise SystemExit(f"{loop} {keys} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def table(rows: list[tuple[str, str, dict, str]]) -> str:
+def table(rows: list[tuple[str, str, dict, str, str]]) -> str:
     head = ("setup", "loop", "tokens/s", "vs TRL", "padding", "step ms", "peak MiB", "frozen weights MiB")
+    head += ("train peak MiB", "memory vs weights + rest")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, loop, m, ratio in rows:
+    for name, loop, m, ratio, memory in rows:
         cells = [
             name,
             loop,
@@ -310,9 +409,25 @@ def table(rows: list[tuple[str, str, dict, str]]) -> str:
             f"{1000 * m['step_s'] / m['steps']:.0f}",
             f"{m['peak_bytes'] / 2**20:.0f}",
             f"{m['frozen_bytes'] / 2**20:.1f}",
+            f"{m['train_peak_bytes'] / 2**20:.0f}",
+            memory,
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def memory_check(m: dict, keys: dict, loop: str, unquantized: dict) -> str:
+    """A quantized row's train peak over its frozen bytes plus what the same row unquantized (measured before
+    it) holds besides its frozen bytes; the target is at most 1.10x."""
+    plain = {k: v for k, v in keys.items() if k != "base_quantization"}
+    same = (loop, json.dumps(plain, sort_keys=True))
+    if plain == keys:
+        unquantized[same] = m
+        return ""
+    if same not in unquantized:
+        return ""
+    base = unquantized[same]
+    return f"{m['train_peak_bytes'] / (m['frozen_bytes'] + base['train_peak_bytes'] - base['frozen_bytes']):.2f}x"
 
 
 def main() -> None:
@@ -332,7 +447,7 @@ def main() -> None:
         run = run_ours if args.worker == "ours" else run_trl
         print(json.dumps(run(args.arch, args.device, json.loads(args.keys), args.steps, args.warmup)))
         return
-    rows, skipped, trl = [], [], {}
+    rows, skipped, trl, unquantized = [], [], {}, {}
     for name, loop, keys in ROWS[args.arch] + ([COMPILE_ROW] if args.compile else []):
         if (args.only and name not in args.only) or (args.loop and loop != args.loop):
             continue
@@ -345,7 +460,8 @@ def main() -> None:
         if loop == "trl":
             trl[name] = best
         reference = trl.get(name) if loop == "ours" else None
-        rows.append((name, loop, best, f"{best['tokens_per_s'] / reference['tokens_per_s']:.2f}x" if reference else ""))
+        ratio = f"{best['tokens_per_s'] / reference['tokens_per_s']:.2f}x" if reference else ""
+        rows.append((name, loop, best, ratio, memory_check(best, keys, loop, unquantized)))
         print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)  # a partial run still tells something
     setup = SETUPS[args.arch]
     print(
