@@ -86,56 +86,37 @@ def cache_dir() -> Path:
     return cache_root() / "bench-llm"
 
 
-def small_llama() -> str:
-    """A 4-layer, 256-wide Llama with a 32000-token vocabulary (Llama 2's; the tiny preset's byte-level tokenizer's
-    ids fit): big enough that the model, not the loop's overhead, takes the time on a CPU, and the logits weigh
-    what they weigh in real LLMs."""
+# the Llamas the CPU archs train, over the tiny preset's byte-level tokenizer: (folder, vocabulary (None: the
+# tokenizer's 261), hidden, intermediate, layers, heads, kv heads)
+LLAMAS = {
+    # Llama 2's 32000-token vocabulary (the tokenizer's ids fit): big enough that the model, not the loop's
+    # overhead, takes the time on a CPU, and the logits weigh what they weigh in real LLMs
+    "bench-llm-small": ("llama-256x4-v32000", 32000, 256, 688, 4, 8, 4),
+    # 100M parameters, 99% of them in the decoder layers (what base_quantization stores smaller)
+    "bench-llm-wide": ("llama-1024x8-v261", None, 1024, 2816, 8, 16, 4),
+}
+
+
+def llama(name: str) -> str:
+    """The folder of one of LLAMAS, built with seed 0 the first time."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from lora_trainer.presets import preset_path
 
-    folder = cache_dir() / "llama-256x4-v32000"
+    folder_name, vocab, hidden, intermediate, layers, heads, kv_heads = LLAMAS[name]
+    folder = cache_dir() / folder_name
     if (folder / "config.json").is_file():
         return str(folder)
     tokenizer = AutoTokenizer.from_pretrained(preset_path("preset:tiny-llm"))
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return str(folder)
-
-
-def wide_llama() -> str:
-    """An 8-layer, 1024-wide Llama over the tiny preset's 261-token byte vocabulary: 100M parameters, 99% of
-    them in the decoder layers."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from lora_trainer.presets import preset_path
-
-    folder = cache_dir() / "llama-1024x8-v261"
-    if (folder / "config.json").is_file():
-        return str(folder)
-    tokenizer = AutoTokenizer.from_pretrained(preset_path("preset:tiny-llm"))
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=8,
-        num_attention_heads=16,
-        num_key_value_heads=4,
+        vocab_size=vocab or len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -151,7 +132,7 @@ def model_path(arch: str) -> str:
         from lora_trainer.presets import preset_path
 
         return str(preset_path(name))
-    return wide_llama() if name == "bench-llm-wide" else small_llama()
+    return llama(name)
 
 
 def write_data(arch: str) -> Path:
