@@ -190,15 +190,12 @@ def _frozen_quantized_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.T
     return FrozenQuantizedLinear.apply(x, self.weight, self.bias)
 
 
-def keep_quantized_for_backward(model: torch.nn.Module) -> int:
+def keep_quantized_for_backward(model: torch.nn.Module) -> None:
     """Routes the frozen torchao-quantized Linears of a loaded model through FrozenQuantizedLinear (peft's LoRA
-    layers call them as their base layer); returns how many. bitsandbytes' layers need nothing."""
-    count = 0
+    layers call them as their base layer). bitsandbytes' layers need nothing."""
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and type(module.weight).__module__.startswith("torchao"):
             module.forward = MethodType(_frozen_quantized_forward, module)
-            count += 1
-    return count
 
 
 def stored_bytes(tensor: torch.Tensor) -> int:
