@@ -288,3 +288,95 @@ def test_the_backward_pass_keeps_quantized_weights_not_full_precision_copies(tmp
     assert quantized and not copies
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in recipe.params)
+
+
+# -- nf4 under distributed_strategy fsdp: torchao's NF4Tensor, which FSDP2 shards (tests/trainer/test_fsdp.py
+# trains with it over two processes)
+
+
+def test_nf4_under_fsdp_is_torchaos_nf4tensor_of_the_same_size_and_closeness(llama_512):
+    from torchao.quantization import NF4Tensor
+    from transformers import AutoModelForCausalLM
+
+    full = AutoModelForCausalLM.from_pretrained(llama_512)
+    sharded = AutoModelForCausalLM.from_pretrained(
+        llama_512, **load_kwargs("nf4", "transformers", torch.float32, "fsdp")
+    )
+    projections = [m.weight for name, m in sharded.named_modules() if name.endswith("_proj")]
+    assert projections and all(isinstance(w, NF4Tensor) and not w.requires_grad for w in projections)
+    ratio = layer_weight_bytes(sharded) / layer_weight_bytes(full)
+    assert 4 / 32 <= ratio <= 1.1 * 4 / 32, ratio  # 4 bits, int8 scales per 64, their scales per 256 x 64
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = full(ids).logits, sharded(ids).logits
+    assert ((got - expected).norm() / expected.norm()).item() < CLOSE["nf4"]
+
+
+def test_nf4_under_fsdp_quantizes_the_weights_of_whole_scale_groups_of_a_diffusion_transformer(tmp_path):
+    """NF4Tensor needs 64 x 256 values per scale group: the 256-wide attention and MLP weights are quantized,
+    the few smaller ones (here the input, output and pooled-text embedder layers) stay full precision. It runs
+    on CPU, unlike bitsandbytes' nf4 through diffusers."""
+    from diffusers import FluxTransformer2DModel
+    from torchao.quantization import NF4Tensor
+
+    torch.manual_seed(0)
+    FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=64,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        pooled_projection_dim=32,
+        axes_dims_rope=[16, 24, 24],
+    ).save_pretrained(tmp_path)
+    model = FluxTransformer2DModel.from_pretrained(tmp_path, **load_kwargs("nf4", "diffusers", torch.float32, "fsdp"))
+    linears = {name: m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    quantized = {name for name, w in linears.items() if isinstance(w, NF4Tensor)}
+    assert quantized == {name for name, w in linears.items() if w.numel() % (64 * 256) == 0}
+    assert "transformer_blocks.0.attn.to_q" in quantized and "single_transformer_blocks.0.proj_out" in quantized
+    assert set(linears) - quantized == {"x_embedder", "proj_out", "time_text_embed.text_embedder.linear_1"}
+    assert QuantizedBase("nf4", "diffusers", "cpu", "fsdp").problem() is None
+
+
+def test_an_nf4_weight_is_split_by_fsdp_only_into_row_slices_of_whole_scale_groups():
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_, to_nf4
+
+    from lora_trainer.distributed import ShardedBase, World
+
+    def weight(rows: int, cols: int) -> torch.nn.Parameter:
+        return torch.nn.Parameter(to_nf4(torch.randn(rows, cols)), requires_grad=False)
+
+    two, four = ShardedBase(World(0, 2)), ShardedBase(World(0, 4))
+    assert two.splits(weight(512, 64)) and not four.splits(weight(512, 64))  # 2 scale groups of 16384 values
+    assert four.splits(weight(256, 256)) and not two.splits(weight(1, 32768))
+    assert two.splits(torch.nn.Parameter(torch.randn(3, 5)))  # plain weights: FSDP2 pads the last slice
+    int8 = torch.nn.Sequential(torch.nn.Linear(64, 512))
+    quantize_(int8, Int8WeightOnlyConfig())
+    assert not two.splits(int8[0].weight)  # no FSDP2 all-gather extension
+    whole = weight(512, 64)
+    halves = torch.chunk(whole.data, 2)
+    assert torch.equal(torch.cat([h.get_original_weight() for h in halves]), whole.get_original_weight())
+
+
+def test_the_backward_of_an_nf4_linear_keeps_the_4bit_weight_and_computes_the_dequantized_gradient():
+    from torchao.quantization import quantize_
+
+    from lora_trainer.quantization import dequantized, keep_quantized_for_backward, nf4_config_type
+
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(64, 512))
+    layer.requires_grad_(False)
+    quantize_(layer, nf4_config_type()())
+    keep_quantized_for_backward(layer)
+    full = dequantized(layer[0].weight)
+    x = torch.randn(4, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x)
+    assert not any(type(t) is torch.Tensor and t.shape == full.shape for t in saved)  # no full-precision copy
+    out.square().sum().backward()
+    reference = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(reference, full, layer[0].bias).square().sum().backward()
+    assert torch.allclose(x.grad, reference.grad, atol=1e-5)

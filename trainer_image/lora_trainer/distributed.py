@@ -124,9 +124,14 @@ class Strategy(Protocol):
     # with no item of a short batch runs one at zero weight, and validation runs everywhere)
     collective_forward: ClassVar[bool]
 
-    def place(self, blocks: Iterable[torch.nn.Module], trainable: Iterable[torch.nn.Parameter]) -> int:
-        """Puts the loaded model's frozen `blocks` in place, `trainable` (the LoRA weights) left whole; returns
-        how many blocks were sharded."""
+    def place(self, blocks: Iterable[torch.nn.Module], trainable: Iterable[torch.nn.Parameter]) -> Placement:
+        """Puts the loaded model's frozen `blocks` in place, `trainable` (the LoRA weights) left whole."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    sharded_blocks: int = 0
+    whole_weights: int = 0  # frozen weights of those blocks FSDP2 cannot split evenly, kept whole in every process
 
 
 @dataclass(frozen=True)
@@ -137,8 +142,8 @@ class DataParallel:
     name: ClassVar[str] = "ddp"
     collective_forward: ClassVar[bool] = False
 
-    def place(self, blocks, trainable) -> int:
-        return 0
+    def place(self, blocks, trainable) -> Placement:
+        return Placement()
 
 
 @dataclass(frozen=True)
@@ -155,7 +160,7 @@ class ShardedBase:
     name: ClassVar[str] = "fsdp"
     collective_forward: ClassVar[bool] = True
 
-    def place(self, blocks, trainable) -> int:
+    def place(self, blocks, trainable) -> Placement:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -164,12 +169,28 @@ class ShardedBase:
             raise ValueError("distributed_strategy fsdp: the model has no blocks to shard")
         device_type = next(blocks[0].parameters()).device.type
         mesh = init_device_mesh(device_type, (self.world.size,))
-        keep = set(trainable)
+        whole = {p for block in blocks for p in block.parameters() if not self.splits(p)}
+        keep = set(trainable) | whole
         for block in blocks:
             # reshard_after_forward: the block's gathered weights are freed after the forward and gathered
             # again for the backward, so at most a block or two is ever whole on a device
             fully_shard(block, mesh=mesh, reshard_after_forward=True, ignored_params=keep)
-        return len(blocks)
+        return Placement(len(blocks), len(whole))
+
+    def splits(self, param: torch.nn.Parameter) -> bool:
+        """Whether FSDP2 can shard a weight: a plain tensor always (FSDP2 pads the last shard); a quantized one
+        (a tensor subclass) only if it implements FSDP2's all-gather extension (torchao's NF4Tensor does), and
+        then only into equal row slices of whole quantization blocks."""
+        data = param.data
+        if type(data) is torch.Tensor:
+            return True
+        if not hasattr(data, "fsdp_pre_all_gather") or data.dim() == 0 or data.size(0) % self.world.size:
+            return False
+        try:
+            torch.chunk(data, self.world.size, dim=0)
+        except Exception:  # noqa: BLE001 - the subclass's own split refuses (blocks straddling the slices)
+            return False
+        return True
 
 
 STRATEGIES: dict[str, type[DataParallel] | type[ShardedBase]] = {"ddp": DataParallel, "fsdp": ShardedBase}

@@ -5,6 +5,11 @@
 - int8, fp8: torchao's weight-only formats (`Int8WeightOnlyConfig`, `Float8WeightOnlyConfig`, per-row scales)
   through `TorchAoConfig`. torchao serves 8 bits better than bitsandbytes' LLM.int8 here: it runs on CPU and
   GPU alike, and peft merges into it.
+- nf4 under distributed_strategy fsdp: torchao's `NF4Tensor` (the same NormalFloat blocks of 64, their scales
+  quantized in blocks of 256), what torchtune's QLoRA shards: it implements FSDP2's all-gather extension, so
+  each process stores its slice and the gathered block computes as the whole one. bitsandbytes' 4-bit weights
+  do not (split, they lose their quantization state and compute garbage), nor do torchao's int8/fp8 tensors,
+  so fsdp with those is refused (config.validate).
 
 The base is quantized while it loads (`from_pretrained(quantization_config=...)`), so its full-precision
 weights never reach the device. peft wraps the quantized layers with its own bitsandbytes and torchao LoRA
@@ -15,6 +20,7 @@ check, then one quantized layer's forward and backward on that device.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 from dataclasses import dataclass
@@ -80,6 +86,50 @@ class TorchAoWeightOnly:
         _forward_backward(layer, device, dtype)
 
 
+@dataclass(frozen=True)
+class TorchAoNf4:
+    """torchao's NF4Tensor for every Linear weight made of whole scale blocks (64 x 256 values); smaller
+    weights (a few embedding and modulation layers of image models) stay in full precision."""
+
+    package: str = "torchao"
+    bits: int = 4
+    summary: str = "torchao 4-bit NormalFloat (NF4Tensor), scales quantized in blocks of 256, shardable by FSDP2"
+
+    def config(self, library: str, compute_dtype: torch.dtype) -> Any:
+        return importlib.import_module(library).TorchAoConfig(nf4_config_type()())
+
+    def probe(self, device: torch.device, dtype: torch.dtype) -> None:
+        from torchao.quantization import quantize_
+
+        layer = torch.nn.Sequential(torch.nn.Linear(64, 512, bias=False, device=device, dtype=dtype))
+        quantize_(layer, nf4_config_type()())
+        torch.chunk(layer[0].weight, 2)  # FSDP2's split into shards: the reason for this backend
+        _forward_backward(layer, device, dtype)
+
+
+@functools.cache
+def nf4_config_type() -> type:
+    """The torchao config (registered with quantize_ on first use, not at import) that TorchAoConfig applies to
+    each Linear as it loads."""
+    from torchao.core.config import AOBaseConfig
+    from torchao.quantization import to_nf4
+    from torchao.quantization.transform_module import register_quantize_module_handler
+
+    @dataclass(frozen=True)
+    class Nf4WholeBlocks(AOBaseConfig):
+        block_size: int = 64  # values per scale (QLoRA's)
+        scaler_block_size: int = 256  # scales per second-level scale
+
+    @register_quantize_module_handler(Nf4WholeBlocks)
+    def quantize(module: torch.nn.Module, config: Nf4WholeBlocks) -> torch.nn.Module:
+        if module.weight.numel() % (config.block_size * config.scaler_block_size) == 0:
+            nf4 = to_nf4(module.weight.detach(), config.block_size, config.scaler_block_size)
+            module.weight = torch.nn.Parameter(nf4, requires_grad=False)
+        return module
+
+    return Nf4WholeBlocks
+
+
 def _forward_backward(layer: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     x = torch.randn(4, 64, device=device, dtype=dtype, requires_grad=True)
     layer(x).float().sum().backward()
@@ -90,20 +140,25 @@ BACKENDS: dict[str, Backend] = {
     "int8": TorchAoWeightOnly("Int8WeightOnlyConfig", "torchao int8 weight-only, per-row scales"),
     "fp8": TorchAoWeightOnly("Float8WeightOnlyConfig", "torchao float8 (e4m3) weight-only, per-row scales"),
 }
+SHARDED_BACKENDS: dict[str, Backend] = {"nf4": TorchAoNf4()}  # under distributed_strategy fsdp
 
 
-def backend(mode: str) -> Backend | None:
-    """The backend of a base_quantization mode; None for none."""
+def backend(mode: str, strategy: str = "ddp") -> Backend | None:
+    """The backend of a base_quantization mode under a distributed_strategy; None for none. The strategy, not
+    the process count, chooses: a config trains the same format at any world size, so its checkpoints move."""
     if mode == "none":
         return None
-    if mode not in BACKENDS:
-        raise KeyError(f"base_quantization {mode!r} is not one of {', '.join(MODES)}")
-    return BACKENDS[mode]
+    table = SHARDED_BACKENDS if strategy == "fsdp" else BACKENDS
+    if mode not in table:
+        raise KeyError(
+            f"base_quantization {mode!r} under distributed_strategy {strategy} is not one of {sorted(table)}"
+        )
+    return table[mode]
 
 
-def load_kwargs(mode: str, library: str, compute_dtype: torch.dtype) -> dict[str, Any]:
+def load_kwargs(mode: str, library: str, compute_dtype: torch.dtype, strategy: str = "ddp") -> dict[str, Any]:
     """from_pretrained's extra arguments that quantize the loaded weights ({} for none)."""
-    chosen = backend(mode)
+    chosen = backend(mode, strategy)
     return {} if chosen is None else {"quantization_config": chosen.config(library, compute_dtype)}
 
 
@@ -115,9 +170,10 @@ class QuantizedBase:
     mode: str
     library: str  # transformers (LLMs, text encoders) or diffusers (UNets, transformers of image models)
     device: str  # the config's device: auto, cpu or cuda
+    strategy: str = "ddp"  # the config's distributed_strategy
 
     def problem(self) -> str | None:
-        chosen = backend(self.mode)
+        chosen = backend(self.mode, self.strategy)
         if chosen is None:
             return None
         where = f"base_quantization: {self.mode} ({chosen.summary})"
@@ -181,7 +237,13 @@ class FrozenQuantizedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (weight,) = ctx.saved_tensors
-        return grad @ weight.dequantize().to(grad.dtype), None, None
+        return grad @ dequantized(weight).to(grad.dtype), None, None
+
+
+def dequantized(weight: torch.Tensor) -> torch.Tensor:
+    """A torchao weight in full precision (NF4Tensor names it get_original_weight; its dequantize is static)."""
+    original = getattr(weight, "get_original_weight", None)
+    return original() if original is not None else weight.dequantize()
 
 
 def _frozen_quantized_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -202,8 +264,8 @@ def stored_bytes(tensor: torch.Tensor) -> int:
     """Bytes a (possibly quantized) weight occupies: torchao's tensor subclasses hold their data and scales as
     inner tensors; a bitsandbytes 4-bit weight keeps its block scales (themselves quantized) beside the data."""
     if hasattr(tensor, "__tensor_flatten__"):
-        names, _ = tensor.__tensor_flatten__()
-        return sum(stored_bytes(getattr(tensor, name)) for name in names)
+        names, _ = tensor.__tensor_flatten__()  # a sharded DTensor names its local shard (and its mesh)
+        return sum(stored_bytes(inner) for name in names if torch.is_tensor(inner := getattr(tensor, name)))
     own = tensor.numel() * tensor.element_size()
     state = getattr(tensor, "quant_state", None)
     if state is None:

@@ -53,6 +53,7 @@ from .observers import (
 )
 from .optim import build_optimizer, build_scheduler
 from .outputs import prepare_output_dir, write_config_backup
+from .quantization import frozen_weight_bytes
 from .summary import Artifact, RunSummary
 from .tasks import build_task
 
@@ -187,8 +188,25 @@ class TrainingRecipe:
         self.epochs = self.plan.epochs_needed(self.total_steps)
         groups = self.task.param_groups()
         self.params = [p for g in groups for p in g["params"]]
-        if sharded := self.strategy.place(self.task.frozen_blocks(), self.params):
-            log.info("fsdp: %d blocks of the frozen base sharded over %d processes", sharded, world.size)
+        blocks = list(self.task.frozen_blocks())
+        whole_mib = sum(frozen_weight_bytes(b) for b in blocks) / 2**20
+        placed = self.strategy.place(blocks, self.params)
+        if placed.sharded_blocks:
+            log.info(
+                "fsdp: %d blocks of the frozen base sharded over %d processes; their frozen weights take %.1f MiB "
+                "in this process (%.1f MiB whole)",
+                placed.sharded_blocks,
+                world.size,
+                sum(frozen_weight_bytes(b) for b in blocks) / 2**20,
+                whole_mib,
+            )
+        if placed.whole_weights:
+            log.info(
+                "fsdp: %d quantized weights of those blocks do not split into %d equal slices of whole "
+                "quantization blocks; they stay whole in every process",
+                placed.whole_weights,
+                world.size,
+            )
         self.optimizer = build_optimizer(groups, cfg, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None

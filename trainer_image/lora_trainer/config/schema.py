@@ -294,7 +294,8 @@ class TrainConfig:
         "base's blocks (the LLM's decoder layers; the UNet's or transformer's blocks) over the processes with "
         "FSDP2, for bases that do not fit one GPU. LoRA weights and their optimizer state stay whole in every "
         "process, so the results, the output files and the checkpoints are those of ddp (either resumes the "
-        "other). One process has nothing to shard and trains as ddp; fsdp with base_quantization is refused "
+        "other). One process has nothing to shard and trains as ddp. With base_quantization nf4 the blocks are "
+        "sharded quantized (torchao's NF4Tensor); int8 and fp8 cannot be sharded and are refused "
         "(docs/distributed.md).",
         choices=DISTRIBUTED_STRATEGIES,
         group="training",

@@ -184,12 +184,12 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
         problems.append(
             "'quantize_text_encoders' cannot be used with train_text_encoder (it quantizes frozen encoders)"
         )
-    if cfg.distributed_strategy == "fsdp" and cfg.base_quantization != "none":
+    if cfg.distributed_strategy == "fsdp" and cfg.base_quantization not in ("none", "nf4"):
         problems.append(
-            f"'distributed_strategy': fsdp cannot shard a quantized base (base_quantization: "
-            f"{cfg.base_quantization}): FSDP2 cannot split torchao's int8/fp8 tensors, and splitting bitsandbytes' "
-            "nf4 weights silently corrupts them; use distributed_strategy: ddp with the quantized base, or fsdp "
-            "with base_quantization: none"
+            f"'distributed_strategy': fsdp cannot shard a base stored as base_quantization: {cfg.base_quantization}"
+            " (torchao's int8 and fp8 weight tensors do not implement FSDP2's all-gather); use "
+            "base_quantization: nf4 (sharded as torchao's NF4Tensor) or none with fsdp, or distributed_strategy: "
+            "ddp with the quantized base"
         )
     problems += logging_dir_problems(cfg)
     for key in ("output_dir", "train_data_dir", "base_model", "logging_dir", "metadata_path", "validation_data"):

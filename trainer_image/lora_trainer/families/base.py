@@ -141,7 +141,7 @@ class ModelFamily:
         """from_pretrained's arguments that quantize the text encoders (quantize_text_encoders), else {}."""
         if not self.cfg.quantize_text_encoders:
             return {}
-        return load_kwargs(self.cfg.base_quantization, "transformers", dtype)
+        return load_kwargs(self.cfg.base_quantization, "transformers", dtype, self.cfg.distributed_strategy)
 
     def release_text_encoders(self) -> None:
         """Frees the text encoders once every caption is embedded (they are the largest frozen part)."""
@@ -155,7 +155,9 @@ class ModelFamily:
         import diffusers
 
         self.device, self.dtype = device, dtype
-        quantized = load_kwargs(self.cfg.base_quantization, "diffusers", dtype)  # the denoiser only: it is the bulk
+        quantized = load_kwargs(
+            self.cfg.base_quantization, "diffusers", dtype, self.cfg.distributed_strategy
+        )  # the denoiser only: it is the bulk
         if Path(self.source).is_file():  # a single-file transformer, the rest of the pipeline from its configs
             cls = getattr(diffusers, self.denoiser_class)
             denoiser = load_or_explain(

@@ -110,7 +110,7 @@ class StableDiffusion(ModelFamily):
                     sub, self.cfg.base_model, lambda: cls.from_pretrained(self.config_source, subfolder=sub, **kwargs)
                 )
 
-            quantized = load_kwargs(self.cfg.base_quantization, "diffusers", dtype)
+            quantized = load_kwargs(self.cfg.base_quantization, "diffusers", dtype, self.cfg.distributed_strategy)
             unet_kwargs = {"torch_dtype": dtype, **quantized} if quantized else {}  # quantized as it loads
             parts.vae, parts.denoiser = part(AutoencoderKL, "vae"), part(UNet2DConditionModel, "unet", **unet_kwargs)
             keep_quantized_for_backward(parts.denoiser)

@@ -58,7 +58,7 @@ class TextGenerationTask:
         # peft wraps the model itself: no library in between declares a peft version
         needs: list[Need] = []
         if cfg.base_quantization != "none":
-            needs.append(QuantizedBase(cfg.base_quantization, "transformers", cfg.device))
+            needs.append(QuantizedBase(cfg.base_quantization, "transformers", cfg.device, cfg.distributed_strategy))
         if cfg.torch_compile:
             needs.append(CompilerForTorchCompile(cfg.device))
         return needs
@@ -125,7 +125,7 @@ class TextGenerationTask:
 
         cfg = self.cfg
         source = resolve_local_model(cfg)
-        quantized = load_kwargs(cfg.base_quantization, "transformers", weight_dtype)
+        quantized = load_kwargs(cfg.base_quantization, "transformers", weight_dtype, cfg.distributed_strategy)
         placed = {"device_map": {"": str(device)}} if quantized else {}  # quantized as it loads, on the device
         model = load_or_explain(
             "the causal LM",

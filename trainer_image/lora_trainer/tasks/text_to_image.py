@@ -63,9 +63,11 @@ class TextToImageTask:
             PeftThrough("task_type: text-to-image", "diffusers", "diffusers.utils.constants:MIN_PEFT_VERSION")
         ]
         if cfg.base_quantization != "none":
-            needs.append(QuantizedBase(cfg.base_quantization, "diffusers", cfg.device))  # the denoiser
+            needs.append(
+                QuantizedBase(cfg.base_quantization, "diffusers", cfg.device, cfg.distributed_strategy)
+            )  # the denoiser
         if cfg.quantize_text_encoders:
-            needs.append(QuantizedBase(cfg.base_quantization, "transformers", cfg.device))
+            needs.append(QuantizedBase(cfg.base_quantization, "transformers", cfg.device, cfg.distributed_strategy))
         if cfg.train_text_encoder:
             needs.append(
                 PeftThrough(
