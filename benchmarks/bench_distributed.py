@@ -8,13 +8,16 @@ Weak scaling: every process keeps its batch, so N processes train N times the sa
 process are fixed (OMP_NUM_THREADS, --threads), so on CPU the processes compete for cores only when N
 exceeds them. Printed per N: global samples/s (mean over the timed steps, from the main process's
 TensorBoard scalars; best of --repeats interleaved rounds), speedup over one process and scaling efficiency
-(speedup / N).
+(speedup / N). Under distributed_strategy fsdp also the MiB of the sharded blocks' frozen weights each process
+holds, as the trainer logs it (e.g. `--set distributed_strategy=fsdp --set base_quantization=nf4
+--set base_model=preset:bench-llama-1b --task text-generation`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -24,18 +27,17 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "trainer_image" / "lora_trainer" / "sample_data"
-BASE = dict(
-    base_model="preset:tiny-sd",
-    train_data_dir=str(SAMPLE / "images"),
-    resolution=32,
-    batch_size=4,
-    lora_rank=16,
-    learning_rate=1e-4,
-    seed=0,
-    save_steps=0,
-    metrics_port=0,
-    num_workers=0,
-)
+COMMON = dict(batch_size=4, lora_rank=16, learning_rate=1e-4, seed=0, save_steps=0, metrics_port=0, num_workers=0)
+BASES = {  # --task
+    "text-to-image": dict(COMMON, base_model="preset:tiny-sd", train_data_dir=str(SAMPLE / "images"), resolution=32),
+    "text-generation": dict(
+        COMMON,
+        task_type="text-generation",
+        base_model="preset:tiny-llm",
+        train_data_dir=str(SAMPLE / "text"),
+        max_seq_length=64,
+    ),
+}
 
 
 def samples_per_second(logs: Path, warmup: int) -> float:
@@ -46,16 +48,18 @@ def samples_per_second(logs: Path, warmup: int) -> float:
     return sum(timed) / len(timed)
 
 
-def measure(procs: int, cfg: dict, threads: int, warmup: int) -> float:
+def measure(procs: int, cfg: dict, threads: int, warmup: int) -> tuple[float, float | None]:
+    """Global samples/s, and the MiB of frozen block weights one process holds under fsdp (None otherwise)."""
     with tempfile.TemporaryDirectory() as out:
         path = Path(out) / "cfg.yaml"
         path.write_text(yaml.safe_dump({**cfg, "output_dir": f"{out}/run", "logging_steps": 1}))
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
-        cmd = [sys.executable, "-m", "lora_trainer.cli", "--config", str(path), "--nproc-per-node", str(procs), "-q"]
+        cmd = [sys.executable, "-m", "lora_trainer.cli", "--config", str(path), "--nproc-per-node", str(procs)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(f"{procs} process(es) failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-        return samples_per_second(Path(out) / "run" / "logs", warmup)
+        held = re.search(r"their frozen weights take ([\d.]+) MiB in this process", proc.stdout + proc.stderr)
+        return samples_per_second(Path(out) / "run" / "logs", warmup), held and float(held[1])
 
 
 def main() -> None:
@@ -66,27 +70,30 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="OpenMP threads per process")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the best of each N counts")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--task", choices=sorted(BASES), default="text-to-image")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
     cfg = {
-        **BASE,
+        **BASES[args.task],
         "max_train_steps": args.steps,
         "device": args.device,
         **{k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)},
     }
-    rates = dict.fromkeys(args.procs, 0.0)
+    rates, held = dict.fromkeys(args.procs, 0.0), {}
     for _ in range(args.repeats):  # interleaved, best of N: the machine is shared and noisy
         for n in args.procs:
-            rates[n] = max(rates[n], measure(n, cfg, args.threads, args.warmup))
+            rate, held[n] = measure(n, cfg, args.threads, args.warmup)
+            rates[n] = max(rates[n], rate)
     one = rates[args.procs[0]] / args.procs[0]
     print(
         f"{cfg['base_model']}, batch {cfg['batch_size']} per process, {args.steps} steps (first {args.warmup} "
         f"not timed), {args.threads} thread(s) per process, device {args.device}, {os.cpu_count()} cores"
     )
-    print("processes | samples/s | speedup | efficiency")
-    print("--- | --- | --- | ---")
+    print("processes | samples/s | speedup | efficiency | sharded frozen MiB per process")
+    print("--- | --- | --- | --- | ---")
     for n, rate in rates.items():
-        print(f"{n} | {rate:.1f} | {rate / one:.2f}x | {rate / one / n:.0%}")
+        shard = f"{held[n]:.1f}" if held[n] is not None else "-"
+        print(f"{n} | {rate:.2f} | {rate / one:.2f}x | {rate / one / n:.0%} | {shard}")
 
 
 if __name__ == "__main__":

@@ -112,6 +112,32 @@ def test_the_blocks_fsdp_shards_hold_the_bulk_of_the_base_and_every_lora_layer(t
     assert all(id(p) in inside for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("model", ["llm", "sd", "flux1", "z-image"])
+def test_under_fsdp_the_blocks_load_in_host_memory_and_the_rest_on_the_device(tmp_path, model):
+    """A base bigger than one GPU must never be whole on one: with blocks_on_host the tasks leave the blocks
+    where they loaded (fully_shard moves each block's slice to the device) and put the rest on the device.
+    The meta device stands in for the GPU."""
+    import torch
+
+    from lora_trainer.families import detect_family
+    from lora_trainer.tasks import build_task
+
+    meta = torch.device("meta")
+    cfg = make_config({"llm": LLM_BASE, "sd": SD_BASE}.get(model) or family_base(model), tmp_path)
+    if model == "llm":
+        task = build_task(cfg)
+        task.prepare_data()
+        task.load(meta, torch.float32, blocks_on_host=True)
+        whole, blocks = task.model, task.frozen_blocks()
+    else:  # the denoiser's loader (text encoders would embed captions on the device, which meta cannot)
+        family = detect_family(cfg)(cfg)
+        family.load_denoiser_and_vae(meta, torch.float32, blocks_on_host=True)
+        whole, blocks = family.parts.denoiser, family.denoiser_blocks()
+    inside = {id(p) for b in blocks for p in b.parameters()}
+    assert {p.device for b in blocks for p in b.parameters()} == {torch.device("cpu")}
+    assert {t.device for t in [*whole.parameters(), *whole.buffers()] if id(t) not in inside} == {meta}
+
+
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 def test_fsdp_of_an_int8_or_fp8_base_is_refused_naming_both_keys(mode):
     with pytest.raises(ConfigError) as err:

@@ -380,3 +380,20 @@ def test_the_backward_of_an_nf4_linear_keeps_the_4bit_weight_and_computes_the_de
     reference = x.detach().clone().requires_grad_(True)
     torch.nn.functional.linear(reference, full, layer[0].bias).square().sum().backward()
     assert torch.allclose(x.grad, reference.grad, atol=1e-5)
+
+
+def test_fsdp_moves_the_weights_it_does_not_shard_in_place_quantized_ones_included():
+    """distributed.move: the LoRA weights and the quantized weights kept whole go to the device after sharding,
+    as the same Parameter objects (the optimizer and peft hold them). The meta device stands in for a GPU."""
+    from torchao.quantization import NF4Tensor, to_nf4
+
+    from lora_trainer.distributed import move
+
+    meta = torch.device("meta")
+    plain = torch.nn.Parameter(torch.randn(4, 4))
+    nf4 = torch.nn.Parameter(to_nf4(torch.randn(512, 64)), requires_grad=False)
+    for param in (plain, nf4):
+        before = id(param)
+        move(param, meta)
+        assert param.device == meta and id(param) == before
+    assert isinstance(nf4.data, NF4Tensor) and plain.requires_grad and not nf4.requires_grad

@@ -123,9 +123,14 @@ class Strategy(Protocol):
     # whether the model's forward passes are collectives: every process must then run each of them (a process
     # with no item of a short batch runs one at zero weight, and validation runs everywhere)
     collective_forward: ClassVar[bool]
+    # whether the task loads the frozen blocks in host memory (Task.load's blocks_on_host) for place() to move
+    # to the device: a sharded base bigger than one GPU must never be whole on one
+    blocks_on_host: ClassVar[bool]
 
-    def place(self, blocks: Iterable[torch.nn.Module], trainable: Iterable[torch.nn.Parameter]) -> Placement:
-        """Puts the loaded model's frozen `blocks` in place, `trainable` (the LoRA weights) left whole."""
+    def place(
+        self, blocks: Iterable[torch.nn.Module], trainable: Iterable[torch.nn.Parameter], device: torch.device
+    ) -> Placement:
+        """Puts the loaded model's frozen `blocks` in place on `device`, `trainable` (the LoRA weights) whole."""
 
 
 @dataclass(frozen=True)
@@ -141,8 +146,9 @@ class DataParallel:
     world: World
     name: ClassVar[str] = "ddp"
     collective_forward: ClassVar[bool] = False
+    blocks_on_host: ClassVar[bool] = False
 
-    def place(self, blocks, trainable) -> Placement:
+    def place(self, blocks, trainable, device) -> Placement:
         return Placement()
 
 
@@ -159,22 +165,25 @@ class ShardedBase:
     world: World
     name: ClassVar[str] = "fsdp"
     collective_forward: ClassVar[bool] = True
+    blocks_on_host: ClassVar[bool] = True
 
-    def place(self, blocks, trainable) -> Placement:
+    def place(self, blocks, trainable, device) -> Placement:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        blocks = list(blocks)
+        blocks, trainable = list(blocks), list(trainable)
         if not blocks:
             raise ValueError("distributed_strategy fsdp: the model has no blocks to shard")
-        device_type = next(blocks[0].parameters()).device.type
-        mesh = init_device_mesh(device_type, (self.world.size,))
+        mesh = init_device_mesh(device.type, (self.world.size,))
         whole = {p for block in blocks for p in block.parameters() if not self.splits(p)}
         keep = set(trainable) | whole
         for block in blocks:
-            # reshard_after_forward: the block's gathered weights are freed after the forward and gathered
-            # again for the backward, so at most a block or two is ever whole on a device
+            # fully_shard moves the block from the host to the device, keeps this process's slice and frees
+            # the rest; reshard_after_forward: the block's gathered weights are freed after the forward and
+            # gathered again for the backward, so at most a block or two is ever whole on a device
             fully_shard(block, mesh=mesh, reshard_after_forward=True, ignored_params=keep)
+        for param in (*trainable, *whole):  # what FSDP does not manage: the LoRA weights, the weights kept whole
+            move(param, device)
         return Placement(len(blocks), len(whole))
 
     def splits(self, param: torch.nn.Parameter) -> bool:
@@ -191,6 +200,26 @@ class ShardedBase:
         except Exception:  # noqa: BLE001 - the subclass's own split refuses (blocks straddling the slices)
             return False
         return True
+
+
+def to_device_except(module: torch.nn.Module, device: torch.device, blocks: Iterable[torch.nn.Module]) -> None:
+    """Module.to(device) for everything of `module` outside `blocks` (Task.load's blocks_on_host)."""
+    inside = {id(m) for block in blocks for m in block.modules()}
+    for sub in module.modules():
+        if id(sub) not in inside:
+            sub._apply(lambda t: t.to(device), recurse=False)
+
+
+def move(param: torch.nn.Parameter, device: torch.device) -> None:
+    """Moves a parameter to `device` in place, keeping its identity (the optimizer's and peft's references)."""
+    if param.device == device:
+        return
+    with torch.no_grad():
+        moved = param.data.to(device)
+        if torch._has_compatible_shallow_copy_type(param.data, moved):  # as Module.to decides
+            param.data = moved
+        else:  # a tensor subclass (a quantized weight) cannot be set as .data: swapped whole, as FSDP2 does
+            torch.utils.swap_tensors(param, torch.nn.Parameter(moved, requires_grad=param.requires_grad))
 
 
 STRATEGIES: dict[str, type[DataParallel] | type[ShardedBase]] = {"ddp": DataParallel, "fsdp": ShardedBase}

@@ -171,9 +171,6 @@ class TrainingRecipe:
             report = self.task.prepare_data(labeling=partial(self._notify, "on_labeling"))
         self.summary.data_summary, self.summary.warnings = report.summary, list(report.warnings)
         seed_everything(cfg.seed)  # here, so the LoRA init depends on the seed alone, not on what ran before
-        with world.local_main_first():
-            self.task.load(self.device, weight_dtype)
-            self.dataset = self.task.dataset()
         self.strategy = strategy(cfg.distributed_strategy, world)
         if self.strategy.name != cfg.distributed_strategy:
             log.info(
@@ -181,6 +178,9 @@ class TrainingRecipe:
                 cfg.distributed_strategy,
                 self.strategy.name,
             )
+        with world.local_main_first():
+            self.task.load(self.device, weight_dtype, blocks_on_host=self.strategy.blocks_on_host)
+            self.dataset = self.task.dataset()
         self.weights = self.task.item_weights()
         global_batch = cfg.batch_size * world.size
         self.plan = EpochPlan(self.task.item_groups(), global_batch, cfg.gradient_accumulation_steps)
@@ -190,7 +190,7 @@ class TrainingRecipe:
         self.params = [p for g in groups for p in g["params"]]
         blocks = list(self.task.frozen_blocks())
         whole_mib = sum(frozen_weight_bytes(b) for b in blocks) / 2**20
-        placed = self.strategy.place(blocks, self.params)
+        placed = self.strategy.place(blocks, self.params, self.device)
         if placed.sharded_blocks:
             log.info(
                 "fsdp: %d blocks of the frozen base sharded over %d processes; their frozen weights take %.1f MiB "

@@ -22,7 +22,7 @@ import torch
 
 from ..base_model import config_source, load_or_explain, resolve_local_model
 from ..config import TrainConfig
-from ..distributed import BatchRandom
+from ..distributed import BatchRandom, to_device_except
 from ..errors import ConfigError, ModelError
 from ..quantization import keep_quantized_for_backward, load_kwargs
 
@@ -151,7 +151,8 @@ class ModelFamily:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def load_denoiser_and_vae(self, device: torch.device, dtype: torch.dtype) -> None:
+    def load_denoiser_and_vae(self, device: torch.device, dtype: torch.dtype, blocks_on_host: bool = False) -> None:
+        """The denoiser (its denoiser_blocks() left in host memory with blocks_on_host: Task.load), VAE, scheduler."""
         import diffusers
 
         self.device, self.dtype = device, dtype
@@ -176,12 +177,12 @@ class ModelFamily:
             denoiser = self._load_part(self.denoiser_prefix, torch_dtype=dtype, **quantized)
         vae = self._load_part("vae", torch_dtype=dtype)
         scheduler = self._load_part("scheduler")
+        self.parts.denoiser, self.parts.vae, self.parts.scheduler = denoiser, vae, scheduler
         for module in (denoiser, vae):
             module.requires_grad_(False)
-            module.to(device)
+            to_device_except(module, device, self.denoiser_blocks() if blocks_on_host and module is denoiser else ())
         vae.eval()
         keep_quantized_for_backward(denoiser)
-        self.parts.denoiser, self.parts.vae, self.parts.scheduler = denoiser, vae, scheduler
         self.after_load()
 
     def dtype_of(self, module: torch.nn.Module) -> torch.dtype:

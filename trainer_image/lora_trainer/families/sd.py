@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..base_model import load_or_explain
-from ..distributed import BatchRandom
+from ..distributed import BatchRandom, to_device_except
 from ..errors import ConfigError, ModelError
 from ..quantization import keep_quantized_for_backward, load_kwargs
 from .base import Components, Conditioning, ModelFamily, vae_scale_factor
@@ -98,7 +98,7 @@ class StableDiffusion(ModelFamily):
             super().load_text_encoders(device, torch.float32)
         self.device, self.dtype = device, dtype
 
-    def load_denoiser_and_vae(self, device: torch.device, dtype: torch.dtype) -> None:
+    def load_denoiser_and_vae(self, device: torch.device, dtype: torch.dtype, blocks_on_host: bool = False) -> None:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
         self.device, self.dtype = device, dtype
@@ -117,7 +117,8 @@ class StableDiffusion(ModelFamily):
             parts.scheduler = part(DDPMScheduler, "scheduler")
         for module in (parts.vae, parts.denoiser, *parts.text_encoders):
             module.requires_grad_(False)
-            module.to(device)
+            on_host = self.denoiser_blocks() if blocks_on_host and module is parts.denoiser else ()
+            to_device_except(module, device, on_host)
             if dtype != torch.float32 and getattr(module, "hf_quantizer", None) is None:  # half precision on GPU
                 module.to(dtype=dtype)
         parts.vae.eval()

@@ -37,7 +37,10 @@ class Task(Protocol):
     def prepare_data(self, labeling: Callable[[int, int], None] | None = None) -> DataReport:
         """Reads and validates the data; `labeling(done, total)` hears auto_label's progress, if any."""
 
-    def load(self, device: torch.device, weight_dtype: torch.dtype) -> None: ...
+    def load(self, device: torch.device, weight_dtype: torch.dtype, blocks_on_host: bool = False) -> None:
+        """Loads the models onto `device`; with blocks_on_host the frozen_blocks() stay in host memory, for
+        distributed_strategy fsdp to move each one's shard to the device (a base bigger than one GPU never
+        lands whole on one)."""
 
     def dataset(self) -> torch.utils.data.Dataset:
         """Items are fetched by (index, item_seed) keys from data.sampler.EpochBatches."""

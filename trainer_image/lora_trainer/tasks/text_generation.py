@@ -19,6 +19,7 @@ from ..compat import CompilerForTorchCompile, Need
 from ..config import TrainConfig
 from ..data.packing import Packed, Padded
 from ..data.text import IGNORE_INDEX, collate_tokens, tokenize_dataset
+from ..distributed import to_device_except
 from ..errors import ConfigError, DatasetError, ModelError
 from ..files import link_or_copy
 from ..layout import PEFT_CONFIG, PEFT_WEIGHTS
@@ -119,14 +120,15 @@ class TextGenerationTask:
         return self.batching.collate(items)
 
     # -- model
-    def load(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+    def load(self, device: torch.device, weight_dtype: torch.dtype, blocks_on_host: bool = False) -> None:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
         cfg = self.cfg
         source = resolve_local_model(cfg)
         quantized = load_kwargs(cfg.base_quantization, "transformers", weight_dtype, cfg.distributed_strategy)
-        placed = {"device_map": {"": str(device)}} if quantized else {}  # quantized as it loads, on the device
+        # quantized as it loads, on the device (or in host memory, blocks_on_host: fsdp moves each shard)
+        placed = {"device_map": {"": str(device)}} if quantized and not blocks_on_host else {}
         model = load_or_explain(
             "the causal LM",
             cfg.base_model,
@@ -156,7 +158,8 @@ class TextGenerationTask:
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
-        self.model, self.device = model.to(device), device
+        self.model, self.device = model, device
+        to_device_except(model, device, self.frozen_blocks() if blocks_on_host else ())
         if quantized:
             log.info("frozen base weights (%s): %.1f MiB", cfg.base_quantization, frozen_weight_bytes(model) / 2**20)
         if cfg.torch_compile:

@@ -121,7 +121,7 @@ class TextToImageTask:
         return TensorCache(self.cfg.cache_dir or cache_root() / "features")
 
     # -- model
-    def load(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+    def load(self, device: torch.device, weight_dtype: torch.dtype, blocks_on_host: bool = False) -> None:
         family = self.family
         family.load_text_encoders(device, weight_dtype)
         if family.cache_prompts:
@@ -129,7 +129,7 @@ class TextToImageTask:
         family.prepare_sampling(self.cfg.validation_prompts or [])
         if family.cache_prompts and family.releases_text_encoders:
             family.release_text_encoders()
-        family.load_denoiser_and_vae(device, weight_dtype)
+        family.load_denoiser_and_vae(device, weight_dtype, blocks_on_host)
         self.check_sizes(*family.size_multiple())
         family.add_lora()
         self.device = device
