@@ -156,9 +156,8 @@ class ModelFamily:
         import diffusers
 
         self.device, self.dtype = device, dtype
-        quantized = load_kwargs(
-            self.cfg.base_quantization, "diffusers", dtype, self.cfg.distributed_strategy
-        )  # the denoiser only: it is the bulk
+        cfg = self.cfg  # base_quantization: the denoiser only, it is the bulk
+        quantized = load_kwargs(cfg.base_quantization, "diffusers", dtype, cfg.distributed_strategy)
         if Path(self.source).is_file():  # a single-file transformer, the rest of the pipeline from its configs
             cls = getattr(diffusers, self.denoiser_class)
             denoiser = load_or_explain(
